@@ -1,0 +1,115 @@
+//! Configuration: defaults embedded in the binary, then a file, then `METRONOME_*` variables.
+//!
+//! Later layers override single keys of earlier ones, so a file or a variable only names what it
+//! changes. Variables use `__` between levels: `METRONOME_DETECTOR__WINDOW__SIZE=60`.
+
+use std::path::Path;
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+use crate::detect::{DetectorConfig, InvalidConfig};
+
+/// The embedded defaults (`config/default.toml`).
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// Prefix of configuration environment variables.
+pub const ENV_PREFIX: &str = "METRONOME_";
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    /// Detection core settings.
+    pub detector: DetectorConfig,
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file given does not exist.
+    #[error("config file {0} not found")]
+    Missing(String),
+    /// A layer did not parse or did not fit the schema.
+    #[error("configuration: {0}")]
+    Parse(String),
+    /// Values parsed but do not make sense together.
+    #[error(transparent)]
+    Invalid(#[from] InvalidConfig),
+}
+
+impl Config {
+    /// Loads defaults, then `file` if given, then the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_with_env(file, Env::prefixed(ENV_PREFIX).split("__"))
+    }
+
+    /// As [`Config::load`] with an explicit environment provider (tests pass a fixed one).
+    pub fn load_with_env(file: Option<&Path>, env: Env) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(ConfigError::Missing(path.display().to_string()));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        let config: Config = figment.merge(env).extract().map_err(|e| ConfigError::Parse(one_line(&e)))?;
+        config.detector.validate()?;
+        Ok(config)
+    }
+}
+
+fn one_line(e: &figment::Error) -> String {
+    e.to_string().lines().collect::<Vec<_>>().join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env() -> Env {
+        Env::prefixed("METRONOME_TEST_UNSET_PREFIX_")
+    }
+
+    #[test]
+    fn embedded_defaults_match_the_code_defaults() {
+        let cfg = Config::load_with_env(None, no_env()).unwrap();
+        assert_eq!(cfg.detector, DetectorConfig::default());
+    }
+
+    #[test]
+    fn file_overrides_single_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[detector.window]\nsize = 60\n").unwrap();
+        let cfg = Config::load_with_env(Some(&path), no_env()).unwrap();
+        assert_eq!(cfg.detector.window.size, 60);
+        assert_eq!(cfg.detector.window.hop, 10);
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("c.toml", "[detector.window]\nsize = 60\n")?;
+            jail.set_env("METRONOME_DETECTOR__WINDOW__SIZE", "70");
+            let cfg = Config::load(Some(Path::new("c.toml"))).unwrap();
+            assert_eq!(cfg.detector.window.size, 70);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_a_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[detector.policy]\nconfirm_k = 9\n").unwrap();
+        let err = Config::load_with_env(Some(&path), no_env()).unwrap_err().to_string();
+        assert!(err.contains("confirm_k"), "{err}");
+        std::fs::write(&path, "[detector.window]\nsise = 3\n").unwrap();
+        let err = Config::load_with_env(Some(&path), no_env()).unwrap_err().to_string();
+        assert!(err.contains("sise"), "{err}");
+        assert!(!err.contains('\n'));
+        let err = Config::load_with_env(Some(Path::new("/nonexistent.toml")), no_env()).unwrap_err();
+        assert!(matches!(err, ConfigError::Missing(_)));
+    }
+}

@@ -1,0 +1,371 @@
+//! Timing features of one window: what a macro gives away.
+//!
+//! The vector is computed once per scored window and reused by the timing rules, the alert
+//! explanation and (later) the LSTM's side inputs, so the names and order in
+//! [`WindowFeatures::NAMES`] are part of the output format.
+//!
+//! Terms: an *interval* is down-to-down time between consecutive presses; a *hold* is down-to-up
+//! time of one press; a *pause* is an interval too long to be rhythm (thinking, reading).
+
+use serde::{Deserialize, Serialize};
+
+use super::histogram::{clock_resolution, densest_span};
+use super::window::Press;
+
+/// Feature extraction settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeatureConfig {
+    /// Histogram bin width on a fine clock, milliseconds (the original system's 10 ms).
+    pub bin_ms: f64,
+    /// Intervals longer than this are pauses and are left out of rhythm features, milliseconds.
+    pub pause_ms: f64,
+    /// A hold at most this long counts as tiny, milliseconds.
+    pub tiny_hold_ms: f64,
+    /// Longest key-sequence period searched for, presses.
+    pub max_period: usize,
+    /// Two intervals at the same loop position are equal within this, milliseconds (widened to
+    /// the clock resolution on coarse clocks).
+    pub period_tolerance_ms: f64,
+}
+
+impl Default for FeatureConfig {
+    fn default() -> Self {
+        Self { bin_ms: 10.0, pause_ms: 1500.0, tiny_hold_ms: 5.0, max_period: 25, period_tolerance_ms: 2.0 }
+    }
+}
+
+/// Reusable buffers so scoring a window allocates nothing.
+#[derive(Debug, Default)]
+pub struct Scratch {
+    intervals: Vec<i64>,
+    times: Vec<i64>,
+    holds: Vec<i64>,
+    keys: Vec<u32>,
+}
+
+/// The features of one window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct WindowFeatures {
+    /// Robust histogram score: share of rhythm intervals in the densest bin-wide span, 0..1.
+    pub histogram_score: f64,
+    /// Middle of that densest span, milliseconds.
+    pub histogram_peak_ms: f64,
+    /// Smallest step between distinct timestamps in the window, milliseconds.
+    pub clock_resolution_ms: f64,
+    /// Median interval, milliseconds.
+    pub interval_median_ms: f64,
+    /// Robust coefficient of variation of intervals (1.4826 MAD / median).
+    pub interval_cv: f64,
+    /// Median hold, milliseconds.
+    pub hold_median_ms: f64,
+    /// Robust spread of holds (1.4826 MAD), milliseconds.
+    pub hold_spread_ms: f64,
+    /// Share of known holds that are tiny.
+    pub tiny_hold_share: f64,
+    /// Share of presses that start before the previous key is released.
+    pub rollover_share: f64,
+    /// Key-sequence period with the most repetition (1 when none stands out).
+    pub key_period: f64,
+    /// Share of presses whose key equals the key one period earlier.
+    pub key_period_share: f64,
+    /// Among period-matched presses, share whose interval equals the one a period earlier.
+    pub timing_period_share: f64,
+    /// Distinct keys in the window.
+    pub distinct_keys: f64,
+    /// Share of intervals that are pauses.
+    pub pause_share: f64,
+    /// Auto-repeats per press since the window started.
+    pub repeat_share: f64,
+    /// Presses in the window.
+    pub presses: f64,
+    /// Rhythm intervals (non-pause) used by the histogram.
+    pub rhythm_intervals: f64,
+    /// Known holds.
+    pub known_holds: f64,
+}
+
+impl WindowFeatures {
+    /// Feature names, in [`Self::to_array`] order.
+    pub const NAMES: [&'static str; 18] = [
+        "histogram_score",
+        "histogram_peak_ms",
+        "clock_resolution_ms",
+        "interval_median_ms",
+        "interval_cv",
+        "hold_median_ms",
+        "hold_spread_ms",
+        "tiny_hold_share",
+        "rollover_share",
+        "key_period",
+        "key_period_share",
+        "timing_period_share",
+        "distinct_keys",
+        "pause_share",
+        "repeat_share",
+        "presses",
+        "rhythm_intervals",
+        "known_holds",
+    ];
+
+    /// The vector in [`Self::NAMES`] order.
+    pub fn to_array(&self) -> [f64; 18] {
+        [
+            self.histogram_score,
+            self.histogram_peak_ms,
+            self.clock_resolution_ms,
+            self.interval_median_ms,
+            self.interval_cv,
+            self.hold_median_ms,
+            self.hold_spread_ms,
+            self.tiny_hold_share,
+            self.rollover_share,
+            self.key_period,
+            self.key_period_share,
+            self.timing_period_share,
+            self.distinct_keys,
+            self.pause_share,
+            self.repeat_share,
+            self.presses,
+            self.rhythm_intervals,
+            self.known_holds,
+        ]
+    }
+}
+
+const MAD_TO_SIGMA: f64 = 1.4826;
+const US_PER_MS: f64 = 1000.0;
+
+/// Computes the features of `presses` (oldest first). `repeats` is the auto-repeat count seen
+/// while they were collected.
+pub fn extract(presses: &[Press], repeats: u32, cfg: &FeatureConfig, scratch: &mut Scratch) -> WindowFeatures {
+    let mut f = WindowFeatures { presses: presses.len() as f64, ..WindowFeatures::default() };
+    if presses.len() < 2 {
+        return f;
+    }
+    let pause_us = (cfg.pause_ms * US_PER_MS) as i64;
+
+    // Clock resolution from every timestamp the window saw (downs and ups).
+    scratch.times.clear();
+    for p in presses {
+        scratch.times.push(p.down_us);
+        if let Some(h) = p.hold() {
+            scratch.times.push(p.down_us + i64::from(h));
+        }
+    }
+    scratch.times.sort_unstable();
+    let clock_us = clock_resolution(&scratch.times).unwrap_or(0);
+    f.clock_resolution_ms = clock_us as f64 / US_PER_MS;
+
+    // Intervals, pauses, rollover.
+    scratch.intervals.clear();
+    let (mut pauses, mut rollovers, mut rollover_known) = (0usize, 0usize, 0usize);
+    for pair in presses.windows(2) {
+        let interval = pair[1].down_us - pair[0].down_us;
+        if interval > pause_us {
+            pauses += 1;
+        } else {
+            scratch.intervals.push(interval);
+        }
+        if let Some(h) = pair[0].hold() {
+            rollover_known += 1;
+            if pair[1].down_us < pair[0].down_us + i64::from(h) {
+                rollovers += 1;
+            }
+        }
+    }
+    f.pause_share = pauses as f64 / (presses.len() - 1) as f64;
+    f.rollover_share = ratio(rollovers, rollover_known);
+    f.rhythm_intervals = scratch.intervals.len() as f64;
+
+    if !scratch.intervals.is_empty() {
+        scratch.intervals.sort_unstable();
+        let width = ((cfg.bin_ms * US_PER_MS) as i64).max(clock_us);
+        let (share, peak) = densest_span(&scratch.intervals, width);
+        f.histogram_score = share;
+        f.histogram_peak_ms = peak as f64 / US_PER_MS;
+        let (median, mad) = median_and_mad(&mut scratch.intervals, &mut scratch.holds);
+        f.interval_median_ms = median as f64 / US_PER_MS;
+        f.interval_cv = if median > 0 { MAD_TO_SIGMA * mad as f64 / median as f64 } else { 0.0 };
+    }
+
+    // Holds (reuses `times` as scratch: the clock estimate is done with it).
+    scratch.times.clear();
+    scratch.times.extend(presses.iter().filter_map(Press::hold).map(i64::from));
+    f.known_holds = scratch.times.len() as f64;
+    if !scratch.times.is_empty() {
+        let tiny_us = (cfg.tiny_hold_ms * US_PER_MS) as i64;
+        let tiny = scratch.times.iter().filter(|&&h| h <= tiny_us).count();
+        f.tiny_hold_share = ratio(tiny, scratch.times.len());
+        let (median, mad) = median_and_mad(&mut scratch.times, &mut scratch.holds);
+        f.hold_median_ms = median as f64 / US_PER_MS;
+        f.hold_spread_ms = MAD_TO_SIGMA * mad as f64 / US_PER_MS;
+    }
+
+    scratch.keys.clear();
+    scratch.keys.extend(presses.iter().map(|p| p.key));
+    scratch.keys.sort_unstable();
+    scratch.keys.dedup();
+    f.distinct_keys = scratch.keys.len() as f64;
+
+    let tolerance_us = ((cfg.period_tolerance_ms * US_PER_MS) as i64).max(clock_us);
+    let (period, key_share, timing_share) = periodicity(presses, cfg.max_period, tolerance_us);
+    f.key_period = period as f64;
+    f.key_period_share = key_share;
+    f.timing_period_share = timing_share;
+    f.repeat_share = f64::from(repeats) / (f64::from(repeats) + presses.len() as f64);
+    f
+}
+
+/// Median and median absolute deviation. `values` is reordered; `tmp` is scratch.
+fn median_and_mad(values: &mut [i64], tmp: &mut Vec<i64>) -> (i64, i64) {
+    let median = median_in_place(values);
+    tmp.clear();
+    tmp.extend(values.iter().map(|&v| (v - median).abs()));
+    let mad = median_in_place(tmp);
+    (median, mad)
+}
+
+fn median_in_place(values: &mut [i64]) -> i64 {
+    let mid = values.len() / 2;
+    *values.select_nth_unstable(mid).1
+}
+
+fn ratio(part: usize, whole: usize) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 / whole as f64
+    }
+}
+
+/// Finds the key-sequence period `p` (1..=max) at which keys repeat most, then measures how
+/// often the interval into a press equals the interval one period earlier (a replayed loop or a
+/// skill rotation on a timer repeats both).
+fn periodicity(presses: &[Press], max_period: usize, tolerance_us: i64) -> (usize, f64, f64) {
+    let n = presses.len();
+    let max_p = max_period.min(n / 2);
+    let (mut best_p, mut best_share) = (1usize, 0.0f64);
+    for p in 1..=max_p {
+        let matches = (p..n).filter(|&i| presses[i].key == presses[i - p].key).count();
+        let share = matches as f64 / (n - p) as f64;
+        // Strictly better only: multiples of the true period tie with it and lose.
+        if share > best_share + 1e-9 {
+            best_share = share;
+            best_p = p;
+        }
+    }
+    if best_share == 0.0 {
+        return (1, 0.0, 0.0);
+    }
+    let (mut compared, mut equal) = (0usize, 0usize);
+    for i in (best_p + 1)..n {
+        if presses[i].key == presses[i - best_p].key && presses[i - 1].key == presses[i - 1 - best_p].key {
+            compared += 1;
+            let now = presses[i].down_us - presses[i - 1].down_us;
+            let then = presses[i - best_p].down_us - presses[i - best_p - 1].down_us;
+            if (now - then).abs() <= tolerance_us {
+                equal += 1;
+            }
+        }
+    }
+    (best_p, best_share, ratio(equal, compared))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn presses(intervals_ms: &[i64], holds_ms: &[i64], keys: &[u32]) -> Vec<Press> {
+        let mut t = 1_000_000;
+        let mut out = Vec::new();
+        for i in 0..=intervals_ms.len() {
+            out.push(Press {
+                down_us: t,
+                key: keys[i % keys.len()],
+                hold_us: (holds_ms[i % holds_ms.len()] * 1000) as i32,
+            });
+            if i < intervals_ms.len() {
+                t += intervals_ms[i] * 1000;
+            }
+        }
+        out
+    }
+
+    fn feats(p: &[Press]) -> WindowFeatures {
+        extract(p, 0, &FeatureConfig::default(), &mut Scratch::default())
+    }
+
+    #[test]
+    fn fixed_macro_is_perfectly_regular() {
+        let f = feats(&presses(&[50; 49], &[20], &[2, 3, 4, 5]));
+        assert_eq!(f.histogram_score, 1.0);
+        assert_eq!(f.interval_cv, 0.0);
+        assert_eq!(f.hold_spread_ms, 0.0);
+        assert_eq!(f.key_period, 4.0);
+        assert_eq!(f.key_period_share, 1.0);
+        assert_eq!(f.timing_period_share, 1.0);
+        assert_eq!(f.distinct_keys, 4.0);
+        assert_eq!(f.histogram_peak_ms, 50.0);
+    }
+
+    #[test]
+    fn varied_typing_is_not() {
+        let intervals: Vec<i64> = (0..49).map(|i| 90 + (i * 37) % 180).collect();
+        let holds: Vec<i64> = (0..50).map(|i| 60 + (i * 13) % 70).collect();
+        let keys: Vec<u32> = (0..50).map(|i| 16 + (i * 7) % 26).collect();
+        let f = feats(&presses(&intervals, &holds, &keys));
+        assert!(f.histogram_score < 0.2, "{f:?}");
+        assert!(f.interval_cv > 0.3, "{f:?}");
+        assert!(f.hold_spread_ms > 10.0, "{f:?}");
+        assert!(f.key_period_share < 0.5, "{f:?}");
+    }
+
+    #[test]
+    fn pauses_are_left_out_of_rhythm() {
+        let mut intervals = vec![100; 49];
+        intervals[10] = 5_000;
+        let f = feats(&presses(&intervals, &[30], &[1, 2]));
+        assert_eq!(f.rhythm_intervals, 48.0);
+        assert_eq!(f.histogram_score, 1.0);
+        assert!((f.pause_share - 1.0 / 49.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn rollover_and_tiny_holds_are_measured() {
+        // Holds longer than the interval: every press overlaps the next.
+        let f = feats(&presses(&[80; 9], &[120], &[1, 2, 3]));
+        assert_eq!(f.rollover_share, 1.0);
+        let f = feats(&presses(&[80; 9], &[1], &[1, 2, 3]));
+        assert_eq!(f.tiny_hold_share, 1.0);
+        assert_eq!(f.rollover_share, 0.0);
+    }
+
+    #[test]
+    fn coarse_clock_widens_the_span() {
+        // Intervals on a 47 ms lattice: spread across 4 lattice points, one bin each.
+        let intervals: Vec<i64> = (0..49).map(|i| 94 + 47 * (i % 4)).collect();
+        let f = feats(&presses(&intervals, &[94], &[1, 2, 3, 5, 8, 13, 21]));
+        assert_eq!(f.clock_resolution_ms, 47.0);
+        assert!(f.histogram_score <= 0.3, "{f:?}");
+    }
+
+    #[test]
+    fn unknown_holds_are_skipped() {
+        let mut p = presses(&[100; 9], &[40], &[1, 2]);
+        p[3].hold_us = crate::detect::window::HOLD_UNKNOWN;
+        let f = feats(&p);
+        assert_eq!(f.known_holds, 9.0);
+    }
+
+    #[test]
+    fn tiny_windows_do_not_panic() {
+        assert_eq!(feats(&[]).presses, 0.0);
+        assert_eq!(feats(&presses(&[], &[1], &[1])).histogram_score, 0.0);
+    }
+
+    #[test]
+    fn names_match_the_array() {
+        assert_eq!(WindowFeatures::NAMES.len(), WindowFeatures::default().to_array().len());
+    }
+}

@@ -1,0 +1,242 @@
+//! Timing rules: turn a window's features into a combined score and the names of what fired.
+//!
+//! Each rule maps one feature (or a pair) to a sub-score in 0..1 with a linear ramp that crosses
+//! 0.5 exactly at the rule's threshold; the window's score is the largest sub-score. A rule
+//! *fires* when its sub-score reaches 0.5, so "which features fired" and "why the score is high"
+//! are the same statement.
+
+use serde::{Deserialize, Serialize};
+
+use super::features::WindowFeatures;
+
+/// Rule thresholds. Defaults were tuned on real human typing (see `docs/detection.md`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// Rhythm intervals a window needs before any timing rule may fire.
+    pub min_intervals: usize,
+    /// `interval_histogram` fires at this histogram score or above.
+    pub histogram_threshold: f64,
+    /// `interval_regular` fires at this robust interval CV or below.
+    pub interval_cv_threshold: f64,
+    /// `hold_constant` fires at this hold spread (ms) or below.
+    pub hold_spread_threshold_ms: f64,
+    /// `hold_tiny` fires at this tiny-hold share or above.
+    pub tiny_hold_threshold: f64,
+    /// `sequence_loop` fires when both the key and the timing period shares reach this.
+    pub loop_threshold: f64,
+    /// Hold rules need a clock at least this fine (ms): coarse clocks round holds to 0 or a
+    /// single step, which says nothing about the hand.
+    pub hold_rules_max_clock_ms: f64,
+}
+
+impl Default for RuleConfig {
+    fn default() -> Self {
+        Self {
+            min_intervals: 20,
+            histogram_threshold: 0.6,
+            interval_cv_threshold: 0.1,
+            hold_spread_threshold_ms: 1.0,
+            tiny_hold_threshold: 0.8,
+            loop_threshold: 0.85,
+            hold_rules_max_clock_ms: 4.0,
+        }
+    }
+}
+
+/// A timing rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Rule {
+    /// Most intervals fall into one bin-wide span.
+    IntervalHistogram,
+    /// Intervals vary far less than human rhythm does.
+    IntervalRegular,
+    /// Every key is held for the same time.
+    HoldConstant,
+    /// Keys are released almost as soon as they are pressed.
+    HoldTiny,
+    /// The same keys recur with the same timing: a replayed loop or a timed rotation.
+    SequenceLoop,
+}
+
+impl Rule {
+    /// Every rule, in bit order.
+    pub const ALL: [Rule; 5] =
+        [Rule::IntervalHistogram, Rule::IntervalRegular, Rule::HoldConstant, Rule::HoldTiny, Rule::SequenceLoop];
+
+    /// The name used in outputs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Rule::IntervalHistogram => "interval_histogram",
+            Rule::IntervalRegular => "interval_regular",
+            Rule::HoldConstant => "hold_constant",
+            Rule::HoldTiny => "hold_tiny",
+            Rule::SequenceLoop => "sequence_loop",
+        }
+    }
+
+    fn bit(self) -> u8 {
+        1 << (self as u8)
+    }
+}
+
+/// A set of rules, as a bit set.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RuleSet(u8);
+
+impl RuleSet {
+    /// No rule.
+    pub const EMPTY: RuleSet = RuleSet(0);
+
+    /// Adds `rule`.
+    pub fn insert(&mut self, rule: Rule) {
+        self.0 |= rule.bit();
+    }
+
+    /// True when `rule` is in the set.
+    pub fn contains(self, rule: Rule) -> bool {
+        self.0 & rule.bit() != 0
+    }
+
+    /// True when no rule is in the set.
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// Both sets together.
+    pub fn union(self, other: RuleSet) -> RuleSet {
+        RuleSet(self.0 | other.0)
+    }
+
+    /// The rules in the set, in [`Rule::ALL`] order.
+    pub fn iter(self) -> impl Iterator<Item = Rule> {
+        Rule::ALL.into_iter().filter(move |r| self.contains(*r))
+    }
+
+    /// The names of the rules in the set.
+    pub fn names(self) -> Vec<&'static str> {
+        self.iter().map(Rule::name).collect()
+    }
+}
+
+/// A window's timing verdict.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TimingScore {
+    /// Largest sub-score, 0..1.
+    pub score: f64,
+    /// Rules whose sub-score reached 0.5.
+    pub fired: RuleSet,
+}
+
+/// Scores `f` against the rules.
+pub fn evaluate(f: &WindowFeatures, cfg: &RuleConfig) -> TimingScore {
+    let mut out = TimingScore { score: 0.0, fired: RuleSet::EMPTY };
+    if f.rhythm_intervals < cfg.min_intervals as f64 {
+        return out;
+    }
+    let mut consider = |rule: Rule, sub: f64| {
+        if sub >= 0.5 {
+            out.fired.insert(rule);
+        }
+        out.score = out.score.max(sub);
+    };
+    consider(Rule::IntervalHistogram, ramp_above(f.histogram_score, cfg.histogram_threshold, 0.2));
+    consider(Rule::IntervalRegular, ramp_below(f.interval_cv, cfg.interval_cv_threshold, 0.05));
+    let fine_clock = f.clock_resolution_ms <= cfg.hold_rules_max_clock_ms;
+    if fine_clock && f.known_holds >= cfg.min_intervals as f64 {
+        consider(Rule::HoldConstant, ramp_below(f.hold_spread_ms, cfg.hold_spread_threshold_ms, 1.0));
+        consider(Rule::HoldTiny, ramp_above(f.tiny_hold_share, cfg.tiny_hold_threshold, 0.2));
+    }
+    consider(
+        Rule::SequenceLoop,
+        ramp_above(f.key_period_share.min(f.timing_period_share), cfg.loop_threshold, 0.15),
+    );
+    out
+}
+
+/// 0.5 at `threshold`, rising to 1 at `threshold + width`.
+fn ramp_above(x: f64, threshold: f64, width: f64) -> f64 {
+    (0.5 + (x - threshold) / (2.0 * width)).clamp(0.0, 1.0)
+}
+
+/// 0.5 at `threshold`, rising to 1 at `threshold - width`.
+fn ramp_below(x: f64, threshold: f64, width: f64) -> f64 {
+    (0.5 + (threshold - x) / (2.0 * width)).clamp(0.0, 1.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn human_like() -> WindowFeatures {
+        WindowFeatures {
+            histogram_score: 0.2,
+            interval_cv: 0.45,
+            hold_spread_ms: 18.0,
+            tiny_hold_share: 0.0,
+            key_period_share: 0.2,
+            timing_period_share: 0.1,
+            clock_resolution_ms: 1.0,
+            rhythm_intervals: 45.0,
+            known_holds: 48.0,
+            ..WindowFeatures::default()
+        }
+    }
+
+    #[test]
+    fn human_like_window_fires_nothing() {
+        let s = evaluate(&human_like(), &RuleConfig::default());
+        assert!(s.fired.is_empty());
+        assert!(s.score < 0.5);
+    }
+
+    #[test]
+    fn each_rule_fires_on_its_own_feature() {
+        let cfg = RuleConfig::default();
+        let cases: [(Rule, fn(&mut WindowFeatures)); 5] = [
+            (Rule::IntervalHistogram, |f| f.histogram_score = 0.9),
+            (Rule::IntervalRegular, |f| f.interval_cv = 0.02),
+            (Rule::HoldConstant, |f| f.hold_spread_ms = 0.0),
+            (Rule::HoldTiny, |f| f.tiny_hold_share = 1.0),
+            (Rule::SequenceLoop, |f| {
+                f.key_period_share = 1.0;
+                f.timing_period_share = 1.0;
+            }),
+        ];
+        for (rule, tweak) in cases {
+            let mut f = human_like();
+            tweak(&mut f);
+            let s = evaluate(&f, &cfg);
+            assert_eq!(s.fired.iter().collect::<Vec<_>>(), vec![rule], "{rule:?}");
+            assert!(s.score >= 0.5);
+        }
+    }
+
+    #[test]
+    fn threshold_is_exactly_the_firing_point() {
+        let cfg = RuleConfig::default();
+        let mut f = human_like();
+        f.histogram_score = cfg.histogram_threshold;
+        assert!(evaluate(&f, &cfg).fired.contains(Rule::IntervalHistogram));
+        f.histogram_score = cfg.histogram_threshold - 1e-6;
+        assert!(!evaluate(&f, &cfg).fired.contains(Rule::IntervalHistogram));
+    }
+
+    #[test]
+    fn hold_rules_are_silent_on_coarse_clocks() {
+        let mut f = human_like();
+        f.hold_spread_ms = 0.0;
+        f.tiny_hold_share = 1.0;
+        f.clock_resolution_ms = 47.0;
+        assert!(evaluate(&f, &RuleConfig::default()).fired.is_empty());
+    }
+
+    #[test]
+    fn too_few_intervals_fire_nothing() {
+        let mut f = human_like();
+        f.histogram_score = 1.0;
+        f.rhythm_intervals = 5.0;
+        assert_eq!(evaluate(&f, &RuleConfig::default()).score, 0.0);
+    }
+}

@@ -1,0 +1,303 @@
+//! Count-based sliding windows over a user's key presses.
+//!
+//! A window is the last `size` key-downs (presses) with their hold times. It is scored once it
+//! holds `min_presses` presses and then every `hop` new presses. Auto-repeat is not a press:
+//! evdev marks it (`Repeat`), files do not, so a down of the same key that follows the previous
+//! down closely after a tiny hold is treated as a repeat too (browsers report held keys that way).
+
+use std::collections::VecDeque;
+
+use serde::{Deserialize, Serialize};
+
+use crate::event::{KeyAction, KeyEvent};
+
+/// Hold time marker for a press whose key-up has not been seen.
+pub const HOLD_UNKNOWN: i32 = -1;
+
+/// Window shape and cadence.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WindowConfig {
+    /// Presses per window (W).
+    pub size: usize,
+    /// New presses between two scorings (H).
+    pub hop: usize,
+    /// Presses a window needs before its first scoring, and for an idle partial window to be
+    /// scored at all.
+    pub min_presses: usize,
+    /// Event-time grace for reordering, milliseconds.
+    pub grace_ms: u32,
+    /// A user with no event for this long has their window closed, milliseconds.
+    pub idle_timeout_ms: u32,
+    /// Infer auto-repeat in sources that do not mark it (files).
+    pub infer_repeats: bool,
+    /// A same-key down at most this long after the previous down can be a repeat, milliseconds.
+    pub repeat_max_interval_ms: u32,
+    /// ... if the previous press was held at most this long, milliseconds.
+    pub repeat_max_hold_ms: u32,
+}
+
+impl Default for WindowConfig {
+    fn default() -> Self {
+        Self {
+            size: 50,
+            hop: 10,
+            min_presses: 30,
+            grace_ms: 200,
+            idle_timeout_ms: 10_000,
+            infer_repeats: true,
+            repeat_max_interval_ms: 60,
+            repeat_max_hold_ms: 5,
+        }
+    }
+}
+
+/// One key press inside a window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Press {
+    /// Key-down time, microseconds.
+    pub down_us: i64,
+    /// Key identity.
+    pub key: u32,
+    /// Hold time in microseconds, or [`HOLD_UNKNOWN`].
+    pub hold_us: i32,
+}
+
+impl Press {
+    /// The hold time if the key-up has been seen.
+    pub fn hold(&self) -> Option<i32> {
+        (self.hold_us >= 0).then_some(self.hold_us)
+    }
+}
+
+/// What [`KeyWindow::apply`] did with an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// A new press entered the window; the window is due for scoring.
+    PressDue,
+    /// A new press entered the window.
+    Press,
+    /// An auto-repeat (marked or inferred); not a press.
+    Repeat,
+    /// A key-up, matched to its press or not.
+    Release,
+}
+
+/// A user's sliding window of presses.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct KeyWindow {
+    presses: VecDeque<Press>,
+    /// Presses since the last scoring.
+    since_scored: u32,
+    /// Whether this window has been scored since it was last reset.
+    scored_once: bool,
+    /// The most recent down (key, time) of any kind, for repeat inference.
+    last_down: Option<(u32, i64)>,
+    /// Hold of the most recent down, once released.
+    last_down_hold_us: Option<i32>,
+    /// Repeats seen in the presses currently in the window's span (for features).
+    repeats: u32,
+}
+
+impl KeyWindow {
+    /// Feeds one event in time order.
+    pub fn apply(&mut self, cfg: &WindowConfig, event: KeyEvent) -> Applied {
+        match event.action {
+            KeyAction::Repeat => {
+                self.repeats = self.repeats.saturating_add(1);
+                Applied::Repeat
+            }
+            KeyAction::Up => {
+                self.release(event);
+                Applied::Release
+            }
+            KeyAction::Down => {
+                if cfg.infer_repeats && self.is_inferred_repeat(cfg, event) {
+                    self.repeats = self.repeats.saturating_add(1);
+                    self.last_down = Some((event.key, event.time_us));
+                    self.last_down_hold_us = None;
+                    return Applied::Repeat;
+                }
+                self.last_down = Some((event.key, event.time_us));
+                self.last_down_hold_us = None;
+                if self.presses.len() == cfg.size {
+                    self.presses.pop_front();
+                }
+                self.presses.push_back(Press { down_us: event.time_us, key: event.key, hold_us: HOLD_UNKNOWN });
+                self.since_scored = self.since_scored.saturating_add(1);
+                let warm = self.presses.len() >= cfg.min_presses;
+                if warm && (!self.scored_once || self.since_scored as usize >= cfg.hop) {
+                    Applied::PressDue
+                } else {
+                    Applied::Press
+                }
+            }
+        }
+    }
+
+    fn is_inferred_repeat(&self, cfg: &WindowConfig, event: KeyEvent) -> bool {
+        let Some((key, at)) = self.last_down else { return false };
+        let tiny_hold = self.last_down_hold_us.is_some_and(|h| h <= cfg.repeat_max_hold_ms as i32 * 1000);
+        key == event.key
+            && tiny_hold
+            && event.time_us.saturating_sub(at) <= i64::from(cfg.repeat_max_interval_ms) * 1000
+    }
+
+    fn release(&mut self, event: KeyEvent) {
+        if let Some((key, at)) = self.last_down {
+            if key == event.key && self.last_down_hold_us.is_none() {
+                self.last_down_hold_us = Some(clamp_hold(event.time_us - at));
+            }
+        }
+        // Keys roll over (the next down before this up), so look back a few presses.
+        if let Some(p) = self.presses.iter_mut().rev().take(8).find(|p| p.key == event.key && p.hold_us == HOLD_UNKNOWN) {
+            p.hold_us = clamp_hold(event.time_us - p.down_us);
+        }
+    }
+
+    /// Marks the window as scored now.
+    pub fn mark_scored(&mut self) {
+        self.since_scored = 0;
+        self.scored_once = true;
+    }
+
+    /// Presses since the last scoring.
+    pub fn unscored_presses(&self) -> usize {
+        self.since_scored as usize
+    }
+
+    /// The presses, oldest first, as one slice.
+    pub fn presses(&mut self) -> &[Press] {
+        self.presses.make_contiguous()
+    }
+
+    /// Number of presses held.
+    pub fn len(&self) -> usize {
+        self.presses.len()
+    }
+
+    /// True when the window holds no press.
+    pub fn is_empty(&self) -> bool {
+        self.presses.is_empty()
+    }
+
+    /// Repeats seen since the window was last reset.
+    pub fn repeats(&self) -> u32 {
+        self.repeats
+    }
+
+    /// Forgets everything (idle close): the next press starts a fresh window.
+    pub fn reset(&mut self) {
+        self.presses.clear();
+        self.since_scored = 0;
+        self.scored_once = false;
+        self.last_down = None;
+        self.last_down_hold_us = None;
+        self.repeats = 0;
+    }
+}
+
+fn clamp_hold(us: i64) -> i32 {
+    us.clamp(0, i32::MAX as i64) as i32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(size: usize, hop: usize, min: usize) -> WindowConfig {
+        WindowConfig { size, hop, min_presses: min, ..WindowConfig::default() }
+    }
+
+    fn down(t_ms: i64, key: u32) -> KeyEvent {
+        KeyEvent::new(t_ms * 1000, key, KeyAction::Down)
+    }
+
+    fn up(t_ms: i64, key: u32) -> KeyEvent {
+        KeyEvent::new(t_ms * 1000, key, KeyAction::Up)
+    }
+
+    /// Presses `n` distinct keys 100 ms apart and returns the indices (1-based) that were due.
+    fn due_points(c: &WindowConfig, n: usize) -> Vec<usize> {
+        let mut w = KeyWindow::default();
+        let mut due = Vec::new();
+        for i in 0..n {
+            if w.apply(c, down(i as i64 * 100, i as u32 % 7)) == Applied::PressDue {
+                due.push(i + 1);
+                w.mark_scored();
+            }
+        }
+        due
+    }
+
+    #[test]
+    fn first_scoring_at_min_presses_then_every_hop() {
+        assert_eq!(due_points(&cfg(50, 10, 30), 75), vec![30, 40, 50, 60, 70]);
+        assert_eq!(due_points(&cfg(50, 10, 50), 75), vec![50, 60, 70]);
+        assert_eq!(due_points(&cfg(5, 1, 5), 8), vec![5, 6, 7, 8]);
+    }
+
+    #[test]
+    fn window_keeps_only_the_last_size_presses() {
+        let c = cfg(4, 1, 4);
+        let mut w = KeyWindow::default();
+        for i in 0..10 {
+            w.apply(&c, down(i * 100, i as u32));
+        }
+        let keys: Vec<u32> = w.presses().iter().map(|p| p.key).collect();
+        assert_eq!(keys, vec![6, 7, 8, 9]);
+    }
+
+    #[test]
+    fn holds_match_rolled_over_keys() {
+        let c = cfg(10, 1, 2);
+        let mut w = KeyWindow::default();
+        w.apply(&c, down(0, 1));
+        w.apply(&c, down(50, 2));
+        w.apply(&c, up(80, 1));
+        w.apply(&c, up(120, 2));
+        w.apply(&c, up(130, 9)); // never pressed: ignored
+        let holds: Vec<Option<i32>> = w.presses().iter().map(Press::hold).collect();
+        assert_eq!(holds, vec![Some(80_000), Some(70_000)]);
+    }
+
+    #[test]
+    fn browser_style_auto_repeat_is_not_a_press() {
+        let c = cfg(50, 10, 30);
+        let mut w = KeyWindow::default();
+        w.apply(&c, down(0, 14));
+        w.apply(&c, up(1, 14));
+        for i in 1..20 {
+            assert_eq!(w.apply(&c, down(i * 30, 14)), Applied::Repeat, "repeat {i}");
+            w.apply(&c, up(i * 30 + 1, 14));
+        }
+        assert_eq!(w.len(), 1);
+        assert_eq!(w.repeats(), 19);
+        // A real second press of the same key after a normal hold is a press.
+        w.apply(&c, down(1000, 14));
+        w.apply(&c, up(1090, 14));
+        assert_eq!(w.apply(&c, down(1130, 14)), Applied::Press);
+    }
+
+    #[test]
+    fn marked_repeats_are_not_presses_even_without_inference() {
+        let c = WindowConfig { infer_repeats: false, ..cfg(50, 10, 30) };
+        let mut w = KeyWindow::default();
+        w.apply(&c, down(0, 14));
+        assert_eq!(w.apply(&c, KeyEvent::new(500_000, 14, KeyAction::Repeat)), Applied::Repeat);
+        w.apply(&c, up(501, 14));
+        assert_eq!(w.apply(&c, down(530, 14)), Applied::Press, "no inference when disabled");
+    }
+
+    #[test]
+    fn reset_empties_the_window() {
+        let c = cfg(50, 10, 3);
+        let mut w = KeyWindow::default();
+        for i in 0..5 {
+            w.apply(&c, down(i * 100, 1 + i as u32));
+        }
+        w.reset();
+        assert!(w.is_empty());
+        assert_eq!(w.unscored_presses(), 0);
+    }
+}

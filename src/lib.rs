@@ -1,0 +1,28 @@
+//! Metronome: catches users whose keyboards are driven by macros, seconds after the macro starts.
+//!
+//! ```text
+//!  agent (evdev) --KeyEventBatch--> [keys.events] --> processor task per partition
+//!                                                      | per-user state (window, incident)
+//!                                                      | detect: window -> features -> rules
+//!                                                      |         -> policy
+//!                                                      +--> [keys.alerts] --> PostgreSQL
+//!  keylog CSV --> `metronome score` ----------- the same detect core ----> JSON lines
+//! ```
+//!
+//! # Layout
+//! - [`event`]: key events as the core sees them.
+//! - [`detect`]: the pure detection core (no I/O): ordering, windows, histogram, features,
+//!   rules, alert policy. Both the offline scorer and the stream processor drive it.
+//! - [`keylog`]: the keylog CSV interchange format (reader and writer, plain or gzip).
+//! - [`macrogen`]: synthetic macro traffic, the positive class nobody publishes.
+//! - [`config`]: embedded defaults, overridden by a file and `METRONOME_*` variables.
+//! - [`score`]: offline scoring of a keylog file, JSON lines out.
+//! - [`proto`]: the Protobuf wire format (`proto/`).
+
+pub mod config;
+pub mod detect;
+pub mod event;
+pub mod keylog;
+pub mod macrogen;
+pub mod proto;
+pub mod score;

@@ -1,0 +1,360 @@
+//! Synthetic macro traffic: the positive class, since nobody publishes real macro keystrokes.
+//!
+//! Six families, from trivially regular to human-shaped:
+//! - [`MacroFamily::Fixed`]: one interval, forever.
+//! - [`MacroFamily::OsTick`]: a sleep rounded up to the OS timer tick (15.625 ms on Windows,
+//!   10 ms or 4 ms on Linux), sometimes one tick late.
+//! - [`MacroFamily::UniformJitter`] / [`MacroFamily::GaussianJitter`]: a base interval plus
+//!   noise, the usual "humanizer" option of macro tools.
+//! - [`MacroFamily::HumanReplay`]: a recorded human sequence (keys, intervals, holds) played
+//!   back in a loop.
+//! - [`MacroFamily::HumanSampled`]: intervals drawn independently from a human's own intervals.
+//!
+//! Except for replay, keys cycle through a short rotation (game skills) and holds are fixed or
+//! tiny, as macro tools make them. Everything is driven by a caller-seeded RNG, so a seed
+//! reproduces a data set exactly.
+
+use rand::seq::IndexedRandom;
+use rand::Rng;
+use rand_distr::{Distribution, Normal};
+use serde::{Deserialize, Serialize};
+
+use crate::event::{KeyAction, KeyEvent};
+
+/// A macro family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum MacroFamily {
+    /// Constant interval.
+    Fixed,
+    /// Interval quantised to an OS timer tick.
+    OsTick,
+    /// Base interval plus uniform noise.
+    UniformJitter,
+    /// Base interval plus gaussian noise.
+    GaussianJitter,
+    /// A recorded human sequence played in a loop.
+    HumanReplay,
+    /// Intervals sampled from a human's interval distribution.
+    HumanSampled,
+}
+
+impl MacroFamily {
+    /// Every family.
+    pub const ALL: [MacroFamily; 6] = [
+        MacroFamily::Fixed,
+        MacroFamily::OsTick,
+        MacroFamily::UniformJitter,
+        MacroFamily::GaussianJitter,
+        MacroFamily::HumanReplay,
+        MacroFamily::HumanSampled,
+    ];
+
+    /// Snake-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            MacroFamily::Fixed => "fixed",
+            MacroFamily::OsTick => "os_tick",
+            MacroFamily::UniformJitter => "uniform_jitter",
+            MacroFamily::GaussianJitter => "gaussian_jitter",
+            MacroFamily::HumanReplay => "human_replay",
+            MacroFamily::HumanSampled => "human_sampled",
+        }
+    }
+
+    /// Whether the family needs a human recording.
+    pub fn needs_human(self) -> bool {
+        matches!(self, MacroFamily::HumanReplay | MacroFamily::HumanSampled)
+    }
+}
+
+/// How long the macro holds each key.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum HoldModel {
+    /// Always this many milliseconds.
+    Fixed(f64),
+    /// Released almost at once: 0.2 to 3 ms.
+    Tiny,
+}
+
+/// One key press of a recording: down time, key, hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordedPress {
+    /// Down time, microseconds.
+    pub down_us: i64,
+    /// Key.
+    pub key: u32,
+    /// Hold, microseconds.
+    pub hold_us: i64,
+}
+
+/// Pairs downs with their ups. Presses whose up never comes get a 60 ms hold; repeats are dropped.
+pub fn recorded_presses(events: &[KeyEvent]) -> Vec<RecordedPress> {
+    let mut out: Vec<RecordedPress> = Vec::new();
+    let mut open: Vec<(u32, usize)> = Vec::new();
+    for e in events {
+        match e.action {
+            KeyAction::Down => {
+                open.push((e.key, out.len()));
+                out.push(RecordedPress { down_us: e.time_us, key: e.key, hold_us: -1 });
+            }
+            KeyAction::Up => {
+                if let Some(pos) = open.iter().rposition(|(k, _)| *k == e.key) {
+                    let (_, idx) = open.remove(pos);
+                    out[idx].hold_us = (e.time_us - out[idx].down_us).max(0);
+                }
+            }
+            KeyAction::Repeat => {}
+        }
+    }
+    for p in &mut out {
+        if p.hold_us < 0 {
+            p.hold_us = 60_000;
+        }
+    }
+    out
+}
+
+/// A fully specified macro.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MacroSpec {
+    /// Family.
+    pub family: MacroFamily,
+    /// Base interval between presses, ms.
+    pub interval_ms: f64,
+    /// Uniform half-width or gaussian sigma, ms.
+    pub jitter_ms: f64,
+    /// OS timer tick, ms.
+    pub tick_ms: f64,
+    /// Hold model (ignored by replay, which keeps the recorded holds).
+    pub hold: HoldModel,
+    /// Key rotation (ignored by replay).
+    pub keys: Vec<u32>,
+}
+
+/// Keys game macros typically bind: digits 1-6, Q, E, R, F, space, mouse-less skills.
+const SKILL_KEYS: [u32; 11] = [2, 3, 4, 5, 6, 7, 16, 18, 19, 33, 57];
+
+impl MacroSpec {
+    /// Draws a spec of `family` with the parameter ranges real macro tools use.
+    pub fn random(family: MacroFamily, rng: &mut impl Rng) -> Self {
+        let interval_ms: f64 = rng.random_range(40.0..300.0);
+        let rotation_len = rng.random_range(1..=6);
+        let keys = SKILL_KEYS.choose_multiple(rng, rotation_len).copied().collect();
+        let hold = if rng.random_bool(0.5) {
+            HoldModel::Tiny
+        } else {
+            HoldModel::Fixed(rng.random_range(8.0..(interval_ms * 0.6).min(90.0)))
+        };
+        let jitter_ms = match family {
+            MacroFamily::UniformJitter => interval_ms * rng.random_range(0.05..0.35),
+            MacroFamily::GaussianJitter => interval_ms * rng.random_range(0.05..0.25),
+            _ => 0.0,
+        };
+        let tick_ms = *[15.625, 10.0, 4.0].choose(rng).expect("non-empty");
+        Self { family, interval_ms, jitter_ms, tick_ms, hold, keys }
+    }
+}
+
+/// Generates `presses` presses of `spec` starting at `start_us`. `human` is the recording replay
+/// and sampling draw from; families that need one fall back to a fixed macro without it.
+pub fn generate(
+    spec: &MacroSpec,
+    human: &[RecordedPress],
+    start_us: i64,
+    presses: usize,
+    rng: &mut impl Rng,
+) -> Vec<KeyEvent> {
+    let mut events = Vec::with_capacity(presses * 2);
+    if spec.family == MacroFamily::HumanReplay && human.len() >= 4 {
+        replay(human, start_us, presses, rng, &mut events);
+    } else {
+        let human_intervals: Vec<i64> = human
+            .windows(2)
+            .map(|w| w[1].down_us - w[0].down_us)
+            .filter(|&d| (20_000..1_500_000).contains(&d))
+            .collect();
+        let mut t = start_us;
+        for i in 0..presses {
+            let key = spec.keys[i % spec.keys.len().max(1)];
+            let hold_us = match spec.hold {
+                HoldModel::Fixed(ms) => (ms * 1000.0) as i64,
+                HoldModel::Tiny => rng.random_range(200..3_000),
+            };
+            events.push(KeyEvent::new(t, key, KeyAction::Down));
+            events.push(KeyEvent::new(t + hold_us, key, KeyAction::Up));
+            let interval_us = next_interval_us(spec, &human_intervals, rng);
+            // A key cannot go down again before it went up.
+            t += interval_us.max(hold_us + 1_000);
+        }
+        events.sort_by_key(|e| e.time_us);
+    }
+    events
+}
+
+fn next_interval_us(spec: &MacroSpec, human_intervals: &[i64], rng: &mut impl Rng) -> i64 {
+    let base = spec.interval_ms * 1000.0;
+    let us = match spec.family {
+        MacroFamily::Fixed | MacroFamily::HumanReplay => base,
+        MacroFamily::OsTick => {
+            let tick = spec.tick_ms * 1000.0;
+            let ticks = (base / tick).ceil() + if rng.random_bool(0.15) { 1.0 } else { 0.0 };
+            ticks * tick
+        }
+        MacroFamily::UniformJitter => base + rng.random_range(-1.0..=1.0) * spec.jitter_ms * 1000.0,
+        MacroFamily::GaussianJitter => {
+            let normal = Normal::new(base, spec.jitter_ms * 1000.0).expect("finite sigma");
+            normal.sample(rng)
+        }
+        MacroFamily::HumanSampled => match human_intervals.choose(rng) {
+            Some(&d) => d as f64,
+            None => base,
+        },
+    };
+    (us as i64).max(5_000)
+}
+
+/// Loops a recorded segment of 8 to 30 presses, keeping its keys, intervals and holds.
+fn replay(human: &[RecordedPress], start_us: i64, presses: usize, rng: &mut impl Rng, out: &mut Vec<KeyEvent>) {
+    let len = rng.random_range(8..=30).min(human.len());
+    let from = rng.random_range(0..=human.len() - len);
+    let segment = &human[from..from + len];
+    // The loop restarts after the segment's own median interval, as a recorder's loop delay.
+    let mut gaps: Vec<i64> = segment.windows(2).map(|w| (w[1].down_us - w[0].down_us).max(1_000)).collect();
+    gaps.sort_unstable();
+    let loop_gap = gaps.get(gaps.len() / 2).copied().unwrap_or(100_000).min(1_500_000);
+    let mut t = start_us;
+    for i in 0..presses {
+        let p = segment[i % len];
+        out.push(KeyEvent::new(t, p.key, KeyAction::Down));
+        out.push(KeyEvent::new(t + p.hold_us, p.key, KeyAction::Up));
+        let next = segment[(i + 1) % len];
+        t += if (i + 1) % len == 0 { loop_gap } else { (next.down_us - p.down_us).clamp(1_000, 1_500_000) };
+    }
+    out.sort_by_key(|e| e.time_us);
+}
+
+/// A human session with a macro switched on part-way: the human's events up to (not including)
+/// press `onset_press`, then `macro_presses` presses of `spec`. Returns the events and the
+/// macro's first down time.
+pub fn human_then_macro(
+    human_events: &[KeyEvent],
+    onset_press: usize,
+    spec: &MacroSpec,
+    macro_presses: usize,
+    rng: &mut impl Rng,
+) -> (Vec<KeyEvent>, i64) {
+    let mut downs = 0;
+    let cut = human_events
+        .iter()
+        .position(|e| {
+            if e.action == KeyAction::Down {
+                downs += 1;
+            }
+            downs > onset_press
+        })
+        .unwrap_or(human_events.len());
+    let mut events: Vec<KeyEvent> = human_events[..cut].to_vec();
+    // Keys still down at the onset are released by the human, not dropped.
+    let mut open: Vec<u32> = Vec::new();
+    for e in &events {
+        match e.action {
+            KeyAction::Down => open.push(e.key),
+            KeyAction::Up => open.retain(|k| *k != e.key),
+            KeyAction::Repeat => {}
+        }
+    }
+    for e in &human_events[cut..] {
+        if e.action == KeyAction::Up && open.contains(&e.key) {
+            open.retain(|k| *k != e.key);
+            events.push(*e);
+        }
+    }
+    let last = events.iter().map(|e| e.time_us).max().unwrap_or(0);
+    let onset_us = last + 250_000;
+    let recorded = recorded_presses(human_events);
+    events.extend(generate(spec, &recorded, onset_us, macro_presses, rng));
+    events.sort_by_key(|e| e.time_us);
+    (events, onset_us)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    fn human() -> Vec<RecordedPress> {
+        (0..60).map(|i| RecordedPress { down_us: i * 170_000 + (i * i * 997) % 60_000, key: 16 + (i as u32 * 5) % 26, hold_us: 70_000 + (i * 3_001) % 40_000 }).collect()
+    }
+
+    #[test]
+    fn every_family_generates_ordered_paired_events() {
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        for family in MacroFamily::ALL {
+            for _ in 0..20 {
+                let spec = MacroSpec::random(family, &mut rng);
+                let events = generate(&spec, &human(), 1_000_000, 100, &mut rng);
+                assert_eq!(events.len(), 200, "{family:?}");
+                assert!(events.windows(2).all(|w| w[0].time_us <= w[1].time_us), "{family:?}");
+                let presses = recorded_presses(&events);
+                assert_eq!(presses.len(), 100);
+                assert!(presses.iter().all(|p| p.hold_us >= 0));
+            }
+        }
+    }
+
+    #[test]
+    fn same_seed_same_traffic() {
+        let run = |seed| {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            let spec = MacroSpec::random(MacroFamily::GaussianJitter, &mut rng);
+            generate(&spec, &[], 0, 50, &mut rng)
+        };
+        assert_eq!(run(3), run(3));
+        assert_ne!(run(3), run(4));
+    }
+
+    #[test]
+    fn fixed_macro_has_one_interval() {
+        let spec = MacroSpec { family: MacroFamily::Fixed, interval_ms: 80.0, jitter_ms: 0.0, tick_ms: 10.0, hold: HoldModel::Fixed(20.0), keys: vec![2, 3] };
+        let events = generate(&spec, &[], 0, 10, &mut ChaCha8Rng::seed_from_u64(1));
+        let downs: Vec<i64> = events.iter().filter(|e| e.action == KeyAction::Down).map(|e| e.time_us).collect();
+        assert!(downs.windows(2).all(|w| w[1] - w[0] == 80_000));
+    }
+
+    #[test]
+    fn os_tick_intervals_are_tick_multiples() {
+        let spec = MacroSpec { family: MacroFamily::OsTick, interval_ms: 50.0, jitter_ms: 0.0, tick_ms: 15.625, hold: HoldModel::Tiny, keys: vec![2] };
+        let events = generate(&spec, &[], 0, 200, &mut ChaCha8Rng::seed_from_u64(2));
+        let downs: Vec<i64> = events.iter().filter(|e| e.action == KeyAction::Down).map(|e| e.time_us).collect();
+        for w in downs.windows(2) {
+            let d = w[1] - w[0];
+            assert!(d == 62_500 || d == 78_125, "{d}");
+        }
+    }
+
+    #[test]
+    fn replay_repeats_the_recorded_segment() {
+        let spec = MacroSpec::random(MacroFamily::HumanReplay, &mut ChaCha8Rng::seed_from_u64(5));
+        let events = generate(&spec, &human(), 0, 120, &mut ChaCha8Rng::seed_from_u64(5));
+        let keys: Vec<u32> = recorded_presses(&events).iter().map(|p| p.key).collect();
+        let period = (1..=30).find(|&p| (p..keys.len()).all(|i| keys[i] == keys[i - p])).expect("periodic");
+        assert!((8..=30).contains(&period));
+    }
+
+    #[test]
+    fn mixed_session_switches_at_the_onset() {
+        let human_events: Vec<KeyEvent> = human()
+            .iter()
+            .flat_map(|p| [KeyEvent::new(p.down_us, p.key, KeyAction::Down), KeyEvent::new(p.down_us + p.hold_us, p.key, KeyAction::Up)])
+            .collect();
+        let mut sorted = human_events.clone();
+        sorted.sort_by_key(|e| e.time_us);
+        let spec = MacroSpec::random(MacroFamily::Fixed, &mut ChaCha8Rng::seed_from_u64(9));
+        let (events, onset) = human_then_macro(&sorted, 20, &spec, 40, &mut ChaCha8Rng::seed_from_u64(9));
+        let downs_before = events.iter().filter(|e| e.action == KeyAction::Down && e.time_us < onset).count();
+        let downs_after = events.iter().filter(|e| e.action == KeyAction::Down && e.time_us >= onset).count();
+        assert_eq!((downs_before, downs_after), (20, 40));
+    }
+}
