@@ -75,6 +75,9 @@ pub enum HoldModel {
     Fixed(f64),
     /// Released almost at once: 0.2 to 3 ms.
     Tiny,
+    /// Drawn from the human recording's holds: a "humanized" macro, the hard case for timing
+    /// rules.
+    Recorded,
 }
 
 /// One key press of a recording: down time, key, hold.
@@ -169,6 +172,7 @@ pub fn generate(
     if spec.family == MacroFamily::HumanReplay && human.len() >= 4 {
         replay(human, start_us, presses, rng, &mut events);
     } else {
+        let human_holds: Vec<i64> = human.iter().map(|p| p.hold_us).filter(|&h| h > 0 && h < 1_000_000).collect();
         let human_intervals: Vec<i64> = human
             .windows(2)
             .map(|w| w[1].down_us - w[0].down_us)
@@ -180,12 +184,14 @@ pub fn generate(
             let hold_us = match spec.hold {
                 HoldModel::Fixed(ms) => (ms * 1000.0) as i64,
                 HoldModel::Tiny => rng.random_range(200..3_000),
+                HoldModel::Recorded => human_holds.choose(rng).copied().unwrap_or(80_000),
             };
             events.push(KeyEvent::new(t, key, KeyAction::Down));
             events.push(KeyEvent::new(t + hold_us, key, KeyAction::Up));
             let interval_us = next_interval_us(spec, &human_intervals, rng);
-            // A key cannot go down again before it went up.
-            t += interval_us.max(hold_us + 1_000);
+            // A key cannot go down again before it went up; other keys of the rotation may.
+            let rotation = spec.keys.len().max(1) as i64;
+            t += interval_us.max((hold_us + 1_000) / rotation);
         }
         events.sort_by_key(|e| e.time_us);
     }

@@ -9,7 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::histogram::{clock_resolution, densest_span};
+use super::histogram::{densest_span, lattice_step};
 use super::window::Press;
 
 /// Feature extraction settings.
@@ -31,7 +31,7 @@ pub struct FeatureConfig {
 
 impl Default for FeatureConfig {
     fn default() -> Self {
-        Self { bin_ms: 10.0, pause_ms: 1500.0, tiny_hold_ms: 5.0, max_period: 25, period_tolerance_ms: 2.0 }
+        Self { bin_ms: 10.0, pause_ms: 1500.0, tiny_hold_ms: 5.0, max_period: 40, period_tolerance_ms: 2.0 }
     }
 }
 
@@ -51,7 +51,7 @@ pub struct WindowFeatures {
     pub histogram_score: f64,
     /// Middle of that densest span, milliseconds.
     pub histogram_peak_ms: f64,
-    /// Smallest step between distinct timestamps in the window, milliseconds.
+    /// Step of the coarse clock the window's timestamps sit on, milliseconds; 0 on a fine clock.
     pub clock_resolution_ms: f64,
     /// Median interval, milliseconds.
     pub interval_median_ms: f64,
@@ -61,6 +61,11 @@ pub struct WindowFeatures {
     pub hold_median_ms: f64,
     /// Robust spread of holds (1.4826 MAD), milliseconds.
     pub hold_spread_ms: f64,
+    /// Step of the coarse clock the hold values sit on, milliseconds; 0 on a fine clock or when
+    /// all holds are equal. Some clocks quantise key-ups more coarsely than key-downs.
+    pub hold_resolution_ms: f64,
+    /// Share of holds within the fullest 2 ms span: 1 when every key is held alike.
+    pub hold_mode_share: f64,
     /// Share of known holds that are tiny.
     pub tiny_hold_share: f64,
     /// Share of presses that start before the previous key is released.
@@ -73,6 +78,8 @@ pub struct WindowFeatures {
     pub timing_period_share: f64,
     /// Distinct keys in the window.
     pub distinct_keys: f64,
+    /// Share of presses on the window's most pressed key.
+    pub top_key_share: f64,
     /// Share of intervals that are pauses.
     pub pause_share: f64,
     /// Auto-repeats per press since the window started.
@@ -87,7 +94,7 @@ pub struct WindowFeatures {
 
 impl WindowFeatures {
     /// Feature names, in [`Self::to_array`] order.
-    pub const NAMES: [&'static str; 18] = [
+    pub const NAMES: [&'static str; 21] = [
         "histogram_score",
         "histogram_peak_ms",
         "clock_resolution_ms",
@@ -95,12 +102,15 @@ impl WindowFeatures {
         "interval_cv",
         "hold_median_ms",
         "hold_spread_ms",
+        "hold_resolution_ms",
+        "hold_mode_share",
         "tiny_hold_share",
         "rollover_share",
         "key_period",
         "key_period_share",
         "timing_period_share",
         "distinct_keys",
+        "top_key_share",
         "pause_share",
         "repeat_share",
         "presses",
@@ -109,7 +119,7 @@ impl WindowFeatures {
     ];
 
     /// The vector in [`Self::NAMES`] order.
-    pub fn to_array(&self) -> [f64; 18] {
+    pub fn to_array(&self) -> [f64; 21] {
         [
             self.histogram_score,
             self.histogram_peak_ms,
@@ -118,12 +128,15 @@ impl WindowFeatures {
             self.interval_cv,
             self.hold_median_ms,
             self.hold_spread_ms,
+            self.hold_resolution_ms,
+            self.hold_mode_share,
             self.tiny_hold_share,
             self.rollover_share,
             self.key_period,
             self.key_period_share,
             self.timing_period_share,
             self.distinct_keys,
+            self.top_key_share,
             self.pause_share,
             self.repeat_share,
             self.presses,
@@ -154,7 +167,7 @@ pub fn extract(presses: &[Press], repeats: u32, cfg: &FeatureConfig, scratch: &m
         }
     }
     scratch.times.sort_unstable();
-    let clock_us = clock_resolution(&scratch.times).unwrap_or(0);
+    let clock_us = lattice_step(&scratch.times, &mut scratch.holds);
     f.clock_resolution_ms = clock_us as f64 / US_PER_MS;
 
     // Intervals, pauses, rollover.
@@ -197,6 +210,10 @@ pub fn extract(presses: &[Press], repeats: u32, cfg: &FeatureConfig, scratch: &m
         let tiny_us = (cfg.tiny_hold_ms * US_PER_MS) as i64;
         let tiny = scratch.times.iter().filter(|&&h| h <= tiny_us).count();
         f.tiny_hold_share = ratio(tiny, scratch.times.len());
+        scratch.times.sort_unstable();
+        f.hold_resolution_ms = lattice_step(&scratch.times, &mut scratch.holds) as f64 / US_PER_MS;
+        let (same, _) = densest_span(&scratch.times, 2 * US_PER_MS as i64);
+        f.hold_mode_share = same;
         let (median, mad) = median_and_mad(&mut scratch.times, &mut scratch.holds);
         f.hold_median_ms = median as f64 / US_PER_MS;
         f.hold_spread_ms = MAD_TO_SIGMA * mad as f64 / US_PER_MS;
@@ -205,8 +222,17 @@ pub fn extract(presses: &[Press], repeats: u32, cfg: &FeatureConfig, scratch: &m
     scratch.keys.clear();
     scratch.keys.extend(presses.iter().map(|p| p.key));
     scratch.keys.sort_unstable();
-    scratch.keys.dedup();
-    f.distinct_keys = scratch.keys.len() as f64;
+    let (mut distinct, mut top, mut run) = (0usize, 0usize, 0usize);
+    for i in 0..scratch.keys.len() {
+        if i == 0 || scratch.keys[i] != scratch.keys[i - 1] {
+            distinct += 1;
+            run = 0;
+        }
+        run += 1;
+        top = top.max(run);
+    }
+    f.distinct_keys = distinct as f64;
+    f.top_key_share = ratio(top, presses.len());
 
     let tolerance_us = ((cfg.period_tolerance_ms * US_PER_MS) as i64).max(clock_us);
     let (period, key_share, timing_share) = periodicity(presses, cfg.max_period, tolerance_us);
@@ -244,7 +270,8 @@ fn ratio(part: usize, whole: usize) -> f64 {
 /// skill rotation on a timer repeats both).
 fn periodicity(presses: &[Press], max_period: usize, tolerance_us: i64) -> (usize, f64, f64) {
     let n = presses.len();
-    let max_p = max_period.min(n / 2);
+    // At least 10 comparisons per period, so a long loop still has evidence behind it.
+    let max_p = max_period.min(n.saturating_sub(10));
     let (mut best_p, mut best_share) = (1usize, 0.0f64);
     for p in 1..=max_p {
         let matches = (p..n).filter(|&i| presses[i].key == presses[i - p].key).count();
@@ -306,6 +333,7 @@ mod tests {
         assert_eq!(f.key_period_share, 1.0);
         assert_eq!(f.timing_period_share, 1.0);
         assert_eq!(f.distinct_keys, 4.0);
+        assert_eq!(f.top_key_share, 13.0 / 50.0);
         assert_eq!(f.histogram_peak_ms, 50.0);
     }
 

@@ -55,11 +55,36 @@ pub fn densest_span(sorted_us: &[i64], width_us: i64) -> (f64, i64) {
     (best as f64 / n as f64, mid)
 }
 
-/// The smallest step between distinct timestamps: the clock resolution the window shows.
+/// The clock step the values sit on, or 0 when they do not sit on a coarse lattice.
 ///
-/// `sorted_us` must be ascending. Returns `None` when fewer than two distinct times exist.
-pub fn clock_resolution(sorted_us: &[i64]) -> Option<i64> {
-    sorted_us.windows(2).map(|w| w[1] - w[0]).filter(|&d| d > 0).min()
+/// `sorted_us` must be ascending. The candidate step is the third smallest positive gap between
+/// neighbours (so one or two glitched timestamps cannot fake a fine clock); it is accepted when
+/// at least 80 % of the gaps are within a tenth of a step (and at least 1 ms) of a multiple of
+/// it. A macro's fixed hold alone does not pass: its other gaps are off the lattice.
+/// `gaps` is scratch.
+pub fn lattice_step(sorted_us: &[i64], gaps: &mut Vec<i64>) -> i64 {
+    gaps.clear();
+    gaps.extend(sorted_us.windows(2).map(|w| w[1] - w[0]).filter(|&d| d > 0));
+    if gaps.len() < 3 {
+        return 0;
+    }
+    let step = *gaps.select_nth_unstable(2).1;
+    let tolerance = (step / 10).max(1_000);
+    if step <= tolerance {
+        return 0;
+    }
+    let on_lattice = gaps
+        .iter()
+        .filter(|&&d| {
+            let r = d % step;
+            r.min(step - r) <= tolerance
+        })
+        .count();
+    if on_lattice * 5 >= gaps.len() * 4 {
+        step
+    } else {
+        0
+    }
 }
 
 #[cfg(test)]
@@ -93,9 +118,25 @@ mod tests {
     }
 
     #[test]
-    fn clock_resolution_ignores_equal_times() {
-        assert_eq!(clock_resolution(&[0, 0, 47_000, 94_000, 94_000, 141_000]), Some(47_000));
-        assert_eq!(clock_resolution(&[5, 5]), None);
+    fn lattice_is_found_despite_equal_times_and_a_glitch() {
+        let mut gaps = Vec::new();
+        let times = [0, 0, 16_000, 48_000, 48_000, 64_000, 65_000, 112_000, 160_000, 176_000];
+        assert_eq!(lattice_step(&times, &mut gaps), 16_000);
+        assert_eq!(lattice_step(&[5, 5], &mut gaps), 0);
+    }
+
+    #[test]
+    fn fine_clock_and_fixed_hold_macro_are_not_a_lattice() {
+        let mut gaps = Vec::new();
+        // Downs jittered on a fine clock, each released 30 ms later.
+        let mut times: Vec<i64> = (0..40i64)
+            .flat_map(|i| {
+                let down = i * 100_000 + (i * i * 7_919) % 37_000;
+                [down, down + 30_000]
+            })
+            .collect();
+        times.sort_unstable();
+        assert_eq!(lattice_step(&times, &mut gaps), 0);
     }
 
     proptest! {

@@ -17,16 +17,19 @@ pub struct RuleConfig {
     pub min_intervals: usize,
     /// `interval_histogram` fires at this histogram score or above.
     pub histogram_threshold: f64,
-    /// `interval_regular` fires at this robust interval CV or below.
+    /// `interval_regular` fires at this robust interval CV or below ...
     pub interval_cv_threshold: f64,
-    /// `hold_constant` fires at this hold spread (ms) or below.
-    pub hold_spread_threshold_ms: f64,
+    /// ... unless one key has at least this share of the presses: one finger tapping one key
+    /// (deleting text, a skill key) is as regular as that in people, so it needs other evidence.
+    pub single_key_share: f64,
+    /// `hold_constant` fires when at least this share of holds lie within one 2 ms span.
+    pub hold_mode_threshold: f64,
     /// `hold_tiny` fires at this tiny-hold share or above.
     pub tiny_hold_threshold: f64,
     /// `sequence_loop` fires when both the key and the timing period shares reach this.
     pub loop_threshold: f64,
-    /// Hold rules need a clock at least this fine (ms): coarse clocks round holds to 0 or a
-    /// single step, which says nothing about the hand.
+    /// Hold rules need a clock at least this fine (ms), for timestamps and for hold values:
+    /// coarse clocks round holds to 0 or a single step, which says nothing about the hand.
     pub hold_rules_max_clock_ms: f64,
 }
 
@@ -36,7 +39,8 @@ impl Default for RuleConfig {
             min_intervals: 20,
             histogram_threshold: 0.6,
             interval_cv_threshold: 0.1,
-            hold_spread_threshold_ms: 1.0,
+            single_key_share: 0.5,
+            hold_mode_threshold: 0.9,
             tiny_hold_threshold: 0.8,
             loop_threshold: 0.85,
             hold_rules_max_clock_ms: 4.0,
@@ -142,10 +146,13 @@ pub fn evaluate(f: &WindowFeatures, cfg: &RuleConfig) -> TimingScore {
         out.score = out.score.max(sub);
     };
     consider(Rule::IntervalHistogram, ramp_above(f.histogram_score, cfg.histogram_threshold, 0.2));
-    consider(Rule::IntervalRegular, ramp_below(f.interval_cv, cfg.interval_cv_threshold, 0.05));
-    let fine_clock = f.clock_resolution_ms <= cfg.hold_rules_max_clock_ms;
+    if f.top_key_share < cfg.single_key_share {
+        consider(Rule::IntervalRegular, ramp_below(f.interval_cv, cfg.interval_cv_threshold, 0.05));
+    }
+    let fine_clock = f.clock_resolution_ms <= cfg.hold_rules_max_clock_ms
+        && f.hold_resolution_ms <= cfg.hold_rules_max_clock_ms;
     if fine_clock && f.known_holds >= cfg.min_intervals as f64 {
-        consider(Rule::HoldConstant, ramp_below(f.hold_spread_ms, cfg.hold_spread_threshold_ms, 1.0));
+        consider(Rule::HoldConstant, ramp_above(f.hold_mode_share, cfg.hold_mode_threshold, 0.1));
         consider(Rule::HoldTiny, ramp_above(f.tiny_hold_share, cfg.tiny_hold_threshold, 0.2));
     }
     consider(
@@ -174,8 +181,10 @@ mod tests {
             histogram_score: 0.2,
             interval_cv: 0.45,
             hold_spread_ms: 18.0,
+            hold_mode_share: 0.1,
             tiny_hold_share: 0.0,
             key_period_share: 0.2,
+            top_key_share: 0.15,
             timing_period_share: 0.1,
             clock_resolution_ms: 1.0,
             rhythm_intervals: 45.0,
@@ -197,7 +206,7 @@ mod tests {
         let cases: [(Rule, fn(&mut WindowFeatures)); 5] = [
             (Rule::IntervalHistogram, |f| f.histogram_score = 0.9),
             (Rule::IntervalRegular, |f| f.interval_cv = 0.02),
-            (Rule::HoldConstant, |f| f.hold_spread_ms = 0.0),
+            (Rule::HoldConstant, |f| f.hold_mode_share = 1.0),
             (Rule::HoldTiny, |f| f.tiny_hold_share = 1.0),
             (Rule::SequenceLoop, |f| {
                 f.key_period_share = 1.0;
@@ -226,10 +235,23 @@ mod tests {
     #[test]
     fn hold_rules_are_silent_on_coarse_clocks() {
         let mut f = human_like();
-        f.hold_spread_ms = 0.0;
+        f.hold_mode_share = 1.0;
         f.tiny_hold_share = 1.0;
         f.clock_resolution_ms = 47.0;
         assert!(evaluate(&f, &RuleConfig::default()).fired.is_empty());
+        f.clock_resolution_ms = 0.0;
+        f.hold_resolution_ms = 16.0;
+        assert!(evaluate(&f, &RuleConfig::default()).fired.is_empty(), "coarse key-up clock");
+    }
+
+    #[test]
+    fn regular_tapping_of_one_key_alone_does_not_fire() {
+        let mut f = human_like();
+        f.interval_cv = 0.05;
+        f.top_key_share = 0.9;
+        assert!(evaluate(&f, &RuleConfig::default()).fired.is_empty());
+        f.hold_mode_share = 1.0;
+        assert!(evaluate(&f, &RuleConfig::default()).fired.contains(Rule::HoldConstant));
     }
 
     #[test]

@@ -3,13 +3,26 @@
 //! A window is the last `size` key-downs (presses) with their hold times. It is scored once it
 //! holds `min_presses` presses and then every `hop` new presses. Auto-repeat is not a press:
 //! evdev marks it (`Repeat`), files do not, so a down of the same key that follows the previous
-//! down closely after a tiny hold is treated as a repeat too (browsers report held keys that way).
+//! down within `repeat_max_interval_ms` is treated as a repeat too, provided the run began the
+//! way a held key begins: the key's second down came after a typematic delay (150 ms to 2 s).
+//! Browsers report a held key as down/up pairs about 30 ms apart after that delay, and one
+//! finger cannot re-press a key that fast (people need about 100 ms); a macro hammering one key
+//! starts fast, without the delay, and stays presses. Held modifiers (Shift, Ctrl, ...) are the
+//! exception: browsers repeat them from the first down, so for `modifier_keys` any same-key
+//! down within the interval is a repeat. Same-key downs closer than `burst_max_interval_ms`
+//! (faster than any typematic rate) are never presses either: they are software-injected bursts
+//! (IMEs, paste helpers, the browser itself), seen in real human data. Marked sources (the agent, whose key ids are
+//! pseudonyms) set `infer_repeats = false`.
 
 use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
 use crate::event::{KeyAction, KeyEvent};
+
+/// Shortest and longest auto-repeat start delay operating systems offer.
+const TYPEMATIC_DELAY_MIN_US: i64 = 150_000;
+const TYPEMATIC_DELAY_MAX_US: i64 = 2_000_000;
 
 /// Hold time marker for a press whose key-up has not been seen.
 pub const HOLD_UNKNOWN: i32 = -1;
@@ -31,11 +44,16 @@ pub struct WindowConfig {
     pub idle_timeout_ms: u32,
     /// Infer auto-repeat in sources that do not mark it (files).
     pub infer_repeats: bool,
-    /// A same-key down at most this long after the previous down can be a repeat, milliseconds.
+    /// A same-key down at most this long after the previous down is a repeat, milliseconds.
     pub repeat_max_interval_ms: u32,
-    /// ... if the previous press was held at most this long, milliseconds.
-    pub repeat_max_hold_ms: u32,
+    /// A same-key down at most this long after the previous one is never a press, milliseconds.
+    pub burst_max_interval_ms: u32,
+    /// Key codes that repeat without a typematic delay in browser data (evdev modifiers).
+    pub modifier_keys: Vec<u32>,
 }
+
+/// evdev codes of Ctrl, Shift, Alt and Meta, left and right.
+pub const EVDEV_MODIFIERS: [u32; 8] = [29, 42, 54, 56, 97, 100, 125, 126];
 
 impl Default for WindowConfig {
     fn default() -> Self {
@@ -47,7 +65,8 @@ impl Default for WindowConfig {
             idle_timeout_ms: 10_000,
             infer_repeats: true,
             repeat_max_interval_ms: 60,
-            repeat_max_hold_ms: 5,
+            burst_max_interval_ms: 20,
+            modifier_keys: EVDEV_MODIFIERS.to_vec(),
         }
     }
 }
@@ -93,8 +112,8 @@ pub struct KeyWindow {
     scored_once: bool,
     /// The most recent down (key, time) of any kind, for repeat inference.
     last_down: Option<(u32, i64)>,
-    /// Hold of the most recent down, once released.
-    last_down_hold_us: Option<i32>,
+    /// Whether the most recent down may continue an auto-repeat run.
+    repeat_run: bool,
     /// Repeats seen in the presses currently in the window's span (for features).
     repeats: u32,
 }
@@ -112,14 +131,16 @@ impl KeyWindow {
                 Applied::Release
             }
             KeyAction::Down => {
-                if cfg.infer_repeats && self.is_inferred_repeat(cfg, event) {
-                    self.repeats = self.repeats.saturating_add(1);
+                if cfg.infer_repeats {
+                    let (repeat, run) = self.classify_same_key(cfg, event);
                     self.last_down = Some((event.key, event.time_us));
-                    self.last_down_hold_us = None;
-                    return Applied::Repeat;
+                    self.repeat_run = run;
+                    if repeat {
+                        self.repeats = self.repeats.saturating_add(1);
+                        return Applied::Repeat;
+                    }
                 }
                 self.last_down = Some((event.key, event.time_us));
-                self.last_down_hold_us = None;
                 if self.presses.len() == cfg.size {
                     self.presses.pop_front();
                 }
@@ -135,20 +156,25 @@ impl KeyWindow {
         }
     }
 
-    fn is_inferred_repeat(&self, cfg: &WindowConfig, event: KeyEvent) -> bool {
-        let Some((key, at)) = self.last_down else { return false };
-        let tiny_hold = self.last_down_hold_us.is_some_and(|h| h <= cfg.repeat_max_hold_ms as i32 * 1000);
-        key == event.key
-            && tiny_hold
-            && event.time_us.saturating_sub(at) <= i64::from(cfg.repeat_max_interval_ms) * 1000
+    /// (is this down a repeat, may the next same-key down be one).
+    fn classify_same_key(&self, cfg: &WindowConfig, event: KeyEvent) -> (bool, bool) {
+        let Some((key, at)) = self.last_down else { return (false, false) };
+        if key != event.key {
+            return (false, false);
+        }
+        let gap = event.time_us.saturating_sub(at);
+        if gap <= i64::from(cfg.repeat_max_interval_ms) * 1000 {
+            let run = self.repeat_run
+                || gap <= i64::from(cfg.burst_max_interval_ms) * 1000
+                || cfg.modifier_keys.contains(&key);
+            (run, run)
+        } else {
+            // A typematic delay: the key may now be auto-repeating.
+            (false, (TYPEMATIC_DELAY_MIN_US..=TYPEMATIC_DELAY_MAX_US).contains(&gap))
+        }
     }
 
     fn release(&mut self, event: KeyEvent) {
-        if let Some((key, at)) = self.last_down {
-            if key == event.key && self.last_down_hold_us.is_none() {
-                self.last_down_hold_us = Some(clamp_hold(event.time_us - at));
-            }
-        }
         // Keys roll over (the next down before this up), so look back a few presses.
         if let Some(p) = self.presses.iter_mut().rev().take(8).find(|p| p.key == event.key && p.hold_us == HOLD_UNKNOWN) {
             p.hold_us = clamp_hold(event.time_us - p.down_us);
@@ -192,7 +218,7 @@ impl KeyWindow {
         self.since_scored = 0;
         self.scored_once = false;
         self.last_down = None;
-        self.last_down_hold_us = None;
+        self.repeat_run = false;
         self.repeats = 0;
     }
 }
@@ -265,18 +291,59 @@ mod tests {
     fn browser_style_auto_repeat_is_not_a_press() {
         let c = cfg(50, 10, 30);
         let mut w = KeyWindow::default();
+        // Press, typematic delay, then a down/up pair every 30 ms.
         w.apply(&c, down(0, 14));
         w.apply(&c, up(1, 14));
+        assert_eq!(w.apply(&c, down(500, 14)), Applied::Press, "the delay's end is a press");
+        w.apply(&c, up(501, 14));
         for i in 1..20 {
-            assert_eq!(w.apply(&c, down(i * 30, 14)), Applied::Repeat, "repeat {i}");
-            w.apply(&c, up(i * 30 + 1, 14));
+            assert_eq!(w.apply(&c, down(500 + i * 30, 14)), Applied::Repeat, "repeat {i}");
+            w.apply(&c, up(500 + i * 30 + 1, 14));
         }
-        assert_eq!(w.len(), 1);
+        assert_eq!(w.len(), 2);
         assert_eq!(w.repeats(), 19);
-        // A real second press of the same key after a normal hold is a press.
-        w.apply(&c, down(1000, 14));
+        // Repeats reported with long holds (up just before the next down) are repeats too.
+        for i in 1..5 {
+            w.apply(&c, up(i * 30 + 1099, 14));
+            assert_eq!(w.apply(&c, down(i * 30 + 1100, 14)), Applied::Repeat);
+        }
+        // A real second press of the same key at human speed is a press.
         w.apply(&c, up(1090, 14));
         assert_eq!(w.apply(&c, down(1130, 14)), Applied::Press);
+    }
+
+    #[test]
+    fn hammering_one_key_without_a_typematic_delay_stays_presses() {
+        let c = cfg(50, 10, 30);
+        let mut w = KeyWindow::default();
+        for i in 0..40 {
+            let applied = w.apply(&c, down(i * 45, 57));
+            assert!(matches!(applied, Applied::Press | Applied::PressDue), "press {i}");
+            w.apply(&c, up(i * 45 + 2, 57));
+        }
+        assert_eq!(w.repeats(), 0);
+    }
+
+    #[test]
+    fn software_bursts_are_not_presses() {
+        let c = cfg(50, 10, 30);
+        let mut w = KeyWindow::default();
+        w.apply(&c, down(0, 106));
+        for i in 1..20 {
+            w.apply(&c, up(i * 2 - 1, 106));
+            assert_eq!(w.apply(&c, down(i * 2, 106)), Applied::Repeat);
+        }
+    }
+
+    #[test]
+    fn held_modifiers_repeat_without_a_delay() {
+        let c = cfg(50, 10, 30);
+        let mut w = KeyWindow::default();
+        assert_eq!(w.apply(&c, down(0, 29)), Applied::Press);
+        for i in 1..10 {
+            w.apply(&c, up(i * 30 - 1, 29));
+            assert_eq!(w.apply(&c, down(i * 30, 29)), Applied::Repeat);
+        }
     }
 
     #[test]
