@@ -341,7 +341,7 @@ mod tests {
     fn varied_typing_is_not() {
         let intervals: Vec<i64> = (0..49).map(|i| 90 + (i * 37) % 180).collect();
         let holds: Vec<i64> = (0..50).map(|i| 60 + (i * 13) % 70).collect();
-        let keys: Vec<u32> = (0..50).map(|i| 16 + (i * 7) % 26).collect();
+        let keys: Vec<u32> = "the quick brown fox jumps over a lazy dog at night".bytes().map(u32::from).collect();
         let f = feats(&presses(&intervals, &holds, &keys));
         assert!(f.histogram_score < 0.2, "{f:?}");
         assert!(f.interval_cv > 0.3, "{f:?}");

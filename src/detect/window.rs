@@ -303,13 +303,13 @@ mod tests {
         assert_eq!(w.len(), 2);
         assert_eq!(w.repeats(), 19);
         // Repeats reported with long holds (up just before the next down) are repeats too.
-        for i in 1..5 {
-            w.apply(&c, up(i * 30 + 1099, 14));
-            assert_eq!(w.apply(&c, down(i * 30 + 1100, 14)), Applied::Repeat);
+        for i in 0..4 {
+            w.apply(&c, up(1099 + i * 30, 14));
+            assert_eq!(w.apply(&c, down(1100 + i * 30, 14)), Applied::Repeat);
         }
         // A real second press of the same key at human speed is a press.
-        w.apply(&c, up(1090, 14));
-        assert_eq!(w.apply(&c, down(1130, 14)), Applied::Press);
+        w.apply(&c, up(1200, 14));
+        assert_eq!(w.apply(&c, down(1320, 14)), Applied::Press);
     }
 
     #[test]
