@@ -209,6 +209,38 @@ fn parse_row(r: &csv::ByteRecord) -> Result<KeylogRecord, RowProblem> {
     })
 }
 
+/// One user's events, in file order.
+pub type UserEvents = (String, Vec<KeyEvent>);
+
+/// Groups rows by user in order of first appearance, keeping users `keep` accepts, and stops
+/// reading once `max_users` users are complete (files sorted by user read only what they need).
+/// Any bad row is an error: recordings feed training and simulation, which need clean input.
+pub fn group_by_user(
+    rows: impl Iterator<Item = Result<KeylogRecord, KeylogError>>,
+    mut keep: impl FnMut(&str) -> bool,
+    max_users: Option<usize>,
+) -> Result<Vec<UserEvents>, KeylogError> {
+    let mut users: Vec<UserEvents> = Vec::new();
+    let mut index = std::collections::HashMap::new();
+    for row in rows {
+        let row = row?;
+        if let Some(&i) = index.get(&row.user_id) {
+            let (_, events): &mut UserEvents = &mut users[i];
+            events.push(row.event);
+            continue;
+        }
+        if !keep(&row.user_id) {
+            continue;
+        }
+        if max_users.is_some_and(|m| users.len() >= m) {
+            break;
+        }
+        index.insert(row.user_id.clone(), users.len());
+        users.push((row.user_id, vec![row.event]));
+    }
+    Ok(users)
+}
+
 /// Writes keylog rows, header first.
 pub struct KeylogWriter<W: Write> {
     out: W,
@@ -326,6 +358,17 @@ mod tests {
         let back: Vec<KeyEvent> =
             KeylogReader::from_reader(io::Cursor::new(bytes)).unwrap().map(|r| r.unwrap().event).collect();
         assert_eq!(back, events);
+    }
+
+    #[test]
+    fn grouping_keeps_order_filters_and_stops_early() {
+        let text = format!(
+            "{HEAD}a,s,1,30,down\na,s,2,30,up\nb,s,1,31,down\nc,s,5,32,down\nc,s,6,32,up\nd,s,1,1,down\n"
+        );
+        let rows = KeylogReader::from_reader(io::Cursor::new(text.into_bytes())).unwrap();
+        let users = group_by_user(rows, |u| u != "b", Some(2)).unwrap();
+        let summary: Vec<(&str, usize)> = users.iter().map(|(u, e)| (u.as_str(), e.len())).collect();
+        assert_eq!(summary, vec![("a", 2), ("c", 2)]);
     }
 
     proptest! {

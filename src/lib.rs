@@ -17,6 +17,7 @@
 //! - [`macrogen`]: synthetic macro traffic, the positive class nobody publishes.
 //! - [`config`]: embedded defaults, overridden by a file and `METRONOME_*` variables.
 //! - [`score`]: offline scoring of a keylog file, JSON lines out.
+//! - [`simulate`]: replayed humans plus macro users, with ground truth.
 //! - [`proto`]: the Protobuf wire format (`proto/`).
 
 pub mod config;
@@ -26,3 +27,4 @@ pub mod keylog;
 pub mod macrogen;
 pub mod proto;
 pub mod score;
+pub mod simulate;

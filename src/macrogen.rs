@@ -24,6 +24,7 @@ use crate::event::{KeyAction, KeyEvent};
 /// A macro family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
 pub enum MacroFamily {
     /// Constant interval.
     Fixed,
@@ -65,6 +66,12 @@ impl MacroFamily {
     /// Whether the family needs a human recording.
     pub fn needs_human(self) -> bool {
         matches!(self, MacroFamily::HumanReplay | MacroFamily::HumanSampled)
+    }
+}
+
+impl std::fmt::Display for MacroFamily {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 

@@ -295,3 +295,131 @@ fn score_window(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::KeyAction;
+    use crate::macrogen::{self, HoldModel, MacroFamily, MacroSpec};
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    fn fixed_macro(presses: usize, start_us: i64) -> Vec<KeyEvent> {
+        let spec = MacroSpec {
+            family: MacroFamily::Fixed,
+            interval_ms: 100.0,
+            jitter_ms: 0.0,
+            tick_ms: 10.0,
+            hold: HoldModel::Fixed(30.0),
+            keys: vec![2, 3, 4],
+        };
+        macrogen::generate(&spec, &[], start_us, presses, &mut ChaCha8Rng::seed_from_u64(1))
+    }
+
+    fn run(detector: &mut Detector, state: &mut UserState, events: &[KeyEvent]) -> Vec<Output> {
+        let mut out = Vec::new();
+        for e in events {
+            detector.on_event("u1", state, *e, &mut out);
+        }
+        out
+    }
+
+    fn alerts(out: &[Output]) -> Vec<&AlertReport> {
+        out.iter().filter_map(|o| if let Output::Alert(a) = o { Some(a) } else { None }).collect()
+    }
+
+    #[test]
+    fn fixed_macro_raises_exactly_one_alert_with_reasons() {
+        let mut d = Detector::new(DetectorConfig::default()).unwrap();
+        let out = run(&mut d, &mut UserState::default(), &fixed_macro(200, 0));
+        let a = alerts(&out);
+        assert_eq!(a.len(), 1);
+        assert!(a[0].reasons.contains(Rule::IntervalHistogram));
+        assert!(a[0].reasons.contains(Rule::HoldConstant));
+        assert_eq!(a[0].window.score, 1.0);
+    }
+
+    #[test]
+    fn alert_ids_are_deterministic_and_depend_on_user_window_and_version() {
+        let id = alert_id("u1", 1, 2, "v1");
+        assert_eq!(id, alert_id("u1", 1, 2, "v1"));
+        assert_ne!(id, alert_id("u2", 1, 2, "v1"));
+        assert_ne!(id, alert_id("u1", 1, 3, "v1"));
+        assert_ne!(id, alert_id("u1", 1, 2, "v2"));
+        let mut d = Detector::new(DetectorConfig::default()).unwrap();
+        let first = run(&mut d, &mut UserState::default(), &fixed_macro(120, 0));
+        let again = run(&mut d, &mut UserState::default(), &fixed_macro(120, 0));
+        assert_eq!(alerts(&first)[0].alert_id, alerts(&again)[0].alert_id);
+    }
+
+    /// The stream keeps `UserState` in a store between batches: stopping anywhere, serializing
+    /// and resuming must give exactly the outputs of an uninterrupted run.
+    #[test]
+    fn state_round_trips_mid_stream_without_changing_outputs() {
+        let events = fixed_macro(150, 0);
+        let mut d = Detector::new(DetectorConfig::default()).unwrap();
+        let straight = run(&mut d, &mut UserState::default(), &events);
+        for cut in [1, 37, 101, 299] {
+            let mut state = UserState::default();
+            let mut resumed = run(&mut d, &mut state, &events[..cut]);
+            let bytes = serde_json::to_vec(&state).unwrap();
+            let mut restored: UserState = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(restored, state);
+            resumed.extend(run(&mut d, &mut restored, &events[cut..]));
+            assert_eq!(resumed, straight, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn idle_gap_scores_the_partial_window_and_starts_afresh() {
+        let cfg = DetectorConfig::default();
+        let mut d = Detector::new(cfg.clone()).unwrap();
+        let mut state = UserState::default();
+        // 35 presses: one hop-scored window at 30, five unscored presses left.
+        let mut out = run(&mut d, &mut state, &fixed_macro(35, 0));
+        let scored = |o: &[Output]| o.iter().filter(|o| matches!(o, Output::Window(_))).count();
+        assert_eq!(scored(&out), 1);
+        // The next event comes after the idle timeout: the partial window is scored first.
+        let later = i64::from(cfg.window.idle_timeout_ms) * 1000 + 10_000_000;
+        out.clear();
+        d.on_event("u1", &mut state, KeyEvent::new(later, 9, KeyAction::Down), &mut out);
+        let partial: Vec<&WindowReport> =
+            out.iter().filter_map(|o| if let Output::Window(w) = o { Some(w) } else { None }).collect();
+        assert_eq!(partial.len(), 1);
+        assert!(partial[0].partial);
+        assert_eq!(partial[0].features.presses, 35.0);
+    }
+
+    #[test]
+    fn wall_clock_idle_check_uses_the_newest_event() {
+        let mut d = Detector::new(DetectorConfig::default()).unwrap();
+        let mut state = UserState::default();
+        assert!(!d.is_idle(&state, 0), "a user never seen is not idle");
+        d.on_event("u1", &mut state, KeyEvent::new(1_000_000, 1, KeyAction::Down), &mut Vec::new());
+        assert!(!d.is_idle(&state, 5_000_000));
+        assert!(d.is_idle(&state, 11_000_000));
+    }
+
+    #[test]
+    fn late_events_are_counted_not_scored() {
+        let mut d = Detector::new(DetectorConfig::default()).unwrap();
+        let mut state = UserState::default();
+        let mut events = fixed_macro(20, 10_000_000);
+        events.push(KeyEvent::new(1_000_000, 5, KeyAction::Down));
+        run(&mut d, &mut state, &events);
+        assert_eq!(state.late_events(), 1);
+    }
+
+    #[test]
+    fn invalid_configurations_are_refused() {
+        let mut cfg = DetectorConfig::default();
+        cfg.window.hop = 0;
+        assert!(Detector::new(cfg).is_err());
+        let mut cfg = DetectorConfig::default();
+        cfg.policy.confirm_k = 5;
+        assert!(Detector::new(cfg).is_err());
+        let mut cfg = DetectorConfig::default();
+        cfg.window.min_presses = 80;
+        assert!(Detector::new(cfg).is_err());
+    }
+}

@@ -1,0 +1,184 @@
+//! The `metronome` binary end to end: simulate a keylog, score it, and bad input of every kind.
+
+mod common;
+
+use std::path::Path;
+
+use assert_cmd::Command;
+use predicates::prelude::*;
+use serde_json::Value;
+
+fn metronome() -> Command {
+    let mut cmd = Command::cargo_bin("metronome").unwrap();
+    // Only what the test sets: no stray METRONOME_* from the caller's shell.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("METRONOME_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
+fn simulate(dir: &Path, extra: &[&str]) -> std::path::PathBuf {
+    let out = dir.join("sim.csv");
+    let humans = common::shared_data("aalto-a-train.csv.gz");
+    metronome()
+        .args(["simulate", "--users", "24", "--macro-share", "0.25", "--seed", "5"])
+        .arg("--humans")
+        .arg(&humans)
+        .arg("--output")
+        .arg(&out)
+        .args(extra)
+        .assert()
+        .success()
+        .stdout("")
+        .stderr(predicate::str::contains("wrote").and(predicate::str::contains("24 users")));
+    out
+}
+
+fn json_lines(stdout: &[u8]) -> Vec<Value> {
+    std::str::from_utf8(stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("stdout line is not JSON ({e}): {l}")))
+        .collect()
+}
+
+#[test]
+fn score_flags_the_macro_users_and_only_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = simulate(dir.path(), &["--mixed"]);
+    let out = metronome().args(["score", "--input"]).arg(&sim).assert().success();
+    let out = out.get_output();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("6 alerts"), "summary on stderr");
+    let records = json_lines(&out.stdout);
+    let alerted: std::collections::BTreeSet<&str> = records
+        .iter()
+        .filter(|r| r["kind"] == "alert")
+        .map(|r| r["user_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(alerted.len(), 6, "{alerted:?}");
+    assert!(alerted.iter().all(|u| u.starts_with("macro-")), "{alerted:?}");
+
+    // The stable fields other tools read.
+    let window = records.iter().find(|r| r["kind"] == "window").unwrap();
+    for field in ["user_id", "event_time_us", "score", "histogram_score", "features", "fired"] {
+        assert!(!window[field].is_null(), "window lacks {field}");
+    }
+    let score = window["score"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&score));
+    let alert = records.iter().find(|r| r["kind"] == "alert").unwrap();
+    for field in ["user_id", "event_time_us", "alert_id", "reasons", "score", "histogram_score", "model_version"] {
+        assert!(!alert[field].is_null(), "alert lacks {field}");
+    }
+    assert!(!alert["reasons"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn scoring_is_deterministic() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = simulate(dir.path(), &[]);
+    let run = || metronome().args(["score", "--alerts-only", "--input"]).arg(&sim).output().unwrap().stdout;
+    let first = run();
+    assert!(!first.is_empty());
+    assert_eq!(first, run(), "same input, same alerts and alert ids");
+}
+
+#[test]
+fn config_file_and_environment_change_the_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = simulate(dir.path(), &[]);
+    let cfg = dir.path().join("small.toml");
+    std::fs::write(&cfg, "[detector.window]\nsize = 20\nmin_presses = 20\nhop = 5\n").unwrap();
+    let out = metronome().args(["score", "--input"]).arg(&sim).arg("--config").arg(&cfg).output().unwrap();
+    assert!(out.status.success());
+    let max_presses = json_lines(&out.stdout)
+        .iter()
+        .filter(|r| r["kind"] == "window")
+        .map(|r| r["features"]["presses"].as_f64().unwrap())
+        .fold(0.0, f64::max);
+    assert_eq!(max_presses, 20.0);
+
+    let out = metronome()
+        .args(["score", "--input"])
+        .arg(&sim)
+        .arg("--config")
+        .arg(&cfg)
+        .env("METRONOME_DETECTOR__WINDOW__SIZE", "25")
+        .output()
+        .unwrap();
+    let max_presses = json_lines(&out.stdout)
+        .iter()
+        .filter(|r| r["kind"] == "window")
+        .map(|r| r["features"]["presses"].as_f64().unwrap())
+        .fold(0.0, f64::max);
+    assert_eq!(max_presses, 25.0, "environment overrides the file");
+}
+
+#[test]
+fn bad_rows_stop_the_run_or_are_skipped_by_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.csv");
+    let mut text = String::from("user_id,session_id,event_time_us,key_code,action\n");
+    for i in 0..40 {
+        text.push_str(&format!("u1,s,{},30,down\nu1,s,{},30,up\n", 1_000_000 + i * 150_000, 1_030_000 + i * 150_000));
+    }
+    text.push_str("u1,s,99999999,31337,down\n");
+    text.push_str("u1,s,notatime,30,down\n");
+    std::fs::write(&path, text).unwrap();
+
+    let out = metronome().args(["score", "--input"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.trim(), "metronome: line 82: key_code is not an integer between 0 and 767");
+    assert!(!stderr.contains("31337") && !stderr.contains("99999999"), "no row content in errors");
+
+    let out = metronome().args(["score", "--skip-bad-rows", "--input"]).arg(&path).output().unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("skipped line 82") && stderr.contains("skipped line 83"), "{stderr}");
+    assert!(stderr.contains("2 bad rows"), "{stderr}");
+    assert!(!json_lines(&out.stdout).is_empty(), "the good rows were scored");
+}
+
+#[test]
+fn bad_command_lines_get_one_line_and_a_non_zero_exit() {
+    let cases: [(&[&str], i32, &str); 4] = [
+        (&["score"], 2, "--input"),
+        (&["frobnicate"], 2, "frobnicate"),
+        (&["score", "--input", "/nonexistent/keys.csv"], 1, "cannot open keylog"),
+        (&["simulate", "--output", "/tmp/x.csv", "--families", "bogus"], 2, "bogus"),
+    ];
+    for (args, code, needle) in cases {
+        let out = metronome().args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(code), "{args:?}");
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+    let out = metronome()
+        .args(["score", "--input", "/dev/null"])
+        .env("METRONOME_DETECTOR__POLICY__CONFIRM_K", "99")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("confirm_k"), "{stderr}");
+}
+
+#[test]
+fn score_reads_gzip_from_stdin() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = simulate(dir.path(), &[]);
+    let plain = metronome().args(["score", "--alerts-only", "--input"]).arg(&sim).output().unwrap().stdout;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &std::fs::read(&sim).unwrap()).unwrap();
+    let piped = metronome()
+        .args(["score", "--alerts-only", "--input", "-"])
+        .write_stdin(gz.finish().unwrap())
+        .output()
+        .unwrap()
+        .stdout;
+    assert_eq!(plain, piped);
+}

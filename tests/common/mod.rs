@@ -1,0 +1,17 @@
+//! Helpers shared by the integration tests.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// `../shared/data/NAME`, the real human typing data. Fails loudly when it is missing: these
+/// tests exist to check behaviour on real data, and CI always has it.
+pub fn shared_data(name: &str) -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data").join(name);
+    assert!(
+        path.is_file(),
+        "real typing data not found at {}: clone the project beside its shared/ folder (see README, 'Data')",
+        path.display()
+    );
+    path
+}

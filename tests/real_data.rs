@@ -1,0 +1,82 @@
+//! The detection core on real human typing (the negative class) and on generated macros.
+
+mod common;
+
+use metronome::detect::{Detector, DetectorConfig, Output, UserState};
+use metronome::event::KeyEvent;
+use metronome::keylog::{self, KeylogReader, UserEvents};
+use metronome::macrogen::{self, MacroFamily, MacroSpec};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+fn load(name: &str, users: usize) -> Vec<UserEvents> {
+    let reader = KeylogReader::open(&common::shared_data(name)).expect("open keylog");
+    keylog::group_by_user(reader, |_| true, Some(users)).expect("clean keylog")
+}
+
+/// Alerts raised for one user's events, windows closed at the end as `score` does.
+fn alerts_for(detector: &mut Detector, user: &str, events: &[KeyEvent]) -> usize {
+    let mut state = UserState::default();
+    let mut out = Vec::new();
+    for e in events {
+        detector.on_event(user, &mut state, *e, &mut out);
+    }
+    detector.close_window(user, &mut state, &mut out);
+    out.iter().filter(|o| matches!(o, Output::Alert(_))).count()
+}
+
+#[test]
+fn no_real_human_is_flagged() {
+    let mut detector = Detector::new(DetectorConfig::default()).unwrap();
+    // Both subsets: A is typical, B has the fast typists and the clock anomalies.
+    let mut humans = load("aalto-a-train.csv.gz", 300);
+    humans.extend(load("aalto-b-train.csv.gz", 300));
+    assert_eq!(humans.len(), 600);
+    let flagged: Vec<&str> = humans
+        .iter()
+        .filter(|(user, events)| alerts_for(&mut detector, user, events) > 0)
+        .map(|(user, _)| user.as_str())
+        .collect();
+    assert!(flagged.is_empty(), "humans flagged: {flagged:?}");
+}
+
+#[test]
+fn fixed_os_tick_and_jittered_macros_are_caught() {
+    let mut detector = Detector::new(DetectorConfig::default()).unwrap();
+    let recordings = load("aalto-a-train.csv.gz", 40);
+    let mut rng = ChaCha8Rng::seed_from_u64(2026);
+    for family in [MacroFamily::Fixed, MacroFamily::OsTick, MacroFamily::UniformJitter, MacroFamily::GaussianJitter] {
+        let mut missed = 0;
+        for (i, (_, human)) in recordings.iter().enumerate() {
+            let spec = MacroSpec::random(family, &mut rng);
+            let presses = macrogen::recorded_presses(human);
+            let events = macrogen::generate(&spec, &presses, 1_700_000_000_000_000 + i as i64, 150, &mut rng);
+            if alerts_for(&mut detector, "m", &events) != 1 {
+                missed += 1;
+            }
+        }
+        assert_eq!(missed, 0, "{family:?}: {missed} of {} macro users not alerted exactly once", recordings.len());
+    }
+}
+
+#[test]
+fn a_macro_switched_on_mid_session_is_caught_after_its_onset_only() {
+    let mut detector = Detector::new(DetectorConfig::default()).unwrap();
+    let recordings = load("aalto-a-train.csv.gz", 30);
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    for (_, human) in &recordings {
+        let spec = MacroSpec::random(MacroFamily::GaussianJitter, &mut rng);
+        let (events, onset_us) = macrogen::human_then_macro(human, 80, &spec, 150, &mut rng);
+        let mut state = UserState::default();
+        let mut out = Vec::new();
+        for e in &events {
+            detector.on_event("mixed", &mut state, *e, &mut out);
+        }
+        let alert_times: Vec<i64> = out
+            .iter()
+            .filter_map(|o| if let Output::Alert(a) = o { Some(a.window.window_end_us) } else { None })
+            .collect();
+        assert_eq!(alert_times.len(), 1, "one alert");
+        assert!(alert_times[0] >= onset_us, "no alert before the macro started");
+    }
+}
