@@ -31,7 +31,11 @@ enum Split {
 fn split_of(user: &str) -> Split {
     // FNV-1a: stable across runs and platforms, unlike std's hasher.
     let h = user.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
-    if h % 2 == 0 { Split::Tuning } else { Split::Validation }
+    if h % 2 == 0 {
+        Split::Tuning
+    } else {
+        Split::Validation
+    }
 }
 
 struct Outcome {
@@ -63,7 +67,8 @@ fn run_user(detector: &mut Detector, user: &str, events: &[KeyEvent]) -> Outcome
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let (mut split, mut per_family, mut seed, mut config, mut files) = (Split::Validation, 300usize, 42u64, None, Vec::new());
+    let (mut split, mut per_family, mut seed, mut config, mut files) =
+        (Split::Validation, 300usize, 42u64, None, Vec::new());
     while let Some(a) = args.next() {
         match a.as_str() {
             "--split" => {
@@ -81,7 +86,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     if files.is_empty() {
-        files = ["aalto-a-train.csv.gz", "aalto-b-train.csv.gz"].iter().map(|f| PathBuf::from("../shared/data").join(f)).collect();
+        files = ["aalto-a-train.csv.gz", "aalto-b-train.csv.gz"]
+            .iter()
+            .map(|f| PathBuf::from("../shared/data").join(f))
+            .collect();
     }
     let cfg = Config::load(config.as_deref())?;
     let mut detector = Detector::new(cfg.detector)?;
@@ -116,8 +124,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     max_scores.sort_by(f64::total_cmp);
     let q = |p: f64| max_scores[((max_scores.len() - 1) as f64 * p) as usize];
     println!("## Humans ({} users, {} presses, {} windows)\n", humans.len(), presses, windows);
-    println!("- flagged: {} of {} ({:.3} %)", flagged.len(), humans.len(), 100.0 * flagged.len() as f64 / humans.len().max(1) as f64);
-    println!("- per-user max window score: median {:.3}, p99 {:.3}, p99.9 {:.3}, max {:.3}", q(0.5), q(0.99), q(0.999), q(1.0));
+    println!(
+        "- flagged: {} of {} ({:.3} %)",
+        flagged.len(),
+        humans.len(),
+        100.0 * flagged.len() as f64 / humans.len().max(1) as f64
+    );
+    println!(
+        "- per-user max window score: median {:.3}, p99 {:.3}, p99.9 {:.3}, max {:.3}",
+        q(0.5),
+        q(0.99),
+        q(0.999),
+        q(1.0)
+    );
     println!("- rules behind flags: {rule_counts:?}");
     for (u, r) in flagged.iter().take(15) {
         eprintln!("flagged human {u}: {r:?}");
@@ -157,7 +176,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             delays.sort_unstable();
             let median = delays.get(delays.len() / 2).map_or("-".to_owned(), |d| d.to_string());
-            println!("| {} | {caught}/{per_family} | {:.1} % | {median} |", family.name(), 100.0 * caught as f64 / per_family as f64);
+            println!(
+                "| {} | {caught}/{per_family} | {:.1} % | {median} |",
+                family.name(),
+                100.0 * caught as f64 / per_family as f64
+            );
         }
     }
 
@@ -176,7 +199,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         if let Some((at, _)) = o.alerts.iter().find(|(at, _)| *at >= onset_us) {
             caught += 1;
-            delays.push(events.iter().filter(|e| e.action == KeyAction::Down && e.time_us >= onset_us && e.time_us <= *at).count());
+            delays.push(
+                events
+                    .iter()
+                    .filter(|e| e.action == KeyAction::Down && e.time_us >= onset_us && e.time_us <= *at)
+                    .count(),
+            );
         }
     }
     delays.sort_unstable();

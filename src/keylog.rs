@@ -120,11 +120,8 @@ impl KeylogReader {
     pub fn from_reader(inner: impl Read + Send + 'static) -> io::Result<Self> {
         let mut buffered = BufReader::with_capacity(1 << 16, inner);
         let gzip = buffered.fill_buf()?.starts_with(&[0x1f, 0x8b]);
-        let source: Box<dyn Read + Send> = if gzip {
-            Box::new(flate2::bufread::MultiGzDecoder::new(buffered))
-        } else {
-            Box::new(buffered)
-        };
+        let source: Box<dyn Read + Send> =
+            if gzip { Box::new(flate2::bufread::MultiGzDecoder::new(buffered)) } else { Box::new(buffered) };
         let csv = csv::ReaderBuilder::new().has_headers(false).flexible(true).from_reader(source);
         Ok(Self { csv, record: csv::ByteRecord::new(), header_checked: false, done: false })
     }
@@ -362,9 +359,8 @@ mod tests {
 
     #[test]
     fn grouping_keeps_order_filters_and_stops_early() {
-        let text = format!(
-            "{HEAD}a,s,1,30,down\na,s,2,30,up\nb,s,1,31,down\nc,s,5,32,down\nc,s,6,32,up\nd,s,1,1,down\n"
-        );
+        let text =
+            format!("{HEAD}a,s,1,30,down\na,s,2,30,up\nb,s,1,31,down\nc,s,5,32,down\nc,s,6,32,up\nd,s,1,1,down\n");
         let rows = KeylogReader::from_reader(io::Cursor::new(text.into_bytes())).unwrap();
         let users = group_by_user(rows, |u| u != "b", Some(2)).unwrap();
         let summary: Vec<(&str, usize)> = users.iter().map(|(u, e)| (u.as_str(), e.len())).collect();

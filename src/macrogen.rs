@@ -298,7 +298,13 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     fn human() -> Vec<RecordedPress> {
-        (0..60).map(|i| RecordedPress { down_us: i * 170_000 + (i * i * 997) % 60_000, key: 16 + (i as u32 * 5) % 26, hold_us: 70_000 + (i * 3_001) % 40_000 }).collect()
+        (0..60)
+            .map(|i| RecordedPress {
+                down_us: i * 170_000 + (i * i * 997) % 60_000,
+                key: 16 + (i as u32 * 5) % 26,
+                hold_us: 70_000 + (i * 3_001) % 40_000,
+            })
+            .collect()
     }
 
     #[test]
@@ -330,7 +336,14 @@ mod tests {
 
     #[test]
     fn fixed_macro_has_one_interval() {
-        let spec = MacroSpec { family: MacroFamily::Fixed, interval_ms: 80.0, jitter_ms: 0.0, tick_ms: 10.0, hold: HoldModel::Fixed(20.0), keys: vec![2, 3] };
+        let spec = MacroSpec {
+            family: MacroFamily::Fixed,
+            interval_ms: 80.0,
+            jitter_ms: 0.0,
+            tick_ms: 10.0,
+            hold: HoldModel::Fixed(20.0),
+            keys: vec![2, 3],
+        };
         let events = generate(&spec, &[], 0, 10, &mut ChaCha8Rng::seed_from_u64(1));
         let downs: Vec<i64> = events.iter().filter(|e| e.action == KeyAction::Down).map(|e| e.time_us).collect();
         assert!(downs.windows(2).all(|w| w[1] - w[0] == 80_000));
@@ -338,7 +351,14 @@ mod tests {
 
     #[test]
     fn os_tick_intervals_are_tick_multiples() {
-        let spec = MacroSpec { family: MacroFamily::OsTick, interval_ms: 50.0, jitter_ms: 0.0, tick_ms: 15.625, hold: HoldModel::Tiny, keys: vec![2] };
+        let spec = MacroSpec {
+            family: MacroFamily::OsTick,
+            interval_ms: 50.0,
+            jitter_ms: 0.0,
+            tick_ms: 15.625,
+            hold: HoldModel::Tiny,
+            keys: vec![2],
+        };
         let events = generate(&spec, &[], 0, 200, &mut ChaCha8Rng::seed_from_u64(2));
         let downs: Vec<i64> = events.iter().filter(|e| e.action == KeyAction::Down).map(|e| e.time_us).collect();
         for w in downs.windows(2) {
@@ -360,7 +380,12 @@ mod tests {
     fn mixed_session_switches_at_the_onset() {
         let human_events: Vec<KeyEvent> = human()
             .iter()
-            .flat_map(|p| [KeyEvent::new(p.down_us, p.key, KeyAction::Down), KeyEvent::new(p.down_us + p.hold_us, p.key, KeyAction::Up)])
+            .flat_map(|p| {
+                [
+                    KeyEvent::new(p.down_us, p.key, KeyAction::Down),
+                    KeyEvent::new(p.down_us + p.hold_us, p.key, KeyAction::Up),
+                ]
+            })
             .collect();
         let mut sorted = human_events.clone();
         sorted.sort_by_key(|e| e.time_us);

@@ -167,8 +167,14 @@ mod tests {
     #[test]
     fn bad_plans_are_refused() {
         assert_eq!(simulate(&plan(), &[recording(5)]), Err(PlanError::NoRecordings));
-        assert_eq!(simulate(&SimulationPlan { macro_share: 1.5, ..plan() }, &[recording(50)]), Err(PlanError::BadShare));
-        assert_eq!(simulate(&SimulationPlan { families: vec![], ..plan() }, &[recording(50)]), Err(PlanError::NoFamilies));
+        assert_eq!(
+            simulate(&SimulationPlan { macro_share: 1.5, ..plan() }, &[recording(50)]),
+            Err(PlanError::BadShare)
+        );
+        assert_eq!(
+            simulate(&SimulationPlan { families: vec![], ..plan() }, &[recording(50)]),
+            Err(PlanError::NoFamilies)
+        );
     }
 
     #[test]

@@ -52,11 +52,8 @@ fn score_flags_the_macro_users_and_only_them() {
     let out = out.get_output();
     assert!(String::from_utf8_lossy(&out.stderr).contains("6 alerts"), "summary on stderr");
     let records = json_lines(&out.stdout);
-    let alerted: std::collections::BTreeSet<&str> = records
-        .iter()
-        .filter(|r| r["kind"] == "alert")
-        .map(|r| r["user_id"].as_str().unwrap())
-        .collect();
+    let alerted: std::collections::BTreeSet<&str> =
+        records.iter().filter(|r| r["kind"] == "alert").map(|r| r["user_id"].as_str().unwrap()).collect();
     assert_eq!(alerted.len(), 6, "{alerted:?}");
     assert!(alerted.iter().all(|u| u.starts_with("macro-")), "{alerted:?}");
 

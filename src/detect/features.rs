@@ -9,7 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::histogram::{densest_span, lattice_step};
+use super::histogram::{densest_span, lattice_step, lattice_step_sorted};
 use super::window::Press;
 
 /// Feature extraction settings.
@@ -38,10 +38,11 @@ impl Default for FeatureConfig {
 /// Reusable buffers so scoring a window allocates nothing.
 #[derive(Debug, Default)]
 pub struct Scratch {
-    intervals: Vec<i64>,
-    times: Vec<i64>,
-    holds: Vec<i64>,
+    intervals: Vec<i32>,
+    holds: Vec<i32>,
+    gaps: Vec<i64>,
     keys: Vec<u32>,
+    key_counts: Vec<(u32, u32)>,
 }
 
 /// The features of one window.
@@ -61,8 +62,8 @@ pub struct WindowFeatures {
     pub hold_median_ms: f64,
     /// Robust spread of holds (1.4826 MAD), milliseconds.
     pub hold_spread_ms: f64,
-    /// Step of the coarse clock the hold values sit on, milliseconds; 0 on a fine clock or when
-    /// all holds are equal. Some clocks quantise key-ups more coarsely than key-downs.
+    /// Step of the coarse lattice the gaps between hold values sit on, milliseconds; 0 on a fine
+    /// clock or when all holds are equal. Catches clocks that quantise holds but not intervals.
     pub hold_resolution_ms: f64,
     /// Share of holds within the fullest 2 ms span: 1 when every key is held alike.
     pub hold_mode_share: f64,
@@ -158,18 +159,6 @@ pub fn extract(presses: &[Press], repeats: u32, cfg: &FeatureConfig, scratch: &m
     }
     let pause_us = (cfg.pause_ms * US_PER_MS) as i64;
 
-    // Clock resolution from every timestamp the window saw (downs and ups).
-    scratch.times.clear();
-    for p in presses {
-        scratch.times.push(p.down_us);
-        if let Some(h) = p.hold() {
-            scratch.times.push(p.down_us + i64::from(h));
-        }
-    }
-    scratch.times.sort_unstable();
-    let clock_us = lattice_step(&scratch.times, &mut scratch.holds);
-    f.clock_resolution_ms = clock_us as f64 / US_PER_MS;
-
     // Intervals, pauses, rollover.
     scratch.intervals.clear();
     let (mut pauses, mut rollovers, mut rollover_known) = (0usize, 0usize, 0usize);
@@ -178,7 +167,8 @@ pub fn extract(presses: &[Press], repeats: u32, cfg: &FeatureConfig, scratch: &m
         if interval > pause_us {
             pauses += 1;
         } else {
-            scratch.intervals.push(interval);
+            // Sorted as i32 (half the bytes of i64); rhythm intervals are far below 35 minutes.
+            scratch.intervals.push(interval.clamp(0, i64::from(i32::MAX)) as i32);
         }
         if let Some(h) = pair[0].hold() {
             rollover_known += 1;
@@ -190,52 +180,47 @@ pub fn extract(presses: &[Press], repeats: u32, cfg: &FeatureConfig, scratch: &m
     f.pause_share = pauses as f64 / (presses.len() - 1) as f64;
     f.rollover_share = ratio(rollovers, rollover_known);
     f.rhythm_intervals = scratch.intervals.len() as f64;
+    scratch.intervals.sort_unstable();
+    scratch.holds.clear();
+    scratch.holds.extend(presses.iter().filter_map(Press::hold));
+    scratch.holds.sort_unstable();
+    f.known_holds = scratch.holds.len() as f64;
+
+    // The clock: every interval and hold is a difference of two of its timestamps.
+    let clock_us = lattice_step_sorted(&[&scratch.intervals[..], &scratch.holds[..]]);
+    f.clock_resolution_ms = clock_us as f64 / US_PER_MS;
 
     if !scratch.intervals.is_empty() {
-        scratch.intervals.sort_unstable();
         let width = ((cfg.bin_ms * US_PER_MS) as i64).max(clock_us);
         let (share, peak) = densest_span(&scratch.intervals, width);
         f.histogram_score = share;
         f.histogram_peak_ms = peak as f64 / US_PER_MS;
-        let (median, mad) = median_and_mad(&mut scratch.intervals, &mut scratch.holds);
+        let (median, mad) = median_and_mad_sorted(&scratch.intervals);
         f.interval_median_ms = median as f64 / US_PER_MS;
         f.interval_cv = if median > 0 { MAD_TO_SIGMA * mad as f64 / median as f64 } else { 0.0 };
     }
 
-    // Holds (reuses `times` as scratch: the clock estimate is done with it).
-    scratch.times.clear();
-    scratch.times.extend(presses.iter().filter_map(Press::hold).map(i64::from));
-    f.known_holds = scratch.times.len() as f64;
-    if !scratch.times.is_empty() {
-        let tiny_us = (cfg.tiny_hold_ms * US_PER_MS) as i64;
-        let tiny = scratch.times.iter().filter(|&&h| h <= tiny_us).count();
-        f.tiny_hold_share = ratio(tiny, scratch.times.len());
-        scratch.times.sort_unstable();
-        f.hold_resolution_ms = lattice_step(&scratch.times, &mut scratch.holds) as f64 / US_PER_MS;
-        let (same, _) = densest_span(&scratch.times, 2 * US_PER_MS as i64);
+    if !scratch.holds.is_empty() {
+        let tiny_us = (cfg.tiny_hold_ms * US_PER_MS) as i32;
+        let tiny = scratch.holds.partition_point(|&h| h <= tiny_us);
+        f.tiny_hold_share = ratio(tiny, scratch.holds.len());
+        // Gaps between sorted hold values: equal holds (a macro's) make no gap and no lattice.
+        scratch.gaps.clear();
+        scratch.gaps.extend(scratch.holds.windows(2).map(|w| i64::from(w[1] - w[0])));
+        f.hold_resolution_ms = lattice_step(&scratch.gaps) as f64 / US_PER_MS;
+        let (same, _) = densest_span(&scratch.holds, 2 * US_PER_MS as i64);
         f.hold_mode_share = same;
-        let (median, mad) = median_and_mad(&mut scratch.times, &mut scratch.holds);
+        let (median, mad) = median_and_mad_sorted(&scratch.holds);
         f.hold_median_ms = median as f64 / US_PER_MS;
         f.hold_spread_ms = MAD_TO_SIGMA * mad as f64 / US_PER_MS;
     }
 
-    scratch.keys.clear();
-    scratch.keys.extend(presses.iter().map(|p| p.key));
-    scratch.keys.sort_unstable();
-    let (mut distinct, mut top, mut run) = (0usize, 0usize, 0usize);
-    for i in 0..scratch.keys.len() {
-        if i == 0 || scratch.keys[i] != scratch.keys[i - 1] {
-            distinct += 1;
-            run = 0;
-        }
-        run += 1;
-        top = top.max(run);
-    }
+    let (distinct, top) = key_counts(presses, &mut scratch.key_counts);
     f.distinct_keys = distinct as f64;
     f.top_key_share = ratio(top, presses.len());
 
     let tolerance_us = ((cfg.period_tolerance_ms * US_PER_MS) as i64).max(clock_us);
-    let (period, key_share, timing_share) = periodicity(presses, cfg.max_period, tolerance_us);
+    let (period, key_share, timing_share) = periodicity(presses, &mut scratch.keys, cfg.max_period, tolerance_us);
     f.key_period = period as f64;
     f.key_period_share = key_share;
     f.timing_period_share = timing_share;
@@ -243,18 +228,69 @@ pub fn extract(presses: &[Press], repeats: u32, cfg: &FeatureConfig, scratch: &m
     f
 }
 
-/// Median and median absolute deviation. `values` is reordered; `tmp` is scratch.
-fn median_and_mad(values: &mut [i64], tmp: &mut Vec<i64>) -> (i64, i64) {
-    let median = median_in_place(values);
-    tmp.clear();
-    tmp.extend(values.iter().map(|&v| (v - median).abs()));
-    let mad = median_in_place(tmp);
+/// Median and median absolute deviation of ascending `sorted` (upper median for even lengths).
+///
+/// The deviations from the median grow outwards on both sides, so the MAD is found by walking
+/// two cursors out from the median: linear, no second sort.
+fn median_and_mad_sorted<T: Copy + Into<i64> + Ord>(sorted: &[T]) -> (i64, i64) {
+    debug_assert!(!sorted.is_empty() && sorted.windows(2).all(|w| w[0] <= w[1]));
+    let n = sorted.len();
+    let mid = n / 2;
+    let at = |i: usize| -> i64 { sorted[i].into() };
+    let median = at(mid);
+    // Take the (mid + 1) smallest deviations; the last one taken is the MAD.
+    let (mut lo, mut hi) = (mid as isize - 1, mid + 1);
+    let mut mad = 0;
+    for _ in 0..mid {
+        let down = (lo >= 0).then(|| median - at(lo as usize));
+        let up = (hi < n).then(|| at(hi) - median);
+        mad = match (down, up) {
+            (Some(d), Some(u)) if d <= u => {
+                lo -= 1;
+                d
+            }
+            (_, Some(u)) => {
+                hi += 1;
+                u
+            }
+            (Some(d), None) => {
+                lo -= 1;
+                d
+            }
+            (None, None) => break,
+        };
+    }
     (median, mad)
 }
 
-fn median_in_place(values: &mut [i64]) -> i64 {
-    let mid = values.len() / 2;
-    *values.select_nth_unstable(mid).1
+/// Distinct keys and the count of the most pressed one, with a small open-addressing table
+/// (`table` is scratch): linear in the window, where sorting the keys is not.
+fn key_counts(presses: &[Press], table: &mut Vec<(u32, u32)>) -> (usize, usize) {
+    let slots = (presses.len() * 2).next_power_of_two().max(16);
+    table.clear();
+    table.resize(slots, (0, 0));
+    let mask = slots - 1;
+    let (mut distinct, mut top) = (0usize, 0u32);
+    for p in presses {
+        // Fibonacci hashing spreads sequential key codes and pseudonyms alike.
+        let mut slot = (p.key.wrapping_mul(0x9E37_79B9) as usize) & mask;
+        loop {
+            let (key, count) = &mut table[slot];
+            if *count == 0 {
+                (*key, *count) = (p.key, 1);
+                distinct += 1;
+                top = top.max(1);
+                break;
+            }
+            if *key == p.key {
+                *count += 1;
+                top = top.max(*count);
+                break;
+            }
+            slot = (slot + 1) & mask;
+        }
+    }
+    (distinct, top as usize)
 }
 
 fn ratio(part: usize, whole: usize) -> f64 {
@@ -265,17 +301,26 @@ fn ratio(part: usize, whole: usize) -> f64 {
     }
 }
 
-/// Finds the key-sequence period `p` (1..=max) at which keys repeat most, then measures how
-/// often the interval into a press equals the interval one period earlier (a replayed loop or a
-/// skill rotation on a timer repeats both).
-fn periodicity(presses: &[Press], max_period: usize, tolerance_us: i64) -> (usize, f64, f64) {
+/// Finds the key-sequence period `p` (1..=max, among the distances back to earlier presses of
+/// the window's newest key) at which keys repeat most, then measures how often the interval
+/// into a press equals the interval one period earlier (a replayed loop or a skill rotation on
+/// a timer repeats both).
+fn periodicity(presses: &[Press], keys: &mut Vec<u32>, max_period: usize, tolerance_us: i64) -> (usize, f64, f64) {
     let n = presses.len();
-    // At least 10 comparisons per period, so a long loop still has evidence behind it.
+    keys.clear();
+    keys.extend(presses.iter().map(|p| p.key));
     let max_p = max_period.min(n.saturating_sub(10));
     let (mut best_p, mut best_share) = (1usize, 0.0f64);
+    // A loop of period p repeats the newest key p presses back, so only the distances to
+    // earlier presses of the newest key are candidates: a handful instead of every p.
+    let newest = keys[n - 1];
     for p in 1..=max_p {
-        let matches = (p..n).filter(|&i| presses[i].key == presses[i - p].key).count();
-        let share = matches as f64 / (n - p) as f64;
+        if keys[n - 1 - p] != newest {
+            continue;
+        }
+        // Branch-free count over two shifted slices: the compiler vectorises it.
+        let matches: u32 = keys[p..].iter().zip(&keys[..n - p]).map(|(a, b)| u32::from(a == b)).sum();
+        let share = f64::from(matches) / (n - p) as f64;
         // Strictly better only: multiples of the true period tie with it and lose.
         if share > best_share + 1e-9 {
             best_share = share;
@@ -287,7 +332,7 @@ fn periodicity(presses: &[Press], max_period: usize, tolerance_us: i64) -> (usiz
     }
     let (mut compared, mut equal) = (0usize, 0usize);
     for i in (best_p + 1)..n {
-        if presses[i].key == presses[i - best_p].key && presses[i - 1].key == presses[i - 1 - best_p].key {
+        if keys[i] == keys[i - best_p] && keys[i - 1] == keys[i - 1 - best_p] {
             compared += 1;
             let now = presses[i].down_us - presses[i - 1].down_us;
             let then = presses[i - best_p].down_us - presses[i - best_p - 1].down_us;
@@ -390,6 +435,17 @@ mod tests {
     fn tiny_windows_do_not_panic() {
         assert_eq!(feats(&[]).presses, 0.0);
         assert_eq!(feats(&presses(&[], &[1], &[1])).histogram_score, 0.0);
+    }
+
+    #[test]
+    fn median_and_mad_match_the_definition() {
+        let cases: [&[i32]; 5] = [&[5], &[1, 2], &[1, 2, 3, 4, 100], &[0, 0, 0, 7, 9, 9], &[-3, 1, 1, 2, 8, 20, 21]];
+        for values in cases {
+            let median = i64::from(values[values.len() / 2]);
+            let mut dev: Vec<i64> = values.iter().map(|&v| (i64::from(v) - median).abs()).collect();
+            dev.sort_unstable();
+            assert_eq!(median_and_mad_sorted(values), (median, dev[dev.len() / 2]), "{values:?}");
+        }
     }
 
     #[test]

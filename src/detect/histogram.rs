@@ -32,59 +32,114 @@ pub fn naive_bin_share(intervals_us: &[i64], bin_us: i64) -> f64 {
 /// fullest half-open span `[x, x + width)`, and the span's midpoint.
 ///
 /// Returns `(0.0, 0)` for no input.
-pub fn densest_span(sorted_us: &[i64], width_us: i64) -> (f64, i64) {
+pub fn densest_span<T: Copy + Into<i64> + Ord>(sorted_us: &[T], width_us: i64) -> (f64, i64) {
     debug_assert!(sorted_us.windows(2).all(|w| w[0] <= w[1]));
     let n = sorted_us.len();
     if n == 0 {
         return (0.0, 0);
     }
     let width = width_us.max(1);
+    let at = |i: usize| -> i64 { sorted_us[i].into() };
     let (mut best, mut best_at) = (0usize, 0usize);
     let mut end = 0;
     for start in 0..n {
-        let limit = sorted_us[start].saturating_add(width);
-        while end < n && sorted_us[end] < limit {
+        let limit = at(start).saturating_add(width);
+        while end < n && at(end) < limit {
             end += 1;
         }
-        if end - start > best {
-            best = end - start;
-            best_at = start;
-        }
+        // Branch-free update: which start wins is data-dependent and mispredicts.
+        let better = end - start > best;
+        best_at = if better { start } else { best_at };
+        best = best.max(end - start);
     }
-    let mid = sorted_us[best_at] + (sorted_us[best_at + best - 1] - sorted_us[best_at]) / 2;
+    let mid = at(best_at) + (at(best_at + best - 1) - at(best_at)) / 2;
     (best as f64 / n as f64, mid)
 }
 
-/// The clock step the values sit on, or 0 when they do not sit on a coarse lattice.
+/// The clock step that time differences sit on, or 0 when they do not sit on a coarse lattice.
 ///
-/// `sorted_us` must be ascending. The candidate step is the third smallest positive gap between
-/// neighbours (so one or two glitched timestamps cannot fake a fine clock); it is accepted when
-/// at least 80 % of the gaps are within a tenth of a step (and at least 1 ms) of a multiple of
-/// it. A macro's fixed hold alone does not pass: its other gaps are off the lattice.
-/// `gaps` is scratch.
-pub fn lattice_step(sorted_us: &[i64], gaps: &mut Vec<i64>) -> i64 {
-    gaps.clear();
-    gaps.extend(sorted_us.windows(2).map(|w| w[1] - w[0]).filter(|&d| d > 0));
-    if gaps.len() < 3 {
+/// `diffs` are differences between timestamps of one clock (intervals, holds, gaps), in any
+/// order; zero and negative ones are ignored. The candidate step is the third smallest positive
+/// difference (so one or two glitched timestamps cannot fake a fine clock), or its half or third;
+/// a step is accepted when at least 80 % of the differences, and half of the first eight, are
+/// within a tenth of it (and at least 1 ms) of a multiple of it. A macro's fixed hold alone does
+/// not pass: its jittered intervals are off the lattice.
+pub fn lattice_step(diffs: &[i64]) -> i64 {
+    // The three smallest positive values, ascending, in one branch-free pass.
+    let (mut a, mut b, mut c) = (i64::MAX, i64::MAX, i64::MAX);
+    let mut count = 0usize;
+    for &d in diffs {
+        count += usize::from(d > 0);
+        let d = if d > 0 { d } else { i64::MAX };
+        c = c.min(b.max(d));
+        b = b.min(a.max(d));
+        a = a.min(d);
+    }
+    best_step(&[diffs], c, count)
+}
+
+/// [`lattice_step`] over several ascending slices (sorted intervals and sorted holds): the
+/// three smallest values come from their heads, so no pass is needed to find them.
+pub fn lattice_step_sorted<T: Copy + Into<i64> + Ord>(groups: &[&[T]]) -> i64 {
+    let (mut smallest, mut count) = ([i64::MAX; 3], 0);
+    for g in groups {
+        let first_positive = g.partition_point(|&x| x.into() <= 0);
+        count += g.len() - first_positive;
+        for &x in g[first_positive..].iter().take(3) {
+            // Insert into the sorted three, dropping the largest.
+            let x: i64 = x.into();
+            if x < smallest[2] {
+                smallest[2] = x;
+                smallest.sort_unstable();
+            }
+        }
+    }
+    let third = smallest[2];
+    best_step(groups, third, count)
+}
+
+fn best_step<T: Copy + Into<i64>>(groups: &[&[T]], third_smallest: i64, count: usize) -> i64 {
+    if count < 3 {
         return 0;
     }
-    let step = *gaps.select_nth_unstable(2).1;
+    // The candidate may span two or three steps of the clock (no gap of exactly one step among
+    // the smallest three), so its halves and thirds are tried too.
+    (1..=3).map(|k| third_smallest / k).find(|&step| on_lattice(groups, step, count)).unwrap_or(0)
+}
+
+fn on_lattice<T: Copy + Into<i64>>(groups: &[&[T]], step: i64, count: usize) -> bool {
     let tolerance = (step / 10).max(1_000);
-    if step <= tolerance {
-        return 0;
+    if step <= 2 * tolerance {
+        return false;
     }
-    let on_lattice = gaps
-        .iter()
-        .filter(|&&d| {
-            let r = d % step;
-            r.min(step - r) <= tolerance
-        })
-        .count();
-    if on_lattice * 5 >= gaps.len() * 4 {
-        step
-    } else {
-        0
+    // Float remainder: an integer division per value would dominate the window's cost.
+    let (step_f, inverse, tolerance_f) = (step as f64, 1.0 / step as f64, tolerance as f64);
+    // Give up as soon as more than a fifth are off, or more than half of the first eight: a
+    // real lattice is rarely off at all, a fine clock fails within a few values. Checked per
+    // chunk so the inner loop has no data-dependent branch.
+    let allowed_misses = count / 5;
+    let mut misses = 0;
+    let mut first = true;
+    for group in groups {
+        let (head, tail) = group.split_at(group.len().min(8));
+        for chunk in std::iter::once(head).chain(tail.chunks(16)) {
+            misses += chunk
+                .iter()
+                .map(|&d| {
+                    let d: i64 = d.into();
+                    let x = d as f64;
+                    // Nearest multiple by truncating x/step + 0.5 (x > 0): `round` is a libm call.
+                    let nearest = ((x * inverse + 0.5) as i64) as f64 * step_f;
+                    usize::from(d > 0 && (x - nearest).abs() > tolerance_f)
+                })
+                .sum::<usize>();
+            if misses > allowed_misses || (first && misses * 2 > chunk.len()) {
+                return false;
+            }
+            first = false;
+        }
     }
+    true
 }
 
 #[cfg(test)]
@@ -113,30 +168,41 @@ mod tests {
 
     #[test]
     fn span_is_half_open() {
-        let (share, _) = densest_span(&[0, 10_000], 10_000);
+        let (share, _) = densest_span(&[0i64, 10_000], 10_000);
         assert_eq!(share, 0.5);
+    }
+
+    fn gaps(sorted: &[i64]) -> Vec<i64> {
+        sorted.windows(2).map(|w| w[1] - w[0]).collect()
     }
 
     #[test]
     fn lattice_is_found_despite_equal_times_and_a_glitch() {
-        let mut gaps = Vec::new();
         let times = [0, 0, 16_000, 48_000, 48_000, 64_000, 65_000, 112_000, 160_000, 176_000];
-        assert_eq!(lattice_step(&times, &mut gaps), 16_000);
-        assert_eq!(lattice_step(&[5, 5], &mut gaps), 0);
+        assert_eq!(lattice_step(&gaps(&times)), 16_000);
+        assert_eq!(lattice_step(&gaps(&[5, 5])), 0);
+        // Intervals and holds of a 47 ms clock, in any order.
+        let diffs = [94_000, 47_000, 141_000, 47_000, 94_000, 188_000, 0, 47_000];
+        assert_eq!(lattice_step(&diffs), 47_000);
+    }
+
+    #[test]
+    fn sorted_groups_agree_with_the_unsorted_form() {
+        let mut intervals = [94_000, 141_000, 47_000, 188_000, 94_000, 0, 47_000];
+        let mut holds = [47_000, 94_000, 47_000];
+        let all: Vec<i64> = intervals.iter().chain(&holds).copied().collect();
+        intervals.sort_unstable();
+        holds.sort_unstable();
+        assert_eq!(lattice_step_sorted(&[&intervals[..], &holds[..]]), lattice_step(&all));
+        assert_eq!(lattice_step(&all), 47_000);
     }
 
     #[test]
     fn fine_clock_and_fixed_hold_macro_are_not_a_lattice() {
-        let mut gaps = Vec::new();
-        // Downs jittered on a fine clock, each released 30 ms later.
-        let mut times: Vec<i64> = (0..40i64)
-            .flat_map(|i| {
-                let down = i * 100_000 + (i * i * 7_919) % 37_000;
-                [down, down + 30_000]
-            })
-            .collect();
-        times.sort_unstable();
-        assert_eq!(lattice_step(&times, &mut gaps), 0);
+        // Intervals jittered on a fine clock, each key held 30 ms.
+        let intervals = (0..40i64).map(|i| 100_000 + (i * i * 7_919) % 37_000);
+        let diffs: Vec<i64> = intervals.chain(std::iter::repeat_n(30_000, 40)).collect();
+        assert_eq!(lattice_step(&diffs), 0);
     }
 
     proptest! {

@@ -335,8 +335,26 @@ mod tests {
         let a = alerts(&out);
         assert_eq!(a.len(), 1);
         assert!(a[0].reasons.contains(Rule::IntervalHistogram));
-        assert!(a[0].reasons.contains(Rule::HoldConstant));
         assert_eq!(a[0].window.score, 1.0);
+    }
+
+    #[test]
+    fn jittered_macro_with_a_fixed_hold_is_caught_by_its_holds() {
+        let spec = MacroSpec {
+            family: MacroFamily::UniformJitter,
+            interval_ms: 150.0,
+            jitter_ms: 45.0,
+            tick_ms: 10.0,
+            hold: HoldModel::Fixed(42.0),
+            keys: vec![2, 3, 4, 5],
+        };
+        let events = macrogen::generate(&spec, &[], 0, 200, &mut ChaCha8Rng::seed_from_u64(3));
+        let mut d = Detector::new(DetectorConfig::default()).unwrap();
+        let out = run(&mut d, &mut UserState::default(), &events);
+        let a = alerts(&out);
+        assert_eq!(a.len(), 1);
+        assert!(a[0].reasons.contains(Rule::HoldConstant), "{:?}", a[0].reasons.names());
+        assert!(!a[0].reasons.contains(Rule::IntervalHistogram), "too jittered for the histogram");
     }
 
     #[test]

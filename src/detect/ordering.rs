@@ -35,19 +35,18 @@ pub struct ReorderBuffer {
 impl ReorderBuffer {
     /// Adds `event`, then hands every event that is now `grace_us` behind the newest one to
     /// `release`, oldest first. Equal times keep arrival order.
-    pub fn push(
-        &mut self,
-        event: KeyEvent,
-        grace_us: i64,
-        mut release: impl FnMut(KeyEvent),
-    ) -> Admission {
+    pub fn push(&mut self, event: KeyEvent, grace_us: i64, mut release: impl FnMut(KeyEvent)) -> Admission {
         if self.released_us.is_some_and(|r| event.time_us < r) {
             self.late_events += 1;
             return Admission::Late;
         }
-        // Almost always in order: the search is over the short tail only.
-        let at = self.pending.iter().rposition(|e| e.time_us <= event.time_us).map_or(0, |i| i + 1);
-        self.pending.insert(at, event);
+        if self.pending.back().is_none_or(|last| last.time_us <= event.time_us) {
+            self.pending.push_back(event);
+        } else {
+            // Out of order: the search is over the short tail only.
+            let at = self.pending.iter().rposition(|e| e.time_us <= event.time_us).map_or(0, |i| i + 1);
+            self.pending.insert(at, event);
+        }
         let newest = self.newest_us.map_or(event.time_us, |n| n.max(event.time_us));
         self.newest_us = Some(newest);
         let horizon = newest.saturating_sub(grace_us);

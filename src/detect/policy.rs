@@ -106,9 +106,7 @@ impl PolicyState {
     /// incident whose last suspicious window is a cool-down old closes.
     pub fn on_idle(&mut self, cfg: &PolicyConfig, now_us: i64) -> Decision {
         self.recent.clear();
-        let stale = self
-            .incident
-            .is_some_and(|i| now_us.saturating_sub(i.last_suspicious_us) >= cooldown_us(cfg));
+        let stale = self.incident.is_some_and(|i| now_us.saturating_sub(i.last_suspicious_us) >= cooldown_us(cfg));
         if stale {
             self.close(cfg, now_us);
             return Decision::IncidentClosed;

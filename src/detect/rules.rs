@@ -149,16 +149,13 @@ pub fn evaluate(f: &WindowFeatures, cfg: &RuleConfig) -> TimingScore {
     if f.top_key_share < cfg.single_key_share {
         consider(Rule::IntervalRegular, ramp_below(f.interval_cv, cfg.interval_cv_threshold, 0.05));
     }
-    let fine_clock = f.clock_resolution_ms <= cfg.hold_rules_max_clock_ms
-        && f.hold_resolution_ms <= cfg.hold_rules_max_clock_ms;
+    let fine_clock =
+        f.clock_resolution_ms <= cfg.hold_rules_max_clock_ms && f.hold_resolution_ms <= cfg.hold_rules_max_clock_ms;
     if fine_clock && f.known_holds >= cfg.min_intervals as f64 {
         consider(Rule::HoldConstant, ramp_above(f.hold_mode_share, cfg.hold_mode_threshold, 0.1));
         consider(Rule::HoldTiny, ramp_above(f.tiny_hold_share, cfg.tiny_hold_threshold, 0.2));
     }
-    consider(
-        Rule::SequenceLoop,
-        ramp_above(f.key_period_share.min(f.timing_period_share), cfg.loop_threshold, 0.15),
-    );
+    consider(Rule::SequenceLoop, ramp_above(f.key_period_share.min(f.timing_period_share), cfg.loop_threshold, 0.15));
     out
 }
 
@@ -203,7 +200,8 @@ mod tests {
     #[test]
     fn each_rule_fires_on_its_own_feature() {
         let cfg = RuleConfig::default();
-        let cases: [(Rule, fn(&mut WindowFeatures)); 5] = [
+        type Tweak = fn(&mut WindowFeatures);
+        let cases: [(Rule, Tweak); 5] = [
             (Rule::IntervalHistogram, |f| f.histogram_score = 0.9),
             (Rule::IntervalRegular, |f| f.interval_cv = 0.02),
             (Rule::HoldConstant, |f| f.hold_mode_share = 1.0),

@@ -176,7 +176,8 @@ impl KeyWindow {
 
     fn release(&mut self, event: KeyEvent) {
         // Keys roll over (the next down before this up), so look back a few presses.
-        if let Some(p) = self.presses.iter_mut().rev().take(8).find(|p| p.key == event.key && p.hold_us == HOLD_UNKNOWN) {
+        if let Some(p) = self.presses.iter_mut().rev().take(8).find(|p| p.key == event.key && p.hold_us == HOLD_UNKNOWN)
+        {
             p.hold_us = clamp_hold(event.time_us - p.down_us);
         }
     }

@@ -63,12 +63,8 @@ fn prefix_scan_is_sorted_and_bounded<S: Store>(store: &mut S) {
     batch.put(keys::user_time_key(2, "bob", 0).unwrap(), b"other namespace".to_vec());
     store.write(&batch).unwrap();
     let prefix = keys::user_prefix(1, "bob").unwrap();
-    let times: Vec<i64> = store
-        .scan_prefix(&prefix)
-        .unwrap()
-        .iter()
-        .map(|(k, _)| keys::decode_user_time_key(k).unwrap().2)
-        .collect();
+    let times: Vec<i64> =
+        store.scan_prefix(&prefix).unwrap().iter().map(|(k, _)| keys::decode_user_time_key(k).unwrap().2).collect();
     assert_eq!(times, vec![-5, 7, 30], "one user's entries, oldest first, nobody else's");
 }
 
@@ -81,11 +77,7 @@ fn delete_range_is_half_open<S: Store>(store: &mut S) {
     batch.clear();
     batch.delete_range(keys::user_time_key(1, "u", 2).unwrap(), keys::user_time_key(1, "u", 8).unwrap());
     store.write(&batch).unwrap();
-    let left: Vec<u8> = store
-        .scan_prefix(&keys::user_prefix(1, "u").unwrap())
-        .unwrap()
-        .into_iter()
-        .map(|(_, v)| v[0])
-        .collect();
+    let left: Vec<u8> =
+        store.scan_prefix(&keys::user_prefix(1, "u").unwrap()).unwrap().into_iter().map(|(_, v)| v[0]).collect();
     assert_eq!(left, vec![0, 1, 8, 9], "delete_range removes [from, to)");
 }
