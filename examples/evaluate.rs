@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use metronome::config::Config;
+use metronome::detect::histogram::naive_bin_share;
 use metronome::detect::{Detector, Output, RuleSet, UserState};
 use metronome::event::{KeyAction, KeyEvent};
 use metronome::keylog::KeylogReader;
@@ -65,6 +66,24 @@ fn run_user(detector: &mut Detector, user: &str, events: &[KeyEvent]) -> Outcome
     o
 }
 
+/// The original system's rule on the same windows (last 50 downs, every 10, from the 30th),
+/// with the same threshold and 2-of-3 confirmation: fixed 10 ms bins, no repeat handling, no
+/// clock handling. True when it would have flagged the user.
+fn original_rule_flags(events: &[KeyEvent], threshold: f64) -> bool {
+    let downs: Vec<i64> = events.iter().filter(|e| e.action == KeyAction::Down).map(|e| e.time_us).collect();
+    let mut recent: Vec<bool> = Vec::new();
+    for end in (30..=downs.len()).step_by(10) {
+        let window = &downs[end.saturating_sub(50)..end];
+        let intervals: Vec<i64> = window.windows(2).map(|w| w[1] - w[0]).collect();
+        recent.push(naive_bin_share(&intervals, 10_000) >= threshold);
+        let last3 = &recent[recent.len().saturating_sub(3)..];
+        if last3.iter().filter(|s| **s).count() >= 2 {
+            return true;
+        }
+    }
+    false
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let (mut split, mut per_family, mut seed, mut config, mut files) =
@@ -92,6 +111,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .collect();
     }
     let cfg = Config::load(config.as_deref())?;
+    let threshold = cfg.detector.rules.histogram_threshold;
     let mut detector = Detector::new(cfg.detector)?;
 
     // Humans.
@@ -108,7 +128,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut rule_counts: BTreeMap<&str, usize> = BTreeMap::new();
     let (mut windows, mut presses) = (0u64, 0usize);
     let mut max_scores = Vec::new();
+    let sweep = [0.4, 0.5, threshold];
+    let mut original_flagged = [0usize; 3];
     for (user, events) in &humans {
+        for (count, t) in original_flagged.iter_mut().zip(sweep) {
+            *count += usize::from(original_rule_flags(events, t));
+        }
         presses += events.iter().filter(|e| e.action == KeyAction::Down).count();
         let o = run_user(&mut detector, user, events);
         windows += o.windows;
@@ -138,6 +163,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         q(1.0)
     );
     println!("- rules behind flags: {rule_counts:?}");
+    let sweep_text: Vec<String> = sweep.iter().zip(original_flagged).map(|(t, n)| format!("{n} at {t}")).collect();
+    println!(
+        "- the original rule (fixed 10 ms bins, no repeat or clock handling, same windows, 2-of-3) flags: {}",
+        sweep_text.join(", ")
+    );
     for (u, r) in flagged.iter().take(15) {
         eprintln!("flagged human {u}: {r:?}");
     }
@@ -152,10 +182,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         } else {
             println!("\n## Macro users ({per_family} per family, 200 presses each)\n");
         }
-        println!("| family | caught | recall | median presses to alert |");
-        println!("|---|---|---|---|");
+        println!("| family | caught | recall | median presses to alert | original rule at {threshold} |");
+        println!("|---|---|---|---|---|");
         for family in MacroFamily::ALL {
-            let mut caught = 0;
+            let (mut caught, mut original) = (0, 0);
             let mut delays = Vec::new();
             for i in 0..per_family {
                 let (_, rec) = recordings[rng.random_range(0..recordings.len())];
@@ -166,6 +196,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let start = 1_600_000_000_000_000 + i as i64 * 1_000_000_000;
                 let events = macrogen::generate(&spec, &macrogen::recorded_presses(rec), start, 200, &mut rng);
                 let o = run_user(&mut detector, "macro", &events);
+                original += usize::from(original_rule_flags(&events, threshold));
                 if o.alerts.is_empty() && std::env::var_os("EVAL_DEBUG").is_some() {
                     eprintln!("missed {}: {spec:?} max score {:.3}", family.name(), o.max_score);
                 }
@@ -177,9 +208,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             delays.sort_unstable();
             let median = delays.get(delays.len() / 2).map_or("-".to_owned(), |d| d.to_string());
             println!(
-                "| {} | {caught}/{per_family} | {:.1} % | {median} |",
+                "| {} | {caught}/{per_family} | {:.1} % | {median} | {:.1} % |",
                 family.name(),
-                100.0 * caught as f64 / per_family as f64
+                100.0 * caught as f64 / per_family as f64,
+                100.0 * original as f64 / per_family as f64
             );
         }
     }
