@@ -15,7 +15,7 @@ use std::path::PathBuf;
 
 use metronome::config::Config;
 use metronome::detect::histogram::naive_bin_share;
-use metronome::detect::{Detector, Output, RuleSet, UserState};
+use metronome::detect::{Detector, Output, RuleSet};
 use metronome::event::{KeyAction, KeyEvent};
 use metronome::keylog::KeylogReader;
 use metronome::macrogen::{self, HoldModel, MacroFamily, MacroSpec};
@@ -46,12 +46,7 @@ struct Outcome {
 }
 
 fn run_user(detector: &mut Detector, user: &str, events: &[KeyEvent]) -> Outcome {
-    let mut state = UserState::default();
-    let mut outputs = Vec::new();
-    for e in events {
-        detector.on_event(user, &mut state, *e, &mut outputs);
-    }
-    detector.close_window(user, &mut state, &mut outputs);
+    let outputs = detector.score_recording(user, events);
     let mut o = Outcome { alerts: Vec::new(), max_score: 0.0, windows: 0 };
     for out in outputs {
         match out {

@@ -17,8 +17,10 @@ pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 /// Prefix of configuration environment variables.
 pub const ENV_PREFIX: &str = "METRONOME_";
 
-/// The whole configuration.
+/// The whole configuration. Unknown keys are errors, so a typo cannot silently fall back to a
+/// default.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Config {
     /// Detection core settings.
     pub detector: DetectorConfig,
@@ -41,7 +43,8 @@ pub enum ConfigError {
 impl Config {
     /// Loads defaults, then `file` if given, then the process environment.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        Self::load_with_env(file, Env::prefixed(ENV_PREFIX).split("__"))
+        // METRONOME_CONFIG names the file (a flag's environment form), it is not a key.
+        Self::load_with_env(file, Env::prefixed(ENV_PREFIX).split("__").ignore(&["config"]))
     }
 
     /// As [`Config::load`] with an explicit environment provider (tests pass a fixed one).
@@ -93,6 +96,7 @@ mod tests {
         figment::Jail::expect_with(|jail| {
             jail.create_file("c.toml", "[detector.window]\nsize = 60\n")?;
             jail.set_env("METRONOME_DETECTOR__WINDOW__SIZE", "70");
+            jail.set_env("METRONOME_CONFIG", "c.toml");
             let cfg = Config::load(Some(Path::new("c.toml"))).unwrap();
             assert_eq!(cfg.detector.window.size, 70);
             Ok(())
@@ -106,6 +110,9 @@ mod tests {
         std::fs::write(&path, "[detector.policy]\nconfirm_k = 9\n").unwrap();
         let err = Config::load_with_env(Some(&path), no_env()).unwrap_err().to_string();
         assert!(err.contains("confirm_k"), "{err}");
+        std::fs::write(&path, "[detectr]\nsize = 3\n").unwrap();
+        let err = Config::load_with_env(Some(&path), no_env()).unwrap_err().to_string();
+        assert!(err.contains("detectr"), "{err}");
         std::fs::write(&path, "[detector.window]\nsise = 3\n").unwrap();
         let err = Config::load_with_env(Some(&path), no_env()).unwrap_err().to_string();
         assert!(err.contains("sise"), "{err}");

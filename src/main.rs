@@ -1,7 +1,7 @@
 //! The `metronome` binary: argument parsing and wiring only; the work lives in the library.
 
 use std::fs::File;
-use std::io::{self, BufWriter, Write};
+use std::io::{self, BufWriter, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -118,11 +118,18 @@ fn run(cli: Cli) -> Result<(), String> {
 
 fn run_score(config: Config, input: &Path, skip_bad_rows: bool, alerts_only: bool) -> Result<(), String> {
     let mut detector = Detector::new(config.detector).map_err(|e| e.to_string())?;
-    let reader = KeylogReader::open(input).map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    // Progress every million rows, for people watching a terminal; never into pipes or logs.
+    let show_progress = io::stderr().is_terminal();
+    let reader = KeylogReader::open(input).map_err(|e| e.to_string())?.enumerate().map(move |(i, row)| {
+        if show_progress && i > 0 && i % (1 << 20) == 0 {
+            eprintln!("metronome: {i} rows read ({:.0} rows/s)", i as f64 / started.elapsed().as_secs_f64());
+        }
+        row
+    });
     let bad_rows = if skip_bad_rows { BadRows::Skip } else { BadRows::Stop };
     let select = OutputSelection { windows: !alerts_only };
     let mut out = BufWriter::with_capacity(1 << 16, io::stdout().lock());
-    let started = Instant::now();
     let mut reported = 0u32;
     let result = score::score_records(&mut detector, reader, bad_rows, select, &mut out, |e| {
         reported += 1;

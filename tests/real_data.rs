@@ -16,13 +16,7 @@ fn load(name: &str, users: usize) -> Vec<UserEvents> {
 
 /// Alerts raised for one user's events, windows closed at the end as `score` does.
 fn alerts_for(detector: &mut Detector, user: &str, events: &[KeyEvent]) -> usize {
-    let mut state = UserState::default();
-    let mut out = Vec::new();
-    for e in events {
-        detector.on_event(user, &mut state, *e, &mut out);
-    }
-    detector.close_window(user, &mut state, &mut out);
-    out.iter().filter(|o| matches!(o, Output::Alert(_))).count()
+    detector.score_recording(user, events).iter().filter(|o| matches!(o, Output::Alert(_))).count()
 }
 
 #[test]

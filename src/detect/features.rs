@@ -163,7 +163,7 @@ pub fn extract(presses: &[Press], repeats: u32, cfg: &FeatureConfig, scratch: &m
     scratch.intervals.clear();
     let (mut pauses, mut rollovers, mut rollover_known) = (0usize, 0usize, 0usize);
     for pair in presses.windows(2) {
-        let interval = pair[1].down_us - pair[0].down_us;
+        let interval = pair[1].down_us.saturating_sub(pair[0].down_us);
         if interval > pause_us {
             pauses += 1;
         } else {
@@ -172,7 +172,7 @@ pub fn extract(presses: &[Press], repeats: u32, cfg: &FeatureConfig, scratch: &m
         }
         if let Some(h) = pair[0].hold() {
             rollover_known += 1;
-            if pair[1].down_us < pair[0].down_us + i64::from(h) {
+            if pair[1].down_us < pair[0].down_us.saturating_add(i64::from(h)) {
                 rollovers += 1;
             }
         }
@@ -334,9 +334,9 @@ fn periodicity(presses: &[Press], keys: &mut Vec<u32>, max_period: usize, tolera
     for i in (best_p + 1)..n {
         if keys[i] == keys[i - best_p] && keys[i - 1] == keys[i - 1 - best_p] {
             compared += 1;
-            let now = presses[i].down_us - presses[i - 1].down_us;
-            let then = presses[i - best_p].down_us - presses[i - best_p - 1].down_us;
-            if (now - then).abs() <= tolerance_us {
+            let now = presses[i].down_us.saturating_sub(presses[i - 1].down_us);
+            let then = presses[i - best_p].down_us.saturating_sub(presses[i - best_p - 1].down_us);
+            if now.saturating_sub(then).saturating_abs() <= tolerance_us {
                 equal += 1;
             }
         }

@@ -227,6 +227,18 @@ impl Detector {
         state.reorder.newest_us().is_some_and(|newest| now_us.saturating_sub(newest) >= idle_us)
     }
 
+    /// Runs all of one user's `events` from a fresh state and closes the window at the end, as
+    /// the offline scorer does at end of input. For evaluation and tests over whole recordings.
+    pub fn score_recording(&mut self, user: &str, events: &[KeyEvent]) -> Vec<Output> {
+        let mut state = UserState::default();
+        let mut out = Vec::new();
+        for e in events {
+            self.on_event(user, &mut state, *e, &mut out);
+        }
+        self.close_window(user, &mut state, &mut out);
+        out
+    }
+
     /// Closes `user`'s window: releases held events, scores the partial window if it has enough
     /// unscored presses, and starts afresh. Used on idle timeout and at end of input.
     pub fn close_window(&mut self, user: &str, state: &mut UserState, out: &mut Vec<Output>) {
@@ -426,6 +438,36 @@ mod tests {
         events.push(KeyEvent::new(1_000_000, 5, KeyAction::Down));
         run(&mut d, &mut state, &events);
         assert_eq!(state.late_events(), 1);
+    }
+
+    proptest::proptest! {
+        /// Nothing the stream can deliver makes the core panic: any times (including the
+        /// extremes), keys, actions and orders, under a small window so scoring runs often.
+        #[test]
+        fn arbitrary_events_never_panic(
+            raw in proptest::collection::vec((proptest::prelude::any::<i64>(), 0u32..6, 0u8..3), 0..300),
+            near in proptest::collection::vec((0i64..5_000_000, 0u32..6, 0u8..3), 0..300),
+        ) {
+            let mut cfg = DetectorConfig::default();
+            cfg.window.min_presses = 3;
+            cfg.window.hop = 1;
+            cfg.rules.min_intervals = 1;
+            let mut d = Detector::new(cfg).unwrap();
+            let action = |a: u8| [KeyAction::Down, KeyAction::Up, KeyAction::Repeat][a as usize];
+            for events in [raw, near] {
+                let mut state = UserState::default();
+                let mut out = Vec::new();
+                for (t, key, a) in events {
+                    d.on_event("u", &mut state, KeyEvent::new(t, key, action(a)), &mut out);
+                }
+                d.close_window("u", &mut state, &mut out);
+                for o in &out {
+                    if let Output::Window(w) = o {
+                        proptest::prop_assert!((0.0..=1.0).contains(&w.score));
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -178,7 +178,7 @@ impl KeyWindow {
         // Keys roll over (the next down before this up), so look back a few presses.
         if let Some(p) = self.presses.iter_mut().rev().take(8).find(|p| p.key == event.key && p.hold_us == HOLD_UNKNOWN)
         {
-            p.hold_us = clamp_hold(event.time_us - p.down_us);
+            p.hold_us = clamp_hold(event.time_us.saturating_sub(p.down_us));
         }
     }
 
