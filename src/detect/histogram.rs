@@ -74,6 +74,10 @@ pub fn lattice_step(diffs: &[i64]) -> i64 {
         c = c.min(b.max(d));
         b = b.min(a.max(d));
         a = a.min(d);
+        // No step at or below this can be a coarse clock (see `on_lattice`): done early.
+        if c <= 2 * MIN_TOLERANCE_US {
+            return 0;
+        }
     }
     best_step(&[diffs], c, count)
 }
@@ -107,8 +111,11 @@ fn best_step<T: Copy + Into<i64>>(groups: &[&[T]], third_smallest: i64, count: u
     (1..=3).map(|k| third_smallest / k).find(|&step| on_lattice(groups, step, count)).unwrap_or(0)
 }
 
+/// The smallest distance to a multiple of the step that still counts as on the lattice.
+const MIN_TOLERANCE_US: i64 = 1_000;
+
 fn on_lattice<T: Copy + Into<i64>>(groups: &[&[T]], step: i64, count: usize) -> bool {
-    let tolerance = (step / 10).max(1_000);
+    let tolerance = (step / 10).max(MIN_TOLERANCE_US);
     if step <= 2 * tolerance {
         return false;
     }
@@ -121,18 +128,17 @@ fn on_lattice<T: Copy + Into<i64>>(groups: &[&[T]], step: i64, count: usize) -> 
     let mut misses = 0;
     let mut first = true;
     for group in groups {
-        let (head, tail) = group.split_at(group.len().min(8));
-        for chunk in std::iter::once(head).chain(tail.chunks(16)) {
-            misses += chunk
-                .iter()
-                .map(|&d| {
-                    let d: i64 = d.into();
-                    let x = d as f64;
-                    // Nearest multiple by truncating x/step + 0.5 (x > 0): `round` is a libm call.
-                    let nearest = ((x * inverse + 0.5) as i64) as f64 * step_f;
-                    usize::from(d > 0 && (x - nearest).abs() > tolerance_f)
-                })
-                .sum::<usize>();
+        let mut rest: &[T] = group;
+        while !rest.is_empty() {
+            let (chunk, tail) = rest.split_at(rest.len().min(if first { 8 } else { 16 }));
+            rest = tail;
+            for &d in chunk {
+                let d: i64 = d.into();
+                let x = d as f64;
+                // Nearest multiple by truncating x/step + 0.5 (x > 0): `round` is a libm call.
+                let nearest = ((x * inverse + 0.5) as i64) as f64 * step_f;
+                misses += usize::from(d > 0 && (x - nearest).abs() > tolerance_f);
+            }
             if misses > allowed_misses || (first && misses * 2 > chunk.len()) {
                 return false;
             }
