@@ -83,7 +83,7 @@ pub struct WindowFeatures {
     pub top_key_share: f64,
     /// Share of intervals that are pauses.
     pub pause_share: f64,
-    /// Auto-repeats per press since the window started.
+    /// Share of auto-repeats among the window's presses and the repeats that followed them.
     pub repeat_share: f64,
     /// Presses in the window.
     pub presses: f64,
@@ -150,9 +150,8 @@ impl WindowFeatures {
 const MAD_TO_SIGMA: f64 = 1.4826;
 const US_PER_MS: f64 = 1000.0;
 
-/// Computes the features of `presses` (oldest first). `repeats` is the auto-repeat count seen
-/// while they were collected.
-pub fn extract(presses: &[Press], repeats: u32, cfg: &FeatureConfig, scratch: &mut Scratch) -> WindowFeatures {
+/// Computes the features of `presses` (oldest first).
+pub fn extract(presses: &[Press], cfg: &FeatureConfig, scratch: &mut Scratch) -> WindowFeatures {
     let mut f = WindowFeatures { presses: presses.len() as f64, ..WindowFeatures::default() };
     if presses.len() < 2 {
         return f;
@@ -224,6 +223,7 @@ pub fn extract(presses: &[Press], repeats: u32, cfg: &FeatureConfig, scratch: &m
     f.key_period = period as f64;
     f.key_period_share = key_share;
     f.timing_period_share = timing_share;
+    let repeats: u32 = presses.iter().map(|p| u32::from(p.repeats)).sum();
     f.repeat_share = f64::from(repeats) / (f64::from(repeats) + presses.len() as f64);
     f
 }
@@ -356,6 +356,7 @@ mod tests {
                 down_us: t,
                 key: keys[i % keys.len()],
                 hold_us: (holds_ms[i % holds_ms.len()] * 1000) as i32,
+                repeats: 0,
             });
             if i < intervals_ms.len() {
                 t += intervals_ms[i] * 1000;
@@ -365,7 +366,7 @@ mod tests {
     }
 
     fn feats(p: &[Press]) -> WindowFeatures {
-        extract(p, 0, &FeatureConfig::default(), &mut Scratch::default())
+        extract(p, &FeatureConfig::default(), &mut Scratch::default())
     }
 
     #[test]

@@ -271,11 +271,10 @@ fn score_window(
     partial: bool,
     out: &mut Vec<Output>,
 ) {
-    let repeats = window.repeats();
     let presses = window.presses();
     let (Some(first), Some(last)) = (presses.first(), presses.last()) else { return };
     let (window_start_us, window_end_us) = (first.down_us, last.down_us);
-    let features = features::extract(presses, repeats, &cfg.features, scratch);
+    let features = features::extract(presses, &cfg.features, scratch);
     window.mark_scored();
     *windows_scored += 1;
     let timing = rules::evaluate(&features, &cfg.rules);

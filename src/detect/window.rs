@@ -80,6 +80,8 @@ pub struct Press {
     pub key: u32,
     /// Hold time in microseconds, or [`HOLD_UNKNOWN`].
     pub hold_us: i32,
+    /// Auto-repeats that followed this press (the key held down), saturating.
+    pub repeats: u16,
 }
 
 impl Press {
@@ -114,8 +116,6 @@ pub struct KeyWindow {
     last_down: Option<(u32, i64)>,
     /// Whether the most recent down may continue an auto-repeat run.
     repeat_run: bool,
-    /// Repeats seen in the presses currently in the window's span (for features).
-    repeats: u32,
 }
 
 impl KeyWindow {
@@ -123,7 +123,7 @@ impl KeyWindow {
     pub fn apply(&mut self, cfg: &WindowConfig, event: KeyEvent) -> Applied {
         match event.action {
             KeyAction::Repeat => {
-                self.repeats = self.repeats.saturating_add(1);
+                self.count_repeat();
                 Applied::Repeat
             }
             KeyAction::Up => {
@@ -136,7 +136,7 @@ impl KeyWindow {
                     self.last_down = Some((event.key, event.time_us));
                     self.repeat_run = run;
                     if repeat {
-                        self.repeats = self.repeats.saturating_add(1);
+                        self.count_repeat();
                         return Applied::Repeat;
                     }
                 }
@@ -144,7 +144,12 @@ impl KeyWindow {
                 if self.presses.len() == cfg.size {
                     self.presses.pop_front();
                 }
-                self.presses.push_back(Press { down_us: event.time_us, key: event.key, hold_us: HOLD_UNKNOWN });
+                self.presses.push_back(Press {
+                    down_us: event.time_us,
+                    key: event.key,
+                    hold_us: HOLD_UNKNOWN,
+                    repeats: 0,
+                });
                 self.since_scored = self.since_scored.saturating_add(1);
                 let warm = self.presses.len() >= cfg.min_presses;
                 if warm && (!self.scored_once || self.since_scored as usize >= cfg.hop) {
@@ -153,6 +158,13 @@ impl KeyWindow {
                     Applied::Press
                 }
             }
+        }
+    }
+
+    /// Repeats belong to the press they follow, so they leave the window with it.
+    fn count_repeat(&mut self) {
+        if let Some(p) = self.presses.back_mut() {
+            p.repeats = p.repeats.saturating_add(1);
         }
     }
 
@@ -208,9 +220,9 @@ impl KeyWindow {
         self.presses.is_empty()
     }
 
-    /// Repeats seen since the window was last reset.
+    /// Auto-repeats that followed the presses now in the window.
     pub fn repeats(&self) -> u32 {
-        self.repeats
+        self.presses.iter().map(|p| u32::from(p.repeats)).sum()
     }
 
     /// Forgets everything (idle close): the next press starts a fresh window.
@@ -220,7 +232,6 @@ impl KeyWindow {
         self.scored_once = false;
         self.last_down = None;
         self.repeat_run = false;
-        self.repeats = 0;
     }
 }
 
@@ -323,6 +334,21 @@ mod tests {
             w.apply(&c, up(i * 45 + 2, 57));
         }
         assert_eq!(w.repeats(), 0);
+    }
+
+    #[test]
+    fn repeats_leave_the_window_with_their_press() {
+        let c = cfg(3, 1, 3);
+        let mut w = KeyWindow::default();
+        w.apply(&c, down(0, 14));
+        w.apply(&c, KeyEvent::new(500_000, 14, KeyAction::Repeat));
+        w.apply(&c, KeyEvent::new(530_000, 14, KeyAction::Repeat));
+        w.apply(&c, up(540, 14));
+        assert_eq!(w.repeats(), 2);
+        for i in 1..=3 {
+            w.apply(&c, down(1000 * i, 20 + i as u32));
+        }
+        assert_eq!(w.repeats(), 0, "the held press was evicted");
     }
 
     #[test]
