@@ -100,6 +100,12 @@ impl DetectorConfig {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct UserState {
     reorder: ordering::ReorderBuffer,
+    /// Everything downstream of ordering, apart so the reorder buffer can feed it.
+    scored: ScoredState,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct ScoredState {
     window: window::KeyWindow,
     policy: PolicyState,
     windows_scored: u64,
@@ -113,7 +119,7 @@ impl UserState {
 
     /// Windows scored so far.
     pub fn windows_scored(&self) -> u64 {
-        self.windows_scored
+        self.scored.windows_scored
     }
 
     /// Time of the newest event seen.
@@ -123,7 +129,7 @@ impl UserState {
 
     /// The policy state (open incident, alerts raised).
     pub fn policy(&self) -> &PolicyState {
-        &self.policy
+        &self.scored.policy
     }
 }
 
@@ -211,13 +217,8 @@ impl Detector {
             self.close_window(user, state, out);
         }
         let grace_us = i64::from(self.cfg.window.grace_ms) * 1000;
-        let Self { cfg, scratch } = self;
-        let UserState { reorder, window, policy, windows_scored } = state;
-        reorder.push(event, grace_us, |e| {
-            if window.apply(&cfg.window, e) == window::Applied::PressDue {
-                score_window(cfg, scratch, user, window, policy, windows_scored, false, out);
-            }
-        })
+        let mut scoring = Scoring { cfg: &self.cfg, scratch: &mut self.scratch, user, out };
+        state.reorder.push(event, grace_us, |e| scoring.apply(&mut state.scored, e))
     }
 
     /// True when `state`'s newest event is at least the idle timeout older than `now_us` (the
@@ -242,67 +243,73 @@ impl Detector {
     /// Closes `user`'s window: releases held events, scores the partial window if it has enough
     /// unscored presses, and starts afresh. Used on idle timeout and at end of input.
     pub fn close_window(&mut self, user: &str, state: &mut UserState, out: &mut Vec<Output>) {
-        let Self { cfg, scratch } = self;
-        let UserState { reorder, window, policy, windows_scored } = state;
-        reorder.flush(|e| {
-            if window.apply(&cfg.window, e) == window::Applied::PressDue {
-                score_window(cfg, scratch, user, window, policy, windows_scored, false, out);
-            }
-        });
-        if window.unscored_presses() > 0 && window.len() >= cfg.window.min_presses {
-            score_window(cfg, scratch, user, window, policy, windows_scored, true, out);
+        let mut scoring = Scoring { cfg: &self.cfg, scratch: &mut self.scratch, user, out };
+        state.reorder.flush(|e| scoring.apply(&mut state.scored, e));
+        let scored = &mut state.scored;
+        if scored.window.unscored_presses() > 0 && scored.window.len() >= self.cfg.window.min_presses {
+            scoring.score(scored, true);
         }
-        let now_us = reorder.newest_us().unwrap_or(0);
-        if policy.on_idle(&cfg.policy, now_us) == Decision::IncidentClosed {
-            out.push(Output::IncidentClosed { at_us: now_us });
+        let now_us = state.reorder.newest_us().unwrap_or(0);
+        if scored.policy.on_idle(&self.cfg.policy, now_us) == Decision::IncidentClosed {
+            scoring.out.push(Output::IncidentClosed { at_us: now_us });
         }
-        window.reset();
+        scored.window.reset();
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn score_window(
-    cfg: &DetectorConfig,
-    scratch: &mut features::Scratch,
-    user: &str,
-    window: &mut window::KeyWindow,
-    policy: &mut PolicyState,
-    windows_scored: &mut u64,
-    partial: bool,
-    out: &mut Vec<Output>,
-) {
-    let presses = window.presses();
-    let (Some(first), Some(last)) = (presses.first(), presses.last()) else { return };
-    let (window_start_us, window_end_us) = (first.down_us, last.down_us);
-    let features = features::extract(presses, &cfg.features, scratch);
-    window.mark_scored();
-    *windows_scored += 1;
-    let timing = rules::evaluate(&features, &cfg.rules);
-    let report = WindowReport {
-        window_start_us,
-        window_end_us,
-        score: timing.score,
-        histogram_score: features.histogram_score,
-        features,
-        fired: timing.fired,
-        suspicious: timing.score >= cfg.policy.threshold,
-        partial,
-    };
-    let decision = policy.on_window(&cfg.policy, window_end_us, timing.score, timing.fired);
-    match decision {
-        Decision::Quiet => out.push(Output::Window(report)),
-        Decision::IncidentClosed => {
-            out.push(Output::Window(report));
-            out.push(Output::IncidentClosed { at_us: window_end_us });
+/// What scoring borrows from the detector and the caller, for one user.
+struct Scoring<'a> {
+    cfg: &'a DetectorConfig,
+    scratch: &'a mut features::Scratch,
+    user: &'a str,
+    out: &'a mut Vec<Output>,
+}
+
+impl Scoring<'_> {
+    /// One released (time-ordered) event into the window; scores the window when it is due.
+    fn apply(&mut self, state: &mut ScoredState, event: KeyEvent) {
+        if state.window.apply(&self.cfg.window, event) == window::Applied::PressDue {
+            self.score(state, false);
         }
-        Decision::Alert(reasons) => {
-            out.push(Output::Window(report.clone()));
-            out.push(Output::Alert(AlertReport {
-                alert_id: alert_id(user, window_start_us, window_end_us, &cfg.model_version),
-                window: report,
-                reasons,
-                model_version: cfg.model_version.clone(),
-            }));
+    }
+
+    /// Scores the window now: features, rules, policy, outputs.
+    fn score(&mut self, state: &mut ScoredState, partial: bool) {
+        let Self { cfg, scratch, user, out } = self;
+        let ScoredState { window, policy, windows_scored } = state;
+        let presses = window.presses();
+        let (Some(first), Some(last)) = (presses.first(), presses.last()) else { return };
+        let (window_start_us, window_end_us) = (first.down_us, last.down_us);
+        let features = features::extract(presses, &cfg.features, scratch);
+        window.mark_scored();
+        *windows_scored += 1;
+        let timing = rules::evaluate(&features, &cfg.rules);
+        let report = WindowReport {
+            window_start_us,
+            window_end_us,
+            score: timing.score,
+            histogram_score: features.histogram_score,
+            features,
+            fired: timing.fired,
+            suspicious: timing.score >= cfg.policy.threshold,
+            partial,
+        };
+        let decision = policy.on_window(&cfg.policy, window_end_us, timing.score, timing.fired);
+        match decision {
+            Decision::Quiet => out.push(Output::Window(report)),
+            Decision::IncidentClosed => {
+                out.push(Output::Window(report));
+                out.push(Output::IncidentClosed { at_us: window_end_us });
+            }
+            Decision::Alert(reasons) => {
+                out.push(Output::Window(report.clone()));
+                out.push(Output::Alert(AlertReport {
+                    alert_id: alert_id(user, window_start_us, window_end_us, &cfg.model_version),
+                    window: report,
+                    reasons,
+                    model_version: cfg.model_version.clone(),
+                }));
+            }
         }
     }
 }
