@@ -450,7 +450,23 @@ mod tests {
     }
 
     #[test]
-    fn names_match_the_array() {
-        assert_eq!(WindowFeatures::NAMES.len(), WindowFeatures::default().to_array().len());
+    fn names_are_the_serialized_field_names_in_array_order() {
+        // Distinct values per field, so a name/array mismatch cannot hide behind equal values.
+        let mut f = WindowFeatures::default();
+        let json = serde_json::to_value(f).unwrap();
+        let fields: Vec<&str> = json.as_object().unwrap().keys().map(String::as_str).collect();
+        let mut sorted_names = WindowFeatures::NAMES.to_vec();
+        sorted_names.sort_unstable();
+        assert_eq!(fields, sorted_names, "serde_json orders keys alphabetically");
+        f = serde_json::from_value(serde_json::Value::Object(
+            WindowFeatures::NAMES
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (n.to_string(), serde_json::json!(i as f64)))
+                .collect(),
+        ))
+        .unwrap();
+        let expected: Vec<f64> = (0..WindowFeatures::NAMES.len()).map(|i| i as f64).collect();
+        assert_eq!(f.to_array().to_vec(), expected);
     }
 }
