@@ -22,7 +22,7 @@ use metronome::macrogen::{self, HoldModel, MacroFamily, MacroSpec};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, clap::ValueEnum)]
 enum Split {
     Tuning,
     Validation,
@@ -79,26 +79,27 @@ fn original_rule_flags(events: &[KeyEvent], threshold: f64) -> bool {
     false
 }
 
+/// Detection figures on real humans and generated macros.
+#[derive(Debug, clap::Parser)]
+struct Args {
+    /// Which users to evaluate.
+    #[arg(long, value_enum, default_value = "validation")]
+    split: Split,
+    /// Generated macro users per family.
+    #[arg(long, default_value_t = 300)]
+    per_family: usize,
+    /// RNG seed for the macro users.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Detector configuration layered over the defaults.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Human keylogs (default: both Aalto files in ../shared/data).
+    files: Vec<PathBuf>,
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let mut args = std::env::args().skip(1);
-    let (mut split, mut per_family, mut seed, mut config, mut files) =
-        (Split::Validation, 300usize, 42u64, None, Vec::new());
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--split" => {
-                split = match args.next().as_deref() {
-                    Some("tuning") => Split::Tuning,
-                    Some("validation") => Split::Validation,
-                    Some("all") => Split::All,
-                    _ => return Err("--split takes tuning, validation or all".into()),
-                }
-            }
-            "--per-family" => per_family = args.next().ok_or("--per-family needs a number")?.parse()?,
-            "--seed" => seed = args.next().ok_or("--seed needs a number")?.parse()?,
-            "--config" => config = Some(PathBuf::from(args.next().ok_or("--config needs a file")?)),
-            _ => files.push(PathBuf::from(a)),
-        }
-    }
+    let Args { split, per_family, seed, config, mut files } = clap::Parser::parse();
     if files.is_empty() {
         files = ["aalto-a-train.csv.gz", "aalto-b-train.csv.gz"]
             .iter()
