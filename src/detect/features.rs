@@ -10,7 +10,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::histogram::{densest_span, lattice_step, lattice_step_sorted};
-use super::window::Press;
+use super::window::{repeats_after, Press};
 
 /// Feature extraction settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -223,7 +223,7 @@ pub fn extract(presses: &[Press], cfg: &FeatureConfig, scratch: &mut Scratch) ->
     f.key_period = period as f64;
     f.key_period_share = key_share;
     f.timing_period_share = timing_share;
-    let repeats: u32 = presses.iter().map(|p| u32::from(p.repeats)).sum();
+    let repeats = repeats_after(presses);
     f.repeat_share = f64::from(repeats) / (f64::from(repeats) + presses.len() as f64);
     f
 }

@@ -108,23 +108,12 @@ pub struct UserState {
 struct ScoredState {
     window: window::KeyWindow,
     policy: PolicyState,
-    windows_scored: u64,
 }
 
 impl UserState {
     /// Events dropped as late.
     pub fn late_events(&self) -> u64 {
         self.reorder.late_events()
-    }
-
-    /// Windows scored so far.
-    pub fn windows_scored(&self) -> u64 {
-        self.scored.windows_scored
-    }
-
-    /// Time of the newest event seen.
-    pub fn newest_event_us(&self) -> Option<i64> {
-        self.reorder.newest_us()
     }
 
     /// The policy state (open incident, alerts raised).
@@ -204,11 +193,6 @@ impl Detector {
         Ok(Self { cfg, scratch: features::Scratch::default() })
     }
 
-    /// The configuration in use.
-    pub fn config(&self) -> &DetectorConfig {
-        &self.cfg
-    }
-
     /// Feeds one event of `user`. A gap of `idle_timeout` in event time first closes the previous
     /// window. Outputs are appended to `out`.
     pub fn on_event(&mut self, user: &str, state: &mut UserState, event: KeyEvent, out: &mut Vec<Output>) -> Admission {
@@ -276,13 +260,12 @@ impl Scoring<'_> {
     /// Scores the window now: features, rules, policy, outputs.
     fn score(&mut self, state: &mut ScoredState, partial: bool) {
         let Self { cfg, scratch, user, out } = self;
-        let ScoredState { window, policy, windows_scored } = state;
+        let ScoredState { window, policy } = state;
         let presses = window.presses();
         let (Some(first), Some(last)) = (presses.first(), presses.last()) else { return };
         let (window_start_us, window_end_us) = (first.down_us, last.down_us);
         let features = features::extract(presses, &cfg.features, scratch);
         window.mark_scored();
-        *windows_scored += 1;
         let timing = rules::evaluate(&features, &cfg.rules);
         let report = WindowReport {
             window_start_us,
@@ -349,9 +332,11 @@ mod tests {
     #[test]
     fn fixed_macro_raises_exactly_one_alert_with_reasons() {
         let mut d = Detector::new(DetectorConfig::default()).unwrap();
-        let out = run(&mut d, &mut UserState::default(), &fixed_macro(200, 0));
+        let mut state = UserState::default();
+        let out = run(&mut d, &mut state, &fixed_macro(200, 0));
         let a = alerts(&out);
         assert_eq!(a.len(), 1);
+        assert!(state.policy().incident().is_some(), "the incident stays open while the macro runs");
         assert!(a[0].reasons.contains(Rule::IntervalHistogram));
         assert_eq!(a[0].window.score, 1.0);
     }

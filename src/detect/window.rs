@@ -131,16 +131,13 @@ impl KeyWindow {
                 Applied::Release
             }
             KeyAction::Down => {
-                if cfg.infer_repeats {
-                    let (repeat, run) = self.classify_same_key(cfg, event);
-                    self.last_down = Some((event.key, event.time_us));
-                    self.repeat_run = run;
-                    if repeat {
-                        self.count_repeat();
-                        return Applied::Repeat;
-                    }
-                }
+                let (repeat, run) = if cfg.infer_repeats { self.classify_same_key(cfg, event) } else { (false, false) };
                 self.last_down = Some((event.key, event.time_us));
+                self.repeat_run = run;
+                if repeat {
+                    self.count_repeat();
+                    return Applied::Repeat;
+                }
                 if self.presses.len() == cfg.size {
                     self.presses.pop_front();
                 }
@@ -222,7 +219,7 @@ impl KeyWindow {
 
     /// Auto-repeats that followed the presses now in the window.
     pub fn repeats(&self) -> u32 {
-        self.presses.iter().map(|p| u32::from(p.repeats)).sum()
+        repeats_after(self.presses.iter())
     }
 
     /// Forgets everything (idle close): the next press starts a fresh window.
@@ -233,6 +230,11 @@ impl KeyWindow {
         self.last_down = None;
         self.repeat_run = false;
     }
+}
+
+/// Auto-repeats that followed `presses`.
+pub fn repeats_after<'a>(presses: impl IntoIterator<Item = &'a Press>) -> u32 {
+    presses.into_iter().map(|p| u32::from(p.repeats)).sum()
 }
 
 fn clamp_hold(us: i64) -> i32 {
