@@ -14,7 +14,7 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use metronome::detect::histogram::naive_bin_share;
-use metronome::detect::{Detector, DetectorConfig, UserState};
+use metronome::detect::{Detector, DetectorConfig, ScoringBatch, UserState};
 use metronome::event::{KeyAction, KeyEvent};
 use metronome::macrogen::{self, MacroFamily, MacroSpec, RecordedPress};
 use rand::{Rng, SeedableRng};
@@ -93,16 +93,20 @@ fn original_rule(events: &[(usize, KeyEvent)]) -> f64 {
 
 fn detector(events: &[(usize, KeyEvent)]) -> usize {
     let mut detector = Detector::new(DetectorConfig::default()).unwrap();
-    let mut states = vec![UserState::default(); USERS];
-    let users: Vec<String> = (0..USERS).map(|u| format!("user-{u}")).collect();
+    let mut users: Vec<(String, UserState)> = (0..USERS).map(|u| (format!("user-{u}"), UserState::default())).collect();
+    let mut batch = ScoringBatch::new(None);
     let mut out = Vec::new();
     let mut outputs = 0;
     for &(user, e) in events {
-        detector.on_event(&users[user], &mut states[user], e, &mut out);
-        outputs += out.len();
-        out.clear();
+        detector.on_event(user, &mut users[user].1, e, &mut batch);
+        if batch.windows() >= 256 {
+            detector.finish(&mut batch, &mut users, None, &mut out).unwrap();
+            outputs += out.len();
+            out.clear();
+        }
     }
-    outputs
+    detector.finish(&mut batch, &mut users, None, &mut out).unwrap();
+    outputs + out.len()
 }
 
 fn bench(c: &mut Criterion) {

@@ -1,58 +1,53 @@
-//! Detection quality on real humans and generated macros: the figures in `docs/detection.md`.
+//! Detection quality on real humans and generated macros: the figures in `docs/detection.md`
+//! and `models/EVAL.md`.
 //!
 //! ```text
-//! cargo run --release --example evaluate -- [--split tuning|validation|all] [--per-family N]
-//!     [--seed S] [--config FILE] [HUMAN_KEYLOG ...]
+//! cargo run --release --example evaluate -- [--split train|validation|test] [--per-family N]
+//!     [--seed S] [--config FILE] [--model embedded|none|MANIFEST] [HUMAN_KEYLOG ...]
 //! ```
-//! Users are split by a stable hash of their id: thresholds are tuned on `tuning` and reported
-//! on `validation`, users the tuning never saw. Humans are the negative class: a human is
-//! flagged when any alert is raised for them. Macro users are generated per family, with human
-//! recordings from the same split as the source for replay and sampling; mixed sessions switch a
-//! macro on after 60-150 human presses and measure presses from onset to the first alert.
+//! Users are split as `metronome::dataset::Split` says: figures are reported on `test`, users
+//! no training or tuning saw. Every user runs twice, with the timing rules alone and with the
+//! configured model combined, so the table shows what the LSTM adds. A human is flagged when any
+//! alert is raised for them. Macro users are generated per family (200 presses), with synthetic
+//! holds and again with holds drawn from a human recording ("humanized"); mixed sessions switch a
+//! macro on after 60-150 human presses and count presses from onset to the first alert.
+//! ROC-AUC is over users: each user's highest window score, humans against macro users.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use metronome::config::Config;
+use metronome::config::{Config, ModelSource};
+use metronome::dataset::{MacroUser, Split};
 use metronome::detect::histogram::naive_bin_share;
-use metronome::detect::{Detector, Output, RuleSet};
+use metronome::detect::{Detector, Output, RuleSet, SequenceScorer};
 use metronome::event::{KeyAction, KeyEvent};
 use metronome::keylog::KeylogReader;
-use metronome::macrogen::{self, HoldModel, MacroFamily, MacroSpec};
+use metronome::lstm::LstmModel;
+use metronome::macrogen::MacroFamily;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-#[derive(Debug, Clone, Copy, PartialEq, clap::ValueEnum)]
-enum Split {
-    Tuning,
-    Validation,
-    All,
-}
-
-fn split_of(user: &str) -> Split {
-    // FNV-1a: stable across runs and platforms, unlike std's hasher.
-    let h = user.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
-    if h % 2 == 0 {
-        Split::Tuning
-    } else {
-        Split::Validation
-    }
-}
-
+/// What one run of one user gave.
+#[derive(Default)]
 struct Outcome {
+    /// (event time, reasons) of each alert.
     alerts: Vec<(i64, RuleSet)>,
     max_score: f64,
+    max_timing: f64,
+    max_lstm: f64,
     windows: u64,
 }
 
-fn run_user(detector: &mut Detector, user: &str, events: &[KeyEvent]) -> Outcome {
-    let outputs = detector.score_recording(user, events);
-    let mut o = Outcome { alerts: Vec::new(), max_score: 0.0, windows: 0 };
+fn run_user(detector: &mut Detector, model: Option<&mut dyn SequenceScorer>, events: &[KeyEvent]) -> Outcome {
+    let outputs = detector.score_recording("user", events, model).expect("model scores");
+    let mut o = Outcome::default();
     for out in outputs {
         match out {
             Output::Window(w) => {
                 o.windows += 1;
                 o.max_score = o.max_score.max(w.score);
+                o.max_timing = o.max_timing.max(w.timing_score);
+                o.max_lstm = o.max_lstm.max(w.lstm_score.unwrap_or(0.0));
             }
             Output::Alert(a) => o.alerts.push((a.window.window_end_us, a.reasons)),
             Output::IncidentClosed { .. } => {}
@@ -79,11 +74,42 @@ fn original_rule_flags(events: &[KeyEvent], threshold: f64) -> bool {
     false
 }
 
+/// ROC-AUC of `pos` against `neg` (Mann-Whitney, ties half).
+fn roc_auc(neg: &[f64], pos: &[f64]) -> f64 {
+    if neg.is_empty() || pos.is_empty() {
+        return f64::NAN;
+    }
+    let mut all: Vec<(f64, bool)> = neg.iter().map(|s| (*s, false)).chain(pos.iter().map(|s| (*s, true))).collect();
+    all.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut rank_sum = 0.0;
+    let mut i = 0;
+    while i < all.len() {
+        let mut j = i;
+        while j + 1 < all.len() && all[j + 1].0 == all[i].0 {
+            j += 1;
+        }
+        let rank = (i + j) as f64 / 2.0 + 1.0;
+        rank_sum += rank * all[i..=j].iter().filter(|x| x.1).count() as f64;
+        i = j + 1;
+    }
+    let (p, n) = (pos.len() as f64, neg.len() as f64);
+    (rank_sum - p * (p + 1.0) / 2.0) / (p * n)
+}
+
+fn median(mut v: Vec<usize>) -> String {
+    v.sort_unstable();
+    v.get(v.len() / 2).map_or("-".to_owned(), |d| d.to_string())
+}
+
+fn pct(n: usize, of: usize) -> f64 {
+    100.0 * n as f64 / of.max(1) as f64
+}
+
 /// Detection figures on real humans and generated macros.
 #[derive(Debug, clap::Parser)]
 struct Args {
     /// Which users to evaluate.
-    #[arg(long, value_enum, default_value = "validation")]
+    #[arg(long, value_enum, default_value = "test")]
     split: Split,
     /// Generated macro users per family.
     #[arg(long, default_value_t = 300)]
@@ -94,149 +120,200 @@ struct Args {
     /// Detector configuration layered over the defaults.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// The LSTM: `embedded`, `none` or a manifest path (default: the configuration's).
+    #[arg(long)]
+    model: Option<String>,
     /// Human keylogs (default: both Aalto files in ../shared/data).
     files: Vec<PathBuf>,
 }
 
+/// Per-user maxima for the ROC table: (combined, timing, lstm).
+#[derive(Default)]
+struct Maxima(Vec<f64>, Vec<f64>, Vec<f64>);
+
+impl Maxima {
+    fn push(&mut self, o: &Outcome) {
+        self.0.push(o.max_score);
+        self.1.push(o.max_timing);
+        self.2.push(o.max_lstm);
+    }
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let Args { split, per_family, seed, config, mut files } = clap::Parser::parse();
+    let Args { split, per_family, seed, config, model, mut files } = clap::Parser::parse();
     if files.is_empty() {
         files = ["aalto-a-train.csv.gz", "aalto-b-train.csv.gz"]
             .iter()
             .map(|f| PathBuf::from("../shared/data").join(f))
             .collect();
     }
-    let cfg = Config::load(config.as_deref())?;
+    let mut cfg = Config::load(config.as_deref())?;
+    if let Some(m) = model {
+        cfg.model.manifest = m;
+    }
     let threshold = cfg.detector.rules.histogram_threshold;
+    let mut lstm = match cfg.model.source() {
+        ModelSource::Embedded => Some(LstmModel::embedded()?),
+        ModelSource::Manifest(p) => Some(LstmModel::load(&p)?),
+        ModelSource::None => None,
+    };
+    let model_name = lstm.as_ref().map_or("none".to_owned(), |m| m.manifest().id());
     let mut detector = Detector::new(cfg.detector)?;
+    let mut both = |detector: &mut Detector, events: &[KeyEvent]| {
+        let timing = run_user(detector, None, events);
+        let combined = run_user(detector, lstm.as_mut().map(|m| m as &mut dyn SequenceScorer), events);
+        (timing, combined)
+    };
 
-    // Humans.
     let mut humans: BTreeMap<String, Vec<KeyEvent>> = BTreeMap::new();
     for f in &files {
         for r in KeylogReader::open(f)? {
             let r = r?;
-            if split == Split::All || split_of(&r.user_id) == split {
+            if Split::of(&r.user_id) == split {
                 humans.entry(r.user_id).or_default().push(r.event);
             }
         }
     }
-    let mut flagged = Vec::new();
-    let mut rule_counts: BTreeMap<&str, usize> = BTreeMap::new();
+    println!("Split `{}`, model `{model_name}`, seed {seed}.\n", split.name());
+
+    // Humans.
+    let (mut flagged, mut flagged_timing, mut original) = (Vec::new(), 0usize, 0usize);
     let (mut windows, mut presses) = (0u64, 0usize);
-    let mut max_scores = Vec::new();
-    let sweep = [0.4, 0.5, threshold];
-    let mut original_flagged = [0usize; 3];
+    let mut human_max = Maxima::default();
     for (user, events) in &humans {
-        for (count, t) in original_flagged.iter_mut().zip(sweep) {
-            *count += usize::from(original_rule_flags(events, t));
-        }
+        original += usize::from(original_rule_flags(events, threshold));
         presses += events.iter().filter(|e| e.action == KeyAction::Down).count();
-        let o = run_user(&mut detector, user, events);
-        windows += o.windows;
-        max_scores.push(o.max_score);
-        if !o.alerts.is_empty() {
-            let reasons = o.alerts.iter().fold(RuleSet::EMPTY, |a, (_, r)| a.union(*r));
-            for n in reasons.names() {
-                *rule_counts.entry(n).or_default() += 1;
-            }
+        let (timing, combined) = both(&mut detector, events);
+        windows += combined.windows;
+        human_max.push(&combined);
+        flagged_timing += usize::from(!timing.alerts.is_empty());
+        if !combined.alerts.is_empty() {
+            let reasons = combined.alerts.iter().fold(RuleSet::EMPTY, |a, (_, r)| a.union(*r));
             flagged.push((user.clone(), reasons.names()));
         }
     }
-    max_scores.sort_by(f64::total_cmp);
-    let q = |p: f64| max_scores[((max_scores.len() - 1) as f64 * p) as usize];
-    println!("## Humans ({} users, {} presses, {} windows)\n", humans.len(), presses, windows);
-    println!(
-        "- flagged: {} of {} ({:.3} %)",
-        flagged.len(),
-        humans.len(),
-        100.0 * flagged.len() as f64 / humans.len().max(1) as f64
-    );
-    println!(
-        "- per-user max window score: median {:.3}, p99 {:.3}, p99.9 {:.3}, max {:.3}",
-        q(0.5),
-        q(0.99),
-        q(0.999),
-        q(1.0)
-    );
-    println!("- rules behind flags: {rule_counts:?}");
-    let sweep_text: Vec<String> = sweep.iter().zip(original_flagged).map(|(t, n)| format!("{n} at {t}")).collect();
-    println!(
-        "- the original rule (fixed 10 ms bins, no repeat or clock handling, same windows, 2-of-3) flags: {}",
-        sweep_text.join(", ")
-    );
+    println!("## Humans\n");
+    println!("{} users, {presses} presses, {windows} windows.\n", humans.len());
+    println!("| scorer | users flagged | share |");
+    println!("|---|---|---|");
+    println!("| timing rules alone | {flagged_timing} | {:.3} % |", pct(flagged_timing, humans.len()));
+    println!("| timing + LSTM (shipped) | {} | {:.3} % |", flagged.len(), pct(flagged.len(), humans.len()));
+    println!("| original rule (10 ms bins, at {threshold}) | {original} | {:.3} % |", pct(original, humans.len()));
     for (u, r) in flagged.iter().take(15) {
         eprintln!("flagged human {u}: {r:?}");
     }
 
-    // Macros.
-    let recordings: Vec<(&String, &Vec<KeyEvent>)> = humans.iter().collect();
+    // Macro users.
+    let recordings: Vec<&Vec<KeyEvent>> = humans.values().collect();
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    for humanized in [false, true] {
-        if humanized {
-            println!("\n## Humanized holds (same families, holds drawn from the human recording)\n");
-            println!("Not a target for timing rules: what the LSTM issue has to close.\n");
-        } else {
-            println!("\n## Macro users ({per_family} per family, 200 presses each)\n");
-        }
-        println!("| family | caught | recall | median presses to alert | original rule at {threshold} |");
-        println!("|---|---|---|---|---|");
-        for family in MacroFamily::ALL {
-            let (mut caught, mut original) = (0, 0);
-            let mut delays = Vec::new();
-            for i in 0..per_family {
-                let (_, rec) = recordings[rng.random_range(0..recordings.len())];
-                let mut spec = MacroSpec::random(family, &mut rng);
-                if humanized {
-                    spec.hold = HoldModel::Recorded;
-                }
-                let start = 1_600_000_000_000_000 + i as i64 * 1_000_000_000;
-                let events = macrogen::generate(&spec, &macrogen::recorded_presses(rec), start, 200, &mut rng);
-                let o = run_user(&mut detector, "macro", &events);
-                original += usize::from(original_rule_flags(&events, threshold));
-                if o.alerts.is_empty() && std::env::var_os("EVAL_DEBUG").is_some() {
-                    eprintln!("missed {}: {spec:?} max score {:.3}", family.name(), o.max_score);
-                }
-                if let Some((at, _)) = o.alerts.first() {
-                    caught += 1;
-                    delays.push(events.iter().filter(|e| e.action == KeyAction::Down && e.time_us <= *at).count());
-                }
+    let mut macro_max = Maxima::default();
+    let mut auc_rows = Vec::new();
+    println!("\n## Macro users ({per_family} per family, 200 presses each; a third with humanized holds)\n");
+    println!("| family | recall (timing + LSTM) | timing alone | original rule | humanized holds: recall | timing alone | median presses to alert | alerts by scorer (histogram / lstm / both) |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for family in MacroFamily::ALL {
+        let (mut caught, mut caught_timing, mut orig, mut total) = (0, 0, 0, 0);
+        let (mut h_caught, mut h_timing, mut h_total) = (0, 0, 0);
+        let mut delays = Vec::new();
+        let mut by_scorer = [0usize; 3];
+        let mut family_max = Maxima::default();
+        for i in 0..per_family {
+            let rec = recordings[rng.random_range(0..recordings.len())];
+            let start = 1_600_000_000_000_000 + i as i64 * 1_000_000_000;
+            let m = MacroUser::generate(family, rec, start, 200, &mut rng);
+            let (timing, combined) = both(&mut detector, &m.events);
+            family_max.push(&combined);
+            macro_max.push(&combined);
+            orig += usize::from(original_rule_flags(&m.events, threshold));
+            total += 1;
+            caught_timing += usize::from(!timing.alerts.is_empty());
+            if m.humanized_holds {
+                h_total += 1;
+                h_timing += usize::from(!timing.alerts.is_empty());
             }
-            delays.sort_unstable();
-            let median = delays.get(delays.len() / 2).map_or("-".to_owned(), |d| d.to_string());
-            println!(
-                "| {} | {caught}/{per_family} | {:.1} % | {median} | {:.1} % |",
-                family.name(),
-                100.0 * caught as f64 / per_family as f64,
-                100.0 * original as f64 / per_family as f64
-            );
+            if let Some((at, reasons)) = combined.alerts.first() {
+                caught += 1;
+                h_caught += usize::from(m.humanized_holds);
+                delays.push(m.events.iter().filter(|e| e.action == KeyAction::Down && e.time_us <= *at).count());
+                let scorers = reasons.scorers();
+                by_scorer[match scorers.as_slice() {
+                    ["histogram"] => 0,
+                    ["lstm"] => 1,
+                    _ => 2,
+                }] += 1;
+            }
         }
+        println!(
+            "| {} | {:.1} % | {:.1} % | {:.1} % | {:.1} % ({h_caught}/{h_total}) | {:.1} % | {} | {} / {} / {} |",
+            family.name(),
+            pct(caught, total),
+            pct(caught_timing, total),
+            pct(orig, total),
+            pct(h_caught, h_total),
+            pct(h_timing, h_total),
+            median(delays),
+            by_scorer[0],
+            by_scorer[1],
+            by_scorer[2],
+        );
+        auc_rows.push((
+            family.name(),
+            roc_auc(&human_max.0, &family_max.0),
+            roc_auc(&human_max.1, &family_max.1),
+            roc_auc(&human_max.2, &family_max.2),
+        ));
     }
 
+    println!("\n## ROC-AUC over users (each user's highest window score, humans against macro users)\n");
+    println!("| macro users | combined | timing rules | LSTM |");
+    println!("|---|---|---|---|");
+    for (name, c, t, l) in &auc_rows {
+        println!("| {name} | {c:.4} | {t:.4} | {l:.4} |");
+    }
+    println!(
+        "| all families | {:.4} | {:.4} | {:.4} |",
+        roc_auc(&human_max.0, &macro_max.0),
+        roc_auc(&human_max.1, &macro_max.1),
+        roc_auc(&human_max.2, &macro_max.2)
+    );
+
     println!("\n## Mixed sessions (human, then a macro from a random family)\n");
-    let (mut caught, mut total, mut delays, mut before_onset) = (0, 0, Vec::new(), 0);
+    let (mut caught, mut caught_timing, mut before_onset, mut delays, mut delays_timing) =
+        (0, 0, 0, Vec::new(), Vec::new());
     for _ in 0..per_family {
-        let (_, rec) = recordings[rng.random_range(0..recordings.len())];
+        let rec = recordings[rng.random_range(0..recordings.len())];
         let family = MacroFamily::ALL[rng.random_range(0..MacroFamily::ALL.len())];
-        let spec = MacroSpec::random(family, &mut rng);
         let onset = rng.random_range(60..150);
-        let (events, onset_us) = macrogen::human_then_macro(rec, onset, &spec, 200, &mut rng);
-        let o = run_user(&mut detector, "mixed", &events);
-        total += 1;
-        if o.alerts.iter().any(|(at, _)| *at < onset_us) {
-            before_onset += 1;
-        }
-        if let Some((at, _)) = o.alerts.iter().find(|(at, _)| *at >= onset_us) {
+        let m = MacroUser::mixed(family, rec, onset, 200, &mut rng);
+        let (timing, combined) = both(&mut detector, &m.events);
+        let after = |o: &Outcome| o.alerts.iter().find(|(at, _)| *at >= m.onset_us).map(|(at, _)| *at);
+        let presses_to = |at: i64| {
+            m.events
+                .iter()
+                .filter(|e| e.action == KeyAction::Down && e.time_us >= m.onset_us && e.time_us <= at)
+                .count()
+        };
+        before_onset += usize::from(combined.alerts.iter().any(|(at, _)| *at < m.onset_us));
+        if let Some(at) = after(&combined) {
             caught += 1;
-            delays.push(
-                events
-                    .iter()
-                    .filter(|e| e.action == KeyAction::Down && e.time_us >= onset_us && e.time_us <= *at)
-                    .count(),
-            );
+            delays.push(presses_to(at));
+        }
+        if let Some(at) = after(&timing) {
+            caught_timing += 1;
+            delays_timing.push(presses_to(at));
         }
     }
-    delays.sort_unstable();
-    let median = delays.get(delays.len() / 2).copied().unwrap_or(0);
-    println!("- caught after onset: {caught}/{total}; alerts before onset: {before_onset}; median presses from onset to alert: {median}");
+    println!("| scorer | caught after onset | alerts before onset | median presses from onset to alert |");
+    println!("|---|---|---|---|");
+    println!(
+        "| timing + LSTM | {caught}/{per_family} ({:.1} %) | {before_onset} | {} |",
+        pct(caught, per_family),
+        median(delays)
+    );
+    println!(
+        "| timing rules alone | {caught_timing}/{per_family} ({:.1} %) | - | {} |",
+        pct(caught_timing, per_family),
+        median(delays_timing)
+    );
     Ok(())
 }

@@ -24,6 +24,47 @@ pub const ENV_PREFIX: &str = "METRONOME_";
 pub struct Config {
     /// Detection core settings.
     pub detector: DetectorConfig,
+    /// The LSTM window scorer.
+    pub model: ModelConfig,
+}
+
+/// Which sequence model scores windows beside the timing rules.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// `embedded` (the model shipped in the binary), `none` (timing rules only) or the path of
+    /// a model manifest (`models/<name>-<version>.json`, its ONNX file beside it).
+    pub manifest: String,
+    /// How often a running processor checks the manifest file for a new version, seconds.
+    pub reload_check_s: u64,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self { manifest: "embedded".to_owned(), reload_check_s: 10 }
+    }
+}
+
+/// Where the sequence model comes from, as [`ModelConfig::manifest`] says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// The shipped model compiled into the binary.
+    Embedded,
+    /// No model: the timing rules alone.
+    None,
+    /// A manifest file.
+    Manifest(std::path::PathBuf),
+}
+
+impl ModelConfig {
+    /// The source named by `manifest`.
+    pub fn source(&self) -> ModelSource {
+        match self.manifest.trim() {
+            "embedded" => ModelSource::Embedded,
+            "none" | "" => ModelSource::None,
+            path => ModelSource::Manifest(path.into()),
+        }
+    }
 }
 
 /// Why the configuration could not be loaded.
@@ -78,6 +119,8 @@ mod tests {
     fn embedded_defaults_match_the_code_defaults() {
         let cfg = Config::load_with_env(None, no_env()).unwrap();
         assert_eq!(cfg.detector, DetectorConfig::default());
+        assert_eq!(cfg.model, ModelConfig::default());
+        assert_eq!(cfg.model.source(), ModelSource::Embedded);
     }
 
     #[test]

@@ -21,9 +21,11 @@
 //! - [`proto`]: the Protobuf wire format (`proto/`).
 
 pub mod config;
+pub mod dataset;
 pub mod detect;
 pub mod event;
 pub mod keylog;
+pub mod lstm;
 pub mod macrogen;
 pub mod proto;
 pub mod score;

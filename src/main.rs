@@ -7,9 +7,10 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand};
-use metronome::config::Config;
-use metronome::detect::Detector;
+use metronome::config::{Config, ModelSource};
+use metronome::detect::{Detector, SequenceScorer};
 use metronome::keylog::{self, KeylogReader, KeylogWriter};
+use metronome::lstm::LstmModel;
 use metronome::macrogen::MacroFamily;
 use metronome::score::{self, BadRows, OutputSelection, ScoreError};
 use metronome::simulate::{self, SimulationPlan};
@@ -41,6 +42,10 @@ enum Command {
         /// Print alert records only, not every window.
         #[arg(long)]
         alerts_only: bool,
+        /// The LSTM scorer: `embedded`, `none` or a model manifest path (default: the
+        /// configuration's `model.manifest`).
+        #[arg(long, value_name = "embedded|none|MANIFEST")]
+        model: Option<String>,
     },
     /// Write synthetic traffic as a keylog CSV: replayed real humans plus macro users.
     Simulate {
@@ -100,7 +105,13 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<(), String> {
     let config = Config::load(cli.config.as_deref()).map_err(|e| e.to_string())?;
     match cli.command {
-        Command::Score { input, skip_bad_rows, alerts_only } => run_score(config, &input, skip_bad_rows, alerts_only),
+        Command::Score { input, skip_bad_rows, alerts_only, model } => {
+            let mut config = config;
+            if let Some(m) = model {
+                config.model.manifest = m;
+            }
+            run_score(config, &input, skip_bad_rows, alerts_only)
+        }
         Command::Simulate { humans, output, users, macro_share, families, mixed, macro_presses, seed } => {
             let plan = SimulationPlan {
                 users: users as usize,
@@ -118,6 +129,11 @@ fn run(cli: Cli) -> Result<(), String> {
 
 fn run_score(config: Config, input: &Path, skip_bad_rows: bool, alerts_only: bool) -> Result<(), String> {
     let mut detector = Detector::new(config.detector).map_err(|e| e.to_string())?;
+    let mut model = match config.model.source() {
+        ModelSource::Embedded => Some(LstmModel::embedded().map_err(|e| e.to_string())?),
+        ModelSource::Manifest(path) => Some(LstmModel::load(&path).map_err(|e| e.to_string())?),
+        ModelSource::None => None,
+    };
     let started = Instant::now();
     // Progress every million rows, for people watching a terminal; never into pipes or logs.
     let show_progress = io::stderr().is_terminal();
@@ -131,12 +147,21 @@ fn run_score(config: Config, input: &Path, skip_bad_rows: bool, alerts_only: boo
     let select = OutputSelection { windows: !alerts_only };
     let mut out = BufWriter::with_capacity(1 << 16, io::stdout().lock());
     let mut reported = 0u32;
-    let result = score::score_records(&mut detector, reader, bad_rows, select, &mut out, |e| {
-        reported += 1;
-        if reported <= 20 {
-            eprintln!("metronome: skipped {e}");
-        }
-    });
+    let result = score::score_records(
+        &mut detector,
+        model.as_mut().map(|m| m as &mut dyn SequenceScorer),
+        reader,
+        bad_rows,
+        select,
+        &mut out,
+        |e| {
+            reported += 1;
+            if reported <= 20 {
+                eprintln!("metronome: skipped {e}");
+            }
+        },
+        |e| eprintln!("metronome: {e}; those windows were scored on timing alone"),
+    );
     let summary = match result {
         Ok(s) => s,
         // A closed pipe (`| head`) is the reader's choice, not a failure.

@@ -59,16 +59,76 @@ fn score_flags_the_macro_users_and_only_them() {
 
     // The stable fields other tools read.
     let window = records.iter().find(|r| r["kind"] == "window").unwrap();
-    for field in ["user_id", "event_time_us", "score", "histogram_score", "features", "fired"] {
+    for field in
+        ["user_id", "event_time_us", "score", "timing_score", "histogram_score", "lstm_score", "features", "fired"]
+    {
         assert!(!window[field].is_null(), "window lacks {field}");
     }
-    let score = window["score"].as_f64().unwrap();
-    assert!((0.0..=1.0).contains(&score));
+    // The combined score is the larger of the two scorers'.
+    for w in records.iter().filter(|r| r["kind"] == "window") {
+        let (score, timing, lstm) =
+            (w["score"].as_f64().unwrap(), w["timing_score"].as_f64().unwrap(), w["lstm_score"].as_f64().unwrap());
+        assert!((0.0..=1.0).contains(&score));
+        assert_eq!(score, timing.max(lstm));
+    }
     let alert = records.iter().find(|r| r["kind"] == "alert").unwrap();
-    for field in ["user_id", "event_time_us", "alert_id", "reasons", "score", "histogram_score", "model_version"] {
+    for field in [
+        "user_id",
+        "event_time_us",
+        "alert_id",
+        "reasons",
+        "scorers",
+        "score",
+        "histogram_score",
+        "lstm_score",
+        "model_version",
+    ] {
         assert!(!alert[field].is_null(), "alert lacks {field}");
     }
     assert!(!alert["reasons"].as_array().unwrap().is_empty());
+    assert_eq!(alert["model_version"], "timing-1+keystroke-lstm-1.0.0");
+    let scorers: Vec<&str> = alert["scorers"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+    assert!(!scorers.is_empty() && scorers.iter().all(|s| ["histogram", "lstm"].contains(s)), "{scorers:?}");
+}
+
+#[test]
+fn the_model_can_be_chosen_or_switched_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = simulate(dir.path(), &[]);
+    let timing_only = metronome().args(["score", "--model", "none", "--input"]).arg(&sim).assert().success();
+    let records = json_lines(&timing_only.get_output().stdout);
+    assert!(records.iter().filter(|r| r["kind"] == "window").all(|w| w["lstm_score"].is_null()));
+    let alert = records.iter().find(|r| r["kind"] == "alert").unwrap();
+    assert_eq!(alert["model_version"], "timing-1");
+    assert_eq!(alert["scorers"], serde_json::json!(["histogram"]));
+
+    // The shipped manifest by path scores exactly as the embedded copy.
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/keystroke-lstm-1.0.0.json");
+    let by_path = metronome().args(["score", "--input"]).arg(&sim).arg("--model").arg(&shipped).assert().success();
+    let embedded = metronome()
+        .args(["score", "--input"])
+        .arg(&sim)
+        .env("METRONOME_MODEL__MANIFEST", "embedded")
+        .assert()
+        .success();
+    assert_eq!(by_path.get_output().stdout, embedded.get_output().stdout);
+
+    // A model that does not match its manifest stops the run with one line and status 1.
+    let manifest: Value = serde_json::from_slice(&std::fs::read(&shipped).unwrap()).unwrap();
+    let file = manifest["file"].as_str().unwrap();
+    std::fs::write(dir.path().join(file), b"not an onnx model").unwrap();
+    std::fs::copy(&shipped, dir.path().join("m.json")).unwrap();
+    let out = metronome()
+        .args(["score", "--input"])
+        .arg(&sim)
+        .arg("--model")
+        .arg(dir.path().join("m.json"))
+        .assert()
+        .code(1)
+        .stdout("");
+    let stderr = String::from_utf8_lossy(&out.get_output().stderr).to_string();
+    assert!(stderr.contains("refusing to load"), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
 }
 
 #[test]

@@ -2,7 +2,7 @@
 
 mod common;
 
-use metronome::detect::{Detector, DetectorConfig, Output, UserState};
+use metronome::detect::{Detector, DetectorConfig, Output};
 use metronome::event::KeyEvent;
 use metronome::keylog::{self, KeylogReader, UserEvents};
 use metronome::macrogen::{self, MacroFamily, MacroSpec};
@@ -16,7 +16,7 @@ fn load(name: &str, users: usize) -> Vec<UserEvents> {
 
 /// Alerts raised for one user's events, windows closed at the end as `score` does.
 fn alerts_for(detector: &mut Detector, user: &str, events: &[KeyEvent]) -> usize {
-    detector.score_recording(user, events).iter().filter(|o| matches!(o, Output::Alert(_))).count()
+    detector.score_recording(user, events, None).unwrap().iter().filter(|o| matches!(o, Output::Alert(_))).count()
 }
 
 #[test]
@@ -61,11 +61,7 @@ fn a_macro_switched_on_mid_session_is_caught_after_its_onset_only() {
     for (_, human) in &recordings {
         let spec = MacroSpec::random(MacroFamily::GaussianJitter, &mut rng);
         let (events, onset_us) = macrogen::human_then_macro(human, 80, &spec, 150, &mut rng);
-        let mut state = UserState::default();
-        let mut out = Vec::new();
-        for e in &events {
-            detector.on_event("mixed", &mut state, *e, &mut out);
-        }
+        let out = detector.score_recording("mixed", &events, None).unwrap();
         let alert_times: Vec<i64> = out
             .iter()
             .filter_map(|o| if let Output::Alert(a) = o { Some(a.window.window_end_us) } else { None })

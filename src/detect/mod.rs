@@ -9,17 +9,21 @@
 //! - [`window`]: the sliding window of the last W presses, scoring cadence, auto-repeat.
 //! - [`histogram`]: the interval histogram, robust to bin edges and coarse clocks.
 //! - [`features`]: the timing feature vector of a window.
-//! - [`rules`]: features to a combined score and the rules that fired.
+//! - [`rules`]: features to a timing score and the rules that fired.
+//! - [`sequence`]: the per-press encoding the LSTM reads, and the [`SequenceScorer`] seam.
 //! - [`policy`]: k-of-n confirmation, incidents, cool-down.
 //!
-//! Per event: reorder -> window (press / release / repeat) -> when due: features -> rules ->
-//! policy -> [`Output`]s.
+//! Per event: reorder -> window (press / release / repeat) -> when due: features -> rules,
+//! and the window encoded into the poll's [`ScoringBatch`]. Per poll ([`Detector::finish`]): the
+//! sequence model over every window of the batch at once -> combined score -> policy ->
+//! [`Output`]s, in event order per user.
 
 pub mod features;
 pub mod histogram;
 pub mod ordering;
 pub mod policy;
 pub mod rules;
+pub mod sequence;
 pub mod window;
 
 use serde::{Deserialize, Serialize};
@@ -29,6 +33,7 @@ pub use features::{FeatureConfig, WindowFeatures};
 pub use ordering::Admission;
 pub use policy::{Decision, PolicyConfig, PolicyState};
 pub use rules::{Rule, RuleConfig, RuleSet};
+pub use sequence::{SequenceError, SequenceScorer};
 pub use window::WindowConfig;
 
 /// Everything the detector is configured with.
@@ -129,13 +134,17 @@ pub struct WindowReport {
     pub window_start_us: i64,
     /// Down time of the window's last press: the window's event time.
     pub window_end_us: i64,
-    /// Combined score the policy acted on, 0..1.
+    /// Combined score the policy acted on, 0..1: the larger of the timing and LSTM scores.
     pub score: f64,
+    /// The timing rules' score, 0..1.
+    pub timing_score: f64,
     /// The robust interval-histogram score, 0..1.
     pub histogram_score: f64,
+    /// The sequence model's score, 0..1 (0.5 = its operating threshold); `None` without a model.
+    pub lstm_score: Option<f64>,
     /// The feature vector.
     pub features: WindowFeatures,
-    /// Rules that fired.
+    /// Reasons that fired: timing rules, and [`Rule::Lstm`].
     pub fired: RuleSet,
     /// Whether the window counted as suspicious.
     pub suspicious: bool,
@@ -150,9 +159,9 @@ pub struct AlertReport {
     pub alert_id: uuid::Uuid,
     /// The window that confirmed the incident.
     pub window: WindowReport,
-    /// Rules that fired over the confirming windows.
+    /// Reasons that fired over the confirming windows ([`RuleSet::scorers`] names the scorers).
     pub reasons: RuleSet,
-    /// The scoring logic's version.
+    /// The scoring logic's version: the timing rules' and, with a model, the model's.
     pub model_version: String,
 }
 
@@ -179,6 +188,81 @@ pub fn alert_id(user: &str, window_start_us: i64, window_end_us: i64, model_vers
     uuid::Uuid::new_v5(&ALERT_ID_NAMESPACE, name.as_bytes())
 }
 
+/// A user as [`Detector::finish`] needs one: the id alerts carry and the state the policy runs
+/// on. Callers keep the users a batch touched in a slice and refer to them by index ("slot").
+pub trait UserSlot {
+    /// The user id.
+    fn user_id(&self) -> &str;
+    /// The user's state.
+    fn state(&mut self) -> &mut UserState;
+}
+
+impl UserSlot for (String, UserState) {
+    fn user_id(&self) -> &str {
+        &self.0
+    }
+    fn state(&mut self) -> &mut UserState {
+        &mut self.1
+    }
+}
+
+/// Work between [`Detector::on_event`] and [`Detector::finish`]: windows the timing rules have
+/// scored, their encoded steps for the sequence model, and idle closes, in event order. One per
+/// poll: the sequence model then runs once over every window of the poll, across users.
+#[derive(Debug, Default)]
+pub struct ScoringBatch {
+    /// Steps per window the sequence model reads; `None`: timing rules only.
+    steps: Option<usize>,
+    pending: Vec<Pending>,
+    inputs: Vec<f32>,
+    windows: usize,
+    scores: Vec<f32>,
+}
+
+#[derive(Debug)]
+struct Pending {
+    slot: usize,
+    action: PendingAction,
+}
+
+// Windows are the common case and the queue is reused across polls: boxing them would add an
+// allocation per window to save space only on the rare idle markers.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+enum PendingAction {
+    Window(WindowReport),
+    Idle { at_us: i64 },
+}
+
+impl ScoringBatch {
+    /// A batch for a sequence model reading `steps` steps per window, or for the timing rules
+    /// alone (`None`).
+    pub fn new(steps: Option<usize>) -> Self {
+        Self { steps, ..Self::default() }
+    }
+
+    /// Windows waiting for [`Detector::finish`].
+    pub fn windows(&self) -> usize {
+        self.pending.iter().filter(|p| matches!(p.action, PendingAction::Window(_))).count()
+    }
+
+    /// True when nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// The encoded windows waiting, back to back (what the sequence model will read).
+    pub fn encoded(&self) -> &[f32] {
+        &self.inputs
+    }
+
+    fn clear(&mut self) {
+        self.pending.clear();
+        self.inputs.clear();
+        self.windows = 0;
+    }
+}
+
 /// Runs users' events through the core. One per thread or task; cheap to create.
 #[derive(Debug)]
 pub struct Detector {
@@ -193,15 +277,26 @@ impl Detector {
         Ok(Self { cfg, scratch: features::Scratch::default() })
     }
 
-    /// Feeds one event of `user`. A gap of `idle_timeout` in event time first closes the previous
-    /// window. Outputs are appended to `out`.
-    pub fn on_event(&mut self, user: &str, state: &mut UserState, event: KeyEvent, out: &mut Vec<Output>) -> Admission {
+    /// The configuration.
+    pub fn config(&self) -> &DetectorConfig {
+        &self.cfg
+    }
+
+    /// Feeds one event of the user in `slot`. A gap of `idle_timeout` in event time first closes
+    /// the previous window. Windows that come due wait in `batch` for [`Detector::finish`].
+    pub fn on_event(
+        &mut self,
+        slot: usize,
+        state: &mut UserState,
+        event: KeyEvent,
+        batch: &mut ScoringBatch,
+    ) -> Admission {
         let idle_us = i64::from(self.cfg.window.idle_timeout_ms) * 1000;
         if state.reorder.newest_us().is_some_and(|newest| event.time_us.saturating_sub(newest) >= idle_us) {
-            self.close_window(user, state, out);
+            self.close_window(slot, state, batch);
         }
         let grace_us = i64::from(self.cfg.window.grace_ms) * 1000;
-        let mut scoring = Scoring { cfg: &self.cfg, scratch: &mut self.scratch, user, out };
+        let mut scoring = Scoring { cfg: &self.cfg, scratch: &mut self.scratch, slot, batch };
         state.reorder.push(event, grace_us, |e| scoring.apply(&mut state.scored, e))
     }
 
@@ -212,32 +307,120 @@ impl Detector {
         state.reorder.newest_us().is_some_and(|newest| now_us.saturating_sub(newest) >= idle_us)
     }
 
-    /// Runs all of one user's `events` from a fresh state and closes the window at the end, as
-    /// the offline scorer does at end of input. For evaluation and tests over whole recordings.
-    pub fn score_recording(&mut self, user: &str, events: &[KeyEvent]) -> Vec<Output> {
-        let mut state = UserState::default();
-        let mut out = Vec::new();
-        for e in events {
-            self.on_event(user, &mut state, *e, &mut out);
-        }
-        self.close_window(user, &mut state, &mut out);
-        out
-    }
-
-    /// Closes `user`'s window: releases held events, scores the partial window if it has enough
-    /// unscored presses, and starts afresh. Used on idle timeout and at end of input.
-    pub fn close_window(&mut self, user: &str, state: &mut UserState, out: &mut Vec<Output>) {
-        let mut scoring = Scoring { cfg: &self.cfg, scratch: &mut self.scratch, user, out };
+    /// Closes the window of the user in `slot`: releases held events, scores the partial window
+    /// if it has enough unscored presses, and starts afresh. Used on idle timeout and at end of
+    /// input.
+    pub fn close_window(&mut self, slot: usize, state: &mut UserState, batch: &mut ScoringBatch) {
+        let mut scoring = Scoring { cfg: &self.cfg, scratch: &mut self.scratch, slot, batch };
         state.reorder.flush(|e| scoring.apply(&mut state.scored, e));
         let scored = &mut state.scored;
         if scored.window.unscored_presses() > 0 && scored.window.len() >= self.cfg.window.min_presses {
             scoring.score(scored, true);
         }
-        let now_us = state.reorder.newest_us().unwrap_or(0);
-        if scored.policy.on_idle(&self.cfg.policy, now_us) == Decision::IncidentClosed {
-            scoring.out.push(Output::IncidentClosed { at_us: now_us });
-        }
+        let at_us = state.reorder.newest_us().unwrap_or(0);
+        scoring.batch.pending.push(Pending { slot, action: PendingAction::Idle { at_us } });
         scored.window.reset();
+    }
+
+    /// Scores the batch's windows with `model` (one call for all of them), combines the scores,
+    /// runs each user's alert policy in event order and appends `(slot, output)` pairs to `out`.
+    /// The batch is empty afterwards. If the model fails, every window is still decided, on the
+    /// timing rules alone, and the error is returned for the caller to report.
+    pub fn finish<U: UserSlot>(
+        &mut self,
+        batch: &mut ScoringBatch,
+        users: &mut [U],
+        model: Option<&mut dyn SequenceScorer>,
+        out: &mut Vec<(usize, Output)>,
+    ) -> Result<(), SequenceError> {
+        let mut result = Ok(());
+        let mut lstm_version = None;
+        batch.scores.clear();
+        if let Some(model) = model {
+            if batch.windows > 0 {
+                result = match batch.steps {
+                    Some(steps) if steps == model.steps() => {
+                        model.score(&batch.inputs, batch.windows, &mut batch.scores)
+                    }
+                    _ => Err(SequenceError("the batch was encoded for another step count".to_owned())),
+                };
+                if result.is_err() || batch.scores.len() != batch.windows {
+                    batch.scores.clear();
+                }
+            }
+            if result.is_ok() {
+                lstm_version = Some(model.version().to_owned());
+            }
+        }
+        let model_version = match &lstm_version {
+            Some(v) => format!("{}+{v}", self.cfg.model_version),
+            None => self.cfg.model_version.clone(),
+        };
+        let policy_cfg = &self.cfg.policy;
+        let mut next_score = batch.scores.iter().map(|s| f64::from(*s).clamp(0.0, 1.0));
+        for Pending { slot, action } in batch.pending.drain(..) {
+            let Some(user) = users.get_mut(slot) else { continue };
+            match action {
+                PendingAction::Idle { at_us } => {
+                    if user.state().scored.policy.on_idle(policy_cfg, at_us) == Decision::IncidentClosed {
+                        out.push((slot, Output::IncidentClosed { at_us }));
+                    }
+                }
+                PendingAction::Window(mut report) => {
+                    report.lstm_score = next_score.next();
+                    if let Some(lstm) = report.lstm_score {
+                        report.score = report.score.max(lstm);
+                        if lstm >= 0.5 {
+                            report.fired.insert(Rule::Lstm);
+                        }
+                    }
+                    report.suspicious = report.score >= policy_cfg.threshold;
+                    let end_us = report.window_end_us;
+                    let policy = &mut user.state().scored.policy;
+                    match policy.on_window(policy_cfg, end_us, report.score, report.fired) {
+                        Decision::Quiet => out.push((slot, Output::Window(report))),
+                        Decision::IncidentClosed => {
+                            out.push((slot, Output::Window(report)));
+                            out.push((slot, Output::IncidentClosed { at_us: end_us }));
+                        }
+                        Decision::Alert(reasons) => {
+                            let id = alert_id(user.user_id(), report.window_start_us, end_us, &model_version);
+                            out.push((slot, Output::Window(report.clone())));
+                            out.push((
+                                slot,
+                                Output::Alert(AlertReport {
+                                    alert_id: id,
+                                    window: report,
+                                    reasons,
+                                    model_version: model_version.clone(),
+                                }),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        batch.clear();
+        result
+    }
+
+    /// Runs all of one user's `events` from a fresh state and closes the window at the end, as
+    /// the offline scorer does at end of input. For evaluation and tests over whole recordings.
+    pub fn score_recording(
+        &mut self,
+        user: &str,
+        events: &[KeyEvent],
+        model: Option<&mut dyn SequenceScorer>,
+    ) -> Result<Vec<Output>, SequenceError> {
+        let mut users = [(user.to_owned(), UserState::default())];
+        let mut batch = ScoringBatch::new(model.as_ref().map(|m| m.steps()));
+        for e in events {
+            self.on_event(0, &mut users[0].1, *e, &mut batch);
+        }
+        self.close_window(0, &mut users[0].1, &mut batch);
+        let mut out = Vec::new();
+        self.finish(&mut batch, &mut users, model, &mut out)?;
+        Ok(out.into_iter().map(|(_, o)| o).collect())
     }
 }
 
@@ -245,8 +428,8 @@ impl Detector {
 struct Scoring<'a> {
     cfg: &'a DetectorConfig,
     scratch: &'a mut features::Scratch,
-    user: &'a str,
-    out: &'a mut Vec<Output>,
+    slot: usize,
+    batch: &'a mut ScoringBatch,
 }
 
 impl Scoring<'_> {
@@ -257,43 +440,32 @@ impl Scoring<'_> {
         }
     }
 
-    /// Scores the window now: features, rules, policy, outputs.
+    /// Scores the window's timing now and queues it for the sequence model and the policy.
     fn score(&mut self, state: &mut ScoredState, partial: bool) {
-        let Self { cfg, scratch, user, out } = self;
-        let ScoredState { window, policy } = state;
-        let presses = window.presses();
+        let Self { cfg, scratch, slot, batch } = self;
+        let presses = state.window.presses();
         let (Some(first), Some(last)) = (presses.first(), presses.last()) else { return };
         let (window_start_us, window_end_us) = (first.down_us, last.down_us);
         let features = features::extract(presses, &cfg.features, scratch);
-        window.mark_scored();
+        if let Some(steps) = batch.steps {
+            sequence::encode_window(presses, steps, &mut batch.inputs);
+            batch.windows += 1;
+        }
+        state.window.mark_scored();
         let timing = rules::evaluate(&features, &cfg.rules);
         let report = WindowReport {
             window_start_us,
             window_end_us,
             score: timing.score,
+            timing_score: timing.score,
             histogram_score: features.histogram_score,
+            lstm_score: None,
             features,
             fired: timing.fired,
-            suspicious: timing.score >= cfg.policy.threshold,
+            suspicious: false,
             partial,
         };
-        let decision = policy.on_window(&cfg.policy, window_end_us, timing.score, timing.fired);
-        match decision {
-            Decision::Quiet => out.push(Output::Window(report)),
-            Decision::IncidentClosed => {
-                out.push(Output::Window(report));
-                out.push(Output::IncidentClosed { at_us: window_end_us });
-            }
-            Decision::Alert(reasons) => {
-                out.push(Output::Window(report.clone()));
-                out.push(Output::Alert(AlertReport {
-                    alert_id: alert_id(user, window_start_us, window_end_us, &cfg.model_version),
-                    window: report,
-                    reasons,
-                    model_version: cfg.model_version.clone(),
-                }));
-            }
-        }
+        batch.pending.push(Pending { slot: *slot, action: PendingAction::Window(report) });
     }
 }
 
@@ -317,12 +489,126 @@ mod tests {
         macrogen::generate(&spec, &[], start_us, presses, &mut ChaCha8Rng::seed_from_u64(1))
     }
 
+    /// Feeds `events` as one batch of user "u1" and finishes it without a model.
     fn run(detector: &mut Detector, state: &mut UserState, events: &[KeyEvent]) -> Vec<Output> {
-        let mut out = Vec::new();
+        let mut users = [("u1".to_owned(), std::mem::take(state))];
+        let mut batch = ScoringBatch::new(None);
         for e in events {
-            detector.on_event("u1", state, *e, &mut out);
+            detector.on_event(0, &mut users[0].1, *e, &mut batch);
         }
-        out
+        let mut out = Vec::new();
+        detector.finish(&mut batch, &mut users, None, &mut out).unwrap();
+        *state = std::mem::take(&mut users[0].1);
+        out.into_iter().map(|(_, o)| o).collect()
+    }
+
+    /// A sequence model that gives every window the same score and counts its calls.
+    struct FixedModel {
+        score: f32,
+        steps: usize,
+        calls: usize,
+    }
+
+    impl SequenceScorer for FixedModel {
+        fn version(&self) -> &str {
+            "fixed-1"
+        }
+        fn steps(&self) -> usize {
+            self.steps
+        }
+        fn score(&mut self, inputs: &[f32], windows: usize, out: &mut Vec<f32>) -> Result<(), SequenceError> {
+            self.calls += 1;
+            assert_eq!(inputs.len(), windows * self.steps * sequence::STEP_WIDTH);
+            if self.score < 0.0 {
+                return Err(SequenceError("broken".to_owned()));
+            }
+            out.extend(std::iter::repeat_n(self.score, windows));
+            Ok(())
+        }
+    }
+
+    fn human_like(presses: usize) -> Vec<KeyEvent> {
+        // Irregular intervals and holds over many keys: no timing rule fires.
+        let mut t = 0;
+        let mut events = Vec::new();
+        for i in 0..presses as i64 {
+            let key = 16 + ((i * 7) % 26) as u32;
+            let hold = 60_000 + (i * 7_919) % 50_000;
+            events.push(KeyEvent::new(t, key, KeyAction::Down));
+            events.push(KeyEvent::new(t + hold, key, KeyAction::Up));
+            t += 120_000 + (i * i * 104_729) % 230_000;
+        }
+        events.sort_by_key(|e| e.time_us);
+        events
+    }
+
+    #[test]
+    fn one_model_call_scores_every_window_of_a_batch_across_users() {
+        let mut d = Detector::new(DetectorConfig::default()).unwrap();
+        let mut users = vec![("a".to_owned(), UserState::default()), ("b".to_owned(), UserState::default())];
+        let mut batch = ScoringBatch::new(Some(50));
+        let (a, b) = (human_like(120), human_like(90));
+        for (slot, events) in [(0, &a), (1, &b)] {
+            for e in events {
+                d.on_event(slot, &mut users[slot].1, *e, &mut batch);
+            }
+            // Releases the events still inside the reordering grace.
+            d.close_window(slot, &mut users[slot].1, &mut batch);
+        }
+        let windows = batch.windows();
+        assert_eq!(windows, 10 + 7);
+        assert_eq!(batch.encoded().len(), windows * 50 * sequence::STEP_WIDTH);
+        let mut model = FixedModel { score: 0.9, steps: 50, calls: 0 };
+        let mut out = Vec::new();
+        d.finish(&mut batch, &mut users, Some(&mut model), &mut out).unwrap();
+        assert_eq!(model.calls, 1);
+        assert!(batch.is_empty());
+        let alerts: Vec<(usize, &AlertReport)> =
+            out.iter().filter_map(|(s, o)| if let Output::Alert(a) = o { Some((*s, a)) } else { None }).collect();
+        assert_eq!(alerts.len(), 2, "each user confirmed by the model alone");
+        for (slot, alert) in alerts {
+            assert_eq!(alert.reasons.names(), ["lstm"]);
+            assert_eq!(alert.reasons.scorers(), ["lstm"]);
+            assert_eq!(alert.model_version, "timing-1+fixed-1");
+            assert_eq!(alert.window.lstm_score, Some(0.9f32 as f64));
+            assert!(alert.window.timing_score < 0.5);
+            assert_eq!(alert.window.score, alert.window.lstm_score.unwrap());
+            assert_eq!(
+                alert.alert_id,
+                alert_id(&users[slot].0, alert.window.window_start_us, alert.window.window_end_us, "timing-1+fixed-1")
+            );
+        }
+    }
+
+    #[test]
+    fn a_low_model_score_never_lowers_the_timing_score() {
+        let mut d = Detector::new(DetectorConfig::default()).unwrap();
+        let mut model = FixedModel { score: 0.1, steps: 50, calls: 0 };
+        let out = d.score_recording("u", &fixed_macro(100, 0), Some(&mut model)).unwrap();
+        let a = alerts(&out);
+        assert_eq!(a.len(), 1);
+        assert_eq!(a[0].window.score, 1.0);
+        assert_eq!(a[0].reasons.scorers(), ["histogram"]);
+        let human = d.score_recording("u", &human_like(200), Some(&mut model)).unwrap();
+        assert!(alerts(&human).is_empty());
+    }
+
+    #[test]
+    fn a_failing_model_still_decides_every_window_on_timing() {
+        let mut d = Detector::new(DetectorConfig::default()).unwrap();
+        let events = fixed_macro(100, 0);
+        let plain = d.score_recording("u", &events, None).unwrap();
+        let mut broken = FixedModel { score: -1.0, steps: 50, calls: 0 };
+        let mut users = [("u".to_owned(), UserState::default())];
+        let mut batch = ScoringBatch::new(Some(50));
+        for e in &events {
+            d.on_event(0, &mut users[0].1, *e, &mut batch);
+        }
+        d.close_window(0, &mut users[0].1, &mut batch);
+        let mut out = Vec::new();
+        assert!(d.finish(&mut batch, &mut users, Some(&mut broken), &mut out).is_err());
+        let outputs: Vec<Output> = out.into_iter().map(|(_, o)| o).collect();
+        assert_eq!(outputs, plain, "same decisions, same ids as without a model");
     }
 
     fn alerts(out: &[Output]) -> Vec<&AlertReport> {
@@ -397,13 +683,12 @@ mod tests {
         let mut d = Detector::new(cfg.clone()).unwrap();
         let mut state = UserState::default();
         // 35 presses: one hop-scored window at 30, five unscored presses left.
-        let mut out = run(&mut d, &mut state, &fixed_macro(35, 0));
+        let out = run(&mut d, &mut state, &fixed_macro(35, 0));
         let scored = |o: &[Output]| o.iter().filter(|o| matches!(o, Output::Window(_))).count();
         assert_eq!(scored(&out), 1);
         // The next event comes after the idle timeout: the partial window is scored first.
         let later = i64::from(cfg.window.idle_timeout_ms) * 1000 + 10_000_000;
-        out.clear();
-        d.on_event("u1", &mut state, KeyEvent::new(later, 9, KeyAction::Down), &mut out);
+        let out = run(&mut d, &mut state, &[KeyEvent::new(later, 9, KeyAction::Down)]);
         let partial: Vec<&WindowReport> =
             out.iter().filter_map(|o| if let Output::Window(w) = o { Some(w) } else { None }).collect();
         assert_eq!(partial.len(), 1);
@@ -416,7 +701,7 @@ mod tests {
         let mut d = Detector::new(DetectorConfig::default()).unwrap();
         let mut state = UserState::default();
         assert!(!d.is_idle(&state, 0), "a user never seen is not idle");
-        d.on_event("u1", &mut state, KeyEvent::new(1_000_000, 1, KeyAction::Down), &mut Vec::new());
+        run(&mut d, &mut state, &[KeyEvent::new(1_000_000, 1, KeyAction::Down)]);
         assert!(!d.is_idle(&state, 5_000_000));
         assert!(d.is_idle(&state, 11_000_000));
     }
@@ -446,12 +731,9 @@ mod tests {
             let mut d = Detector::new(cfg).unwrap();
             let action = |a: u8| [KeyAction::Down, KeyAction::Up, KeyAction::Repeat][a as usize];
             for events in [raw, near] {
-                let mut state = UserState::default();
-                let mut out = Vec::new();
-                for (t, key, a) in events {
-                    d.on_event("u", &mut state, KeyEvent::new(t, key, action(a)), &mut out);
-                }
-                d.close_window("u", &mut state, &mut out);
+                let events: Vec<KeyEvent> = events.into_iter().map(|(t, key, a)| KeyEvent::new(t, key, action(a))).collect();
+                let mut model = FixedModel { score: 0.7, steps: 50, calls: 0 };
+                let out = d.score_recording("u", &events, Some(&mut model)).unwrap();
                 for o in &out {
                     if let Output::Window(w) = o {
                         proptest::prop_assert!((0.0..=1.0).contains(&w.score));

@@ -48,7 +48,7 @@ impl Default for RuleConfig {
     }
 }
 
-/// A timing rule.
+/// A reason a window counts as suspicious: a timing rule, or the sequence model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Rule {
@@ -62,12 +62,29 @@ pub enum Rule {
     HoldTiny,
     /// The same keys recur with the same timing: a replayed loop or a timed rotation.
     SequenceLoop,
+    /// The sequence model (LSTM) scored the window at or above its operating threshold.
+    Lstm,
 }
 
 impl Rule {
-    /// Every rule, in bit order.
-    pub const ALL: [Rule; 5] =
-        [Rule::IntervalHistogram, Rule::IntervalRegular, Rule::HoldConstant, Rule::HoldTiny, Rule::SequenceLoop];
+    /// Every reason, in bit order.
+    pub const ALL: [Rule; 6] = [
+        Rule::IntervalHistogram,
+        Rule::IntervalRegular,
+        Rule::HoldConstant,
+        Rule::HoldTiny,
+        Rule::SequenceLoop,
+        Rule::Lstm,
+    ];
+
+    /// The scorer behind this reason: `histogram` for the timing rules over the
+    /// inter-key-interval histogram and holds, `lstm` for the sequence model.
+    pub fn scorer(self) -> &'static str {
+        match self {
+            Rule::Lstm => "lstm",
+            _ => "histogram",
+        }
+    }
 
     /// The name used in outputs.
     pub fn name(self) -> &'static str {
@@ -77,6 +94,7 @@ impl Rule {
             Rule::HoldConstant => "hold_constant",
             Rule::HoldTiny => "hold_tiny",
             Rule::SequenceLoop => "sequence_loop",
+            Rule::Lstm => "lstm",
         }
     }
 
@@ -121,6 +139,13 @@ impl RuleSet {
     /// The names of the rules in the set.
     pub fn names(self) -> Vec<&'static str> {
         self.iter().map(Rule::name).collect()
+    }
+
+    /// The scorers behind the set's reasons, each once: `histogram`, `lstm`.
+    pub fn scorers(self) -> Vec<&'static str> {
+        let mut out: Vec<&'static str> = self.iter().map(Rule::scorer).collect();
+        out.dedup();
+        out
     }
 }
 

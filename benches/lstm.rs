@@ -1,0 +1,130 @@
+//! The LSTM scorer's cost: batched inference, the two state designs, and `metronome score` end
+//! to end with and without the model.
+//!
+//! ```text
+//! cargo bench --bench lstm
+//! ```
+//! - `lstm/window/{1,64}`: whole 50-step windows from a zero state (the shipped design), one
+//!   call per batch; throughput in windows.
+//! - `lstm/carried/64`: the same weights fed only the hop's 10 new steps from a carried hidden
+//!   state (the alternative design); throughput in windows (each window = 10 events).
+//! - `score/{timing,timing_lstm}`: `score_records` over a 1,000,000-event keylog file (real
+//!   human typing from ../shared/data, repeated as needed); throughput in events. The
+//!   timing-only run is the baseline the model's cost is read against.
+
+use std::hint::black_box;
+use std::io::{self, BufRead};
+use std::path::PathBuf;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use metronome::dataset::{self};
+use metronome::detect::sequence::STEP_WIDTH;
+use metronome::detect::{Detector, DetectorConfig, SequenceScorer};
+use metronome::keylog::KeylogReader;
+use metronome::lstm::LstmModel;
+use metronome::score::{self, BadRows, OutputSelection};
+
+const EVENTS: usize = 1_000_000;
+
+fn shared_data(name: &str) -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data").join(name);
+    assert!(path.is_file(), "{} missing: the benchmark replays real typing (see README, 'Data')", path.display());
+    path
+}
+
+/// Real encoded windows: every window of the first users of subset A.
+fn real_windows(count: usize) -> Vec<f32> {
+    let reader = KeylogReader::open(&shared_data("aalto-a-train.csv.gz")).unwrap();
+    let users = metronome::keylog::group_by_user(reader, |_| true, Some(60)).unwrap();
+    let mut detector = Detector::new(DetectorConfig::default()).unwrap();
+    let mut out = Vec::new();
+    for (_, events) in users.iter().cycle() {
+        for w in dataset::encoded_windows(&mut detector, events, 50) {
+            out.extend_from_slice(&w.steps);
+            if out.len() >= count * 50 * STEP_WIDTH {
+                return out;
+            }
+        }
+    }
+    unreachable!("cycle never ends")
+}
+
+/// A 1,000,000-row keylog CSV of real typing (users repeated with new ids as needed).
+fn million_event_file(dir: &std::path::Path) -> PathBuf {
+    let path = dir.join("million.csv");
+    let mut out = io::BufWriter::new(std::fs::File::create(&path).unwrap());
+    use std::io::Write;
+    writeln!(out, "user_id,session_id,event_time_us,key_code,action").unwrap();
+    let mut written = 0;
+    for round in 0.. {
+        let file = flate2::read::GzDecoder::new(std::fs::File::open(shared_data("aalto-a-train.csv.gz")).unwrap());
+        for line in io::BufReader::new(file).lines().skip(1) {
+            let line = line.unwrap();
+            writeln!(out, "r{round}{line}").unwrap();
+            written += 1;
+            if written == EVENTS {
+                return path;
+            }
+        }
+    }
+    unreachable!()
+}
+
+fn bench(c: &mut Criterion) {
+    let mut model = LstmModel::embedded().unwrap();
+    let windows = real_windows(64);
+    let mut group = c.benchmark_group("lstm");
+    for batch in [1usize, 64] {
+        let inputs = &windows[..batch * 50 * STEP_WIDTH];
+        group.throughput(Throughput::Elements(batch as u64));
+        let mut out = Vec::with_capacity(batch);
+        group.bench_function(format!("window/{batch}"), |b| {
+            b.iter(|| {
+                out.clear();
+                model.score(black_box(inputs), batch, &mut out).unwrap();
+                black_box(out[0])
+            })
+        });
+    }
+    let hidden = model.manifest().input.hidden;
+    let carried = model.carried(10, 64).unwrap();
+    let hop_inputs = vec![0.1f32; 10 * 64 * STEP_WIDTH];
+    let (mut h, mut c_state) = (vec![0.0f32; 64 * hidden], vec![0.0f32; 64 * hidden]);
+    group.throughput(Throughput::Elements(64));
+    group.bench_function("carried/64", |b| {
+        b.iter(|| black_box(carried.advance(black_box(&hop_inputs), 64, &mut h, &mut c_state).unwrap()[0]))
+    });
+    group.finish();
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = million_event_file(dir.path());
+    let mut group = c.benchmark_group("score");
+    group.throughput(Throughput::Elements(EVENTS as u64));
+    group.sample_size(10);
+    for with_model in [false, true] {
+        let name = if with_model { "timing_lstm" } else { "timing" };
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let mut detector = Detector::new(DetectorConfig::default()).unwrap();
+                let reader = KeylogReader::open(&file).unwrap();
+                let m = if with_model { Some(&mut model as &mut dyn SequenceScorer) } else { None };
+                let summary = score::score_records(
+                    &mut detector,
+                    m,
+                    reader,
+                    BadRows::Stop,
+                    OutputSelection { windows: true },
+                    &mut io::sink(),
+                    |_| {},
+                    |_| {},
+                )
+                .unwrap();
+                black_box(summary.windows)
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,427 @@
+//! The LSTM window scorer: a shipped ONNX model run with tract, behind the core's
+//! [`SequenceScorer`] seam.
+//!
+//! A model is a manifest (`models/<name>-<version>.json`) beside its ONNX file. Loading checks,
+//! in order: the manifest parses; the ONNX file's sha256 matches the manifest (a mismatch is
+//! refused: a half-copied or tampered model must never score anyone); the step features the
+//! model was trained on are exactly the ones this build encodes; tract can plan the graph.
+//!
+//! Windows arrive batched (one call per poll, across users). Each is scaled as the manifest
+//! says, laid out `[steps, batch, features]` for ONNX's LSTM, and run from a zero initial state;
+//! the probability is mapped so the manifest's operating threshold lands on 0.5, the policy's
+//! threshold.
+//!
+//! [`ReloadingModel`] watches the manifest file and swaps in a new version without a restart;
+//! a new version that fails to load is reported and the old one keeps scoring.
+//!
+//! # Layout
+//! - [`Manifest`]: what the training pipeline writes beside the model.
+//! - [`LstmModel`]: a loaded, verified, planned model.
+//! - [`ReloadingModel`]: a model that follows its manifest file.
+//! - [`EMBEDDED_MANIFEST`] / [`LstmModel::embedded`]: the shipped model, compiled in.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tract_onnx::prelude::*;
+
+use crate::detect::sequence::{STEP_FEATURES, STEP_WIDTH};
+use crate::detect::{SequenceError, SequenceScorer};
+
+/// The shipped model's manifest, compiled into the binary.
+pub const EMBEDDED_MANIFEST: &str = include_str!("../models/keystroke-lstm-1.0.0.json");
+/// The shipped model's ONNX file, compiled into the binary.
+pub const EMBEDDED_ONNX: &[u8] = include_bytes!("../models/keystroke-lstm-1.0.0.onnx");
+/// Where the shipped manifest lives in the repository (for error messages and tests).
+pub const SHIPPED_MANIFEST_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/keystroke-lstm-1.0.0.json");
+
+/// Why a model cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The manifest is not valid JSON of the expected shape.
+    #[error("invalid model manifest {path}: {source}")]
+    Manifest {
+        /// The manifest.
+        path: PathBuf,
+        /// The cause.
+        source: serde_json::Error,
+    },
+    /// The ONNX file is not the one the manifest describes.
+    #[error("model file {path} has sha256 {actual}, but its manifest says {expected}: refusing to load it")]
+    ChecksumMismatch {
+        /// The ONNX file.
+        path: PathBuf,
+        /// From the manifest.
+        expected: String,
+        /// Of the file.
+        actual: String,
+    },
+    /// The model reads inputs this build does not produce.
+    #[error("model {model} does not fit this build: {problem}")]
+    Incompatible {
+        /// Name and version.
+        model: String,
+        /// What differs.
+        problem: String,
+    },
+    /// tract could not load or plan the graph.
+    #[error("model {model} cannot be run: {message}")]
+    Runtime {
+        /// Name and version.
+        model: String,
+        /// tract's message.
+        message: String,
+    },
+}
+
+/// The model's manifest (the fields the scorer needs; training details are kept as written).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Manifest {
+    /// Model name.
+    pub name: String,
+    /// Model version.
+    pub version: String,
+    /// The ONNX file, relative to the manifest.
+    pub file: String,
+    /// Hex sha256 of the ONNX file.
+    pub sha256: String,
+    /// Input specification.
+    pub input: InputSpec,
+    /// Feature scaling.
+    pub scaling: Scaling,
+    /// Probability at which a window counts as suspicious.
+    pub threshold: f32,
+    /// Validation figures, as the training script wrote them.
+    #[serde(default)]
+    pub validation: serde_json::Value,
+}
+
+/// What the model reads.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct InputSpec {
+    /// Steps per window.
+    pub steps: usize,
+    /// Names of the per-step features, in order.
+    pub step_features: Vec<String>,
+    /// LSTM hidden size (shape of the state inputs).
+    pub hidden: usize,
+}
+
+/// Per-feature standardisation of real steps.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Scaling {
+    /// Subtracted.
+    pub mean: Vec<f32>,
+    /// Divided by.
+    pub std: Vec<f32>,
+}
+
+impl Manifest {
+    /// `name-version`, as alerts carry it.
+    pub fn id(&self) -> String {
+        format!("{}-{}", self.name, self.version)
+    }
+
+    fn check(&self) -> Result<(), ModelError> {
+        let fail = |problem: String| Err(ModelError::Incompatible { model: self.id(), problem });
+        if self.input.step_features != STEP_FEATURES {
+            return fail(format!(
+                "it reads step features {:?}, this build encodes {:?}",
+                self.input.step_features, STEP_FEATURES
+            ));
+        }
+        if self.scaling.mean.len() != STEP_WIDTH || self.scaling.std.len() != STEP_WIDTH {
+            return fail(format!("scaling must have {STEP_WIDTH} values per list"));
+        }
+        if self.scaling.std.iter().any(|s| !s.is_finite() || *s <= 0.0)
+            || self.scaling.mean.iter().any(|m| !m.is_finite())
+        {
+            return fail("scaling values must be finite, std positive".to_owned());
+        }
+        if !(self.threshold > 0.0 && self.threshold < 1.0) {
+            return fail("threshold must be within (0, 1)".to_owned());
+        }
+        if self.input.steps == 0 || self.input.steps > 1024 || self.input.hidden == 0 || self.input.hidden > 4096 {
+            return fail("steps and hidden size out of range".to_owned());
+        }
+        Ok(())
+    }
+}
+
+type Plan = TypedRunnableModel<TypedModel>;
+
+/// Batch sizes the model is planned for. tract runs a graph with concrete shapes about five
+/// times faster than one with a symbolic batch (measured in `benches/lstm.rs`), so a batch is cut
+/// into chunks of the largest size and the last chunk is padded up to the next size here.
+pub const BATCH_CLASSES: [usize; 7] = [1, 2, 4, 8, 16, 32, 64];
+
+/// A loaded, verified model, ready to score batches.
+#[derive(Debug, Clone)]
+pub struct LstmModel {
+    manifest: Arc<Manifest>,
+    id: String,
+    onnx: Arc<[u8]>,
+    /// Plans by batch size, built on first use.
+    plans: Vec<(usize, Arc<Plan>)>,
+    /// Reused `[steps, batch, features]` input buffer.
+    scratch: Vec<f32>,
+}
+
+impl LstmModel {
+    /// Loads the manifest at `path` and the ONNX file it names.
+    pub fn load(path: &Path) -> Result<Self, ModelError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.to_owned(), source })?;
+        let manifest: Manifest =
+            serde_json::from_str(&text).map_err(|source| ModelError::Manifest { path: path.to_owned(), source })?;
+        let onnx_path = path.parent().unwrap_or(Path::new(".")).join(&manifest.file);
+        let onnx = std::fs::read(&onnx_path).map_err(|source| ModelError::Io { path: onnx_path.clone(), source })?;
+        Self::from_parts(manifest, &onnx, &onnx_path)
+    }
+
+    /// The shipped model compiled into the binary (verified like any other).
+    pub fn embedded() -> Result<Self, ModelError> {
+        let path = PathBuf::from(SHIPPED_MANIFEST_PATH);
+        let manifest: Manifest =
+            serde_json::from_str(EMBEDDED_MANIFEST).map_err(|source| ModelError::Manifest { path, source })?;
+        Self::from_parts(manifest, EMBEDDED_ONNX, Path::new("<embedded model>"))
+    }
+
+    fn from_parts(manifest: Manifest, onnx: &[u8], onnx_path: &Path) -> Result<Self, ModelError> {
+        let actual = hex::encode(Sha256::digest(onnx));
+        if !actual.eq_ignore_ascii_case(manifest.sha256.trim()) {
+            return Err(ModelError::ChecksumMismatch {
+                path: onnx_path.to_owned(),
+                expected: manifest.sha256.clone(),
+                actual,
+            });
+        }
+        manifest.check()?;
+        let id = manifest.id();
+        // Plan the single-window size now, so a graph tract cannot run is refused at load.
+        let single = plan(&manifest, onnx, 1, manifest.input.steps)
+            .map_err(|e| ModelError::Runtime { model: id.clone(), message: format!("{e:#}") })?;
+        Ok(Self {
+            manifest: Arc::new(manifest),
+            id,
+            onnx: onnx.into(),
+            plans: vec![(1, Arc::new(single))],
+            scratch: Vec::new(),
+        })
+    }
+
+    /// The manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Raw probabilities for `windows` encoded windows (before the threshold mapping).
+    pub fn probabilities(&mut self, inputs: &[f32], windows: usize) -> TractResult<Vec<f32>> {
+        let steps = self.manifest.input.steps;
+        anyhow::ensure!(inputs.len() == windows * steps * STEP_WIDTH, "inputs do not match the window count");
+        let mut probs = Vec::with_capacity(windows);
+        for chunk in inputs.chunks(BATCH_CLASSES[BATCH_CLASSES.len() - 1] * steps * STEP_WIDTH) {
+            let n = chunk.len() / (steps * STEP_WIDTH);
+            let class = BATCH_CLASSES.iter().copied().find(|c| *c >= n).unwrap_or(n);
+            let out = self.run_chunk(chunk, n, class)?;
+            probs.extend_from_slice(&out[..n]);
+        }
+        Ok(probs)
+    }
+
+    /// Runs `n` windows padded to a batch of `class` through the plan for that batch size.
+    fn run_chunk(&mut self, chunk: &[f32], n: usize, class: usize) -> TractResult<Vec<f32>> {
+        let steps = self.manifest.input.steps;
+        let hidden = self.manifest.input.hidden;
+        // [window][step][feature] -> [step][window][feature], scaled; padding stays zero.
+        let Scaling { mean, std } = &self.manifest.scaling;
+        self.scratch.clear();
+        self.scratch.resize(steps * class * STEP_WIDTH, 0.0);
+        for (w, window) in chunk.chunks_exact(steps * STEP_WIDTH).enumerate() {
+            for (s, step) in window.chunks_exact(STEP_WIDTH).enumerate() {
+                if step[0] <= 0.5 {
+                    continue;
+                }
+                let at = (s * class + w) * STEP_WIDTH;
+                for (f, v) in step.iter().enumerate() {
+                    self.scratch[at + f] = (v - mean[f]) / std[f];
+                }
+            }
+        }
+        debug_assert!(n <= class);
+        let plan = match self.plans.iter().find(|(size, _)| *size == class) {
+            Some((_, plan)) => plan.clone(),
+            None => {
+                let plan = Arc::new(plan(&self.manifest, &self.onnx, class, steps)?);
+                self.plans.push((class, plan.clone()));
+                plan
+            }
+        };
+        let x = Tensor::from_shape(&[steps, class, STEP_WIDTH], &self.scratch)?;
+        let zeros = Tensor::zero::<f32>(&[1, class, hidden])?;
+        let out = plan.run(tvec!(x.into_tvalue(), zeros.clone().into_tvalue(), zeros.into_tvalue()))?;
+        Ok(out[0].as_slice::<f32>()?.to_vec())
+    }
+
+    /// Maps a probability to a score with the operating threshold at 0.5.
+    pub fn calibrate(&self, p: f32) -> f32 {
+        let t = self.manifest.threshold;
+        let p = if p.is_finite() { p.clamp(0.0, 1.0) } else { 0.0 };
+        if p < t {
+            p / t * 0.5
+        } else {
+            0.5 + (p - t) / (1.0 - t) * 0.5
+        }
+    }
+}
+
+/// The same weights run the other way: a few new steps at a time from a carried hidden state,
+/// instead of the whole window from zeros. The stream would keep `h` and `c` per user in its
+/// state store; one step per event instead of `steps` per hop. Built for the benchmark that
+/// compares the two designs.
+#[derive(Debug)]
+pub struct CarriedStateLstm {
+    plan: Plan,
+    steps: usize,
+    hidden: usize,
+}
+
+impl CarriedStateLstm {
+    /// Runs `steps` already-scaled steps (`[steps, batch, features]`) for `batch` users from
+    /// their states `h` and `c` (`[1, batch, hidden]` each), replacing the states with the new
+    /// ones and returning the probabilities.
+    pub fn advance(&self, inputs: &[f32], batch: usize, h: &mut Vec<f32>, c: &mut Vec<f32>) -> TractResult<Vec<f32>> {
+        let x = Tensor::from_shape(&[self.steps, batch, STEP_WIDTH], inputs)?;
+        let h0 = Tensor::from_shape(&[1, batch, self.hidden], h)?;
+        let c0 = Tensor::from_shape(&[1, batch, self.hidden], c)?;
+        let out = self.plan.run(tvec!(x.into_tvalue(), h0.into_tvalue(), c0.into_tvalue()))?;
+        h.clear();
+        h.extend_from_slice(out[1].as_slice::<f32>()?);
+        c.clear();
+        c.extend_from_slice(out[2].as_slice::<f32>()?);
+        Ok(out[0].as_slice::<f32>()?.to_vec())
+    }
+}
+
+impl LstmModel {
+    /// The carried-state runner for `steps` new steps per call (the hop) and `batch` users.
+    pub fn carried(&self, steps: usize, batch: usize) -> Result<CarriedStateLstm, ModelError> {
+        let plan = plan(&self.manifest, &self.onnx, batch, steps)
+            .map_err(|e| ModelError::Runtime { model: self.id.clone(), message: format!("{e:#}") })?;
+        Ok(CarriedStateLstm { plan, steps, hidden: self.manifest.input.hidden })
+    }
+}
+
+/// Plans the graph for `steps` steps and a batch of `batch` windows.
+fn plan(manifest: &Manifest, onnx: &[u8], batch: usize, steps: usize) -> TractResult<Plan> {
+    let mut model = tract_onnx::onnx()
+        .with_ignore_output_shapes(true)
+        .with_ignore_output_types(true)
+        .model_for_read(&mut &onnx[..])?;
+    let batch = TDim::from(batch);
+    let hidden = manifest.input.hidden;
+    let f32_fact = |dims: [TDim; 3]| InferenceFact::dt_shape(f32::datum_type(), dims.to_vec());
+    model.set_input_fact(0, f32_fact([steps.into(), batch.clone(), STEP_WIDTH.into()]))?;
+    model.set_input_fact(1, f32_fact([1.into(), batch.clone(), hidden.into()]))?;
+    model.set_input_fact(2, f32_fact([1.into(), batch, hidden.into()]))?;
+    model.into_optimized()?.into_runnable()
+}
+
+impl SequenceScorer for LstmModel {
+    fn version(&self) -> &str {
+        &self.id
+    }
+
+    fn steps(&self) -> usize {
+        self.manifest.input.steps
+    }
+
+    fn score(&mut self, inputs: &[f32], windows: usize, out: &mut Vec<f32>) -> Result<(), SequenceError> {
+        let probs = self.probabilities(inputs, windows).map_err(|e| SequenceError(format!("{e:#}")))?;
+        out.extend(probs.into_iter().map(|p| self.calibrate(p)));
+        Ok(())
+    }
+}
+
+/// A model that follows its manifest file: [`ReloadingModel::reload_if_changed`] loads a new
+/// version when the manifest changes, and keeps the old one when the new one fails to load.
+#[derive(Debug)]
+pub struct ReloadingModel {
+    path: PathBuf,
+    current: LstmModel,
+    /// Modification time and contents of the manifest last loaded.
+    seen: (Option<SystemTime>, Vec<u8>),
+}
+
+/// What a reload check did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reload {
+    /// The manifest has not changed.
+    Unchanged,
+    /// A new version was loaded; the old one was `from`.
+    Loaded {
+        /// The version replaced.
+        from: String,
+        /// The version now scoring.
+        to: String,
+    },
+}
+
+impl ReloadingModel {
+    /// Loads the manifest at `path`.
+    pub fn load(path: &Path) -> Result<Self, ModelError> {
+        let seen = Self::snapshot(path)?;
+        let current = LstmModel::load(path)?;
+        Ok(Self { path: path.to_owned(), current, seen })
+    }
+
+    fn snapshot(path: &Path) -> Result<(Option<SystemTime>, Vec<u8>), ModelError> {
+        let io = |source| ModelError::Io { path: path.to_owned(), source };
+        let modified = std::fs::metadata(path).map_err(io)?.modified().ok();
+        Ok((modified, std::fs::read(path).map_err(io)?))
+    }
+
+    /// The model scoring now.
+    pub fn current(&self) -> &LstmModel {
+        &self.current
+    }
+
+    /// Loads the manifest again if it changed since the last load. On error the previous model
+    /// stays in place and the next check tries again (deploy the ONNX file first, then its
+    /// manifest; a manifest that arrives first is refused until its file is there).
+    pub fn reload_if_changed(&mut self) -> Result<Reload, ModelError> {
+        let snapshot = Self::snapshot(&self.path)?;
+        if snapshot.1 == self.seen.1 {
+            self.seen = snapshot;
+            return Ok(Reload::Unchanged);
+        }
+        let next = LstmModel::load(&self.path)?;
+        self.seen = snapshot;
+        let from = std::mem::replace(&mut self.current, next).id;
+        Ok(Reload::Loaded { from, to: self.current.id.clone() })
+    }
+}
+
+impl SequenceScorer for ReloadingModel {
+    fn version(&self) -> &str {
+        self.current.version()
+    }
+
+    fn steps(&self) -> usize {
+        self.current.steps()
+    }
+
+    fn score(&mut self, inputs: &[f32], windows: usize, out: &mut Vec<f32>) -> Result<(), SequenceError> {
+        self.current.score(inputs, windows, out)
+    }
+}

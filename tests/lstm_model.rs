@@ -1,0 +1,188 @@
+//! The shipped LSTM model through tract: loading, checksum refusal, agreement with the Python
+//! training pipeline on fixed vectors, and hot reload.
+
+use std::path::{Path, PathBuf};
+
+use metronome::detect::sequence::STEP_WIDTH;
+use metronome::detect::SequenceScorer;
+use metronome::lstm::{LstmModel, ModelError, Reload, ReloadingModel, SHIPPED_MANIFEST_PATH};
+use serde::Deserialize;
+
+const HOLDOUT_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/lstm-holdout");
+
+#[derive(Deserialize)]
+struct Vectors {
+    model: String,
+    steps: usize,
+    step_width: usize,
+    windows: Vec<VectorWindow>,
+}
+
+#[derive(Deserialize)]
+struct VectorWindow {
+    kind: String,
+    family: String,
+    steps: Vec<f32>,
+    probability: f32,
+    score: f32,
+}
+
+/// The first file in `dir` whose name ends with `suffix`.
+fn find(dir: &Path, suffix: &str) -> PathBuf {
+    let mut hits: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(suffix))
+        .collect();
+    hits.sort();
+    assert!(!hits.is_empty(), "no *{suffix} in {}", dir.display());
+    hits.remove(0)
+}
+
+fn vectors_for(manifest: &Path) -> Vectors {
+    let path = manifest.to_string_lossy().replace(".json", ".vectors.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn holdout_manifest() -> PathBuf {
+    let vectors = find(Path::new(HOLDOUT_DIR), ".vectors.json");
+    PathBuf::from(vectors.to_string_lossy().replace(".vectors.json", ".json"))
+}
+
+/// Copies a manifest and its ONNX file into `dir` under `name.json` / the manifest's file name.
+fn install(manifest: &Path, dir: &Path, name: &str) -> PathBuf {
+    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(manifest).unwrap()).unwrap();
+    let file = m["file"].as_str().unwrap();
+    std::fs::copy(manifest.parent().unwrap().join(file), dir.join(file)).unwrap();
+    let target = dir.join(name);
+    std::fs::copy(manifest, &target).unwrap();
+    target
+}
+
+fn assert_agrees(model: &mut dyn SequenceScorer, v: &Vectors) {
+    assert_eq!(model.steps(), v.steps);
+    assert_eq!(v.step_width, STEP_WIDTH);
+    // One window at a time and all windows in one batch must both agree with Python.
+    let all: Vec<f32> = v.windows.iter().flat_map(|w| w.steps.iter().copied()).collect();
+    let mut batched = Vec::new();
+    model.score(&all, v.windows.len(), &mut batched).unwrap();
+    for (w, got_batched) in v.windows.iter().zip(&batched) {
+        let mut single = Vec::new();
+        model.score(&w.steps, 1, &mut single).unwrap();
+        for got in [single[0], *got_batched] {
+            assert!(
+                (got - w.score).abs() <= 1e-4,
+                "{} {}/{}: Rust {got}, Python {}",
+                v.model,
+                w.kind,
+                w.family,
+                w.score
+            );
+        }
+    }
+}
+
+#[test]
+fn the_shipped_model_agrees_with_python_to_1e4() {
+    let manifest = PathBuf::from(SHIPPED_MANIFEST_PATH);
+    let mut model = LstmModel::load(&manifest).unwrap();
+    let v = vectors_for(&manifest);
+    assert_eq!(model.version(), v.model);
+    assert_agrees(&mut model, &v);
+    // Raw probabilities too, before the threshold mapping.
+    for w in &v.windows {
+        let p = model.probabilities(&w.steps, 1).unwrap()[0];
+        assert!((p - w.probability).abs() <= 1e-4, "{p} vs {}", w.probability);
+    }
+    // The vectors include humans and every macro family: the model separates some of them.
+    assert!(v.windows.iter().any(|w| w.kind == "human" && w.score < 0.5));
+    assert!(v.windows.iter().any(|w| w.kind == "macro" && w.score >= 0.5));
+}
+
+#[test]
+fn the_embedded_model_is_the_shipped_one() {
+    let mut embedded = LstmModel::embedded().unwrap();
+    let shipped = LstmModel::load(Path::new(SHIPPED_MANIFEST_PATH)).unwrap();
+    assert_eq!(embedded.manifest(), shipped.manifest());
+    assert_agrees(&mut embedded, &vectors_for(Path::new(SHIPPED_MANIFEST_PATH)));
+}
+
+#[test]
+fn a_model_whose_checksum_does_not_match_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = install(Path::new(SHIPPED_MANIFEST_PATH), dir.path(), "model.json");
+    LstmModel::load(&manifest).expect("an intact copy loads");
+    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    let onnx = dir.path().join(m["file"].as_str().unwrap());
+    let mut bytes = std::fs::read(&onnx).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(&onnx, &bytes).unwrap();
+    let err = LstmModel::load(&manifest).unwrap_err();
+    assert!(matches!(err, ModelError::ChecksumMismatch { .. }), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("refusing") && text.contains(m["sha256"].as_str().unwrap()), "{text}");
+    assert!(!text.contains('\n'));
+}
+
+#[test]
+fn a_model_for_other_step_features_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = install(Path::new(SHIPPED_MANIFEST_PATH), dir.path(), "model.json");
+    let mut m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    m["input"]["step_features"][2] = "key_code".into();
+    std::fs::write(&manifest, serde_json::to_string(&m).unwrap()).unwrap();
+    let err = LstmModel::load(&manifest).unwrap_err();
+    assert!(matches!(err, ModelError::Incompatible { .. }), "{err}");
+    std::fs::write(&manifest, "{ not json").unwrap();
+    assert!(matches!(LstmModel::load(&manifest).unwrap_err(), ModelError::Manifest { .. }));
+    std::fs::remove_file(&manifest).unwrap();
+    assert!(matches!(LstmModel::load(&manifest).unwrap_err(), ModelError::Io { .. }));
+}
+
+#[test]
+fn a_new_model_version_is_picked_up_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let shipped = Path::new(SHIPPED_MANIFEST_PATH);
+    let watched = install(shipped, dir.path(), "current.json");
+    let mut model = ReloadingModel::load(&watched).unwrap();
+    let before = model.version().to_owned();
+    assert_agrees(&mut model, &vectors_for(shipped));
+    assert_eq!(model.reload_if_changed().unwrap(), Reload::Unchanged);
+
+    // Deploy the other model: its ONNX file first, then its manifest over the watched one.
+    let holdout = holdout_manifest();
+    install(&holdout, dir.path(), "current.json");
+    let reload = model.reload_if_changed().unwrap();
+    let after = model.version().to_owned();
+    assert_ne!(before, after);
+    assert_eq!(reload, Reload::Loaded { from: before.clone(), to: after });
+    assert_agrees(&mut model, &vectors_for(&holdout));
+    assert_eq!(model.reload_if_changed().unwrap(), Reload::Unchanged);
+
+    // A broken deployment is refused and the running model keeps scoring.
+    let m = std::fs::read_to_string(&watched).unwrap();
+    let broken = m.replace("\"sha256\": \"", "\"sha256\": \"00");
+    std::fs::write(&watched, broken).unwrap();
+    assert!(matches!(model.reload_if_changed().unwrap_err(), ModelError::ChecksumMismatch { .. }));
+    assert_agrees(&mut model, &vectors_for(&holdout));
+    // Putting the shipped model back is picked up again.
+    let holdout_version = model.version().to_owned();
+    install(shipped, dir.path(), "current.json");
+    assert_eq!(model.reload_if_changed().unwrap(), Reload::Loaded { from: holdout_version, to: before });
+}
+
+#[test]
+fn empty_and_mismatched_batches_are_errors_not_panics() {
+    let mut model = LstmModel::embedded().unwrap();
+    let mut out = Vec::new();
+    model.score(&[], 0, &mut out).unwrap();
+    assert!(out.is_empty());
+    assert!(model.score(&[0.0; 7], 1, &mut out).is_err());
+    // Non-finite inputs give finite scores in 0..1 or an error, never a panic.
+    let steps = model.steps();
+    let weird = vec![f32::NAN; steps * STEP_WIDTH];
+    if model.score(&weird, 1, &mut out).is_ok() {
+        assert!(out.iter().all(|s| (0.0..=1.0).contains(s)));
+    }
+}
