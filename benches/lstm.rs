@@ -11,6 +11,9 @@
 //! - `score/{timing,timing_lstm}`: `score_records` over a 1,000,000-event keylog file (real
 //!   human typing from ../shared/data, repeated as needed); throughput in events. The
 //!   timing-only run is the baseline the model's cost is read against.
+//!
+//! `METRONOME_BENCH_MODEL=path/to/manifest.json` benchmarks another model (a smaller one, say)
+//! instead of the shipped one.
 
 use std::hint::black_box;
 use std::io::{self, BufRead};
@@ -71,7 +74,11 @@ fn million_event_file(dir: &std::path::Path) -> PathBuf {
 }
 
 fn bench(c: &mut Criterion) {
-    let mut model = LstmModel::embedded().unwrap();
+    let mut model = match std::env::var_os("METRONOME_BENCH_MODEL") {
+        Some(path) => LstmModel::load(std::path::Path::new(&path)).unwrap(),
+        None => LstmModel::embedded().unwrap(),
+    };
+    eprintln!("benchmarking model {}", model.manifest().id());
     let windows = real_windows(64);
     let mut group = c.benchmark_group("lstm");
     for batch in [1usize, 64] {

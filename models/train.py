@@ -34,7 +34,7 @@ from torch import nn
 
 NAME = "keystroke-lstm"
 VERSION = "1.0.0"
-HIDDEN = 32
+HIDDEN = 16
 
 
 def load_split(data: Path, split: str, steps: int, width: int):
@@ -260,13 +260,16 @@ def export(model, out, version, spec, mean, std, threshold, x_val, m_val, famili
     )
     onnx_bytes = onnx_path.read_bytes()
 
-    # Fixed vectors: raw (unscaled) windows from the validation split, with what PyTorch says.
+    # Fixed vectors: raw (unscaled) windows with what PyTorch says. Each is a chimera: step s
+    # comes from a random validation window of the same kind at the same position, so the
+    # vectors are realistic inputs but no real person's keystroke sequence is committed.
     rng = np.random.default_rng(args.seed)
-    picks = []
-    for kind, fam in [("human", "human")] * 4 + [("macro", f) for f in families] + [("mixed", families[0])]:
+    classes = [("human", "human")] * 4 + [("macro", f) for f in families] + [("mixed", families[0])]
+    raw = np.zeros((len(classes), steps, width), dtype=np.float32)
+    for k, (kind, fam) in enumerate(classes):
         idx = np.flatnonzero((m_val["kind"] == kind) & (m_val["family"] == fam))
-        picks.append(int(rng.choice(idx)))
-    raw = x_val[picks]
+        donors = rng.choice(idx, size=steps)
+        raw[k] = x_val[donors, np.arange(steps)]
     prob = predict(model, apply_scaling(raw, mean, std))
     check_onnxruntime(onnx_path, apply_scaling(raw, mean, std), prob, hidden)
     vectors = {
@@ -274,10 +277,10 @@ def export(model, out, version, spec, mean, std, threshold, x_val, m_val, famili
         "steps": steps,
         "step_width": width,
         "windows": [
-            {"kind": str(m_val["kind"][i]), "family": str(m_val["family"][i]),
+            {"kind": kind, "family": fam,
              "steps": [float(v) for v in raw[k].reshape(-1)],
              "probability": float(prob[k]), "score": float(calibrate(prob[k:k + 1], threshold)[0])}
-            for k, i in enumerate(picks)
+            for k, (kind, fam) in enumerate(classes)
         ],
     }
     (out / f"{stem}.vectors.json").write_text(json.dumps(vectors) + "\n")

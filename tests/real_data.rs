@@ -2,9 +2,11 @@
 
 mod common;
 
-use metronome::detect::{Detector, DetectorConfig, Output};
+use metronome::dataset::{MacroUser, Split};
+use metronome::detect::{Detector, DetectorConfig, Output, SequenceScorer};
 use metronome::event::KeyEvent;
 use metronome::keylog::{self, KeylogReader, UserEvents};
+use metronome::lstm::LstmModel;
 use metronome::macrogen::{self, MacroFamily, MacroSpec};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -69,4 +71,47 @@ fn a_macro_switched_on_mid_session_is_caught_after_its_onset_only() {
         assert_eq!(alert_times.len(), 1, "one alert");
         assert!(alert_times[0] >= onset_us, "no alert before the macro started");
     }
+}
+
+fn load_test_split(name: &str, users: usize) -> Vec<UserEvents> {
+    let reader = KeylogReader::open(&common::shared_data(name)).expect("open keylog");
+    keylog::group_by_user(reader, |u| Split::of(u) == Split::Test, Some(users)).expect("clean keylog")
+}
+
+fn alerts_with_model(detector: &mut Detector, model: &mut LstmModel, events: &[KeyEvent]) -> Vec<Vec<&'static str>> {
+    detector
+        .score_recording("u", events, Some(model as &mut dyn SequenceScorer))
+        .unwrap()
+        .into_iter()
+        .filter_map(|o| if let Output::Alert(a) = o { Some(a.reasons.scorers()) } else { None })
+        .collect()
+}
+
+/// The shipped LSTM on users it never saw (the test split): no human flagged, and the macros
+/// the timing rules cannot see (humanized holds, intervals sampled from a human) are caught.
+#[test]
+fn with_the_shipped_model_humans_stay_clean_and_humanized_macros_are_caught() {
+    let mut detector = Detector::new(DetectorConfig::default()).unwrap();
+    let mut model = LstmModel::embedded().unwrap();
+    let mut humans = load_test_split("aalto-a-train.csv.gz", 200);
+    humans.extend(load_test_split("aalto-b-train.csv.gz", 200));
+    assert_eq!(humans.len(), 400);
+    let flagged: Vec<&str> = humans
+        .iter()
+        .filter(|(_, events)| !alerts_with_model(&mut detector, &mut model, events).is_empty())
+        .map(|(user, _)| user.as_str())
+        .collect();
+    assert!(flagged.is_empty(), "humans flagged: {flagged:?}");
+
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let mut lstm_alone = 0;
+    for family in [MacroFamily::GaussianJitter, MacroFamily::HumanSampled] {
+        for (i, (_, human)) in humans.iter().take(40).enumerate() {
+            let m = MacroUser::generate(family, human, 1_700_000_000_000_000 + i as i64, 150, &mut rng);
+            let alerts = alerts_with_model(&mut detector, &mut model, &m.events);
+            assert_eq!(alerts.len(), 1, "{family:?} macro user {i} not alerted exactly once");
+            lstm_alone += usize::from(alerts[0] == ["lstm"]);
+        }
+    }
+    assert!(lstm_alone > 0, "some of these are beyond the timing rules: the model must be what caught them");
 }
