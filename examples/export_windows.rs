@@ -12,7 +12,8 @@
 //! Humans give label 0. Macro users (every family, a third with humanized holds) give label 1.
 //! Mixed sessions (human, then a macro) give 0 before the onset and 1 once at least 30 % of a
 //! window's presses are the macro's; windows in between are left out as ambiguous. Each user
-//! contributes at most K windows, evenly spread, so heavy typists do not dominate.
+//! contributes at most K windows, evenly spread, so heavy typists do not dominate; validation
+//! humans keep every window, since the operating threshold is chosen above all of them.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -119,9 +120,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let split_humans = humans.remove(&split).unwrap_or_default();
         let recordings: Vec<&Vec<KeyEvent>> = split_humans.values().collect();
         let mut user = 0;
+        // Validation keeps every human window: the operating threshold is set above all of them,
+        // and a sample would hide the highest.
+        let human_k = if split == Split::Validation { usize::MAX } else { k };
         for events in &recordings {
             let windows = dataset::encoded_windows(&mut detector, events, args.steps);
-            for w in spread(&windows, k) {
+            for w in spread(&windows, human_k) {
                 writer.write(w, 0, "human", "human", false, user, 0.0)?;
             }
             user += 1;

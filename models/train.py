@@ -117,12 +117,13 @@ def choose_threshold(human_scores: np.ndarray, max_rate: float) -> float:
 
     User-level false alarms matter (a flagged human is a support case): the 2-of-3 policy does
     not help much against one sustained human burst, so by default no validation human window
-    may reach the threshold. On validation users this flagged none while macro recall stayed put.
+    (the export keeps all of them) may reach the threshold. A threshold set on a sample of 20
+    windows per user flagged 0.14 % of test users; the target is at most 0.1 %.
     """
     if len(human_scores) == 0:
         return 0.5
     q = float(np.quantile(human_scores, 1.0 - max_rate)) if max_rate > 0 else float(human_scores.max())
-    return float(min(max(0.5, np.nextafter(np.float32(q), np.float32(1.0))), 0.999))
+    return float(min(max(0.5, np.nextafter(np.float32(q), np.float32(1.0))), 0.9999))
 
 
 def calibrate(prob: np.ndarray, threshold: float) -> np.ndarray:
