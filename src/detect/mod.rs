@@ -215,6 +215,8 @@ pub struct ScoringBatch {
     steps: Option<usize>,
     pending: Vec<Pending>,
     inputs: Vec<f32>,
+    /// Windows in `pending` (and encoded in `inputs` when `steps` is set); callers check it per
+    /// event, so it is counted rather than recomputed.
     windows: usize,
     scores: Vec<f32>,
 }
@@ -243,7 +245,7 @@ impl ScoringBatch {
 
     /// Windows waiting for [`Detector::finish`].
     pub fn windows(&self) -> usize {
-        self.pending.iter().filter(|p| matches!(p.action, PendingAction::Window(_))).count()
+        self.windows
     }
 
     /// True when nothing waits.
@@ -449,8 +451,8 @@ impl Scoring<'_> {
         let features = features::extract(presses, &cfg.features, scratch);
         if let Some(steps) = batch.steps {
             sequence::encode_window(presses, steps, &mut batch.inputs);
-            batch.windows += 1;
         }
+        batch.windows += 1;
         state.window.mark_scored();
         let timing = rules::evaluate(&features, &cfg.rules);
         let report = WindowReport {
