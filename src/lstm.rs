@@ -22,7 +22,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -181,9 +180,13 @@ pub struct LstmModel {
 impl LstmModel {
     /// Loads the manifest at `path` and the ONNX file it names.
     pub fn load(path: &Path) -> Result<Self, ModelError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.to_owned(), source })?;
+        Self::from_manifest_bytes(path, &read_manifest(path)?)
+    }
+
+    /// Loads a model from manifest contents read from `path` (the ONNX file is beside it).
+    fn from_manifest_bytes(path: &Path, text: &[u8]) -> Result<Self, ModelError> {
         let manifest: Manifest =
-            serde_json::from_str(&text).map_err(|source| ModelError::Manifest { path: path.to_owned(), source })?;
+            serde_json::from_slice(text).map_err(|source| ModelError::Manifest { path: path.to_owned(), source })?;
         let onnx_path = path.parent().unwrap_or(Path::new(".")).join(&manifest.file);
         let onnx = std::fs::read(&onnx_path).map_err(|source| ModelError::Io { path: onnx_path.clone(), source })?;
         Self::from_parts(manifest, &onnx, &onnx_path)
@@ -322,6 +325,10 @@ impl LstmModel {
     }
 }
 
+fn read_manifest(path: &Path) -> Result<Vec<u8>, ModelError> {
+    std::fs::read(path).map_err(|source| ModelError::Io { path: path.to_owned(), source })
+}
+
 /// Plans the graph for `steps` steps and a batch of `batch` windows.
 fn plan(manifest: &Manifest, onnx: &[u8], batch: usize, steps: usize) -> TractResult<Plan> {
     let mut model = tract_onnx::onnx()
@@ -359,8 +366,8 @@ impl SequenceScorer for LstmModel {
 pub struct ReloadingModel {
     path: PathBuf,
     current: LstmModel,
-    /// Modification time and contents of the manifest last loaded.
-    seen: (Option<SystemTime>, Vec<u8>),
+    /// Contents of the manifest last loaded.
+    seen: Vec<u8>,
 }
 
 /// What a reload check did.
@@ -380,15 +387,9 @@ pub enum Reload {
 impl ReloadingModel {
     /// Loads the manifest at `path`.
     pub fn load(path: &Path) -> Result<Self, ModelError> {
-        let seen = Self::snapshot(path)?;
-        let current = LstmModel::load(path)?;
+        let seen = read_manifest(path)?;
+        let current = LstmModel::from_manifest_bytes(path, &seen)?;
         Ok(Self { path: path.to_owned(), current, seen })
-    }
-
-    fn snapshot(path: &Path) -> Result<(Option<SystemTime>, Vec<u8>), ModelError> {
-        let io = |source| ModelError::Io { path: path.to_owned(), source };
-        let modified = std::fs::metadata(path).map_err(io)?.modified().ok();
-        Ok((modified, std::fs::read(path).map_err(io)?))
     }
 
     /// The model scoring now.
@@ -400,13 +401,13 @@ impl ReloadingModel {
     /// stays in place and the next check tries again (deploy the ONNX file first, then its
     /// manifest; a manifest that arrives first is refused until its file is there).
     pub fn reload_if_changed(&mut self) -> Result<Reload, ModelError> {
-        let snapshot = Self::snapshot(&self.path)?;
-        if snapshot.1 == self.seen.1 {
-            self.seen = snapshot;
+        // One read, compared and loaded: no window for the file to change in between.
+        let text = read_manifest(&self.path)?;
+        if text == self.seen {
             return Ok(Reload::Unchanged);
         }
-        let next = LstmModel::load(&self.path)?;
-        self.seen = snapshot;
+        let next = LstmModel::from_manifest_bytes(&self.path, &text)?;
+        self.seen = text;
         let from = std::mem::replace(&mut self.current, next).id;
         Ok(Reload::Loaded { from, to: self.current.id.clone() })
     }

@@ -279,11 +279,6 @@ impl Detector {
         Ok(Self { cfg, scratch: features::Scratch::default() })
     }
 
-    /// The configuration.
-    pub fn config(&self) -> &DetectorConfig {
-        &self.cfg
-    }
-
     /// Feeds one event of the user in `slot`. A gap of `idle_timeout` in event time first closes
     /// the previous window. Windows that come due wait in `batch` for [`Detector::finish`].
     pub fn on_event(
@@ -346,7 +341,10 @@ impl Detector {
                     }
                     _ => Err(SequenceError("the batch was encoded for another step count".to_owned())),
                 };
-                if result.is_err() || batch.scores.len() != batch.windows {
+                if result.is_ok() && batch.scores.len() != batch.windows {
+                    result = Err(SequenceError("the model returned the wrong number of scores".to_owned()));
+                }
+                if result.is_err() {
                     batch.scores.clear();
                 }
             }
