@@ -3,6 +3,7 @@
 //! Later layers override single keys of earlier ones, so a file or a variable only names what it
 //! changes. Variables use `__` between levels: `METRONOME_DETECTOR__WINDOW__SIZE=60`.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use figment::providers::{Env, Format, Toml};
@@ -10,6 +11,7 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 use crate::detect::{DetectorConfig, InvalidConfig};
+use crate::stream::config::{normalise_kafka_properties, StreamConfig};
 
 /// The embedded defaults (`config/default.toml`).
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
@@ -26,6 +28,13 @@ pub struct Config {
     pub detector: DetectorConfig,
     /// The LSTM window scorer.
     pub model: ModelConfig,
+    /// The stream processor (`metronome process`).
+    #[serde(default)]
+    pub stream: StreamConfig,
+    /// librdkafka properties for every Kafka client, passed through unchanged
+    /// (`bootstrap.servers`, `security.protocol`, `sasl.*`, `ssl.*`, ...).
+    #[serde(default)]
+    pub kafka: BTreeMap<String, String>,
 }
 
 /// Which sequence model scores windows beside the timing rules.
@@ -97,8 +106,10 @@ impl Config {
             }
             figment = figment.merge(Toml::file(path));
         }
-        let config: Config = figment.merge(env).extract().map_err(|e| ConfigError::Parse(one_line(&e)))?;
+        let mut config: Config = figment.merge(env).extract().map_err(|e| ConfigError::Parse(one_line(&e)))?;
         config.detector.validate()?;
+        config.stream.validate().map_err(ConfigError::Parse)?;
+        config.kafka = normalise_kafka_properties(&config.kafka);
         Ok(config)
     }
 }
@@ -121,6 +132,23 @@ mod tests {
         assert_eq!(cfg.detector, DetectorConfig::default());
         assert_eq!(cfg.model, ModelConfig::default());
         assert_eq!(cfg.model.source(), ModelSource::Embedded);
+        assert_eq!(cfg.stream, StreamConfig::default());
+        assert_eq!(cfg.kafka.get("bootstrap.servers").map(String::as_str), Some("localhost:9092"));
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API returns its own error type
+    fn kafka_properties_pass_through_and_take_environment_spelling() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("c.toml", "[kafka]\n\"security.protocol\" = \"SASL_SSL\"\n")?;
+            jail.set_env("METRONOME_KAFKA__BOOTSTRAP_SERVERS", "broker:9093");
+            jail.set_env("METRONOME_STREAM__INPUT_TOPIC", "other.events");
+            let cfg = Config::load(Some(Path::new("c.toml"))).unwrap();
+            assert_eq!(cfg.kafka["bootstrap.servers"], "broker:9093");
+            assert_eq!(cfg.kafka["security.protocol"], "SASL_SSL");
+            assert_eq!(cfg.stream.input_topic, "other.events");
+            Ok(())
+        });
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! Metronome: catches users whose keyboards are driven by macros, seconds after the macro starts.
 //!
 //! ```text
-//!  agent (evdev) --KeyEventBatch--> [keys.events] --> processor task per partition
-//!                                                      | per-user state (window, incident)
+//!  agent (evdev) --KeyEventBatch--> [keys.events] --> stream: task per partition
+//!                                                      | per-user state in RocksDB
 //!                                                      | detect: window -> features -> rules
-//!                                                      |         -> policy
-//!                                                      +--> [keys.alerts] --> PostgreSQL
+//!                                                      |         -> LSTM -> policy
+//!                                                      +--> [keys.alerts]   (one transaction
+//!                                                      +--> [keys.dlq]       per task per batch
+//!                                                      +--> [<app>-user-state-changelog] + offsets)
 //!  keylog CSV --> `metronome score` ----------- the same detect core ----> JSON lines
 //! ```
 //!
@@ -19,6 +21,9 @@
 //! - [`score`]: offline scoring of a keylog file, JSON lines out.
 //! - [`simulate`]: replayed humans plus macro users, with ground truth.
 //! - [`proto`]: the Protobuf wire format (`proto/`).
+//! - [`lstm`]: the LSTM window scorer (tract-onnx), its manifest and hot reload.
+//! - [`stream`]: `metronome process`, the Kafka processor: tasks, RocksDB state, changelogs,
+//!   exactly-once transactions, dead letters.
 
 pub mod config;
 pub mod dataset;
@@ -30,3 +35,4 @@ pub mod macrogen;
 pub mod proto;
 pub mod score;
 pub mod simulate;
+pub mod stream;

@@ -364,7 +364,8 @@ impl SequenceScorer for LstmModel {
 /// version when the manifest changes, and keeps the old one when the new one fails to load.
 #[derive(Debug)]
 pub struct ReloadingModel {
-    path: PathBuf,
+    /// The manifest followed; `None` for a model that never changes (the embedded one).
+    path: Option<PathBuf>,
     current: LstmModel,
     /// Contents of the manifest last loaded.
     seen: Vec<u8>,
@@ -389,7 +390,12 @@ impl ReloadingModel {
     pub fn load(path: &Path) -> Result<Self, ModelError> {
         let seen = read_manifest(path)?;
         let current = LstmModel::from_manifest_bytes(path, &seen)?;
-        Ok(Self { path: path.to_owned(), current, seen })
+        Ok(Self { path: Some(path.to_owned()), current, seen })
+    }
+
+    /// A model with no file behind it (the embedded one): reload checks never change it.
+    pub fn fixed(model: LstmModel) -> Self {
+        Self { path: None, current: model, seen: Vec::new() }
     }
 
     /// The model scoring now.
@@ -401,12 +407,13 @@ impl ReloadingModel {
     /// stays in place and the next check tries again (deploy the ONNX file first, then its
     /// manifest; a manifest that arrives first is refused until its file is there).
     pub fn reload_if_changed(&mut self) -> Result<Reload, ModelError> {
+        let Some(path) = &self.path else { return Ok(Reload::Unchanged) };
         // One read, compared and loaded: no window for the file to change in between.
-        let text = read_manifest(&self.path)?;
+        let text = read_manifest(path)?;
         if text == self.seen {
             return Ok(Reload::Unchanged);
         }
-        let next = LstmModel::from_manifest_bytes(&self.path, &text)?;
+        let next = LstmModel::from_manifest_bytes(path, &text)?;
         self.seen = text;
         let from = std::mem::replace(&mut self.current, next).id;
         Ok(Reload::Loaded { from, to: self.current.id.clone() })

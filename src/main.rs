@@ -4,16 +4,17 @@ use std::fs::File;
 use std::io::{self, BufWriter, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use metronome::config::{Config, ModelSource};
 use metronome::detect::{Detector, SequenceScorer};
 use metronome::keylog::{self, KeylogReader, KeylogWriter};
-use metronome::lstm::LstmModel;
+use metronome::lstm::{LstmModel, ReloadingModel};
 use metronome::macrogen::MacroFamily;
 use metronome::score::{self, BadRows, OutputSelection, ScoreError};
 use metronome::simulate::{self, SimulationPlan};
+use metronome::stream::{self, Processor, Shutdown};
 
 /// Catches users whose keyboards are driven by macros.
 #[derive(Debug, Parser)]
@@ -30,6 +31,45 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the stream processor: consume key events, keep per-user state in RocksDB, produce
+    /// alerts exactly once. Stops cleanly on SIGTERM or Ctrl-C.
+    Process {
+        /// Kafka bootstrap servers (else `kafka."bootstrap.servers"` from the configuration).
+        #[arg(long)]
+        bootstrap_servers: Option<String>,
+        /// Where task state lives (else `stream.state_dir`).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// This instance's name in the group (else `stream.instance_id`, else the host name).
+        #[arg(long)]
+        instance_id: Option<String>,
+    },
+    /// Print committed alerts from the alert topic as JSON lines, from the beginning, until none
+    /// arrives for `--idle-exit-s` seconds.
+    Alerts {
+        /// Kafka bootstrap servers (else from the configuration).
+        #[arg(long)]
+        bootstrap_servers: Option<String>,
+        /// Stop after this many seconds without a new alert.
+        #[arg(long, default_value_t = 3600)]
+        idle_exit_s: u64,
+    },
+    /// Publish a keylog CSV to the input topic as agents would (KeyEventBatch per user, keyed
+    /// by user id, idempotent producer).
+    Publish {
+        /// The keylog file (plain or gzip, `-` for stdin).
+        #[arg(long)]
+        input: PathBuf,
+        /// Kafka bootstrap servers (else from the configuration).
+        #[arg(long)]
+        bootstrap_servers: Option<String>,
+        /// Topic (else `stream.input_topic`).
+        #[arg(long)]
+        topic: Option<String>,
+        /// Events per record.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        batch_events: u32,
+    },
     /// Score a keylog CSV (plain or gzip, `-` for stdin) through the detection core; JSON lines
     /// on stdout, summary on stderr.
     Score {
@@ -77,6 +117,14 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Logs go to stderr as text; RUST_LOG filters them (default: info).
+    tracing_subscriber::fmt()
+        .with_writer(io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,metronome=info".into()),
+        )
+        .with_target(false)
+        .init();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {
@@ -112,6 +160,42 @@ fn run(cli: Cli) -> Result<(), String> {
             }
             run_score(config, &input, skip_bad_rows, alerts_only)
         }
+        Command::Process { bootstrap_servers, state_dir, instance_id } => {
+            let mut config = config;
+            if let Some(servers) = bootstrap_servers {
+                config.kafka.insert("bootstrap.servers".to_owned(), servers);
+            }
+            if let Some(dir) = state_dir {
+                config.stream.state_dir = dir;
+            }
+            if let Some(id) = instance_id {
+                config.stream.instance_id = id;
+            }
+            run_process(config)
+        }
+        Command::Alerts { bootstrap_servers, idle_exit_s } => {
+            let mut config = config;
+            if let Some(servers) = bootstrap_servers {
+                config.kafka.insert("bootstrap.servers".to_owned(), servers);
+            }
+            let topic = config.stream.alerts_topic.clone();
+            let mut out = io::stdout().lock();
+            let (alerts, bad) = stream::alerts::follow(&config.kafka, &topic, Duration::from_secs(idle_exit_s), |a| {
+                let _ = writeln!(out, "{}", stream::alerts::alert_json(a));
+                let _ = out.flush();
+            })
+            .map_err(|e| format!("reading {topic}: {e}"))?;
+            eprintln!("metronome: {alerts} alerts read from {topic} ({bad} undecodable)");
+            Ok(())
+        }
+        Command::Publish { input, bootstrap_servers, topic, batch_events } => {
+            let mut config = config;
+            if let Some(servers) = bootstrap_servers {
+                config.kafka.insert("bootstrap.servers".to_owned(), servers);
+            }
+            let topic = topic.unwrap_or(config.stream.input_topic.clone());
+            run_publish(&config, &input, &topic, batch_events as usize)
+        }
         Command::Simulate { humans, output, users, macro_share, families, mixed, macro_presses, seed } => {
             let plan = SimulationPlan {
                 users: users as usize,
@@ -127,13 +211,82 @@ fn run(cli: Cli) -> Result<(), String> {
     }
 }
 
-fn run_score(config: Config, input: &Path, skip_bad_rows: bool, alerts_only: bool) -> Result<(), String> {
-    let mut detector = Detector::new(config.detector).map_err(|e| e.to_string())?;
-    let mut model = match config.model.source() {
+fn load_model(config: &Config) -> Result<Option<LstmModel>, String> {
+    Ok(match config.model.source() {
         ModelSource::Embedded => Some(LstmModel::embedded().map_err(|e| e.to_string())?),
         ModelSource::Manifest(path) => Some(LstmModel::load(&path).map_err(|e| e.to_string())?),
         ModelSource::None => None,
+    })
+}
+
+fn run_process(config: Config) -> Result<(), String> {
+    let detector = Detector::new(config.detector.clone()).map_err(|e| e.to_string())?;
+    let model = match config.model.source() {
+        ModelSource::Manifest(path) => Some(ReloadingModel::load(&path).map_err(|e| e.to_string())?),
+        _ => load_model(&config)?.map(ReloadingModel::fixed),
     };
+    let idle = Duration::from_millis(u64::from(config.detector.window.idle_timeout_ms));
+    let reload = Duration::from_secs(config.model.reload_check_s.max(1));
+    let processor =
+        Processor::new(config.stream, config.kafka, detector, idle, model, reload).map_err(|e| e.to_string())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))?;
+    runtime.block_on(async move {
+        let shutdown = Shutdown::new();
+        let on_signal = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_termination().await;
+            tracing::info!("termination requested: finishing the batch in hand");
+            on_signal.trigger();
+        });
+        let summary = tokio::task::spawn_blocking(move || processor.run(&shutdown))
+            .await
+            .map_err(|e| format!("processor thread failed: {e}"))?
+            .map_err(|e| e.to_string())?;
+        eprintln!(
+            "metronome: processed {} records ({} events): {} alerts, {} dead letters, {} commits, {} aborts",
+            summary.records, summary.events, summary.alerts, summary.dead_letters, summary.commits, summary.aborts
+        );
+        Ok(())
+    })
+}
+
+/// SIGTERM (Kubernetes, systemd) or SIGINT (Ctrl-C).
+async fn wait_for_termination() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+fn run_publish(config: &Config, input: &Path, topic: &str, batch_events: usize) -> Result<(), String> {
+    let producer = stream::publish::producer(&config.kafka).map_err(|e| format!("kafka producer: {e}"))?;
+    let reader = KeylogReader::open(input).map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let summary = stream::publish::publish_keylog(&producer, topic, reader, batch_events).map_err(|e| e.to_string())?;
+    eprintln!(
+        "metronome: published {} events of {} users as {} records to {topic} in {:.2}s",
+        summary.events,
+        summary.users,
+        summary.records,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn run_score(config: Config, input: &Path, skip_bad_rows: bool, alerts_only: bool) -> Result<(), String> {
+    let mut model = load_model(&config)?;
+    let mut detector = Detector::new(config.detector).map_err(|e| e.to_string())?;
     let started = Instant::now();
     // Progress every million rows, for people watching a terminal; never into pipes or logs.
     let show_progress = io::stderr().is_terminal();

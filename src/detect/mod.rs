@@ -125,6 +125,11 @@ impl UserState {
     pub fn policy(&self) -> &PolicyState {
         &self.scored.policy
     }
+
+    /// Whether events are held or presses wait in the window: what an idle close would act on.
+    pub fn has_open_window(&self) -> bool {
+        self.reorder.pending_len() > 0 || !self.scored.window.is_empty()
+    }
 }
 
 /// A scored window.

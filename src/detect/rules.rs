@@ -86,6 +86,19 @@ impl Rule {
         }
     }
 
+    /// The features this rule reads, by [`WindowFeatures::NAMES`] name: what an alert marks as
+    /// having fired when the rule is among its reasons.
+    pub fn features(self) -> &'static [&'static str] {
+        match self {
+            Rule::IntervalHistogram => &["histogram_score"],
+            Rule::IntervalRegular => &["interval_cv"],
+            Rule::HoldConstant => &["hold_mode_share"],
+            Rule::HoldTiny => &["tiny_hold_share"],
+            Rule::SequenceLoop => &["key_period_share", "timing_period_share"],
+            Rule::Lstm => &[],
+        }
+    }
+
     /// The name used in outputs.
     pub fn name(self) -> &'static str {
         match self {
@@ -212,6 +225,15 @@ mod tests {
             rhythm_intervals: 45.0,
             known_holds: 48.0,
             ..WindowFeatures::default()
+        }
+    }
+
+    #[test]
+    fn every_feature_a_rule_reads_is_a_known_feature() {
+        for rule in Rule::ALL {
+            for name in rule.features() {
+                assert!(WindowFeatures::NAMES.contains(name), "{rule:?} reads unknown feature {name}");
+            }
         }
     }
 

@@ -10,17 +10,20 @@
 //! - [`batch`]: [`WriteBatch`], the atomic unit of change. The same batch is what the processor
 //!   turns into changelog records, so local state and changelog cannot drift apart.
 //! - [`memory`]: [`MemoryStore`], an in-memory backend for tests and for the offline scorer.
+//! - [`rocks`]: [`RocksStore`], the RocksDB backend the stream tasks use, with [`RocksOptions`]
+//!   and the per-process memory budget [`RocksResources`].
 //! - [`suite`]: the behaviour every backend must show, as functions any backend's tests call.
-//!
-//! The RocksDB backend arrives with the stream processor; it must pass [`suite`] unchanged.
+//!   Both backends run it unchanged.
 
 pub mod batch;
 pub mod keys;
 pub mod memory;
+pub mod rocks;
 pub mod suite;
 
 pub use batch::{WriteBatch, WriteOp};
 pub use memory::MemoryStore;
+pub use rocks::{RocksOptions, RocksResources, RocksStore};
 
 /// Errors a store can report. Messages never carry keys or values: keys embed user ids and values
 /// hold keystroke timings.

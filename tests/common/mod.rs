@@ -15,3 +15,4 @@ pub fn shared_data(name: &str) -> PathBuf {
     );
     path
 }
+pub mod broker;

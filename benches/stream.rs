@@ -1,0 +1,143 @@
+//! End to end on a real broker: the processor's rate (RocksDB state, timing rules and LSTM on)
+//! next to a bare rdkafka consumer reading the same topic, in the same run.
+//!
+//! `cargo bench --bench stream` (needs the tansu broker, see README; `../shared/data` for the
+//! human typing). `METRONOME_BENCH_EVENTS` sets the event count (default 1,000,000).
+
+#[allow(dead_code)]
+#[path = "../tests/common/broker.rs"]
+mod broker;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use metronome::detect::{Detector, DetectorConfig};
+use metronome::keylog::KeylogReader;
+use metronome::lstm::{LstmModel, ReloadingModel};
+use metronome::stream::{Processor, Shutdown, StreamConfig};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::{Offset, TopicPartitionList};
+
+const PARTITIONS: i32 = 4;
+
+fn main() {
+    // `cargo bench` passes --bench; `cargo test --benches` runs this too: keep that quick.
+    let quick = !std::env::args().any(|a| a == "--bench");
+    let target: u64 = std::env::var("METRONOME_BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(if quick {
+        20_000
+    } else {
+        1_000_000
+    });
+    let broker = broker::Broker::start();
+    broker.create_topics(&["events"], PARTITIONS);
+    let dir = tempfile::tempdir().unwrap();
+
+    let keylog = dir.path().join("sim.csv");
+    let humans = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/aalto-b-train.csv.gz");
+    assert!(humans.is_file(), "human typing data missing at {}", humans.display());
+    // Aalto users type about 2,000 events each; 20 % macro users at 400 presses.
+    let users = (target / 1_800).max(10);
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_metronome"))
+        .args(["simulate", "--users", &users.to_string(), "--macro-share", "0.2", "--macro-presses", "400"])
+        .arg("--humans")
+        .arg(&humans)
+        .arg("--output")
+        .arg(&keylog)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let props = BTreeMap::from([("bootstrap.servers".to_owned(), broker.bootstrap.clone())]);
+    let producer = metronome::stream::publish::producer(&props).unwrap();
+    let published =
+        metronome::stream::publish::publish_keylog(&producer, "events", KeylogReader::open(&keylog).unwrap(), 50)
+            .unwrap();
+    eprintln!("published {} events of {} users as {} records", published.events, published.users, published.records);
+
+    let bare_1 = bare_consumer_seconds(&broker, published.records);
+    let processor = processor_seconds(&broker, &props, dir.path().join("state"));
+    let bare_2 = bare_consumer_seconds(&broker, published.records);
+    let bare = (bare_1 + bare_2) / 2.0;
+    let events = published.events as f64;
+    println!(
+        "stream/bare_consumer: {:.0} events/s ({:.2} s, runs {:.2} s and {:.2} s)",
+        events / bare,
+        bare,
+        bare_1,
+        bare_2
+    );
+    println!(
+        "stream/processor:     {:.0} events/s ({:.2} s; RocksDB state, timing rules + LSTM, exactly-once)",
+        events / processor,
+        processor
+    );
+    println!("stream/ratio:         processor at {:.1} % of the bare consumer", 100.0 * bare / processor);
+}
+
+/// Reads every record of the topic once; seconds from assignment to the end of all partitions.
+fn bare_consumer_seconds(broker: &broker::Broker, records: u64) -> f64 {
+    let consumer: BaseConsumer = broker
+        .config()
+        .set("group.id", "bench-bare")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition_offset("events", p, Offset::Beginning).unwrap();
+    }
+    let started = Instant::now();
+    consumer.assign(&tpl).unwrap();
+    let (mut seen, mut ended, mut bytes) = (0u64, 0, 0usize);
+    while ended < PARTITIONS {
+        match consumer.poll(Duration::from_secs(10)) {
+            Some(Ok(m)) => {
+                seen += 1;
+                bytes += rdkafka::message::Message::payload(&m).map_or(0, <[u8]>::len);
+            }
+            Some(Err(KafkaError::PartitionEOF(_))) => ended += 1,
+            Some(Err(e)) => panic!("bare consumer: {e}"),
+            None => panic!("bare consumer stalled"),
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    assert_eq!(seen, records, "the bare consumer read every record ({bytes} payload bytes)");
+    secs
+}
+
+/// Runs the processor until it has committed the whole topic; seconds from all tasks ready.
+fn processor_seconds(broker: &broker::Broker, props: &BTreeMap<String, String>, state: PathBuf) -> f64 {
+    let cfg = StreamConfig {
+        application_id: format!("bench-{}", std::process::id()),
+        input_topic: "events".into(),
+        alerts_topic: "alerts".into(),
+        dlq_topic: "dlq".into(),
+        state_dir: state,
+        topic_partitions: PARTITIONS,
+        ..StreamConfig::default()
+    };
+    let group = cfg.application_id.clone();
+    let detector = Detector::new(DetectorConfig::default()).unwrap();
+    let model = ReloadingModel::fixed(LstmModel::embedded().unwrap());
+    let processor =
+        Processor::new(cfg, props.clone(), detector, Duration::from_secs(10), Some(model), Duration::from_secs(3600))
+            .unwrap();
+    let status = processor.status();
+    let shutdown = Shutdown::new();
+    let stop = shutdown.clone();
+    let handle = std::thread::spawn(move || processor.run(&stop));
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while status.tasks().len() < PARTITIONS as usize || !status.is_ready() {
+        assert!(Instant::now() < deadline && !handle.is_finished(), "processor never became ready");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let started = Instant::now();
+    broker.wait_fully_committed(&group, "events");
+    let secs = started.elapsed().as_secs_f64();
+    shutdown.trigger();
+    let summary = handle.join().unwrap().expect("processor run");
+    eprintln!("processor summary: {summary:?}");
+    secs
+}

@@ -1,0 +1,74 @@
+//! Following the alert topic as security staff would: committed alerts only, as JSON lines.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use prost::Message as _;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+
+use crate::proto;
+
+/// An alert as a JSON object (the same field names as the Protobuf message).
+pub fn alert_json(a: &proto::Alert) -> serde_json::Value {
+    let features: serde_json::Map<String, serde_json::Value> =
+        a.features.iter().map(|f| (f.name.clone(), serde_json::json!({"value": f.value, "fired": f.fired}))).collect();
+    serde_json::json!({
+        "alert_id": a.alert_id,
+        "user_id": a.user_id,
+        "window_start_us": a.window_start_us,
+        "window_end_us": a.window_end_us,
+        "score": a.score,
+        "timing_score": a.timing_score,
+        "histogram_score": a.histogram_score,
+        "lstm_score": a.lstm_score,
+        "reasons": a.reasons,
+        "scorers": a.scorers,
+        "model_version": a.model_version,
+        "detected_at_us": a.detected_at_us,
+        "features": features,
+    })
+}
+
+/// Reads committed alerts (read_committed unless `properties` say otherwise) from `topic` (from the beginning with a fresh consumer group of its
+/// own) and hands each to `on_alert`, until `idle` passes without one. Undecodable records are
+/// counted, not shown. Returns `(alerts, undecodable)`.
+pub fn follow(
+    properties: &BTreeMap<String, String>,
+    topic: &str,
+    idle: Duration,
+    mut on_alert: impl FnMut(&proto::Alert),
+) -> Result<(u64, u64), KafkaError> {
+    let mut c = ClientConfig::new();
+    c.set("isolation.level", "read_committed");
+    for (k, v) in properties {
+        c.set(k, v);
+    }
+    let consumer: BaseConsumer = c
+        .set("group.id", format!("metronome-alerts-{}", std::process::id()))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()?;
+    consumer.subscribe(&[topic])?;
+    let (mut alerts, mut bad) = (0, 0);
+    let mut last = Instant::now();
+    while last.elapsed() < idle {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                last = Instant::now();
+                match m.payload().map(proto::Alert::decode) {
+                    Some(Ok(alert)) => {
+                        alerts += 1;
+                        on_alert(&alert);
+                    }
+                    _ => bad += 1,
+                }
+            }
+            Some(Err(e)) => return Err(e),
+            None => {}
+        }
+    }
+    Ok((alerts, bad))
+}

@@ -1,0 +1,177 @@
+//! The processor's settings (`[stream]`) and the Kafka client passthrough (`[kafka]`).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use metronome_state::RocksOptions;
+use serde::{Deserialize, Serialize};
+
+/// Settings of `metronome process`. Every key is documented in `config/default.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StreamConfig {
+    /// Names the consumer group, the transactional ids and the changelog topics.
+    pub application_id: String,
+    /// This process among the group, for client ids and logs; empty: the host name.
+    pub instance_id: String,
+    /// Key events in (`KeyEventBatch`, keyed by user id).
+    pub input_topic: String,
+    /// Alerts out (`Alert`, keyed by user id).
+    pub alerts_topic: String,
+    /// Records that fail to decode or validate.
+    pub dlq_topic: String,
+    /// Where tasks keep their RocksDB stores, one directory per input partition.
+    pub state_dir: PathBuf,
+    /// Longest time records wait before their batch is processed and committed, milliseconds.
+    pub commit_interval_ms: u64,
+    /// Most records in one batch (one transaction per task per batch).
+    pub max_batch_records: usize,
+    /// Most events one input record may carry; more goes to the dead-letter topic.
+    pub max_events_per_record: usize,
+    /// Create missing topics at start-up (input, alerts, dead letters, changelogs).
+    pub create_topics: bool,
+    /// Partitions of the input, alert and dead-letter topics when this process creates them.
+    pub topic_partitions: i32,
+    /// Replication factor of topics this process creates.
+    pub replication_factor: i32,
+    /// Kafka transaction timeout, milliseconds.
+    pub transaction_timeout_ms: u64,
+    /// Processing guarantee: `exactly_once` (Kafka transactions) or `at_least_once`.
+    pub guarantee: Guarantee,
+    /// RocksDB tuning of the task stores.
+    pub rocksdb: RocksOptions,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        Self {
+            application_id: "metronome".to_owned(),
+            instance_id: String::new(),
+            input_topic: "keys.events".to_owned(),
+            alerts_topic: "keys.alerts".to_owned(),
+            dlq_topic: "keys.dlq".to_owned(),
+            state_dir: PathBuf::from("metronome-state"),
+            commit_interval_ms: 100,
+            max_batch_records: 5_000,
+            max_events_per_record: 10_000,
+            create_topics: true,
+            topic_partitions: 8,
+            replication_factor: 1,
+            transaction_timeout_ms: 60_000,
+            guarantee: Guarantee::ExactlyOnce,
+            rocksdb: RocksOptions::default(),
+        }
+    }
+}
+
+/// What a crash may do to the output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Guarantee {
+    /// Alerts, dead letters, changelog records and input offsets commit in one Kafka
+    /// transaction per task and batch: nothing lost, nothing twice under read_committed.
+    ExactlyOnce,
+    /// Records are flushed, then the offsets committed: nothing lost, but a crash between the
+    /// two repeats the batch (alerts then repeat with the same deterministic `alert_id`). For
+    /// brokers without transactions.
+    AtLeastOnce,
+}
+
+/// The store every task keeps: per-user detector state (window, histogram inputs, incident,
+/// late-event watermark).
+pub const USER_STATE_STORE: &str = "user-state";
+
+impl StreamConfig {
+    /// The compacted changelog topic of `store`: `<application-id>-<store>-changelog`.
+    pub fn changelog_topic(&self, store: &str) -> String {
+        format!("{}-{store}-changelog", self.application_id)
+    }
+
+    /// The transactional id of the task for `partition`. One per task, so a task that moves to
+    /// another process fences its old producer there (a zombie cannot commit).
+    pub fn transactional_id(&self, partition: i32) -> String {
+        format!("{}-{}-{partition}", self.application_id, self.input_topic)
+    }
+
+    /// This instance's name: `instance_id`, else the host name, else `metronome`.
+    pub fn instance_name(&self) -> String {
+        if !self.instance_id.is_empty() {
+            return self.instance_id.clone();
+        }
+        std::env::var("HOSTNAME")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_owned()))
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "metronome".to_owned())
+    }
+
+    /// The RocksDB directory of the task for `partition`.
+    pub fn task_dir(&self, partition: i32) -> PathBuf {
+        self.state_dir.join(&self.application_id).join(format!("{}-{partition}", self.input_topic))
+    }
+
+    /// Checks values that would fail later in a less obvious way.
+    pub fn validate(&self) -> Result<(), String> {
+        let named = [
+            ("application_id", &self.application_id),
+            ("input_topic", &self.input_topic),
+            ("alerts_topic", &self.alerts_topic),
+            ("dlq_topic", &self.dlq_topic),
+        ];
+        for (name, value) in named {
+            if value.is_empty() {
+                return Err(format!("stream.{name} must not be empty"));
+            }
+        }
+        if self.commit_interval_ms == 0 || self.max_batch_records == 0 || self.max_events_per_record == 0 {
+            return Err(
+                "stream.commit_interval_ms, max_batch_records and max_events_per_record must be positive".into()
+            );
+        }
+        if self.topic_partitions < 1 || self.replication_factor < 1 {
+            return Err("stream.topic_partitions and replication_factor must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// librdkafka properties passed to every client unchanged (`bootstrap.servers`,
+/// `security.protocol`, `sasl.*`, `ssl.*`...). Environment variables cannot hold dots, so keys
+/// written with `_` (`METRONOME_KAFKA__BOOTSTRAP_SERVERS`) are read as dotted names.
+/// The underscore spelling is applied last, so an environment variable beats the file.
+pub fn normalise_kafka_properties(props: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    let (dotted, underscored): (Vec<_>, Vec<_>) = props.iter().partition(|(k, _)| !k.contains('_'));
+    dotted.into_iter().chain(underscored).map(|(k, v)| (k.replace('_', "."), v.clone())).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_kafka_streams_conventions() {
+        let cfg = StreamConfig::default();
+        assert_eq!(cfg.changelog_topic(USER_STATE_STORE), "metronome-user-state-changelog");
+        assert_eq!(cfg.transactional_id(3), "metronome-keys.events-3");
+        assert!(cfg.task_dir(3).ends_with("metronome/keys.events-3"));
+        assert!(cfg.validate().is_ok());
+    }
+
+    #[test]
+    fn environment_spelling_becomes_dotted() {
+        let props = BTreeMap::from([
+            ("bootstrap_servers".to_owned(), "env:9092".to_owned()),
+            ("bootstrap.servers".to_owned(), "file:9092".to_owned()),
+        ]);
+        assert_eq!(normalise_kafka_properties(&props)["bootstrap.servers"], "env:9092");
+    }
+
+    #[test]
+    fn nonsense_is_refused() {
+        let cfg = StreamConfig { max_batch_records: 0, ..StreamConfig::default() };
+        assert!(cfg.validate().is_err());
+        let cfg = StreamConfig { input_topic: String::new(), ..StreamConfig::default() };
+        assert!(cfg.validate().unwrap_err().contains("input_topic"));
+    }
+}

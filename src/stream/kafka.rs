@@ -1,0 +1,511 @@
+//! rdkafka at the edge: client configuration, the group consumer's rebalance log, the per-task
+//! transactional producer, topic set-up and changelog restoration.
+//!
+//! Every client gets the `[kafka]` properties unchanged first (`bootstrap.servers`,
+//! `security.protocol`, `sasl.*`, `ssl.*`), then the few settings exactly-once needs, so the
+//! processor runs against Apache Kafka, Redpanda or tansu alike.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use metronome_state::{Store, WriteBatch};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, ConsumerGroupMetadata, Rebalance};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::config::{Guarantee, StreamConfig, USER_STATE_STORE};
+use super::records::{OutRecord, OutTopic};
+use super::task::{self, Checkpoint, ProducerError, TaskError};
+
+/// How long a single broker round trip may take before the processor gives up on it.
+pub const BROKER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why the Kafka edge failed. Messages carry client errors and names, never record content.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaEdgeError {
+    /// A client could not be created or configured.
+    #[error("kafka client configuration: {0}")]
+    Config(String),
+    /// A broker call failed.
+    #[error("kafka {what}: {error}")]
+    Broker {
+        /// What was being done.
+        what: &'static str,
+        /// The client's error.
+        error: KafkaError,
+    },
+    /// Topics exist but do not fit together.
+    #[error("topic layout: {0}")]
+    Topics(String),
+    /// Restoring a store failed.
+    #[error("restoring partition {partition}: {source}")]
+    Restore {
+        /// The partition being restored.
+        partition: i32,
+        /// What failed.
+        source: TaskError,
+    },
+}
+
+fn broker(what: &'static str) -> impl FnOnce(KafkaError) -> KafkaEdgeError {
+    move |error| KafkaEdgeError::Broker { what, error }
+}
+
+/// Builds client configurations: passthrough properties first, then exactly-once settings.
+#[derive(Debug, Clone)]
+pub struct Clients {
+    properties: BTreeMap<String, String>,
+    cfg: StreamConfig,
+    instance: String,
+}
+
+impl Clients {
+    /// Clients for `cfg` with the `[kafka]` `properties`.
+    pub fn new(cfg: StreamConfig, properties: BTreeMap<String, String>) -> Self {
+        let instance = cfg.instance_name();
+        Self { properties, cfg, instance }
+    }
+
+    /// The stream settings.
+    pub fn stream(&self) -> &StreamConfig {
+        &self.cfg
+    }
+
+    fn base(&self, role: &str) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        for (k, v) in &self.properties {
+            c.set(k, v);
+        }
+        c.set("client.id", format!("{}-{role}", self.instance));
+        c
+    }
+
+    /// The group consumer of the input topic.
+    pub fn consumer(&self, log: Arc<RebalanceLog>) -> Result<BaseConsumer<GroupContext>, KafkaEdgeError> {
+        self.base("consumer")
+            .set("group.id", &self.cfg.application_id)
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("isolation.level", "read_committed")
+            .set("auto.offset.reset", "earliest")
+            .create_with_context(GroupContext { log })
+            .map_err(|e| KafkaEdgeError::Config(e.to_string()))
+    }
+
+    /// The producer of the task for `partition`. Under exactly-once it is transactional and
+    /// initialised: any transaction an earlier owner of the task left open is aborted and that
+    /// owner is fenced. Under at-least-once it commits offsets through `consumer`.
+    pub fn task_producer(
+        &self,
+        partition: i32,
+        consumer: &Arc<BaseConsumer<GroupContext>>,
+    ) -> Result<TxProducer, KafkaEdgeError> {
+        let changelog = self.cfg.changelog_topic(USER_STATE_STORE);
+        let tracker =
+            DeliveryTracker { changelog: changelog.clone(), max_offset: AtomicI64::new(-1), failed: AtomicU64::new(0) };
+        let mut config = self.base(&format!("task-{partition}"));
+        config.set("enable.idempotence", "true").set("linger.ms", "5").set("queue.buffering.max.messages", "1000000");
+        let mode = match self.cfg.guarantee {
+            Guarantee::ExactlyOnce => {
+                config
+                    .set("transactional.id", self.cfg.transactional_id(partition))
+                    .set("transaction.timeout.ms", self.cfg.transaction_timeout_ms.to_string());
+                Mode::Transactional
+            }
+            Guarantee::AtLeastOnce => Mode::AtLeastOnce(Arc::clone(consumer)),
+        };
+        let producer: BaseProducer<DeliveryTracker> =
+            config.create_with_context(tracker).map_err(|e| KafkaEdgeError::Config(e.to_string()))?;
+        if matches!(mode, Mode::Transactional) {
+            producer.init_transactions(BROKER_TIMEOUT).map_err(broker("initialising the task's transactions"))?;
+        }
+        Ok(TxProducer {
+            mode,
+            producer,
+            partition,
+            input_topic: self.cfg.input_topic.clone(),
+            alerts_topic: self.cfg.alerts_topic.clone(),
+            dlq_topic: self.cfg.dlq_topic.clone(),
+            changelog_topic: changelog,
+            group: None,
+        })
+    }
+
+    fn admin(&self) -> Result<AdminClient<DefaultClientContext>, KafkaEdgeError> {
+        self.base("admin").create().map_err(|e| KafkaEdgeError::Config(e.to_string()))
+    }
+
+    fn plain_consumer(&self, role: &str) -> Result<BaseConsumer, KafkaEdgeError> {
+        self.base(role)
+            .set("group.id", format!("{}-{role}", self.cfg.application_id))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .set("isolation.level", "read_committed")
+            .create()
+            .map_err(|e| KafkaEdgeError::Config(e.to_string()))
+    }
+
+    /// Partitions of `topic`, or `None` if it does not exist.
+    pub fn partitions(&self, topic: &str) -> Result<Option<i32>, KafkaEdgeError> {
+        let consumer = self.plain_consumer("metadata")?;
+        let metadata =
+            consumer.fetch_metadata(Some(topic), BROKER_TIMEOUT).map_err(broker("reading topic metadata"))?;
+        Ok(metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+            .map(|t| t.partitions().len() as i32))
+    }
+
+    /// Creates what is missing (if `create_topics`) and checks the changelog is co-partitioned
+    /// with the input. Returns the input's partition count.
+    pub fn ensure_topics(&self) -> Result<i32, KafkaEdgeError> {
+        let cfg = &self.cfg;
+        let changelog = cfg.changelog_topic(USER_STATE_STORE);
+        if cfg.create_topics {
+            let plain = [cfg.input_topic.as_str(), cfg.alerts_topic.as_str(), cfg.dlq_topic.as_str()];
+            let missing: Vec<&str> = plain
+                .into_iter()
+                .filter_map(|t| match self.partitions(t) {
+                    Ok(None) => Some(Ok(t)),
+                    Ok(Some(_)) => None,
+                    Err(e) => Some(Err(e)),
+                })
+                .collect::<Result<_, _>>()?;
+            self.create(missing.iter().map(|t| (*t, cfg.topic_partitions, false)))?;
+        }
+        let input = self
+            .partitions(&cfg.input_topic)?
+            .ok_or_else(|| KafkaEdgeError::Topics(format!("input topic {} does not exist", cfg.input_topic)))?;
+        match self.partitions(&changelog)? {
+            Some(n) if n == input => {}
+            Some(n) => {
+                return Err(KafkaEdgeError::Topics(format!(
+                    "{changelog} has {n} partitions but {} has {input}: they must be co-partitioned",
+                    cfg.input_topic
+                )))
+            }
+            None if cfg.create_topics => self.create([(changelog.as_str(), input, true)].into_iter())?,
+            None => return Err(KafkaEdgeError::Topics(format!("changelog topic {changelog} does not exist"))),
+        }
+        Ok(input)
+    }
+
+    fn create<'t>(&self, topics: impl Iterator<Item = (&'t str, i32, bool)>) -> Result<(), KafkaEdgeError> {
+        let replication = self.cfg.replication_factor;
+        let new: Vec<NewTopic<'t>> = topics
+            .map(|(name, partitions, compacted)| {
+                let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(replication));
+                if compacted {
+                    topic.set("cleanup.policy", "compact")
+                } else {
+                    topic
+                }
+            })
+            .collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        let admin = self.admin()?;
+        let results = futures::executor::block_on(admin.create_topics(&new, &AdminOptions::new()))
+            .map_err(broker("creating topics"))?;
+        for result in results {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((name, code)) => {
+                    return Err(KafkaEdgeError::Topics(format!("creating {name}: {code}")));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The committed position of the group on input `partition`, `None` if it never committed.
+    pub fn committed(
+        &self,
+        consumer: &BaseConsumer<GroupContext>,
+        partition: i32,
+    ) -> Result<Option<i64>, KafkaEdgeError> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.cfg.input_topic, partition);
+        let committed = consumer.committed_offsets(tpl, BROKER_TIMEOUT).map_err(broker("reading committed offsets"))?;
+        Ok(committed.find_partition(&self.cfg.input_topic, partition).and_then(|e| match e.offset() {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        }))
+    }
+
+    /// Brings `store` up to the changelog's committed end for `partition`, replaying from the
+    /// checkpoint's changelog offset. Replaying records the store already holds is harmless:
+    /// each record is a user's whole state, so the last one wins. Returns the records replayed
+    /// and the new changelog position; `progress` hears `(replayed, approximate total)`.
+    pub fn restore<S: Store>(
+        &self,
+        partition: i32,
+        store: &mut S,
+        from: i64,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<(u64, i64), KafkaEdgeError> {
+        let topic = self.cfg.changelog_topic(USER_STATE_STORE);
+        let consumer = self.plain_consumer("restore")?;
+        let (low, high) = consumer
+            .fetch_watermarks(&topic, partition, BROKER_TIMEOUT)
+            .map_err(broker("reading changelog watermarks"))?;
+        let start = from.max(low);
+        if start >= high {
+            return Ok((0, from));
+        }
+        let total = (high - start) as u64;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&topic, partition, Offset::Offset(start))
+            .map_err(broker("assigning the changelog"))?;
+        consumer.assign(&tpl).map_err(broker("assigning the changelog"))?;
+        let mut batch = WriteBatch::new();
+        let mut replayed = 0u64;
+        let mut position = start;
+        loop {
+            match consumer.poll(BROKER_TIMEOUT) {
+                Some(Ok(m)) => {
+                    let key = m.key().ok_or(KafkaEdgeError::Restore {
+                        partition,
+                        source: TaskError::CorruptState("changelog record without a key"),
+                    })?;
+                    task::apply_changelog_record(&mut batch, key, m.payload());
+                    replayed += 1;
+                    position = m.offset() + 1;
+                    if batch.len() >= 1_000 {
+                        store.write(&batch).map_err(|e| KafkaEdgeError::Restore { partition, source: e.into() })?;
+                        batch.clear();
+                        progress(replayed, total);
+                    }
+                }
+                Some(Err(KafkaError::PartitionEOF(_))) => break,
+                Some(Err(e)) => return Err(KafkaEdgeError::Broker { what: "reading the changelog", error: e }),
+                None => {
+                    return Err(KafkaEdgeError::Broker {
+                        what: "reading the changelog",
+                        error: KafkaError::MessageConsumption(RDKafkaErrorCode::OperationTimedOut),
+                    })
+                }
+            }
+        }
+        // Past the end of the last record: control records (commit markers) may follow it.
+        if let Ok(positions) = consumer.position() {
+            if let Some(Offset::Offset(o)) = positions.find_partition(&topic, partition).map(|e| e.offset()) {
+                position = position.max(o);
+            }
+        }
+        store.write(&batch).map_err(|e| KafkaEdgeError::Restore { partition, source: e.into() })?;
+        progress(replayed, total);
+        Ok((replayed, position))
+    }
+}
+
+/// Writes the checkpoint a restore ends with.
+pub fn write_checkpoint<S: Store>(store: &mut S, checkpoint: Checkpoint) -> Result<(), TaskError> {
+    let mut batch = WriteBatch::new();
+    task::put_checkpoint(&mut batch, checkpoint);
+    store.write(&batch)?;
+    Ok(())
+}
+
+/// A partition assignment change, as the consumer's callbacks report it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RebalanceEvent {
+    /// Partitions added to this process.
+    Assigned(Vec<i32>),
+    /// Partitions taken away (before they go: their tasks must stop now).
+    Revoked(Vec<i32>),
+}
+
+/// Rebalance events waiting for the processing loop.
+#[derive(Debug, Default)]
+pub struct RebalanceLog(Mutex<Vec<RebalanceEvent>>);
+
+impl RebalanceLog {
+    /// Takes the events recorded so far.
+    pub fn drain(&self) -> Vec<RebalanceEvent> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn push(&self, event: RebalanceEvent) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(event);
+    }
+}
+
+/// The group consumer's context: records assignment changes for the loop.
+pub struct GroupContext {
+    log: Arc<RebalanceLog>,
+}
+
+fn partitions_of(tpl: &TopicPartitionList) -> Vec<i32> {
+    tpl.elements().iter().map(|e| e.partition()).collect()
+}
+
+impl ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            self.log.push(RebalanceEvent::Revoked(partitions_of(tpl)));
+        }
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => self.log.push(RebalanceEvent::Assigned(partitions_of(tpl))),
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance failed"),
+        }
+    }
+}
+
+/// Notes where changelog records land, so the checkpoint can say where a replay starts.
+pub struct DeliveryTracker {
+    changelog: String,
+    max_offset: AtomicI64,
+    failed: AtomicU64,
+}
+
+impl ClientContext for DeliveryTracker {}
+
+impl ProducerContext for DeliveryTracker {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        match result {
+            Ok(m) if m.topic() == self.changelog => {
+                self.max_offset.fetch_max(m.offset(), Ordering::Relaxed);
+            }
+            Ok(_) => {}
+            Err(_) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+enum Mode {
+    Transactional,
+    AtLeastOnce(Arc<BaseConsumer<GroupContext>>),
+}
+
+/// A task's producer: transactional under exactly-once.
+pub struct TxProducer {
+    mode: Mode,
+    producer: BaseProducer<DeliveryTracker>,
+    partition: i32,
+    input_topic: String,
+    alerts_topic: String,
+    dlq_topic: String,
+    changelog_topic: String,
+    group: Option<ConsumerGroupMetadata>,
+}
+
+fn txn_error(e: KafkaError) -> ProducerError {
+    match &e {
+        KafkaError::Transaction(t) if t.is_fatal() => ProducerError::Fatal(e.to_string()),
+        _ => ProducerError::Abortable(e.to_string()),
+    }
+}
+
+impl TxProducer {
+    /// Sets the group metadata offsets are committed under (refresh it before every batch: it
+    /// carries the group generation that fences a stale member).
+    pub fn set_group(&mut self, group: Option<ConsumerGroupMetadata>) {
+        self.group = group;
+    }
+}
+
+impl task::TaskProducer for TxProducer {
+    fn begin(&mut self) -> Result<(), ProducerError> {
+        let tracker = self.producer.context();
+        tracker.max_offset.store(-1, Ordering::Relaxed);
+        tracker.failed.store(0, Ordering::Relaxed);
+        match self.mode {
+            Mode::Transactional => self.producer.begin_transaction().map_err(txn_error),
+            Mode::AtLeastOnce(_) => Ok(()),
+        }
+    }
+
+    fn send(&mut self, record: &OutRecord) -> Result<(), ProducerError> {
+        let topic = match record.topic {
+            OutTopic::Alerts => &self.alerts_topic,
+            OutTopic::DeadLetters => &self.dlq_topic,
+            OutTopic::Changelog => &self.changelog_topic,
+        };
+        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
+        for (name, value) in &record.headers {
+            headers = headers.insert(Header { key: name, value: Some(value) });
+        }
+        let mut r: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).headers(headers);
+        if record.topic == OutTopic::Changelog {
+            r = r.partition(self.partition);
+        }
+        if let Some(k) = &record.key {
+            r = r.key(k.as_slice());
+        }
+        if let Some(v) = &record.value {
+            r = r.payload(v.as_slice());
+        }
+        loop {
+            match self.producer.send(r) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    r = back;
+                    self.producer.poll(Duration::from_millis(10));
+                }
+                Err((e, _)) => return Err(txn_error(e)),
+            }
+        }
+    }
+
+    fn commit(&mut self, next_offset: i64) -> Result<Option<i64>, ProducerError> {
+        let mut offsets = TopicPartitionList::new();
+        offsets
+            .add_partition_offset(&self.input_topic, self.partition, Offset::Offset(next_offset))
+            .map_err(txn_error)?;
+        match &self.mode {
+            Mode::Transactional => {
+                let group = self
+                    .group
+                    .as_ref()
+                    .ok_or_else(|| ProducerError::Abortable("no consumer group metadata yet".into()))?;
+                self.producer.send_offsets_to_transaction(&offsets, group, BROKER_TIMEOUT).map_err(txn_error)?;
+                self.producer.commit_transaction(BROKER_TIMEOUT).map_err(txn_error)?;
+                if self.producer.context().failed.load(Ordering::Relaxed) > 0 {
+                    // The broker accepted the commit, so this cannot happen; refuse to guess.
+                    return Err(ProducerError::Fatal("a record failed delivery in a committed transaction".into()));
+                }
+            }
+            Mode::AtLeastOnce(consumer) => {
+                // Everything acknowledged first, then the position: a crash between the two
+                // repeats the batch, never skips it.
+                self.producer.flush(BROKER_TIMEOUT).map_err(txn_error)?;
+                if self.producer.context().failed.load(Ordering::Relaxed) > 0 {
+                    return Err(ProducerError::Abortable("records failed delivery; the batch is repeated".into()));
+                }
+                consumer.commit(&offsets, CommitMode::Sync).map_err(txn_error)?;
+            }
+        }
+        let tracker = self.producer.context();
+        let max = tracker.max_offset.load(Ordering::Relaxed);
+        Ok((max >= 0).then_some(max + 1))
+    }
+
+    fn abort(&mut self) -> Result<(), ProducerError> {
+        match self.mode {
+            Mode::Transactional => self.producer.abort_transaction(BROKER_TIMEOUT).map_err(txn_error),
+            // Sent records stay sent: the repeated batch sends them again (at least once).
+            Mode::AtLeastOnce(_) => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,42 @@
+//! `metronome process`: the Kafka Streams-style processor.
+//!
+//! ```text
+//!  [keys.events] p0..pN --group consumer (cooperative-sticky, read_committed)--+
+//!                                                                              |
+//!      per partition: Task { RocksDB store, checkpoint, open users }  <--------+
+//!        records -> decode/validate --bad--> dead letter ----------------+
+//!                -> detect::Detector (+ LSTM) -> alerts -----------------+  one Kafka transaction
+//!                -> changed user states -> changelog (same partition) ---+  per task per batch,
+//!                -> input position --------------------------------------+  with the offsets
+//!        after commit: one RocksDB write batch (states + checkpoint)
+//! ```
+//!
+//! # Layout
+//! - [`alerts`]: following the alert topic (committed alerts as JSON).
+//! - [`config`]: `[stream]` settings and the `[kafka]` passthrough.
+//! - [`records`]: pure input validation, dead letters and alert messages.
+//! - [`task`]: one partition's state and its exactly-once batch cycle, over the
+//!   [`task::TaskProducer`] seam (an in-memory twin tests it).
+//! - [`kafka`]: rdkafka clients: consumer, transactional producers, topic set-up, restore.
+//! - [`processor`]: the loop that ties them together, rebalances and shutdown.
+//! - [`publish`]: a keylog into the input topic, as agents would send it.
+//! - [`status`]: task phases for readiness.
+//!
+//! # Consistency
+//! A task's store is written only after its transaction commits, in one atomic batch with a
+//! [`task::Checkpoint`]. On assignment the task's producer is initialised first (fencing any
+//! earlier owner and aborting its open transaction), then the changelog is replayed from the
+//! checkpoint to its committed end. A store that claims more input than the group committed is
+//! deleted and rebuilt. So after any exit, clean or not, the store equals the committed changelog.
+
+pub mod alerts;
+pub mod config;
+pub mod kafka;
+pub mod processor;
+pub mod publish;
+pub mod records;
+pub mod status;
+pub mod task;
+
+pub use config::StreamConfig;
+pub use processor::{ProcessError, Processor, RunSummary, Shutdown};

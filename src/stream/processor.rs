@@ -1,0 +1,398 @@
+//! The processing loop: poll, route records to tasks, run each task's batch, repeat; open and
+//! close tasks as the group assigns and revokes partitions; stop cleanly when told.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use metronome_state::{RocksResources, RocksStore};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::Offset;
+
+use super::config::StreamConfig;
+use super::kafka::{self, Clients, GroupContext, KafkaEdgeError, RebalanceEvent, RebalanceLog, TxProducer};
+use super::records::InputRecord;
+use super::status::{Status, TaskPhase};
+use super::task::{self, BatchContext, Checkpoint, ProducerError, Task, TaskError};
+use crate::detect::{Detector, SequenceScorer};
+use crate::lstm::{Reload, ReloadingModel};
+
+/// How often idle users are looked for when no records arrive.
+const IDLE_CHECK_EVERY: Duration = Duration::from_millis(500);
+
+/// Why the processor stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    /// Kafka set-up or a broker call failed.
+    #[error(transparent)]
+    Kafka(#[from] KafkaEdgeError),
+    /// A task failed in a way a retry cannot fix (fenced producer, broken store).
+    #[error("partition {partition}: {source}")]
+    Task {
+        /// The task's partition.
+        partition: i32,
+        /// What failed.
+        source: TaskError,
+    },
+    /// The configuration is unusable.
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+/// Asks a running processor to stop after its current batch. Cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct Shutdown(Arc<AtomicBool>);
+
+impl Shutdown {
+    /// A signal nobody has raised yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Raises it.
+    pub fn trigger(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether it was raised.
+    pub fn is_triggered(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Totals of one run, for the exit summary.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RunSummary {
+    /// Input records processed and committed.
+    pub records: u64,
+    /// Key events fed to the detector.
+    pub events: u64,
+    /// Alerts produced.
+    pub alerts: u64,
+    /// Records sent to the dead-letter topic.
+    pub dead_letters: u64,
+    /// Transactions committed.
+    pub commits: u64,
+    /// Transactions aborted (their records are processed again).
+    pub aborts: u64,
+    /// Changelog records replayed into stores.
+    pub restored: u64,
+}
+
+struct Assigned {
+    task: Task<RocksStore>,
+    producer: TxProducer,
+    pending: Vec<InputRecord>,
+}
+
+/// A stream processor instance.
+pub struct Processor {
+    clients: Clients,
+    detector: Detector,
+    model: Option<ReloadingModel>,
+    reload_every: Duration,
+    idle_timeout: Duration,
+    resources: RocksResources,
+    status: Arc<Status>,
+}
+
+impl Processor {
+    /// A processor with `detector`, the optional hot-reloadable `model` (checked for a new
+    /// version every `reload_every`), and the Kafka `properties` passed to every client.
+    pub fn new(
+        cfg: StreamConfig,
+        properties: BTreeMap<String, String>,
+        detector: Detector,
+        idle_timeout: Duration,
+        model: Option<ReloadingModel>,
+        reload_every: Duration,
+    ) -> Result<Self, ProcessError> {
+        cfg.validate().map_err(ProcessError::Config)?;
+        let resources = RocksResources::new(cfg.rocksdb.clone());
+        Ok(Self {
+            clients: Clients::new(cfg, properties),
+            detector,
+            model,
+            reload_every,
+            idle_timeout,
+            resources,
+            status: Arc::new(Status::default()),
+        })
+    }
+
+    /// Live task phases (restoring, running) for readiness reporting.
+    pub fn status(&self) -> Arc<Status> {
+        Arc::clone(&self.status)
+    }
+
+    /// Consumes until `shutdown` is raised, then finishes the batch in hand, commits it and
+    /// leaves the group.
+    pub fn run(mut self, shutdown: &Shutdown) -> Result<RunSummary, ProcessError> {
+        let cfg = self.clients.stream().clone();
+        let partitions = self.clients.ensure_topics()?;
+        tracing::info!(topic = %cfg.input_topic, partitions, group = %cfg.application_id, "processor starting");
+        let log = Arc::new(RebalanceLog::default());
+        let consumer = Arc::new(self.clients.consumer(Arc::clone(&log))?);
+        consumer
+            .subscribe(&[&cfg.input_topic])
+            .map_err(|error| KafkaEdgeError::Broker { what: "subscribing to the input", error })?;
+
+        let mut tasks: BTreeMap<i32, Assigned> = BTreeMap::new();
+        let mut summary = RunSummary::default();
+        let mut last_reload = Instant::now();
+        let mut last_idle_check = Instant::now();
+        let commit_interval = Duration::from_millis(cfg.commit_interval_ms);
+        let result = loop {
+            if shutdown.is_triggered() {
+                break Ok(());
+            }
+            // Collect one batch.
+            let started = Instant::now();
+            let mut collected = 0usize;
+            let mut failed = None;
+            // An empty poll means the consumer holds no backlog: only then may silence be read as
+            // idleness (while catching up, a user's next records may still be in the backlog).
+            let mut caught_up = false;
+            while collected < cfg.max_batch_records && !shutdown.is_triggered() {
+                let left = commit_interval.saturating_sub(started.elapsed());
+                if left.is_zero() {
+                    break;
+                }
+                let message = consumer.poll(left.min(Duration::from_millis(50)));
+                let record = match message {
+                    Some(Ok(m)) => Some((
+                        m.partition(),
+                        InputRecord {
+                            offset: m.offset(),
+                            key: m.key().map(<[u8]>::to_vec),
+                            payload: m.payload().map(<[u8]>::to_vec),
+                        },
+                    )),
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "consumer error");
+                        None
+                    }
+                    None => {
+                        caught_up = true;
+                        None
+                    }
+                };
+                if let Err(e) = self.apply_rebalance(&consumer, &log, &mut tasks, &mut summary) {
+                    failed = Some(e);
+                    break;
+                }
+                if let Some((partition, record)) = record {
+                    match tasks.get_mut(&partition) {
+                        Some(a) => {
+                            a.pending.push(record);
+                            collected += 1;
+                        }
+                        None => {
+                            tracing::warn!(partition, "record for a partition without a task; it will be redelivered")
+                        }
+                    }
+                }
+            }
+            if let Some(e) = failed {
+                break Err(e);
+            }
+            let now = Instant::now();
+            let check_idle = caught_up && now.duration_since(last_idle_check) >= IDLE_CHECK_EVERY;
+            if check_idle {
+                last_idle_check = now;
+            }
+            if let Err(e) = self.run_batches(&consumer, &mut tasks, check_idle, &mut summary) {
+                break Err(e);
+            }
+            if last_reload.elapsed() >= self.reload_every {
+                last_reload = Instant::now();
+                self.reload_model();
+            }
+        };
+        // Finish the batch in hand (records already collected), then close.
+        let finished = match result {
+            Ok(()) => self.run_batches(&consumer, &mut tasks, false, &mut summary),
+            Err(e) => Err(e),
+        };
+        for (partition, assigned) in std::mem::take(&mut tasks) {
+            close_task(partition, assigned, &self.status);
+        }
+        consumer.unsubscribe();
+        // Serve the revocation the unsubscribe triggers, so the group rebalances right away.
+        let _ = consumer.poll(Duration::from_millis(100));
+        log.drain();
+        tracing::info!(
+            records = summary.records,
+            events = summary.events,
+            alerts = summary.alerts,
+            dead_letters = summary.dead_letters,
+            commits = summary.commits,
+            aborts = summary.aborts,
+            "processor stopped"
+        );
+        finished.map(|()| summary)
+    }
+
+    fn reload_model(&mut self) {
+        if let Some(model) = self.model.as_mut() {
+            match model.reload_if_changed() {
+                Ok(Reload::Unchanged) => {}
+                Ok(Reload::Loaded { from, to }) => tracing::info!(%from, %to, "sequence model reloaded"),
+                Err(e) => tracing::warn!(error = %e, "new sequence model refused; keeping the current one"),
+            }
+        }
+    }
+
+    fn apply_rebalance(
+        &mut self,
+        consumer: &Arc<BaseConsumer<GroupContext>>,
+        log: &RebalanceLog,
+        tasks: &mut BTreeMap<i32, Assigned>,
+        summary: &mut RunSummary,
+    ) -> Result<(), ProcessError> {
+        for event in log.drain() {
+            match event {
+                RebalanceEvent::Revoked(partitions) => {
+                    for p in partitions {
+                        if let Some(assigned) = tasks.remove(&p) {
+                            // Records collected but not committed are redelivered to the new owner.
+                            close_task(p, assigned, &self.status);
+                        }
+                    }
+                }
+                RebalanceEvent::Assigned(partitions) => {
+                    for p in partitions {
+                        if tasks.contains_key(&p) {
+                            continue;
+                        }
+                        let assigned = self.open_task(consumer, p, summary)?;
+                        tasks.insert(p, assigned);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens the task for `partition`: fence earlier owners, make the store consistent with the
+    /// committed input position, and start from there.
+    fn open_task(
+        &mut self,
+        consumer: &Arc<BaseConsumer<GroupContext>>,
+        partition: i32,
+        summary: &mut RunSummary,
+    ) -> Result<Assigned, ProcessError> {
+        let cfg = self.clients.stream();
+        self.status.set(partition, TaskPhase::Restoring { replayed: 0, total: 0 });
+        // First: this aborts whatever transaction a previous owner left open, so the committed
+        // offsets and the changelog's committed end below cannot move under us.
+        let producer = self.clients.task_producer(partition, consumer)?;
+        let committed = self.clients.committed(consumer, partition)?;
+        let dir = cfg.task_dir(partition);
+        let task_err = |source: TaskError| ProcessError::Task { partition, source };
+        let mut store = RocksStore::open(&dir, &self.resources).map_err(|e| task_err(e.into()))?;
+        let mut checkpoint = task::read_checkpoint(&store).map_err(task_err)?;
+        let ahead = match (checkpoint.input_offset, committed) {
+            (Some(local), Some(kafka)) => local > kafka,
+            (Some(_), None) => true,
+            _ => false,
+        };
+        if ahead {
+            // The store claims input the group never committed: it cannot be trusted at all.
+            tracing::warn!(
+                partition,
+                "local state is ahead of the committed position; rebuilding it from the changelog"
+            );
+            drop(store);
+            RocksStore::destroy(&dir).map_err(|e| task_err(e.into()))?;
+            store = RocksStore::open(&dir, &self.resources).map_err(|e| task_err(e.into()))?;
+            checkpoint = Checkpoint::EMPTY;
+        }
+        let from = checkpoint.changelog_offset;
+        let status = Arc::clone(&self.status);
+        let started = Instant::now();
+        let (replayed, position) = self.clients.restore(partition, &mut store, from, |replayed, total| {
+            status.set(partition, TaskPhase::Restoring { replayed, total });
+            tracing::info!(partition, replayed, total, "restoring state from the changelog");
+        })?;
+        summary.restored += replayed;
+        let checkpoint = Checkpoint { input_offset: committed, changelog_offset: position };
+        kafka::write_checkpoint(&mut store, checkpoint).map_err(task_err)?;
+        let task = Task::open(partition, store, Instant::now()).map_err(task_err)?;
+        tracing::info!(
+            partition,
+            replayed,
+            restore_ms = started.elapsed().as_millis() as u64,
+            open_users = task.open_users(),
+            "task ready"
+        );
+        self.status.set(partition, TaskPhase::Running);
+        Ok(Assigned { task, producer, pending: Vec::new() })
+    }
+
+    fn run_batches(
+        &mut self,
+        consumer: &BaseConsumer<GroupContext>,
+        tasks: &mut BTreeMap<i32, Assigned>,
+        check_idle: bool,
+        summary: &mut RunSummary,
+    ) -> Result<(), ProcessError> {
+        let cfg = self.clients.stream();
+        let now = Instant::now();
+        let now_us = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
+        for (&partition, assigned) in tasks.iter_mut() {
+            if assigned.pending.is_empty() && !(check_idle && assigned.task.idle_due(now, self.idle_timeout)) {
+                continue;
+            }
+            let records = std::mem::take(&mut assigned.pending);
+            assigned.producer.set_group(consumer.group_metadata());
+            let mut ctx = BatchContext {
+                detector: &mut self.detector,
+                model: self.model.as_mut().map(|m| m as &mut dyn SequenceScorer),
+                idle_timeout: self.idle_timeout,
+                max_events_per_record: cfg.max_events_per_record,
+                input_topic: &cfg.input_topic,
+                now,
+                now_us,
+            };
+            match assigned.task.run_batch(&mut ctx, &records, &mut assigned.producer) {
+                Ok(outcome) => {
+                    if let Some(e) = &outcome.model_error {
+                        tracing::warn!(partition, error = %e, "sequence model failed; windows decided on timing alone");
+                    }
+                    for class in &outcome.dead_letters {
+                        tracing::warn!(partition, class = class.as_str(), "record sent to the dead-letter topic");
+                    }
+                    summary.records += outcome.records;
+                    summary.events += outcome.events;
+                    summary.alerts += outcome.alerts;
+                    summary.dead_letters += outcome.dead_letters.len() as u64;
+                    summary.commits += u64::from(outcome.committed);
+                }
+                Err(TaskError::Producer(ProducerError::Abortable(reason))) => {
+                    summary.aborts += 1;
+                    let offset = match assigned.task.checkpoint().input_offset {
+                        Some(o) => Offset::Offset(o),
+                        None => Offset::Beginning,
+                    };
+                    tracing::warn!(partition, %reason, "transaction aborted; rewinding the partition");
+                    consumer
+                        .seek(&cfg.input_topic, partition, offset, kafka::BROKER_TIMEOUT)
+                        .map_err(|error| KafkaEdgeError::Broker { what: "rewinding after an abort", error })?;
+                }
+                Err(source) => return Err(ProcessError::Task { partition, source }),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn close_task(partition: i32, assigned: Assigned, status: &Status) {
+    status.remove(partition);
+    if let Err(e) = assigned.task.store().flush() {
+        tracing::warn!(partition, error = %e, "flushing the task store failed; it will be replayed from the changelog");
+    }
+    tracing::info!(partition, "task closed");
+}

@@ -1,0 +1,596 @@
+//! One task per assigned input partition: its state store, its checkpoint, and the exactly-once
+//! batch cycle.
+//!
+//! A batch runs the detector over the records of one partition, then commits in this order:
+//! 1. inside one Kafka transaction: dead letters, alerts, changelog records of every user the
+//!    batch changed, and the input position;
+//! 2. after the transaction commits: one atomic store write with the same user states and the
+//!    [`Checkpoint`] they reflect.
+//!
+//! So the store is never ahead of Kafka. If the process dies between 1 and 2, the store is
+//! behind; [`Task::open`]'s caller compares the checkpoint with the committed position and
+//! replays the changelog (see `restore`). Nothing here knows about rdkafka: the transaction is the
+//! [`TaskProducer`] seam, with an in-memory twin in the tests.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use metronome_state::{keys, Store, StoreError, WriteBatch};
+use prost::Message;
+use serde::{Deserialize, Serialize};
+
+use super::records::{self, DeadLetterClass, InputRecord, OutRecord, OutTopic};
+use crate::detect::{Detector, Output, ScoringBatch, SequenceError, SequenceScorer, UserState};
+
+/// Key namespace of local-only metadata (never in the changelog).
+const NS_META: u8 = 0x00;
+/// Key namespace of per-user detector state.
+pub const NS_USER_STATE: u8 = 0x01;
+/// Where the checkpoint lives.
+const CHECKPOINT_KEY: &[u8] = &[NS_META, b'c', b'k', b'p', b't'];
+/// Version byte in front of every stored user state.
+const STATE_FORMAT: u8 = 1;
+/// Windows queued before the model runs over them at once.
+const MODEL_BATCH_WINDOWS: usize = 256;
+
+/// What a store reflects: the input position after the last batch it holds, and where in the
+/// changelog a replay must start to bring it further.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Next input offset to process; `None` before the first batch.
+    pub input_offset: Option<i64>,
+    /// Changelog offset from which records are newer than the store; 0 = from the start.
+    pub changelog_offset: i64,
+}
+
+impl Checkpoint {
+    /// A store that holds nothing.
+    pub const EMPTY: Checkpoint = Checkpoint { input_offset: None, changelog_offset: 0 };
+
+    fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("a checkpoint always serializes")
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, TaskError> {
+        postcard::from_bytes(bytes).map_err(|_| TaskError::CorruptState("checkpoint"))
+    }
+}
+
+/// Why a producer call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProducerError {
+    /// The transaction failed but the producer is usable: abort, rewind, retry.
+    #[error("transaction aborted: {0}")]
+    Abortable(String),
+    /// The producer is fenced (another process owns the task now) or broken.
+    #[error("producer unusable: {0}")]
+    Fatal(String),
+}
+
+/// Why a task batch failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    /// The state store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Stored bytes did not decode (never includes the bytes).
+    #[error("state store holds an undecodable {0}")]
+    CorruptState(&'static str),
+    /// The Kafka transaction failed.
+    #[error(transparent)]
+    Producer(#[from] ProducerError),
+}
+
+/// The transactional producer of one task.
+pub trait TaskProducer {
+    /// Starts a transaction.
+    fn begin(&mut self) -> Result<(), ProducerError>;
+    /// Adds a record to the open transaction.
+    fn send(&mut self, record: &OutRecord) -> Result<(), ProducerError>;
+    /// Commits the transaction together with the input position `next_offset`. Returns the
+    /// changelog offset after the last changelog record of the transaction, if it had any.
+    fn commit(&mut self, next_offset: i64) -> Result<Option<i64>, ProducerError>;
+    /// Aborts the open transaction.
+    fn abort(&mut self) -> Result<(), ProducerError>;
+}
+
+/// What one batch did, for logs and metrics (counts only, never content).
+#[derive(Debug, Default)]
+pub struct BatchOutcome {
+    /// Input records consumed.
+    pub records: u64,
+    /// Key events fed to the detector.
+    pub events: u64,
+    /// Records sent to the dead-letter topic, by class.
+    pub dead_letters: Vec<DeadLetterClass>,
+    /// Windows scored.
+    pub windows: u64,
+    /// Alerts produced.
+    pub alerts: u64,
+    /// Users whose windows were closed by idleness.
+    pub idle_closed: u64,
+    /// Whether anything was committed.
+    pub committed: bool,
+    /// The sequence model's failure, if it failed (windows then decided on timing alone).
+    pub model_error: Option<SequenceError>,
+}
+
+/// What a batch borrows from the processor.
+pub struct BatchContext<'a> {
+    /// The detection core.
+    pub detector: &'a mut Detector,
+    /// The sequence model, if any.
+    pub model: Option<&'a mut dyn SequenceScorer>,
+    /// Wall-clock idleness that closes a user's window.
+    pub idle_timeout: Duration,
+    /// Most events one record may carry.
+    pub max_events_per_record: usize,
+    /// The input topic, for dead-letter headers.
+    pub input_topic: &'a str,
+    /// Now, for idleness.
+    pub now: Instant,
+    /// Now as microseconds since the epoch, for `detected_at_us`.
+    pub now_us: i64,
+}
+
+/// A partition's task.
+#[derive(Debug)]
+pub struct Task<S> {
+    partition: i32,
+    store: S,
+    checkpoint: Checkpoint,
+    /// Users whose window has presses, with when their last event arrived.
+    open_users: HashMap<String, Instant>,
+}
+
+/// The store key of `user`'s state.
+pub fn user_key(user: &str) -> Result<Vec<u8>, TaskError> {
+    keys::user_prefix(NS_USER_STATE, user).map_err(|_| TaskError::CorruptState("user key"))
+}
+
+fn user_of_key(key: &[u8]) -> Option<&str> {
+    let rest = key.strip_prefix(&[NS_USER_STATE])?;
+    let (len, name) = rest.split_at_checked(2)?;
+    (usize::from(u16::from_be_bytes([len[0], len[1]])) == name.len()).then(|| std::str::from_utf8(name).ok())?
+}
+
+/// Serializes a user's state for the store and the changelog.
+pub fn encode_state(state: &UserState) -> Vec<u8> {
+    let mut out = vec![STATE_FORMAT];
+    out.extend(postcard::to_stdvec(state).expect("user state always serializes"));
+    out
+}
+
+/// Reads a stored user state.
+pub fn decode_state(bytes: &[u8]) -> Result<UserState, TaskError> {
+    match bytes.split_first() {
+        Some((&STATE_FORMAT, body)) => postcard::from_bytes(body).map_err(|_| TaskError::CorruptState("user state")),
+        _ => Err(TaskError::CorruptState("user state version")),
+    }
+}
+
+/// Adds a changelog record to a restore batch: a value puts, a tombstone deletes.
+pub fn apply_changelog_record(batch: &mut WriteBatch, key: &[u8], value: Option<&[u8]>) {
+    match value {
+        Some(v) => batch.put(key.to_vec(), v.to_vec()),
+        None => batch.delete(key.to_vec()),
+    };
+}
+
+/// Writes `checkpoint` into `batch` (restores finish with this).
+pub fn put_checkpoint(batch: &mut WriteBatch, checkpoint: Checkpoint) {
+    batch.put(CHECKPOINT_KEY.to_vec(), checkpoint.encode());
+}
+
+/// The checkpoint stored in `store`, or [`Checkpoint::EMPTY`].
+pub fn read_checkpoint<S: Store>(store: &S) -> Result<Checkpoint, TaskError> {
+    match store.get(CHECKPOINT_KEY)? {
+        Some(bytes) => Checkpoint::decode(&bytes),
+        None => Ok(Checkpoint::EMPTY),
+    }
+}
+
+impl<S: Store> Task<S> {
+    /// Opens the task over a store that is consistent with the committed input position (the
+    /// caller restored it first). Users with open windows count as active from `now`, so they
+    /// still close by idleness after a restart.
+    pub fn open(partition: i32, store: S, now: Instant) -> Result<Self, TaskError> {
+        let checkpoint = read_checkpoint(&store)?;
+        let mut task = Self { partition, store, checkpoint, open_users: HashMap::new() };
+        task.reload_open_users(now)?;
+        Ok(task)
+    }
+
+    fn reload_open_users(&mut self, now: Instant) -> Result<(), TaskError> {
+        self.open_users.clear();
+        for (key, value) in self.store.scan_prefix(&[NS_USER_STATE])? {
+            if decode_state(&value)?.has_open_window() {
+                let user = user_of_key(&key).ok_or(TaskError::CorruptState("user key"))?;
+                self.open_users.insert(user.to_owned(), now);
+            }
+        }
+        Ok(())
+    }
+
+    /// The input partition.
+    pub fn partition(&self) -> i32 {
+        self.partition
+    }
+
+    /// What the store reflects.
+    pub fn checkpoint(&self) -> Checkpoint {
+        self.checkpoint
+    }
+
+    /// The store, for metrics and shutdown.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Gives the store back (on revocation or shutdown).
+    pub fn into_store(self) -> S {
+        self.store
+    }
+
+    /// Users with an open window.
+    pub fn open_users(&self) -> usize {
+        self.open_users.len()
+    }
+
+    /// Whether some user has been idle for `idle_timeout` at `now`.
+    pub fn idle_due(&self, now: Instant, idle_timeout: Duration) -> bool {
+        self.open_users.values().any(|&t| now.saturating_duration_since(t) >= idle_timeout)
+    }
+
+    /// The state of `user` as stored (for interactive queries and tests).
+    pub fn user_state(&self, user: &str) -> Result<Option<UserState>, TaskError> {
+        self.store.get(&user_key(user)?)?.map(|b| decode_state(&b)).transpose()
+    }
+
+    /// Processes `records` (consecutive, from this partition) and closes idle users' windows,
+    /// then commits through `producer` and the store, in that order. On an error nothing was
+    /// written to the store and the caller must rewind the partition to
+    /// [`Task::checkpoint`]'s input offset; the task's memory is already rewound.
+    pub fn run_batch<P: TaskProducer>(
+        &mut self,
+        ctx: &mut BatchContext<'_>,
+        records: &[InputRecord],
+        producer: &mut P,
+    ) -> Result<BatchOutcome, TaskError> {
+        let open_before = self.open_users.clone();
+        let result = self.run_batch_inner(ctx, records, producer);
+        if result.is_err() {
+            self.open_users = open_before;
+        }
+        result
+    }
+
+    fn run_batch_inner<P: TaskProducer>(
+        &mut self,
+        ctx: &mut BatchContext<'_>,
+        records: &[InputRecord],
+        producer: &mut P,
+    ) -> Result<BatchOutcome, TaskError> {
+        let mut outcome = BatchOutcome { records: records.len() as u64, ..BatchOutcome::default() };
+        let idle: Vec<String> = self
+            .open_users
+            .iter()
+            .filter(|(_, &t)| ctx.now.saturating_duration_since(t) >= ctx.idle_timeout)
+            .map(|(u, _)| u.clone())
+            .collect();
+        if records.is_empty() && idle.is_empty() {
+            return Ok(outcome);
+        }
+        let mut users = Users { slots: Vec::new(), index: HashMap::new() };
+        let mut out: Vec<OutRecord> = Vec::new();
+        let mut scoring = ScoringBatch::new(ctx.model.as_ref().map(|m| m.steps()));
+        let mut outputs: Vec<(usize, Output)> = Vec::new();
+
+        for record in records {
+            match records::decode_record(record, ctx.max_events_per_record) {
+                Ok(batch) => {
+                    let slot = users.slot(&self.store, &batch.user_id)?;
+                    for event in batch.events {
+                        ctx.detector.on_event(slot, &mut users.slots[slot].1, event, &mut scoring);
+                        outcome.events += 1;
+                    }
+                    self.open_users.insert(batch.user_id, ctx.now);
+                    if scoring.windows() >= MODEL_BATCH_WINDOWS {
+                        finish(ctx, &mut scoring, &mut users.slots, &mut outputs, &mut outcome);
+                    }
+                }
+                Err(class) => {
+                    outcome.dead_letters.push(class);
+                    out.push(records::dead_letter(record, class, ctx.input_topic, self.partition));
+                }
+            }
+        }
+        for user in idle {
+            let slot = users.slot(&self.store, &user)?;
+            ctx.detector.close_window(slot, &mut users.slots[slot].1, &mut scoring);
+            self.open_users.remove(&user);
+            outcome.idle_closed += 1;
+        }
+        finish(ctx, &mut scoring, &mut users.slots, &mut outputs, &mut outcome);
+
+        for (slot, output) in &outputs {
+            match output {
+                Output::Window(_) => outcome.windows += 1,
+                Output::Alert(alert) => {
+                    let user = &users.slots[*slot].0;
+                    let message = records::alert_message(user, alert, ctx.now_us);
+                    out.push(OutRecord {
+                        topic: OutTopic::Alerts,
+                        key: Some(user.as_bytes().to_vec()),
+                        value: Some(message.encode_to_vec()),
+                        headers: Vec::new(),
+                    });
+                    outcome.alerts += 1;
+                }
+                Output::IncidentClosed { .. } => {}
+            }
+        }
+        let mut writes = WriteBatch::new();
+        for (user, state) in &users.slots {
+            let key = user_key(user)?;
+            let value = encode_state(state);
+            out.push(OutRecord {
+                topic: OutTopic::Changelog,
+                key: Some(key.clone()),
+                value: Some(value.clone()),
+                headers: Vec::new(),
+            });
+            writes.put(key, value);
+        }
+
+        let next_offset = records.last().map(|r| r.offset + 1).or(self.checkpoint.input_offset);
+        let changelog_end = self.transact(producer, &out, next_offset)?;
+        let checkpoint = Checkpoint {
+            input_offset: next_offset,
+            changelog_offset: changelog_end.unwrap_or(self.checkpoint.changelog_offset),
+        };
+        put_checkpoint(&mut writes, checkpoint);
+        self.store.write(&writes)?;
+        self.checkpoint = checkpoint;
+        outcome.committed = true;
+        Ok(outcome)
+    }
+
+    fn transact<P: TaskProducer>(
+        &self,
+        producer: &mut P,
+        out: &[OutRecord],
+        next_offset: Option<i64>,
+    ) -> Result<Option<i64>, TaskError> {
+        producer.begin()?;
+        let committed = out.iter().try_for_each(|r| producer.send(r)).and_then(|()| match next_offset {
+            Some(offset) => producer.commit(offset),
+            // Nothing consumed yet and nothing to commit as a position: an idle-only batch of a
+            // task that never saw a record cannot exist, but stay correct if it does.
+            None => producer.commit(0),
+        });
+        match committed {
+            Ok(end) => Ok(end),
+            Err(e) => {
+                // The transaction's fate is the error's; a failed abort adds nothing useful.
+                let _ = producer.abort();
+                Err(e.into())
+            }
+        }
+    }
+}
+
+/// The users a batch touches: `(user, state)` slots the detector addresses by index.
+struct Users {
+    slots: Vec<(String, UserState)>,
+    index: HashMap<String, usize>,
+}
+
+impl Users {
+    fn slot<S: Store>(&mut self, store: &S, user: &str) -> Result<usize, TaskError> {
+        if let Some(&slot) = self.index.get(user) {
+            return Ok(slot);
+        }
+        let state = match store.get(&user_key(user)?)? {
+            Some(bytes) => decode_state(&bytes)?,
+            None => UserState::default(),
+        };
+        self.slots.push((user.to_owned(), state));
+        self.index.insert(user.to_owned(), self.slots.len() - 1);
+        Ok(self.slots.len() - 1)
+    }
+}
+
+fn finish(
+    ctx: &mut BatchContext<'_>,
+    scoring: &mut ScoringBatch,
+    slots: &mut [(String, UserState)],
+    outputs: &mut Vec<(usize, Output)>,
+    outcome: &mut BatchOutcome,
+) {
+    let model = ctx.model.as_mut().map(|m| &mut **m as &mut dyn SequenceScorer);
+    if let Err(e) = ctx.detector.finish(scoring, slots, model, outputs) {
+        outcome.model_error = Some(e);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::detect::DetectorConfig;
+    use crate::event::{KeyAction, KeyEvent};
+    use crate::proto;
+    use metronome_state::MemoryStore;
+
+    /// The in-memory twin of a transactional producer: keeps committed records, drops aborted.
+    #[derive(Default)]
+    struct MemoryProducer {
+        open: Option<Vec<OutRecord>>,
+        committed: Vec<OutRecord>,
+        positions: Vec<i64>,
+        fail_next_commit: bool,
+        changelog_len: i64,
+    }
+
+    impl TaskProducer for MemoryProducer {
+        fn begin(&mut self) -> Result<(), ProducerError> {
+            assert!(self.open.is_none(), "begin inside an open transaction");
+            self.open = Some(Vec::new());
+            Ok(())
+        }
+        fn send(&mut self, record: &OutRecord) -> Result<(), ProducerError> {
+            self.open.as_mut().expect("send outside a transaction").push(record.clone());
+            Ok(())
+        }
+        fn commit(&mut self, next_offset: i64) -> Result<Option<i64>, ProducerError> {
+            if std::mem::take(&mut self.fail_next_commit) {
+                return Err(ProducerError::Abortable("injected".into()));
+            }
+            let records = self.open.take().expect("commit outside a transaction");
+            let changelog = records.iter().filter(|r| r.topic == OutTopic::Changelog).count() as i64;
+            self.changelog_len += changelog;
+            self.committed.extend(records);
+            self.positions.push(next_offset);
+            Ok((changelog > 0).then_some(self.changelog_len))
+        }
+        fn abort(&mut self) -> Result<(), ProducerError> {
+            self.open = None;
+            Ok(())
+        }
+    }
+
+    fn macro_records(user: &str, first_offset: i64, presses: usize) -> Vec<InputRecord> {
+        let mut events = Vec::new();
+        for i in 0..presses as i64 {
+            let t = 1_700_000_000_000_000 + i * 100_000;
+            events.push(KeyEvent::new(t, 30 + (i % 4) as u32, KeyAction::Down));
+            events.push(KeyEvent::new(t + 30_000, 30 + (i % 4) as u32, KeyAction::Up));
+        }
+        records::batches_for_user(user, "s", &events, 40)
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| InputRecord {
+                offset: first_offset + i as i64,
+                key: Some(user.as_bytes().to_vec()),
+                payload: Some(p),
+            })
+            .collect()
+    }
+
+    fn ctx<'a>(detector: &'a mut Detector, now: Instant) -> BatchContext<'a> {
+        BatchContext {
+            detector,
+            model: None,
+            idle_timeout: Duration::from_secs(10),
+            max_events_per_record: 1000,
+            input_topic: "keys.events",
+            now,
+            now_us: 0,
+        }
+    }
+
+    fn alerts(p: &MemoryProducer) -> Vec<proto::Alert> {
+        p.committed
+            .iter()
+            .filter(|r| r.topic == OutTopic::Alerts)
+            .map(|r| proto::Alert::decode(r.value.as_deref().unwrap()).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_macro_user_alerts_once_and_state_follows_the_commit() {
+        let mut detector = Detector::new(DetectorConfig::default()).unwrap();
+        let now = Instant::now();
+        let mut task = Task::open(0, MemoryStore::new(), now).unwrap();
+        let mut producer = MemoryProducer::default();
+        let records = macro_records("m1", 0, 120);
+        let outcome = task.run_batch(&mut ctx(&mut detector, now), &records, &mut producer).unwrap();
+        assert!(outcome.committed);
+        assert_eq!(alerts(&producer).len(), 1, "one incident, one alert");
+        assert_eq!(alerts(&producer)[0].user_id, "m1");
+        assert_eq!(producer.positions, vec![records.len() as i64]);
+        assert_eq!(task.checkpoint().input_offset, Some(records.len() as i64));
+        assert_eq!(task.checkpoint().changelog_offset, 1, "one user changed, one changelog record");
+        let stored = task.user_state("m1").unwrap().expect("state stored after commit");
+        assert_eq!(stored.policy().alerts_raised(), 1);
+    }
+
+    #[test]
+    fn a_failed_commit_leaves_store_and_memory_as_before() {
+        let mut detector = Detector::new(DetectorConfig::default()).unwrap();
+        let now = Instant::now();
+        let mut task = Task::open(0, MemoryStore::new(), now).unwrap();
+        let mut producer = MemoryProducer { fail_next_commit: true, ..MemoryProducer::default() };
+        let records = macro_records("m1", 0, 120);
+        let err = task.run_batch(&mut ctx(&mut detector, now), &records, &mut producer).unwrap_err();
+        assert!(matches!(err, TaskError::Producer(ProducerError::Abortable(_))));
+        assert!(producer.committed.is_empty(), "aborted records are gone");
+        assert_eq!(task.checkpoint(), Checkpoint::EMPTY);
+        assert_eq!(task.user_state("m1").unwrap(), None, "the store never saw the aborted batch");
+        assert_eq!(task.open_users(), 0);
+        // The retry of the same records gives the same single alert.
+        task.run_batch(&mut ctx(&mut detector, now), &records, &mut producer).unwrap();
+        assert_eq!(alerts(&producer).len(), 1);
+    }
+
+    #[test]
+    fn bad_records_become_dead_letters_and_the_rest_flows() {
+        let mut detector = Detector::new(DetectorConfig::default()).unwrap();
+        let now = Instant::now();
+        let mut task = Task::open(0, MemoryStore::new(), now).unwrap();
+        let mut producer = MemoryProducer::default();
+        let mut records = macro_records("m1", 0, 120);
+        let n = records.len() as i64;
+        records.insert(2, InputRecord { offset: 0, key: Some(b"m1".to_vec()), payload: Some(vec![0xff; 9]) });
+        for (i, r) in records.iter_mut().enumerate() {
+            r.offset = i as i64;
+        }
+        let outcome = task.run_batch(&mut ctx(&mut detector, now), &records, &mut producer).unwrap();
+        assert_eq!(outcome.dead_letters, vec![DeadLetterClass::Decode]);
+        let dlq: Vec<_> = producer.committed.iter().filter(|r| r.topic == OutTopic::DeadLetters).collect();
+        assert_eq!(dlq.len(), 1);
+        assert_eq!(dlq[0].value.as_deref(), Some(&[0xff; 9][..]));
+        assert_eq!(alerts(&producer).len(), 1);
+        assert_eq!(producer.positions, vec![n + 1]);
+    }
+
+    #[test]
+    fn idle_users_close_by_wall_clock_and_survive_reopening() {
+        let mut detector = Detector::new(DetectorConfig::default()).unwrap();
+        let start = Instant::now();
+        let mut task = Task::open(0, MemoryStore::new(), start).unwrap();
+        let mut producer = MemoryProducer::default();
+        // 35 presses: scored once at 30 (min_presses), 5 left unscored for the idle close.
+        let records = macro_records("m1", 0, 35);
+        task.run_batch(&mut ctx(&mut detector, start), &records, &mut producer).unwrap();
+        assert_eq!(task.open_users(), 1);
+        let later = start + Duration::from_secs(11);
+        assert!(task.idle_due(later, Duration::from_secs(10)));
+        // Reopen over the same store (a restart): the open user is still tracked.
+        let store = task.into_store();
+        let mut task = Task::open(0, store, start).unwrap();
+        assert_eq!(task.open_users(), 1, "open windows are found again after a restart");
+        let outcome = task.run_batch(&mut ctx(&mut detector, later), &[], &mut producer).unwrap();
+        assert_eq!(outcome.idle_closed, 1);
+        assert_eq!(outcome.windows, 1, "the partial window was scored");
+        assert_eq!(task.open_users(), 0);
+        assert!(!task.user_state("m1").unwrap().unwrap().has_open_window());
+        assert_eq!(producer.positions.last(), Some(&(records.len() as i64)), "position unchanged");
+        // Nothing more to do: no transaction.
+        let before = producer.positions.len();
+        let outcome = task.run_batch(&mut ctx(&mut detector, later), &[], &mut producer).unwrap();
+        assert!(!outcome.committed);
+        assert_eq!(producer.positions.len(), before);
+    }
+
+    #[test]
+    fn states_and_checkpoints_round_trip_and_garbage_is_refused() {
+        let state = UserState::default();
+        assert_eq!(decode_state(&encode_state(&state)).unwrap(), state);
+        assert!(matches!(decode_state(&[9, 1, 2]), Err(TaskError::CorruptState(_))));
+        assert!(matches!(decode_state(&[]), Err(TaskError::CorruptState(_))));
+        let key = user_key("ü-1").unwrap();
+        assert_eq!(user_of_key(&key), Some("ü-1"));
+        assert_eq!(user_of_key(&key[..key.len() - 1]), None);
+    }
+}

@@ -1,0 +1,365 @@
+//! `metronome process` against a real Kafka-compatible broker (tansu, started per test): the
+//! stream agrees exactly with `metronome score` on the same events, through rebalances,
+//! restarts, state loss, stale state, kill -9 and bad records.
+//!
+//! Not in the default run yet: tansu 0.6.0 (the newest release) does not route the EndTxn API,
+//! so a transactional producer cannot commit against it, and these tests still need the
+//! at-least-once setting or a broker that does. See README, "Test it".
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use common::broker::{Broker, ProcessorProc};
+use metronome::keylog::{self, KeylogReader};
+use metronome::stream::records::{batches_for_user, dlq_headers};
+use prost::Message;
+use serde_json::Value;
+
+const PARTITIONS: i32 = 4;
+
+/// What identifies an alert across the file and stream paths.
+#[derive(Debug, Clone, PartialEq, PartialOrd)]
+struct AlertKey {
+    alert_id: String,
+    user_id: String,
+    window_start_us: i64,
+    window_end_us: i64,
+    reasons: Vec<String>,
+    model_version: String,
+    score: f64,
+}
+
+struct Scenario {
+    broker: Broker,
+    dir: tempfile::TempDir,
+    app: String,
+    env: Vec<(String, String)>,
+    /// Users in file order with their events.
+    users: Vec<(String, Vec<metronome::event::KeyEvent>)>,
+    expected: Vec<AlertKey>,
+}
+
+impl Scenario {
+    /// A broker, a simulated keylog of `users` users and what `metronome score` says about it.
+    fn new(name: &str, users: u32, seed: u64) -> Self {
+        let broker = Broker::start();
+        let dir = tempfile::tempdir().unwrap();
+        let app = format!("app-{name}");
+        let env: Vec<(String, String)> = [
+            ("METRONOME_STREAM__APPLICATION_ID", app.as_str()),
+            ("METRONOME_STREAM__INPUT_TOPIC", "events"),
+            ("METRONOME_STREAM__ALERTS_TOPIC", "alerts"),
+            ("METRONOME_STREAM__DLQ_TOPIC", "dlq"),
+            ("METRONOME_STREAM__COMMIT_INTERVAL_MS", "50"),
+            ("METRONOME_STREAM__MAX_BATCH_RECORDS", "40"),
+            ("METRONOME_STREAM__TOPIC_PARTITIONS", "4"),
+            ("METRONOME_DETECTOR__WINDOW__IDLE_TIMEOUT_MS", "3000"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        broker.create_topics(&["events", "alerts", "dlq"], PARTITIONS);
+
+        let keylog = dir.path().join("sim.csv");
+        let humans = common::shared_data("aalto-b-train.csv.gz");
+        let status = std::process::Command::new(env!("CARGO_BIN_EXE_metronome"))
+            .args(["simulate", "--users", &users.to_string(), "--macro-share", "0.3", "--mixed"])
+            .args(["--seed", &seed.to_string(), "--macro-presses", "150"])
+            .arg("--humans")
+            .arg(&humans)
+            .arg("--output")
+            .arg(&keylog)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let expected = score_alerts(&keylog, &env);
+        assert!(expected.len() >= 3, "the scenario must raise alerts to compare: {}", expected.len());
+        let records = KeylogReader::open(&keylog).unwrap();
+        let users = keylog::group_by_user(records, |_| true, None).unwrap();
+        Scenario { broker, dir, app, env, users, expected }
+    }
+
+    /// Overrides one setting of the processors started from now on.
+    fn set(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_owned(), value.to_owned()));
+    }
+
+    fn state_dir(&self, instance: &str) -> PathBuf {
+        self.dir.path().join("state").join(instance)
+    }
+
+    fn start(&self, instance: &str) -> ProcessorProc {
+        ProcessorProc::start(&self.broker, &self.state_dir(instance), instance, &self.env, self.dir.path())
+    }
+
+    /// Publishes the users whose index satisfies `pick`, 40 events per record.
+    fn publish(&self, pick: impl Fn(usize) -> bool) {
+        let mut records = Vec::new();
+        for (i, (user, events)) in self.users.iter().enumerate() {
+            if pick(i) {
+                for payload in batches_for_user(user, "s", events, 40) {
+                    records.push((user.as_bytes().to_vec(), payload));
+                }
+            }
+        }
+        self.broker.produce("events", &records);
+    }
+
+    /// Waits for the processor to consume and commit everything, and for the expected alerts;
+    /// then checks the committed alert topic holds exactly them.
+    fn assert_exactly_expected(&self) {
+        self.broker.wait_fully_committed(&self.app, "events");
+        let got = self.broker.wait_for_alerts("alerts", self.expected.len());
+        assert_same_alerts(&got, &self.expected);
+    }
+}
+
+fn score_alerts(keylog: &Path, env: &[(String, String)]) -> Vec<AlertKey> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_metronome"))
+        .args(["score", "--alerts-only", "--input"])
+        .arg(keylog)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut alerts: Vec<AlertKey> = std::str::from_utf8(&out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v["kind"] == "alert")
+        .map(|v| AlertKey {
+            alert_id: v["alert_id"].as_str().unwrap().to_owned(),
+            user_id: v["user_id"].as_str().unwrap().to_owned(),
+            window_start_us: v["window_start_us"].as_i64().unwrap(),
+            window_end_us: v["window_end_us"].as_i64().unwrap(),
+            reasons: v["reasons"].as_array().unwrap().iter().map(|r| r.as_str().unwrap().to_owned()).collect(),
+            model_version: v["model_version"].as_str().unwrap().to_owned(),
+            score: v["score"].as_f64().unwrap(),
+        })
+        .collect();
+    alerts.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    alerts
+}
+
+fn assert_same_alerts(got: &[metronome::proto::Alert], expected: &[AlertKey]) {
+    let ids: Vec<&str> = got.iter().map(|a| a.alert_id.as_str()).collect();
+    let unique: BTreeSet<&str> = ids.iter().copied().collect();
+    assert_eq!(unique.len(), ids.len(), "an alert was delivered twice");
+    let mut got: Vec<AlertKey> = got
+        .iter()
+        .map(|a| AlertKey {
+            alert_id: a.alert_id.clone(),
+            user_id: a.user_id.clone(),
+            window_start_us: a.window_start_us,
+            window_end_us: a.window_end_us,
+            reasons: a.reasons.clone(),
+            model_version: a.model_version.clone(),
+            score: a.score,
+        })
+        .collect();
+    got.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    assert_eq!(got.len(), expected.len(), "stream alerts {:#?}\nfile alerts {:#?}", got, expected);
+    for (g, e) in got.iter().zip(expected) {
+        // Scores may differ in the last bits: the model runs over differently sized batches.
+        assert!((g.score - e.score).abs() < 1e-5, "score of {} differs: {} vs {}", e.alert_id, g.score, e.score);
+        assert_eq!(AlertKey { score: 0.0, ..g.clone() }, AlertKey { score: 0.0, ..e.clone() });
+    }
+}
+
+fn task_ready_lines(log: &str) -> Vec<&str> {
+    log.lines().filter(|l| l.contains("task ready")).collect()
+}
+
+fn replayed_in(line: &str) -> u64 {
+    let at = line.find("replayed=").expect("task ready lines carry replayed=");
+    line[at + 9..].split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
+}
+
+#[test]
+#[ignore = "broker path in progress (issue 4): tansu 0.6.0 routes no EndTxn, so exactly-once cannot commit on it; run with --run-ignored"]
+fn stream_alerts_equal_the_file_scorer_and_sigterm_exits_cleanly() {
+    let s = Scenario::new("agree", 40, 11);
+    s.publish(|_| true);
+    let mut p = s.start("a");
+    s.assert_exactly_expected();
+    let status = p.terminate();
+    assert!(status.success(), "SIGTERM exits 0:\n{}", p.log());
+    let log = p.log();
+    assert!(log.contains("processor stopped"), "{log}");
+    assert_eq!(task_ready_lines(&log).len(), PARTITIONS as usize, "one task per partition:\n{log}");
+    // Every alert is keyed by its user, so security staff can follow one user's partition.
+    for r in s.broker.read_all("alerts") {
+        let alert = metronome::proto::Alert::decode(r.payload.as_deref().unwrap()).unwrap();
+        assert_eq!(r.key.as_deref(), Some(alert.user_id.as_bytes()));
+        assert!(alert.detected_at_us > 0);
+        assert!(alert.features.iter().any(|f| f.fired), "an alert names the features that fired");
+    }
+    // The changelog is compacted-topic shaped: keyed records on the input's partitions.
+    let changelog = s.broker.read_all(&format!("{}-user-state-changelog", s.app));
+    assert!(!changelog.is_empty());
+    assert!(changelog.iter().all(|r| r.key.is_some() && r.partition < PARTITIONS));
+}
+
+#[test]
+#[ignore = "broker path in progress (issue 4): tansu 0.6.0 routes no EndTxn, so exactly-once cannot commit on it; run with --run-ignored"]
+fn two_instances_share_the_partitions_and_a_departure_moves_the_state() {
+    let s = Scenario::new("rebalance", 48, 12);
+    let mut a = s.start("a");
+    a.wait_for_log("task ready", PARTITIONS as usize);
+    s.publish(|i| i % 3 == 0);
+    s.broker.wait_fully_committed(&s.app, "events");
+    let mut b = s.start("b");
+    b.wait_for_log("task ready", 1);
+    s.publish(|i| i % 3 == 1);
+    s.broker.wait_fully_committed(&s.app, "events");
+    assert!(a.log().contains("task closed"), "a gave partitions to b:\n{}", a.log());
+    // b leaves: a takes everything back, restoring b's changes from the changelog.
+    assert!(b.terminate().success(), "{}", b.log());
+    s.publish(|i| i % 3 == 2);
+    s.assert_exactly_expected();
+    let moved_back = task_ready_lines(&a.log()).iter().skip(PARTITIONS as usize).map(|l| replayed_in(l)).sum::<u64>();
+    assert!(moved_back > 0, "partitions returning to a replay b's changes:\n{}", a.log());
+    assert!(a.terminate().success());
+}
+
+#[test]
+#[ignore = "broker path in progress (issue 4): tansu 0.6.0 routes no EndTxn, so exactly-once cannot commit on it; run with --run-ignored"]
+fn restart_uses_local_state_and_lost_or_stale_state_is_rebuilt() {
+    let s = Scenario::new("restart", 40, 13);
+    let quarter = |q: usize| move |i: usize| i % 4 == q;
+    let mut p = s.start("a");
+    s.publish(quarter(0));
+    s.broker.wait_fully_committed(&s.app, "events");
+    assert!(p.terminate().success());
+    let snapshot = s.dir.path().join("snapshot");
+    copy_dir(&s.state_dir("a"), &snapshot);
+
+    // 1. A clean restart finds its state on disk: nothing to replay.
+    let mut p = s.start("a");
+    p.wait_for_log("task ready", PARTITIONS as usize);
+    let replayed: u64 = task_ready_lines(&p.log()).iter().map(|l| replayed_in(l)).sum();
+    assert_eq!(replayed, 0, "local state is current after a clean stop:\n{}", p.log());
+    s.publish(quarter(1));
+    s.broker.wait_fully_committed(&s.app, "events");
+    assert!(p.terminate().success());
+
+    // 2. State deleted: rebuilt from the changelog.
+    std::fs::remove_dir_all(s.state_dir("a")).unwrap();
+    let mut p = s.start("a");
+    p.wait_for_log("task ready", PARTITIONS as usize);
+    let replayed: u64 = task_ready_lines(&p.log()).iter().map(|l| replayed_in(l)).sum();
+    assert!(replayed > 0, "deleted state is restored from the changelog:\n{}", p.log());
+    s.publish(quarter(2));
+    s.broker.wait_fully_committed(&s.app, "events");
+    assert!(p.terminate().success());
+
+    // 3. Stale state (an old copy, behind the committed offsets): brought forward.
+    std::fs::remove_dir_all(s.state_dir("a")).unwrap();
+    copy_dir(&snapshot, &s.state_dir("a"));
+    let mut p = s.start("a");
+    p.wait_for_log("task ready", PARTITIONS as usize);
+    let replayed: u64 = task_ready_lines(&p.log()).iter().map(|l| replayed_in(l)).sum();
+    assert!(replayed > 0, "stale state replays what it missed:\n{}", p.log());
+    s.publish(quarter(3));
+    s.assert_exactly_expected();
+    assert!(p.terminate().success());
+}
+
+#[test]
+#[ignore = "broker path in progress (issue 4): tansu 0.6.0 routes no EndTxn, so exactly-once cannot commit on it; run with --run-ignored"]
+fn kill_9_mid_stream_loses_and_duplicates_nothing() {
+    let mut s = Scenario::new("kill9", 60, 14);
+    // Small batches: many transactions, so the kill lands between two of them mid-stream.
+    s.set("METRONOME_STREAM__MAX_BATCH_RECORDS", "4");
+    s.publish(|_| true);
+    let mut p = s.start("a");
+    // Wait until it is part-way: some transactions committed, some work left.
+    p.wait_for_log("task ready", PARTITIONS as usize);
+    let total: i64 = s.broker.end_offsets("events").values().sum();
+    wait_committed_at_least(&s, total / 4);
+    p.kill_9();
+    let committed_at_kill = committed_total(&s);
+    assert!(committed_at_kill < total, "killed before the end ({committed_at_kill} of {total})");
+    let mut p = s.start("a");
+    s.assert_exactly_expected();
+    assert!(p.terminate().success());
+}
+
+#[test]
+#[ignore = "broker path in progress (issue 4): tansu 0.6.0 routes no EndTxn, so exactly-once cannot commit on it; run with --run-ignored"]
+fn bad_records_go_to_the_dead_letter_topic_and_the_rest_flows() {
+    let s = Scenario::new("dlq", 24, 15);
+    let valid = metronome::proto::KeyEventBatch {
+        user_id: "bad-user".into(),
+        events: vec![metronome::proto::KeyEvent { event_time_us: -1, key: 30, action: 1, ..Default::default() }],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let bad = vec![
+        (b"garbage".to_vec(), vec![0xff, 0xfe, 0x01, 0x02]),
+        (b"bad-user".to_vec(), valid.clone()),
+        (b"someone-else".to_vec(), valid),
+    ];
+    s.publish(|i| i % 2 == 0);
+    s.broker.produce("events", &bad);
+    s.publish(|i| i % 2 == 1);
+    let mut p = s.start("a");
+    s.assert_exactly_expected();
+    let dlq = s.broker.read_all("dlq");
+    assert_eq!(dlq.len(), 3, "each bad record once");
+    let class = |r: &common::broker::Record| {
+        let h = r.headers.iter().find(|(k, _)| k == dlq_headers::ERROR_CLASS).expect("class header");
+        String::from_utf8(h.1.clone()).unwrap()
+    };
+    let classes: BTreeSet<String> = dlq.iter().map(class).collect();
+    assert_eq!(classes, BTreeSet::from(["decode".into(), "absurd_timestamp".into(), "key_mismatch".into()]));
+    let payloads: BTreeSet<Vec<u8>> = dlq.iter().map(|r| r.payload.clone().unwrap()).collect();
+    let sent: BTreeSet<Vec<u8>> = bad.iter().map(|(_, v)| v.clone()).collect();
+    assert_eq!(payloads, sent, "dead letters keep the record unchanged");
+    assert!(p.terminate().success());
+    let log = p.log();
+    assert_eq!(log.matches("dead-letter").count(), 3, "{log}");
+    assert!(!log.contains("garbage") && !log.contains("bad-user"), "no record content in logs:\n{log}");
+}
+
+fn committed_total(s: &Scenario) -> i64 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = s.broker.config().set("group.id", &s.app).create().unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition("events", p);
+    }
+    let committed = consumer.committed_offsets(tpl, std::time::Duration::from_secs(10)).unwrap();
+    committed
+        .elements()
+        .iter()
+        .map(|e| match e.offset() {
+            rdkafka::Offset::Offset(o) => o,
+            _ => 0,
+        })
+        .sum()
+}
+
+fn wait_committed_at_least(s: &Scenario, n: i64) {
+    let deadline = std::time::Instant::now() + common::broker::PATIENCE;
+    while committed_total(s) < n {
+        assert!(std::time::Instant::now() < deadline, "the processor never committed {n} records");
+        std::thread::sleep(std::time::Duration::from_millis(20)); // polling interval of a condition
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
