@@ -35,19 +35,8 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
 
     let keylog = dir.path().join("sim.csv");
-    let humans = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/aalto-b-train.csv.gz");
-    assert!(humans.is_file(), "human typing data missing at {}", humans.display());
     // Aalto users type about 2,000 events each; 20 % macro users at 400 presses.
-    let users = (target / 1_800).max(10);
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_metronome"))
-        .args(["simulate", "--users", &users.to_string(), "--macro-share", "0.2", "--macro-presses", "400"])
-        .arg("--humans")
-        .arg(&humans)
-        .arg("--output")
-        .arg(&keylog)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    broker::simulate_keylog(&keylog, (target / 1_800).max(10), &["--macro-share", "0.2", "--macro-presses", "400"]);
     let props = BTreeMap::from([("bootstrap.servers".to_owned(), broker.bootstrap.clone())]);
     let producer = metronome::stream::publish::producer(&props).unwrap();
     let published =

@@ -161,10 +161,7 @@ fn run(cli: Cli) -> Result<(), String> {
             run_score(config, &input, skip_bad_rows, alerts_only)
         }
         Command::Process { bootstrap_servers, state_dir, instance_id } => {
-            let mut config = config;
-            if let Some(servers) = bootstrap_servers {
-                config.kafka.insert("bootstrap.servers".to_owned(), servers);
-            }
+            let mut config = with_bootstrap(config, bootstrap_servers);
             if let Some(dir) = state_dir {
                 config.stream.state_dir = dir;
             }
@@ -174,10 +171,7 @@ fn run(cli: Cli) -> Result<(), String> {
             run_process(config)
         }
         Command::Alerts { bootstrap_servers, idle_exit_s } => {
-            let mut config = config;
-            if let Some(servers) = bootstrap_servers {
-                config.kafka.insert("bootstrap.servers".to_owned(), servers);
-            }
+            let config = with_bootstrap(config, bootstrap_servers);
             let topic = config.stream.alerts_topic.clone();
             let mut out = io::stdout().lock();
             let (alerts, bad) = stream::alerts::follow(&config.kafka, &topic, Duration::from_secs(idle_exit_s), |a| {
@@ -189,10 +183,7 @@ fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Command::Publish { input, bootstrap_servers, topic, batch_events } => {
-            let mut config = config;
-            if let Some(servers) = bootstrap_servers {
-                config.kafka.insert("bootstrap.servers".to_owned(), servers);
-            }
+            let config = with_bootstrap(config, bootstrap_servers);
             let topic = topic.unwrap_or(config.stream.input_topic.clone());
             run_publish(&config, &input, &topic, batch_events as usize)
         }
@@ -209,6 +200,14 @@ fn run(cli: Cli) -> Result<(), String> {
             run_simulate(&plan, &humans, &output)
         }
     }
+}
+
+/// `--bootstrap-servers` wins over `kafka."bootstrap.servers"` from the configuration.
+fn with_bootstrap(mut config: Config, servers: Option<String>) -> Config {
+    if let Some(servers) = servers {
+        config.kafka.insert("bootstrap.servers".to_owned(), servers);
+    }
+    config
 }
 
 fn load_model(config: &Config) -> Result<Option<LstmModel>, String> {

@@ -43,7 +43,7 @@ struct Scenario {
 
 impl Scenario {
     /// A broker, a simulated keylog of `users` users and what `metronome score` says about it.
-    fn new(name: &str, users: u32, seed: u64) -> Self {
+    fn new(name: &str, users: u64, seed: u64) -> Self {
         let broker = Broker::start();
         let dir = tempfile::tempdir().unwrap();
         let app = format!("app-{name}");
@@ -63,17 +63,12 @@ impl Scenario {
         broker.create_topics(&["events", "alerts", "dlq"], PARTITIONS);
 
         let keylog = dir.path().join("sim.csv");
-        let humans = common::shared_data("aalto-b-train.csv.gz");
-        let status = std::process::Command::new(env!("CARGO_BIN_EXE_metronome"))
-            .args(["simulate", "--users", &users.to_string(), "--macro-share", "0.3", "--mixed"])
-            .args(["--seed", &seed.to_string(), "--macro-presses", "150"])
-            .arg("--humans")
-            .arg(&humans)
-            .arg("--output")
-            .arg(&keylog)
-            .status()
-            .unwrap();
-        assert!(status.success());
+        let seed = seed.to_string();
+        common::broker::simulate_keylog(
+            &keylog,
+            users,
+            &["--macro-share", "0.3", "--mixed", "--seed", &seed, "--macro-presses", "150"],
+        );
         let expected = score_alerts(&keylog, &env);
         assert!(expected.len() >= 3, "the scenario must raise alerts to compare: {}", expected.len());
         let records = KeylogReader::open(&keylog).unwrap();

@@ -352,6 +352,7 @@ impl Processor {
                 detector: &mut self.detector,
                 model: self.model.as_mut().map(|m| m as &mut dyn SequenceScorer),
                 idle_timeout: self.idle_timeout,
+                close_idle: check_idle,
                 max_events_per_record: cfg.max_events_per_record,
                 input_topic: &cfg.input_topic,
                 now,

@@ -123,6 +123,9 @@ pub struct BatchContext<'a> {
     pub model: Option<&'a mut dyn SequenceScorer>,
     /// Wall-clock idleness that closes a user's window.
     pub idle_timeout: Duration,
+    /// Whether to close idle users' windows in this batch (the processor says so only when it
+    /// is caught up: while it works through a backlog, silence is not idleness).
+    pub close_idle: bool,
     /// Most events one record may carry.
     pub max_events_per_record: usize,
     /// The input topic, for dead-letter headers.
@@ -250,37 +253,14 @@ impl<S: Store> Task<S> {
     /// Processes `records` (consecutive, from this partition) and closes idle users' windows,
     /// then commits through `producer` and the store, in that order. On an error nothing was
     /// written to the store and the caller must rewind the partition to
-    /// [`Task::checkpoint`]'s input offset; the task's memory is already rewound.
+    /// [`Task::checkpoint`]'s input offset; the task's memory is untouched until the commit.
     pub fn run_batch<P: TaskProducer>(
         &mut self,
         ctx: &mut BatchContext<'_>,
         records: &[InputRecord],
         producer: &mut P,
     ) -> Result<BatchOutcome, TaskError> {
-        let open_before = self.open_users.clone();
-        let result = self.run_batch_inner(ctx, records, producer);
-        if result.is_err() {
-            self.open_users = open_before;
-        }
-        result
-    }
-
-    fn run_batch_inner<P: TaskProducer>(
-        &mut self,
-        ctx: &mut BatchContext<'_>,
-        records: &[InputRecord],
-        producer: &mut P,
-    ) -> Result<BatchOutcome, TaskError> {
         let mut outcome = BatchOutcome { records: records.len() as u64, ..BatchOutcome::default() };
-        let idle: Vec<String> = self
-            .open_users
-            .iter()
-            .filter(|(_, &t)| ctx.now.saturating_duration_since(t) >= ctx.idle_timeout)
-            .map(|(u, _)| u.clone())
-            .collect();
-        if records.is_empty() && idle.is_empty() {
-            return Ok(outcome);
-        }
         let mut users = Users { slots: Vec::new(), index: HashMap::new() };
         let mut out: Vec<OutRecord> = Vec::new();
         let mut scoring = ScoringBatch::new(ctx.model.as_ref().map(|m| m.steps()));
@@ -294,7 +274,6 @@ impl<S: Store> Task<S> {
                         ctx.detector.on_event(slot, &mut users.slots[slot].1, event, &mut scoring);
                         outcome.events += 1;
                     }
-                    self.open_users.insert(batch.user_id, ctx.now);
                     if scoring.windows() >= MODEL_BATCH_WINDOWS {
                         finish(ctx, &mut scoring, &mut users.slots, &mut outputs, &mut outcome);
                     }
@@ -305,10 +284,25 @@ impl<S: Store> Task<S> {
                 }
             }
         }
-        for user in idle {
-            let slot = users.slot(&self.store, &user)?;
+        // Slots so far are the users with events in this batch: they are not idle.
+        let with_events = users.slots.len();
+        let idle: Vec<String> = if ctx.close_idle {
+            self.open_users
+                .iter()
+                .filter(|(u, &t)| {
+                    ctx.now.saturating_duration_since(t) >= ctx.idle_timeout && !users.index.contains_key(*u)
+                })
+                .map(|(u, _)| u.clone())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if records.is_empty() && idle.is_empty() {
+            return Ok(outcome);
+        }
+        for user in &idle {
+            let slot = users.slot(&self.store, user)?;
             ctx.detector.close_window(slot, &mut users.slots[slot].1, &mut scoring);
-            self.open_users.remove(&user);
             outcome.idle_closed += 1;
         }
         finish(ctx, &mut scoring, &mut users.slots, &mut outputs, &mut outcome);
@@ -352,6 +346,12 @@ impl<S: Store> Task<S> {
         put_checkpoint(&mut writes, checkpoint);
         self.store.write(&writes)?;
         self.checkpoint = checkpoint;
+        for (user, _) in &users.slots[..with_events] {
+            self.open_users.insert(user.clone(), ctx.now);
+        }
+        for user in &idle {
+            self.open_users.remove(user);
+        }
         outcome.committed = true;
         Ok(outcome)
     }
@@ -482,6 +482,7 @@ mod tests {
             detector,
             model: None,
             idle_timeout: Duration::from_secs(10),
+            close_idle: true,
             max_events_per_record: 1000,
             input_topic: "keys.events",
             now,
@@ -581,6 +582,26 @@ mod tests {
         let outcome = task.run_batch(&mut ctx(&mut detector, later), &[], &mut producer).unwrap();
         assert!(!outcome.committed);
         assert_eq!(producer.positions.len(), before);
+    }
+
+    #[test]
+    fn a_user_with_new_events_is_not_idle_and_closing_waits_for_the_processor() {
+        let mut detector = Detector::new(DetectorConfig::default()).unwrap();
+        let start = Instant::now();
+        let mut task = Task::open(0, MemoryStore::new(), start).unwrap();
+        let mut producer = MemoryProducer::default();
+        let records = macro_records("m1", 0, 70);
+        let (first, rest) = records.split_at(records.len() / 2);
+        task.run_batch(&mut ctx(&mut detector, start), first, &mut producer).unwrap();
+        let later = start + Duration::from_secs(11);
+        let outcome = task.run_batch(&mut ctx(&mut detector, later), rest, &mut producer).unwrap();
+        assert_eq!(outcome.idle_closed, 0, "records arriving now make the user active, not idle");
+        assert_eq!(task.open_users(), 1);
+        let mut no_close = ctx(&mut detector, later + Duration::from_secs(11));
+        no_close.close_idle = false;
+        let outcome = task.run_batch(&mut no_close, &[], &mut producer).unwrap();
+        assert!(!outcome.committed, "without the processor's word, silence closes nothing");
+        assert_eq!(task.open_users(), 1);
     }
 
     #[test]

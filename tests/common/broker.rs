@@ -48,6 +48,23 @@ fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// Writes a simulated keylog to `out` with `metronome simulate`: `users` users replayed from
+/// the real typing in `../shared/data/aalto-b-train.csv.gz`, plus `extra` flags.
+pub fn simulate_keylog(out: &Path, users: u64, extra: &[&str]) {
+    let humans = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/aalto-b-train.csv.gz");
+    assert!(humans.is_file(), "real typing data missing at {}: see README, 'Data'", humans.display());
+    let status = Command::new(env!("CARGO_BIN_EXE_metronome"))
+        .args(["simulate", "--users", &users.to_string()])
+        .args(extra)
+        .arg("--humans")
+        .arg(&humans)
+        .arg("--output")
+        .arg(out)
+        .status()
+        .unwrap();
+    assert!(status.success(), "metronome simulate failed");
+}
+
 /// A running broker, stopped on drop.
 pub struct Broker {
     child: Child,
@@ -111,7 +128,7 @@ impl Broker {
         rdkafka::producer::Producer::flush(&producer, Duration::from_secs(30)).unwrap();
     }
 
-    /// Sum over partitions of the end offsets of `topic`.
+    /// The end offset of every partition of `topic`.
     pub fn end_offsets(&self, topic: &str) -> BTreeMap<i32, i64> {
         let consumer: BaseConsumer = self.config().create().unwrap();
         let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
