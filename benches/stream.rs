@@ -1,8 +1,9 @@
 //! End to end on a real broker: the processor's rate (RocksDB state, timing rules and LSTM on)
 //! next to a bare rdkafka consumer reading the same topic, in the same run.
 //!
-//! `cargo bench --bench stream` (needs the tansu broker, see README; `../shared/data` for the
-//! human typing). `METRONOME_BENCH_EVENTS` sets the event count (default 1,000,000).
+//! `cargo bench --bench stream` (needs the test broker, see README; `../shared/data` for the
+//! human typing). `STREAM_BENCH_EVENTS` sets the event count (default 1,000,000); not a
+//! `METRONOME_*` name, which the `metronome` child processes would read as configuration.
 
 #[allow(dead_code)]
 #[path = "../tests/common/broker.rs"]
@@ -25,7 +26,7 @@ const PARTITIONS: i32 = 4;
 fn main() {
     // `cargo bench` passes --bench; `cargo test --benches` runs this too: keep that quick.
     let quick = !std::env::args().any(|a| a == "--bench");
-    let target: u64 = std::env::var("METRONOME_BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(if quick {
+    let target: u64 = std::env::var("STREAM_BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(if quick {
         20_000
     } else {
         1_000_000

@@ -32,9 +32,37 @@ pub struct Config {
     #[serde(default)]
     pub stream: StreamConfig,
     /// librdkafka properties for every Kafka client, passed through unchanged
-    /// (`bootstrap.servers`, `security.protocol`, `sasl.*`, `ssl.*`, ...).
-    #[serde(default)]
+    /// (`bootstrap.servers`, `security.protocol`, `sasl.*`, `ssl.*`, ...). Numbers and
+    /// booleans (`session.timeout.ms = 6000`, or the same from the environment) are taken as
+    /// their text, as librdkafka wants it.
+    #[serde(default, deserialize_with = "client_properties")]
     pub kafka: BTreeMap<String, String>,
+}
+
+/// A property value as librdkafka takes it: text, whatever TOML or the environment made of it.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PropertyValue {
+    Text(String),
+    Integer(i64),
+    Float(f64),
+    Flag(bool),
+}
+
+fn client_properties<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    let raw = BTreeMap::<String, PropertyValue>::deserialize(d)?;
+    Ok(raw
+        .into_iter()
+        .map(|(k, v)| {
+            let text = match v {
+                PropertyValue::Text(t) => t,
+                PropertyValue::Integer(i) => i.to_string(),
+                PropertyValue::Float(f) => f.to_string(),
+                PropertyValue::Flag(b) => b.to_string(),
+            };
+            (k, text)
+        })
+        .collect())
 }
 
 /// Which sequence model scores windows beside the timing rules.
@@ -143,8 +171,13 @@ mod tests {
             jail.create_file("c.toml", "[kafka]\n\"security.protocol\" = \"SASL_SSL\"\n")?;
             jail.set_env("METRONOME_KAFKA__BOOTSTRAP_SERVERS", "broker:9093");
             jail.set_env("METRONOME_STREAM__INPUT_TOPIC", "other.events");
+            jail.set_env("METRONOME_KAFKA__SESSION_TIMEOUT_MS", "6000");
+            jail.set_env("METRONOME_KAFKA__ENABLE_IDEMPOTENCE", "true");
             let cfg = Config::load(Some(Path::new("c.toml"))).unwrap();
             assert_eq!(cfg.kafka["bootstrap.servers"], "broker:9093");
+            // Numbers and flags from the environment are properties too, as text.
+            assert_eq!(cfg.kafka["session.timeout.ms"], "6000");
+            assert_eq!(cfg.kafka["enable.idempotence"], "true");
             assert_eq!(cfg.kafka["security.protocol"], "SASL_SSL");
             assert_eq!(cfg.stream.input_topic, "other.events");
             Ok(())

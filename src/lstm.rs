@@ -160,10 +160,15 @@ impl Manifest {
 
 type Plan = TypedRunnableModel<TypedModel>;
 
-/// Batch sizes the model is planned for. tract ran the graph with a concrete batch size 4.7x
-/// faster than with a symbolic one (`models/README.md`, "Speed"), so a batch is cut into chunks
-/// of the largest size and the last chunk is padded up to the next size here.
-pub const BATCH_CLASSES: [usize; 7] = [1, 2, 4, 8, 16, 32, 64];
+/// The one batch size the model is planned for: every call runs chunks of exactly this many
+/// windows, the last padded with empty windows. tract runs a concrete batch size about 4.7x
+/// faster than a symbolic one (`models/README.md`, "Speed"), and one size (not one per size
+/// class) makes a window's score independent of how many windows share its call: within one
+/// plan every row is computed alike (checked bit for bit), while plans for different sizes use
+/// different kernels whose last bits differ, which the threshold mapping then magnifies about
+/// 1,000x. The stream (batches as records arrive) and `metronome score` (batches of a file)
+/// therefore give identical scores.
+pub const BATCH_WINDOWS: usize = 32;
 
 /// A loaded, verified model, ready to score batches.
 #[derive(Debug, Clone)]
@@ -171,8 +176,8 @@ pub struct LstmModel {
     manifest: Arc<Manifest>,
     id: String,
     onnx: Arc<[u8]>,
-    /// Plans by batch size, built on first use.
-    plans: Vec<(usize, Arc<Plan>)>,
+    /// The plan for [`BATCH_WINDOWS`] windows.
+    plan: Arc<Plan>,
     /// Reused `[steps, batch, features]` input buffer.
     scratch: Vec<f32>,
 }
@@ -211,16 +216,10 @@ impl LstmModel {
         }
         manifest.check()?;
         let id = manifest.id();
-        // Plan the single-window size now, so a graph tract cannot run is refused at load.
-        let single = plan(&manifest, onnx, 1, manifest.input.steps)
+        // Planned now, so a graph tract cannot run is refused at load.
+        let plan = plan(&manifest, onnx, BATCH_WINDOWS, manifest.input.steps)
             .map_err(|e| ModelError::Runtime { model: id.clone(), message: format!("{e:#}") })?;
-        Ok(Self {
-            manifest: Arc::new(manifest),
-            id,
-            onnx: onnx.into(),
-            plans: vec![(1, Arc::new(single))],
-            scratch: Vec::new(),
-        })
+        Ok(Self { manifest: Arc::new(manifest), id, onnx: onnx.into(), plan: Arc::new(plan), scratch: Vec::new() })
     }
 
     /// The manifest.
@@ -233,46 +232,37 @@ impl LstmModel {
         let steps = self.manifest.input.steps;
         anyhow::ensure!(inputs.len() == windows * steps * STEP_WIDTH, "inputs do not match the window count");
         let mut probs = Vec::with_capacity(windows);
-        for chunk in inputs.chunks(BATCH_CLASSES[BATCH_CLASSES.len() - 1] * steps * STEP_WIDTH) {
+        for chunk in inputs.chunks(BATCH_WINDOWS * steps * STEP_WIDTH) {
             let n = chunk.len() / (steps * STEP_WIDTH);
-            let class = BATCH_CLASSES.iter().copied().find(|c| *c >= n).unwrap_or(n);
-            let out = self.run_chunk(chunk, n, class)?;
+            let out = self.run_chunk(chunk, n)?;
             probs.extend_from_slice(&out[..n]);
         }
         Ok(probs)
     }
 
-    /// Runs `n` windows padded to a batch of `class` through the plan for that batch size.
-    fn run_chunk(&mut self, chunk: &[f32], n: usize, class: usize) -> TractResult<Vec<f32>> {
+    /// Runs `n` windows padded to a batch of [`BATCH_WINDOWS`] through the plan.
+    fn run_chunk(&mut self, chunk: &[f32], n: usize) -> TractResult<Vec<f32>> {
         let steps = self.manifest.input.steps;
         let hidden = self.manifest.input.hidden;
         // [window][step][feature] -> [step][window][feature], scaled; padding stays zero.
         let Scaling { mean, std } = &self.manifest.scaling;
         self.scratch.clear();
-        self.scratch.resize(steps * class * STEP_WIDTH, 0.0);
+        self.scratch.resize(steps * BATCH_WINDOWS * STEP_WIDTH, 0.0);
         for (w, window) in chunk.chunks_exact(steps * STEP_WIDTH).enumerate() {
             for (s, step) in window.chunks_exact(STEP_WIDTH).enumerate() {
                 if step[0] <= 0.5 {
                     continue;
                 }
-                let at = (s * class + w) * STEP_WIDTH;
+                let at = (s * BATCH_WINDOWS + w) * STEP_WIDTH;
                 for (f, v) in step.iter().enumerate() {
                     self.scratch[at + f] = (v - mean[f]) / std[f];
                 }
             }
         }
-        debug_assert!(n <= class);
-        let plan = match self.plans.iter().find(|(size, _)| *size == class) {
-            Some((_, plan)) => plan.clone(),
-            None => {
-                let plan = Arc::new(plan(&self.manifest, &self.onnx, class, steps)?);
-                self.plans.push((class, plan.clone()));
-                plan
-            }
-        };
-        let x = Tensor::from_shape(&[steps, class, STEP_WIDTH], &self.scratch)?;
-        let zeros = Tensor::zero::<f32>(&[1, class, hidden])?;
-        let out = plan.run(tvec!(x.into_tvalue(), zeros.clone().into_tvalue(), zeros.into_tvalue()))?;
+        debug_assert!(n <= BATCH_WINDOWS);
+        let x = Tensor::from_shape(&[steps, BATCH_WINDOWS, STEP_WIDTH], &self.scratch)?;
+        let zeros = Tensor::zero::<f32>(&[1, BATCH_WINDOWS, hidden])?;
+        let out = self.plan.run(tvec!(x.into_tvalue(), zeros.clone().into_tvalue(), zeros.into_tvalue()))?;
         Ok(out[0].as_slice::<f32>()?.to_vec())
     }
 

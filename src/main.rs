@@ -124,6 +124,8 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,metronome=info".into()),
         )
         .with_target(false)
+        // Colour codes only for a terminal: log files and collectors get plain `key=value`.
+        .with_ansi(io::stderr().is_terminal())
         .init();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

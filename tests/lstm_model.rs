@@ -16,6 +16,9 @@ struct Vectors {
     steps: usize,
     step_width: usize,
     windows: Vec<VectorWindow>,
+    /// The manifest's operating threshold (read from the manifest, not the vectors file).
+    #[serde(skip)]
+    threshold: f32,
 }
 
 #[derive(Deserialize)]
@@ -41,7 +44,10 @@ fn find(dir: &Path, suffix: &str) -> PathBuf {
 
 fn vectors_for(manifest: &Path) -> Vectors {
     let path = manifest.to_string_lossy().replace(".json", ".vectors.json");
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    let mut v: Vectors = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(manifest).unwrap()).unwrap();
+    v.threshold = m["threshold"].as_f64().unwrap() as f32;
+    v
 }
 
 fn holdout_manifest() -> PathBuf {
@@ -62,6 +68,9 @@ fn install(manifest: &Path, dir: &Path, name: &str) -> PathBuf {
 fn assert_agrees(model: &mut dyn SequenceScorer, v: &Vectors) {
     assert_eq!(model.steps(), v.steps);
     assert_eq!(v.step_width, STEP_WIDTH);
+    // Probabilities agree to 1e-4; the score maps them piecewise linearly (threshold -> 0.5), so
+    // its tolerance is 1e-4 times the slope of that mapping: 0.5 / (1 - threshold) above it.
+    let tolerance = 1e-4 * 0.5 / (1.0 - v.threshold).min(v.threshold);
     // One window at a time and all windows in one batch must both agree with Python.
     let all: Vec<f32> = v.windows.iter().flat_map(|w| w.steps.iter().copied()).collect();
     let mut batched = Vec::new();
@@ -69,16 +78,16 @@ fn assert_agrees(model: &mut dyn SequenceScorer, v: &Vectors) {
     for (w, got_batched) in v.windows.iter().zip(&batched) {
         let mut single = Vec::new();
         model.score(&w.steps, 1, &mut single).unwrap();
-        for got in [single[0], *got_batched] {
-            assert!(
-                (got - w.score).abs() <= 1e-4,
-                "{} {}/{}: Rust {got}, Python {}",
-                v.model,
-                w.kind,
-                w.family,
-                w.score
-            );
-        }
+        assert_eq!(single[0].to_bits(), got_batched.to_bits(), "a window scores the same alone or batched");
+        assert!(
+            (single[0] - w.score).abs() <= tolerance,
+            "{} {}/{}: Rust {}, Python {} (tolerance {tolerance})",
+            v.model,
+            w.kind,
+            w.family,
+            single[0],
+            w.score
+        );
     }
 }
 
@@ -97,6 +106,29 @@ fn the_shipped_model_agrees_with_python_to_1e4() {
     // The vectors include humans and every macro family: the model separates some of them.
     assert!(v.windows.iter().any(|w| w.kind == "human" && w.score < 0.5));
     assert!(v.windows.iter().any(|w| w.kind == "macro" && w.score >= 0.5));
+}
+
+#[test]
+fn a_window_scores_the_same_bits_whatever_else_shares_its_call() {
+    // The stream scores windows as records arrive and `metronome score` in batches of a file:
+    // a window's score must not depend on its company, or the two paths could disagree (the
+    // threshold mapping magnifies differences in the last bits about 1,000x).
+    let manifest = PathBuf::from(SHIPPED_MANIFEST_PATH);
+    let mut model = LstmModel::load(&manifest).unwrap();
+    let v = vectors_for(&manifest);
+    // More windows than one call holds, so chunking is crossed too.
+    let windows: Vec<&[f32]> =
+        v.windows.iter().map(|w| w.steps.as_slice()).cycle().take(metronome::lstm::BATCH_WINDOWS * 2 + 5).collect();
+    let all: Vec<f32> = windows.concat();
+    let together = model.probabilities(&all, windows.len()).unwrap();
+    for group in [1usize, 2, 3, 7, 40] {
+        for (start, chunk) in windows.chunks(group).enumerate().map(|(i, c)| (i * group, c)) {
+            let got = model.probabilities(&chunk.concat(), chunk.len()).unwrap();
+            for (i, p) in got.iter().enumerate() {
+                assert_eq!(p.to_bits(), together[start + i].to_bits(), "window {} in groups of {group}", start + i);
+            }
+        }
+    }
 }
 
 #[test]

@@ -36,7 +36,7 @@ impl Default for FeatureConfig {
 }
 
 /// Reusable buffers so scoring a window allocates nothing.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Scratch {
     intervals: Vec<i32>,
     holds: Vec<i32>,

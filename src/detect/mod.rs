@@ -270,8 +270,8 @@ impl ScoringBatch {
     }
 }
 
-/// Runs users' events through the core. One per thread or task; cheap to create.
-#[derive(Debug)]
+/// Runs users' events through the core. One per thread or task; cheap to create or clone.
+#[derive(Debug, Clone)]
 pub struct Detector {
     cfg: DetectorConfig,
     scratch: features::Scratch,

@@ -8,6 +8,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
 
 use crate::proto;
 
@@ -32,9 +33,11 @@ pub fn alert_json(a: &proto::Alert) -> serde_json::Value {
     })
 }
 
-/// Reads committed alerts (read_committed unless `properties` say otherwise) from `topic` (from the beginning with a fresh consumer group of its
-/// own) and hands each to `on_alert`, until `idle` passes without one. Undecodable records are
-/// counted, not shown. Returns `(alerts, undecodable)`.
+/// Reads committed alerts (read_committed unless `properties` say otherwise) from every
+/// partition of `topic`, from the beginning, and hands each to `on_alert`, until `idle` passes
+/// without one. Partitions are assigned directly (no consumer group to join, so the idle clock
+/// measures the stream, not a rebalance); a topic that does not exist yet is waited for, within
+/// the same idle time. Undecodable records are counted, not shown. Returns `(alerts, undecodable)`.
 pub fn follow(
     properties: &BTreeMap<String, String>,
     topic: &str,
@@ -46,14 +49,27 @@ pub fn follow(
     for (k, v) in properties {
         c.set(k, v);
     }
-    let consumer: BaseConsumer = c
-        .set("group.id", format!("metronome-alerts-{}", std::process::id()))
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .create()?;
-    consumer.subscribe(&[topic])?;
-    let (mut alerts, mut bad) = (0, 0);
+    let consumer: BaseConsumer = c.set("enable.auto.commit", "false").create()?;
     let mut last = Instant::now();
+    let partitions: Vec<i32> = loop {
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))?;
+        let ids: Vec<i32> =
+            metadata.topics().first().map(|t| t.partitions().iter().map(|p| p.id()).collect()).unwrap_or_default();
+        if !ids.is_empty() {
+            break ids;
+        }
+        if last.elapsed() >= idle {
+            return Ok((0, 0));
+        }
+        std::thread::sleep(Duration::from_millis(200)); // the topic is created by the processor
+    };
+    let mut assignment = TopicPartitionList::new();
+    for p in partitions {
+        assignment.add_partition_offset(topic, p, Offset::Beginning)?;
+    }
+    consumer.assign(&assignment)?;
+    let (mut alerts, mut bad) = (0, 0);
+    last = Instant::now();
     while last.elapsed() < idle {
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {

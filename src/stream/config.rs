@@ -28,6 +28,9 @@ pub struct StreamConfig {
     pub max_batch_records: usize,
     /// Most events one input record may carry; more goes to the dead-letter topic.
     pub max_events_per_record: usize,
+    /// Threads that work the tasks' batches side by side (tasks are independent: one partition
+    /// each); 0: one per available core.
+    pub task_threads: usize,
     /// Create missing topics at start-up (input, alerts, dead letters, changelogs).
     pub create_topics: bool,
     /// Partitions of the input, alert and dead-letter topics when this process creates them.
@@ -54,6 +57,7 @@ impl Default for StreamConfig {
             commit_interval_ms: 100,
             max_batch_records: 5_000,
             max_events_per_record: 10_000,
+            task_threads: 0,
             create_topics: true,
             topic_partitions: 8,
             replication_factor: 1,
@@ -104,6 +108,14 @@ impl StreamConfig {
             .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_owned()))
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| "metronome".to_owned())
+    }
+
+    /// Threads to work tasks with: `task_threads`, or one per available core when 0.
+    pub fn task_threads(&self) -> usize {
+        match self.task_threads {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n,
+        }
     }
 
     /// The RocksDB directory of the task for `partition`.

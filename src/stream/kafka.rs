@@ -3,7 +3,7 @@
 //!
 //! Every client gets the `[kafka]` properties unchanged first (`bootstrap.servers`,
 //! `security.protocol`, `sasl.*`, `ssl.*`), then the few settings exactly-once needs, so the
-//! processor runs against Apache Kafka, Redpanda or tansu alike.
+//! processor runs against Apache Kafka, Redpanda or the test broker (tansu) alike.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -96,6 +96,8 @@ impl Clients {
             .set("enable.auto.offset.store", "false")
             .set("isolation.level", "read_committed")
             .set("auto.offset.reset", "earliest")
+            // End-of-partition events tell the processor it has caught up (idle windows).
+            .set("enable.partition.eof", "true")
             .create_with_context(GroupContext { log })
             .map_err(|e| KafkaEdgeError::Config(e.to_string()))
     }
@@ -350,7 +352,16 @@ fn partitions_of(tpl: &TopicPartitionList) -> Vec<i32> {
     tpl.elements().iter().map(|e| e.partition()).collect()
 }
 
-impl ClientContext for GroupContext {}
+impl ClientContext for GroupContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        // End of partition is how the processor learns it caught up, not a failure; librdkafka
+        // reports it through the error path too.
+        if matches!(error, KafkaError::Global(RDKafkaErrorCode::PartitionEOF)) {
+            return;
+        }
+        tracing::error!(%error, reason, "kafka client error");
+    }
+}
 
 impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {

@@ -1,5 +1,6 @@
-//! The processing loop: poll, route records to tasks, run each task's batch, repeat; open and
-//! close tasks as the group assigns and revokes partitions; stop cleanly when told.
+//! The processing loop: poll, route records to tasks, run the tasks' batches (side by side on
+//! `stream.task_threads` threads), repeat; open and close tasks as the group assigns and revokes
+//! partitions; stop cleanly when told.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -8,6 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use metronome_state::{RocksResources, RocksStore};
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::Offset;
 
@@ -15,7 +17,7 @@ use super::config::StreamConfig;
 use super::kafka::{self, Clients, GroupContext, KafkaEdgeError, RebalanceEvent, RebalanceLog, TxProducer};
 use super::records::InputRecord;
 use super::status::{Status, TaskPhase};
-use super::task::{self, BatchContext, Checkpoint, ProducerError, Task, TaskError};
+use super::task::{self, BatchContext, BatchOutcome, Checkpoint, ProducerError, Task, TaskError};
 use crate::detect::{Detector, SequenceScorer};
 use crate::lstm::{Reload, ReloadingModel};
 
@@ -85,6 +87,8 @@ struct Assigned {
     task: Task<RocksStore>,
     producer: TxProducer,
     pending: Vec<InputRecord>,
+    /// The consumer reported the end of the partition and no record came since.
+    at_end: bool,
 }
 
 /// A stream processor instance.
@@ -152,9 +156,6 @@ impl Processor {
             let started = Instant::now();
             let mut collected = 0usize;
             let mut failed = None;
-            // An empty poll means the consumer holds no backlog: only then may silence be read as
-            // idleness (while catching up, a user's next records may still be in the backlog).
-            let mut caught_up = false;
             while collected < cfg.max_batch_records && !shutdown.is_triggered() {
                 let left = commit_interval.saturating_sub(started.elapsed());
                 if left.is_zero() {
@@ -170,14 +171,17 @@ impl Processor {
                             payload: m.payload().map(<[u8]>::to_vec),
                         },
                     )),
+                    Some(Err(KafkaError::PartitionEOF(partition))) => {
+                        if let Some(a) = tasks.get_mut(&partition) {
+                            a.at_end = true;
+                        }
+                        None
+                    }
                     Some(Err(e)) => {
                         tracing::warn!(error = %e, "consumer error");
                         None
                     }
-                    None => {
-                        caught_up = true;
-                        None
-                    }
+                    None => None,
                 };
                 if let Err(e) = self.apply_rebalance(&consumer, &log, &mut tasks, &mut summary) {
                     failed = Some(e);
@@ -187,6 +191,7 @@ impl Processor {
                     match tasks.get_mut(&partition) {
                         Some(a) => {
                             a.pending.push(record);
+                            a.at_end = false;
                             collected += 1;
                         }
                         None => {
@@ -198,6 +203,9 @@ impl Processor {
             if let Some(e) = failed {
                 break Err(e);
             }
+            // Silence reads as idleness only once every partition is consumed to its end: while
+            // catching up, a user's next records may still be in the backlog.
+            let caught_up = !tasks.is_empty() && tasks.values().all(|a| a.at_end);
             let now = Instant::now();
             let check_idle = caught_up && now.duration_since(last_idle_check) >= IDLE_CHECK_EVERY;
             if check_idle {
@@ -329,9 +337,13 @@ impl Processor {
             "task ready"
         );
         self.status.set(partition, TaskPhase::Running);
-        Ok(Assigned { task, producer, pending: Vec::new() })
+        Ok(Assigned { task, producer, pending: Vec::new(), at_end: false })
     }
 
+    /// Runs the batch of every task with records in hand (or idle users to close), on up to
+    /// `task_threads` threads: tasks share nothing but the read-only model plan, so each thread
+    /// works its own tasks with its own detector and model copy. Outcomes are then handled here,
+    /// in partition order.
     fn run_batches(
         &mut self,
         consumer: &BaseConsumer<GroupContext>,
@@ -340,25 +352,58 @@ impl Processor {
         summary: &mut RunSummary,
     ) -> Result<(), ProcessError> {
         let cfg = self.clients.stream();
-        let now = Instant::now();
-        let now_us = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
-        for (&partition, assigned) in tasks.iter_mut() {
-            if assigned.pending.is_empty() && !(check_idle && assigned.task.idle_due(now, self.idle_timeout)) {
-                continue;
+        let settings = BatchSettings {
+            idle_timeout: self.idle_timeout,
+            close_idle: check_idle,
+            max_events_per_record: cfg.max_events_per_record,
+            input_topic: &cfg.input_topic,
+            now: Instant::now(),
+            now_us: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64),
+        };
+        let due: Vec<(i32, &mut Assigned)> = tasks
+            .iter_mut()
+            .filter(|(_, a)| !a.pending.is_empty() || (check_idle && a.task.idle_due(settings.now, self.idle_timeout)))
+            .map(|(&p, a)| {
+                a.producer.set_group(consumer.group_metadata());
+                (p, a)
+            })
+            .collect();
+        if due.is_empty() {
+            return Ok(());
+        }
+        let threads = cfg.task_threads().min(due.len());
+        let results = if threads <= 1 {
+            let model = self.model.as_mut().map(|m| m as &mut dyn SequenceScorer);
+            run_lane(&mut self.detector, model, due, &settings)
+        } else {
+            let mut lanes: Vec<Vec<(i32, &mut Assigned)>> = (0..threads).map(|_| Vec::new()).collect();
+            for (i, task) in due.into_iter().enumerate() {
+                lanes[i % threads].push(task);
             }
-            let records = std::mem::take(&mut assigned.pending);
-            assigned.producer.set_group(consumer.group_metadata());
-            let mut ctx = BatchContext {
-                detector: &mut self.detector,
-                model: self.model.as_mut().map(|m| m as &mut dyn SequenceScorer),
-                idle_timeout: self.idle_timeout,
-                close_idle: check_idle,
-                max_events_per_record: cfg.max_events_per_record,
-                input_topic: &cfg.input_topic,
-                now,
-                now_us,
-            };
-            match assigned.task.run_batch(&mut ctx, &records, &mut assigned.producer) {
+            let (detector, model) = (&self.detector, self.model.as_ref().map(ReloadingModel::current));
+            std::thread::scope(|scope| {
+                let workers: Vec<_> = lanes
+                    .into_iter()
+                    .map(|lane| {
+                        let (mut detector, mut model, settings) = (detector.clone(), model.cloned(), &settings);
+                        scope.spawn(move || {
+                            let model = model.as_mut().map(|m| m as &mut dyn SequenceScorer);
+                            run_lane(&mut detector, model, lane, settings)
+                        })
+                    })
+                    .collect();
+                let mut results = Vec::new();
+                for worker in workers {
+                    match worker.join() {
+                        Ok(lane) => results.extend(lane),
+                        Err(panic) => std::panic::resume_unwind(panic),
+                    }
+                }
+                results
+            })
+        };
+        for (partition, result) in results {
+            match result {
                 Ok(outcome) => {
                     if let Some(e) = &outcome.model_error {
                         tracing::warn!(partition, error = %e, "sequence model failed; windows decided on timing alone");
@@ -374,11 +419,13 @@ impl Processor {
                 }
                 Err(TaskError::Producer(ProducerError::Abortable(reason))) => {
                     summary.aborts += 1;
+                    let Some(assigned) = tasks.get_mut(&partition) else { continue };
                     let offset = match assigned.task.checkpoint().input_offset {
                         Some(o) => Offset::Offset(o),
                         None => Offset::Beginning,
                     };
                     tracing::warn!(partition, %reason, "transaction aborted; rewinding the partition");
+                    assigned.at_end = false;
                     consumer
                         .seek(&cfg.input_topic, partition, offset, kafka::BROKER_TIMEOUT)
                         .map_err(|error| KafkaEdgeError::Broker { what: "rewinding after an abort", error })?;
@@ -388,6 +435,45 @@ impl Processor {
         }
         Ok(())
     }
+}
+
+/// What every task's batch of one round shares.
+struct BatchSettings<'a> {
+    idle_timeout: Duration,
+    close_idle: bool,
+    max_events_per_record: usize,
+    input_topic: &'a str,
+    now: Instant,
+    now_us: i64,
+}
+
+/// Runs the batches of `lane`'s tasks one after another with one detector and model.
+fn run_lane(
+    detector: &mut Detector,
+    mut model: Option<&mut (dyn SequenceScorer + 'static)>,
+    lane: Vec<(i32, &mut Assigned)>,
+    settings: &BatchSettings<'_>,
+) -> Vec<(i32, Result<BatchOutcome, TaskError>)> {
+    let mut results = Vec::with_capacity(lane.len());
+    for (partition, assigned) in lane {
+        let records = std::mem::take(&mut assigned.pending);
+        let model: Option<&mut dyn SequenceScorer> = match &mut model {
+            Some(m) => Some(&mut **m),
+            None => None,
+        };
+        let mut ctx = BatchContext {
+            detector: &mut *detector,
+            model,
+            idle_timeout: settings.idle_timeout,
+            close_idle: settings.close_idle,
+            max_events_per_record: settings.max_events_per_record,
+            input_topic: settings.input_topic,
+            now: settings.now,
+            now_us: settings.now_us,
+        };
+        results.push((partition, assigned.task.run_batch(&mut ctx, &records, &mut assigned.producer)));
+    }
+    results
 }
 
 fn close_task(partition: i32, assigned: Assigned, status: &Status) {

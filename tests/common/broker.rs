@@ -1,8 +1,9 @@
-//! The real-broker harness: starts tansu (a Kafka-compatible broker) on a free loopback port
-//! with in-memory storage, runs `metronome process` instances against it, and reads topics back.
+//! The real-broker harness: starts the test broker (tansu's Kafka-compatible broker with the
+//! transaction APIs it lacks, `tools/test-broker`) on a free loopback port with in-memory
+//! storage, runs `metronome process` instances against it, and reads topics back.
 //!
-//! The broker binary comes from `METRONOME_TANSU`, `~/.cargo/bin/tansu` or `PATH`;
-//! `scripts/test` installs it when missing. A missing broker fails the test loudly.
+//! The broker binary comes from `TEST_BROKER_BIN`, `~/.cargo/bin/metronome-test-broker`
+//! or `PATH`; `scripts/test` installs it when missing. A missing broker fails the test loudly.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -23,24 +24,26 @@ use rdkafka::{Offset, TopicPartitionList};
 /// How long any wait in these tests may take before the test fails.
 pub const PATIENCE: Duration = Duration::from_secs(120);
 
-/// Finds the tansu binary.
-pub fn tansu_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("METRONOME_TANSU") {
+const BROKER_BINARY: &str = "metronome-test-broker";
+
+/// Finds the test broker binary.
+pub fn broker_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("TEST_BROKER_BIN") {
         return PathBuf::from(p);
     }
     let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
-    let cached = home.join(".cargo/bin/tansu");
+    let cached = home.join(".cargo/bin").join(BROKER_BINARY);
     if cached.is_file() {
         return cached;
     }
     if let Some(found) = std::env::var_os("PATH")
-        .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join("tansu")).find(|p| p.is_file()))
+        .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join(BROKER_BINARY)).find(|p| p.is_file()))
     {
         return found;
     }
     panic!(
-        "the tansu broker is not installed: these tests need a real Kafka-compatible broker. \
-         Run scripts/test (it installs it) or `cargo install tansu --locked --features dynostore`"
+        "the test broker is not installed: these tests need a real Kafka-compatible broker. \
+         Run scripts/setup (scripts/test does) to build tools/test-broker into ~/.cargo/bin"
     );
 }
 
@@ -70,7 +73,7 @@ pub struct Broker {
     child: Child,
     /// `host:port` for `bootstrap.servers`.
     pub bootstrap: String,
-    _log_dir: tempfile::TempDir,
+    log_dir: tempfile::TempDir,
 }
 
 impl Broker {
@@ -79,20 +82,21 @@ impl Broker {
         let port = free_port();
         let url = format!("tcp://127.0.0.1:{port}");
         let log_dir = tempfile::tempdir().unwrap();
-        let log = File::create(log_dir.path().join("tansu.log")).unwrap();
-        let child = Command::new(tansu_binary())
-            .args(["broker", "--kafka-listener-url", &url, "--kafka-advertised-listener-url", &url])
+        let log = File::create(log_dir.path().join("broker.log")).unwrap();
+        let child = Command::new(broker_binary())
+            .args(["--listener-url", &url, "--advertised-listener-url", &url])
             .args(["--storage-engine", "memory://tansu/"])
-            .env("RUST_LOG", "warn")
+            // The group coordinator's joins, leaders and departures, for failure messages.
+            .env("RUST_LOG", "warn,tansu_broker::coordinator=info")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .expect("starting tansu");
-        let broker = Broker { child, bootstrap: format!("127.0.0.1:{port}"), _log_dir: log_dir };
+            .expect("starting the test broker");
+        let broker = Broker { child, bootstrap: format!("127.0.0.1:{port}"), log_dir };
         let consumer: BaseConsumer = broker.config().create().unwrap();
         let deadline = Instant::now() + PATIENCE;
         while consumer.fetch_metadata(None, Duration::from_secs(1)).is_err() {
-            assert!(Instant::now() < deadline, "tansu did not answer on {}", broker.bootstrap);
+            assert!(Instant::now() < deadline, "the test broker did not answer on {}", broker.bootstrap);
         }
         broker
     }
@@ -253,6 +257,7 @@ pub struct Record {
 pub struct ProcessorProc {
     child: Option<Child>,
     log: PathBuf,
+    broker_log: PathBuf,
 }
 
 impl ProcessorProc {
@@ -272,7 +277,8 @@ impl ProcessorProc {
             .env("RUST_LOG", "warn,metronome=info")
             .stdout(Stdio::null())
             .stderr(File::create(&log).unwrap());
-        Self { child: Some(cmd.spawn().expect("starting metronome process")), log }
+        let broker_log = broker.log_dir.path().join("broker.log");
+        Self { child: Some(cmd.spawn().expect("starting metronome process")), log, broker_log }
     }
 
     /// The log so far.
@@ -290,7 +296,12 @@ impl ProcessorProc {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
                 panic!("processor exited ({status}) before logging {needle:?}:\n{}", self.log());
             }
-            assert!(Instant::now() < deadline, "processor never logged {needle:?} {times} times:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "processor never logged {needle:?} {times} times:\n{}\nthe broker's log ends:\n{}",
+                self.log(),
+                log_tail(&self.broker_log, 40)
+            );
             std::thread::sleep(Duration::from_millis(100)); // polling interval of a condition
         }
     }
@@ -316,6 +327,13 @@ impl ProcessorProc {
         child.kill().unwrap();
         child.wait().unwrap();
     }
+}
+
+/// The last `lines` lines of a log file, for failure messages.
+fn log_tail(path: &Path, lines: usize) -> String {
+    let log = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = log.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 fn rand_suffix() -> u32 {
