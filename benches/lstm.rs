@@ -4,8 +4,10 @@
 //! ```text
 //! cargo bench --bench lstm
 //! ```
-//! - `lstm/window/{1,64}`: whole 50-step windows from a zero state (the shipped design), one
-//!   call per batch; throughput in windows.
+//! - `lstm/window/{1,128}`: whole 50-step windows from a zero state (the shipped design), one
+//!   `score` call per batch; throughput in windows. The model always runs chunks of
+//!   `lstm::BATCH_WINDOWS` (128) windows, so `1` is a lone window padded to a full chunk (the
+//!   worst case: an idle user closed alone) and `128` is one full chunk (a busy stream).
 //! - `lstm/carried/64`: the same weights fed only the hop's 10 new steps from a carried hidden
 //!   state (the alternative design); throughput in windows (each window = 10 events).
 //! - `score/{timing,timing_lstm}`: `score_records` over a 1,000,000-event keylog file (real
@@ -24,7 +26,7 @@ use metronome::dataset::{self};
 use metronome::detect::sequence::STEP_WIDTH;
 use metronome::detect::{Detector, DetectorConfig, SequenceScorer};
 use metronome::keylog::KeylogReader;
-use metronome::lstm::LstmModel;
+use metronome::lstm::{LstmModel, BATCH_WINDOWS};
 use metronome::score::{self, BadRows, OutputSelection};
 
 const EVENTS: usize = 1_000_000;
@@ -79,9 +81,9 @@ fn bench(c: &mut Criterion) {
         None => LstmModel::embedded().unwrap(),
     };
     eprintln!("benchmarking model {}", model.manifest().id());
-    let windows = real_windows(64);
+    let windows = real_windows(BATCH_WINDOWS);
     let mut group = c.benchmark_group("lstm");
-    for batch in [1usize, 64] {
+    for batch in [1, BATCH_WINDOWS] {
         let inputs = &windows[..batch * 50 * STEP_WIDTH];
         group.throughput(Throughput::Elements(batch as u64));
         let mut out = Vec::with_capacity(batch);

@@ -18,7 +18,6 @@ use metronome::keylog::KeylogReader;
 use metronome::lstm::{LstmModel, ReloadingModel};
 use metronome::stream::{Processor, Shutdown, StreamConfig};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
 use rdkafka::{Offset, TopicPartitionList};
 
 const PARTITIONS: i32 = 4;
@@ -65,35 +64,31 @@ fn main() {
     println!("stream/ratio:         processor at {:.1} % of the bare consumer", 100.0 * bare / processor);
 }
 
-/// Reads every record of the topic once; seconds from assignment to the end of all partitions.
+/// Reads every record of the topic once; seconds from assignment to the last record. (Not to
+/// the end-of-partition events: the broker answers a fetch at the end only after the fetch wait,
+/// 500 ms, which would be counted against the bare consumer.)
 fn bare_consumer_seconds(broker: &broker::Broker, records: u64) -> f64 {
-    let consumer: BaseConsumer = broker
-        .config()
-        .set("group.id", "bench-bare")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .create()
-        .unwrap();
+    let consumer: BaseConsumer =
+        broker.config().set("group.id", "bench-bare").set("enable.auto.commit", "false").create().unwrap();
     let mut tpl = TopicPartitionList::new();
     for p in 0..PARTITIONS {
         tpl.add_partition_offset("events", p, Offset::Beginning).unwrap();
     }
     let started = Instant::now();
     consumer.assign(&tpl).unwrap();
-    let (mut seen, mut ended, mut bytes) = (0u64, 0, 0usize);
-    while ended < PARTITIONS {
+    let (mut seen, mut bytes) = (0u64, 0usize);
+    while seen < records {
         match consumer.poll(Duration::from_secs(10)) {
             Some(Ok(m)) => {
                 seen += 1;
                 bytes += rdkafka::message::Message::payload(&m).map_or(0, <[u8]>::len);
             }
-            Some(Err(KafkaError::PartitionEOF(_))) => ended += 1,
             Some(Err(e)) => panic!("bare consumer: {e}"),
-            None => panic!("bare consumer stalled"),
+            None => panic!("bare consumer stalled after {seen} of {records} records"),
         }
     }
     let secs = started.elapsed().as_secs_f64();
-    assert_eq!(seen, records, "the bare consumer read every record ({bytes} payload bytes)");
+    assert!(bytes > 0, "the bare consumer read the payloads");
     secs
 }
 
