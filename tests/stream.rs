@@ -196,6 +196,22 @@ fn stream_alerts_equal_the_file_scorer_and_sigterm_exits_cleanly() {
         let by_features = alert.reasons.iter().any(|r| r != "lstm");
         assert_eq!(alert.features.iter().any(|f| f.fired), by_features, "fired features of {:?}", alert.reasons);
     }
+    // `metronome alerts`, as security staff would follow the topic: every committed alert once.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_metronome"))
+        .args(["alerts", "--bootstrap-servers", &s.broker.bootstrap, "--idle-exit-s", "2"])
+        .env("METRONOME_STREAM__ALERTS_TOPIC", "alerts")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "metronome alerts: {}", String::from_utf8_lossy(&out.stderr));
+    let mut ids: Vec<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["alert_id"].as_str().unwrap().to_owned())
+        .collect();
+    ids.sort();
+    let mut expected: Vec<String> = s.expected.iter().map(|a| a.alert_id.clone()).collect();
+    expected.sort();
+    assert_eq!(ids, expected, "metronome alerts prints each committed alert");
     // The changelog is compacted-topic shaped: keyed records on the input's partitions.
     let changelog = s.broker.read_all(&format!("{}-user-state-changelog", s.app));
     assert!(!changelog.is_empty());

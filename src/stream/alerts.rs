@@ -46,6 +46,9 @@ pub fn follow(
 ) -> Result<(u64, u64), KafkaError> {
     let mut c = ClientConfig::new();
     c.set("isolation.level", "read_committed");
+    // librdkafka refuses `assign` without a group id ("Unknown group"); this one is never
+    // joined and nothing is committed under it.
+    c.set("group.id", format!("metronome-alerts-{}", std::process::id()));
     for (k, v) in properties {
         c.set(k, v);
     }
