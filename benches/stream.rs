@@ -2,8 +2,10 @@
 //! next to a bare rdkafka consumer reading the same topic, in the same run.
 //!
 //! `cargo bench --bench stream` (needs the test broker, see README; `../shared/data` for the
-//! human typing). `STREAM_BENCH_EVENTS` sets the event count (default 1,000,000); not a
-//! `METRONOME_*` name, which the `metronome` child processes would read as configuration.
+//! human typing). `STREAM_BENCH_EVENTS` sets the event count (default 1,000,000) and
+//! `STREAM_BENCH_EVENTS_PER_RECORD` the most events per input record (default 50; an agent
+//! sending every 100 ms sends a few); not `METRONOME_*` names, which the `metronome` child
+//! processes would read as configuration.
 
 #[allow(dead_code)]
 #[path = "../tests/common/broker.rs"]
@@ -25,11 +27,8 @@ const PARTITIONS: i32 = 4;
 fn main() {
     // `cargo bench` passes --bench; `cargo test --benches` runs this too: keep that quick.
     let quick = !std::env::args().any(|a| a == "--bench");
-    let target: u64 = std::env::var("STREAM_BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(if quick {
-        20_000
-    } else {
-        1_000_000
-    });
+    let target: u64 = env_number("STREAM_BENCH_EVENTS").unwrap_or(if quick { 20_000 } else { 1_000_000 });
+    let per_record = env_number("STREAM_BENCH_EVENTS_PER_RECORD").unwrap_or(50) as usize;
     let broker = broker::Broker::start();
     broker.create_topics(&["events"], PARTITIONS);
     let dir = tempfile::tempdir().unwrap();
@@ -39,9 +38,13 @@ fn main() {
     broker::simulate_keylog(&keylog, (target / 1_800).max(10), &["--macro-share", "0.2", "--macro-presses", "400"]);
     let props = BTreeMap::from([("bootstrap.servers".to_owned(), broker.bootstrap.clone())]);
     let producer = metronome::stream::publish::producer(&props).unwrap();
-    let published =
-        metronome::stream::publish::publish_keylog(&producer, "events", KeylogReader::open(&keylog).unwrap(), 50)
-            .unwrap();
+    let published = metronome::stream::publish::publish_keylog(
+        &producer,
+        "events",
+        KeylogReader::open(&keylog).unwrap(),
+        per_record,
+    )
+    .unwrap();
     eprintln!("published {} events of {} users as {} records", published.events, published.users, published.records);
 
     let bare_1 = bare_consumer_seconds(&broker, published.records);
@@ -62,6 +65,12 @@ fn main() {
         processor
     );
     println!("stream/ratio:         processor at {:.1} % of the bare consumer", 100.0 * bare / processor);
+}
+
+/// A number from the environment; a value that does not parse is an error, not the default.
+fn env_number(name: &str) -> Option<u64> {
+    let value = std::env::var(name).ok()?;
+    Some(value.parse().unwrap_or_else(|_| panic!("{name}={value:?} is not a number")))
 }
 
 /// Reads every record of the topic once; seconds from assignment to the last record. (Not to
