@@ -26,6 +26,8 @@ pub struct StreamConfig {
     pub commit_interval_ms: u64,
     /// Most records in one batch (one transaction per task per batch).
     pub max_batch_records: usize,
+    /// Most payload bytes in one batch: bounds the memory a batch holds whatever the records' size.
+    pub max_batch_bytes: usize,
     /// Most events one input record may carry; more goes to the dead-letter topic.
     pub max_events_per_record: usize,
     /// Threads that work the tasks' batches side by side (tasks are independent: one partition
@@ -55,7 +57,8 @@ impl Default for StreamConfig {
             dlq_topic: "keys.dlq".to_owned(),
             state_dir: PathBuf::from("metronome-state"),
             commit_interval_ms: 100,
-            max_batch_records: 5_000,
+            max_batch_records: 50_000,
+            max_batch_bytes: 32 << 20,
             max_events_per_record: 10_000,
             task_threads: 0,
             create_topics: true,
@@ -136,10 +139,14 @@ impl StreamConfig {
                 return Err(format!("stream.{name} must not be empty"));
             }
         }
-        if self.commit_interval_ms == 0 || self.max_batch_records == 0 || self.max_events_per_record == 0 {
-            return Err(
-                "stream.commit_interval_ms, max_batch_records and max_events_per_record must be positive".into()
-            );
+        if self.commit_interval_ms == 0
+            || self.max_batch_records == 0
+            || self.max_batch_bytes == 0
+            || self.max_events_per_record == 0
+        {
+            return Err("stream.commit_interval_ms, max_batch_records, max_batch_bytes and max_events_per_record \
+                        must be positive"
+                .into());
         }
         if self.topic_partitions < 1 || self.replication_factor < 1 {
             return Err("stream.topic_partitions and replication_factor must be at least 1".into());
@@ -183,6 +190,8 @@ mod tests {
     fn nonsense_is_refused() {
         let cfg = StreamConfig { max_batch_records: 0, ..StreamConfig::default() };
         assert!(cfg.validate().is_err());
+        let cfg = StreamConfig { max_batch_bytes: 0, ..StreamConfig::default() };
+        assert!(cfg.validate().unwrap_err().contains("max_batch_bytes"));
         let cfg = StreamConfig { input_topic: String::new(), ..StreamConfig::default() };
         assert!(cfg.validate().unwrap_err().contains("input_topic"));
     }

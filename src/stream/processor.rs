@@ -154,9 +154,10 @@ impl Processor {
             }
             // Collect one batch.
             let started = Instant::now();
-            let mut collected = 0usize;
+            let (mut collected, mut collected_bytes) = (0usize, 0usize);
             let mut failed = None;
-            while collected < cfg.max_batch_records && !shutdown.is_triggered() {
+            while collected < cfg.max_batch_records && collected_bytes < cfg.max_batch_bytes && !shutdown.is_triggered()
+            {
                 let left = commit_interval.saturating_sub(started.elapsed());
                 if left.is_zero() {
                     break;
@@ -190,6 +191,7 @@ impl Processor {
                 if let Some((partition, record)) = record {
                     match tasks.get_mut(&partition) {
                         Some(a) => {
+                            collected_bytes += record.payload.as_ref().map_or(0, Vec::len);
                             a.pending.push(record);
                             a.at_end = false;
                             collected += 1;
