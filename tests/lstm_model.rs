@@ -45,8 +45,8 @@ fn find(dir: &Path, suffix: &str) -> PathBuf {
 fn vectors_for(manifest: &Path) -> Vectors {
     let path = manifest.to_string_lossy().replace(".json", ".vectors.json");
     let mut v: Vectors = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(manifest).unwrap()).unwrap();
-    v.threshold = m["threshold"].as_f64().unwrap() as f32;
+    let m: metronome::lstm::Manifest = serde_json::from_str(&std::fs::read_to_string(manifest).unwrap()).unwrap();
+    v.threshold = m.threshold;
     v
 }
 

@@ -17,7 +17,7 @@ use super::config::StreamConfig;
 use super::kafka::{self, Clients, GroupContext, KafkaEdgeError, RebalanceEvent, RebalanceLog, TxProducer};
 use super::records::InputRecord;
 use super::status::{Status, TaskPhase};
-use super::task::{self, BatchContext, BatchOutcome, Checkpoint, ProducerError, Task, TaskError};
+use super::task::{self, BatchContext, BatchOutcome, BatchSettings, Checkpoint, ProducerError, Task, TaskError};
 use crate::detect::{Detector, SequenceScorer};
 use crate::lstm::{Reload, ReloadingModel};
 
@@ -439,16 +439,6 @@ impl Processor {
     }
 }
 
-/// What every task's batch of one round shares.
-struct BatchSettings<'a> {
-    idle_timeout: Duration,
-    close_idle: bool,
-    max_events_per_record: usize,
-    input_topic: &'a str,
-    now: Instant,
-    now_us: i64,
-}
-
 /// Runs the batches of `lane`'s tasks one after another with one detector and model.
 fn run_lane(
     detector: &mut Detector,
@@ -463,16 +453,7 @@ fn run_lane(
             Some(m) => Some(&mut **m),
             None => None,
         };
-        let mut ctx = BatchContext {
-            detector: &mut *detector,
-            model,
-            idle_timeout: settings.idle_timeout,
-            close_idle: settings.close_idle,
-            max_events_per_record: settings.max_events_per_record,
-            input_topic: settings.input_topic,
-            now: settings.now,
-            now_us: settings.now_us,
-        };
+        let mut ctx = BatchContext { detector: &mut *detector, model, settings: *settings };
         results.push((partition, assigned.task.run_batch(&mut ctx, &records, &mut assigned.producer)));
     }
     results

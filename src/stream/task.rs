@@ -121,6 +121,13 @@ pub struct BatchContext<'a> {
     pub detector: &'a mut Detector,
     /// The sequence model, if any.
     pub model: Option<&'a mut dyn SequenceScorer>,
+    /// What every task's batch of one round shares.
+    pub settings: BatchSettings<'a>,
+}
+
+/// What every task's batch of one processing round shares.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchSettings<'a> {
     /// Wall-clock idleness that closes a user's window.
     pub idle_timeout: Duration,
     /// Whether to close idle users' windows in this batch (the processor says so only when it
@@ -267,7 +274,7 @@ impl<S: Store> Task<S> {
         let mut outputs: Vec<(usize, Output)> = Vec::new();
 
         for record in records {
-            match records::decode_record(record, ctx.max_events_per_record) {
+            match records::decode_record(record, ctx.settings.max_events_per_record) {
                 Ok(batch) => {
                     let slot = users.slot(&self.store, &batch.user_id)?;
                     for event in batch.events {
@@ -280,17 +287,18 @@ impl<S: Store> Task<S> {
                 }
                 Err(class) => {
                     outcome.dead_letters.push(class);
-                    out.push(records::dead_letter(record, class, ctx.input_topic, self.partition));
+                    out.push(records::dead_letter(record, class, ctx.settings.input_topic, self.partition));
                 }
             }
         }
         // Slots so far are the users with events in this batch: they are not idle.
         let with_events = users.slots.len();
-        let idle: Vec<String> = if ctx.close_idle {
+        let idle: Vec<String> = if ctx.settings.close_idle {
             self.open_users
                 .iter()
                 .filter(|(u, &t)| {
-                    ctx.now.saturating_duration_since(t) >= ctx.idle_timeout && !users.index.contains_key(*u)
+                    ctx.settings.now.saturating_duration_since(t) >= ctx.settings.idle_timeout
+                        && !users.index.contains_key(*u)
                 })
                 .map(|(u, _)| u.clone())
                 .collect()
@@ -312,7 +320,7 @@ impl<S: Store> Task<S> {
                 Output::Window(_) => outcome.windows += 1,
                 Output::Alert(alert) => {
                     let user = &users.slots[*slot].0;
-                    let message = records::alert_message(user, alert, ctx.now_us);
+                    let message = records::alert_message(user, alert, ctx.settings.now_us);
                     out.push(OutRecord {
                         topic: OutTopic::Alerts,
                         key: Some(user.as_bytes().to_vec()),
@@ -347,7 +355,7 @@ impl<S: Store> Task<S> {
         self.store.write(&writes)?;
         self.checkpoint = checkpoint;
         for (user, _) in &users.slots[..with_events] {
-            self.open_users.insert(user.clone(), ctx.now);
+            self.open_users.insert(user.clone(), ctx.settings.now);
         }
         for user in &idle {
             self.open_users.remove(user);
@@ -481,12 +489,14 @@ mod tests {
         BatchContext {
             detector,
             model: None,
-            idle_timeout: Duration::from_secs(10),
-            close_idle: true,
-            max_events_per_record: 1000,
-            input_topic: "keys.events",
-            now,
-            now_us: 0,
+            settings: BatchSettings {
+                idle_timeout: Duration::from_secs(10),
+                close_idle: true,
+                max_events_per_record: 1000,
+                input_topic: "keys.events",
+                now,
+                now_us: 0,
+            },
         }
     }
 
@@ -598,7 +608,7 @@ mod tests {
         assert_eq!(outcome.idle_closed, 0, "records arriving now make the user active, not idle");
         assert_eq!(task.open_users(), 1);
         let mut no_close = ctx(&mut detector, later + Duration::from_secs(11));
-        no_close.close_idle = false;
+        no_close.settings.close_idle = false;
         let outcome = task.run_batch(&mut no_close, &[], &mut producer).unwrap();
         assert!(!outcome.committed, "without the processor's word, silence closes nothing");
         assert_eq!(task.open_users(), 1);
