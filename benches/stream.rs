@@ -2,10 +2,10 @@
 //! next to a bare rdkafka consumer reading the same topic, in the same run.
 //!
 //! `cargo bench --bench stream` (needs the test broker, see README; `../shared/data` for the
-//! human typing). `STREAM_BENCH_EVENTS` sets the event count (default 1,000,000) and
-//! `STREAM_BENCH_EVENTS_PER_RECORD` the most events per input record (default 50; an agent
-//! sending every 100 ms sends a few); not `METRONOME_*` names, which the `metronome` child
-//! processes would read as configuration.
+//! human typing). `STREAM_BENCH_EVENTS` sets the event count (default 1,000,000). Records are
+//! cut as the agent sends them, every 100 ms of typing or 50 events (1-2 events a record for
+//! human typing); `STREAM_BENCH_EVENTS_PER_RECORD=N` cuts them by count instead, N a record.
+//! Not `METRONOME_*` names, which the `metronome` child processes would read as configuration.
 
 #[allow(dead_code)]
 #[path = "../tests/common/broker.rs"]
@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use metronome::detect::{Detector, DetectorConfig};
 use metronome::keylog::KeylogReader;
 use metronome::lstm::{LstmModel, ReloadingModel};
+use metronome::stream::publish::RecordShape;
 use metronome::stream::{Processor, Shutdown, StreamConfig};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
@@ -28,24 +29,30 @@ fn main() {
     // `cargo bench` passes --bench; `cargo test --benches` runs this too: keep that quick.
     let quick = !std::env::args().any(|a| a == "--bench");
     let target: u64 = env_number("STREAM_BENCH_EVENTS").unwrap_or(if quick { 20_000 } else { 1_000_000 });
-    let per_record = env_number("STREAM_BENCH_EVENTS_PER_RECORD").unwrap_or(50) as usize;
+    let shape = match env_number("STREAM_BENCH_EVENTS_PER_RECORD") {
+        Some(n) => RecordShape::by_count(n as usize),
+        None => RecordShape::agent(50),
+    };
     let broker = broker::Broker::start();
     broker.create_topics(&["events"], PARTITIONS);
     let dir = tempfile::tempdir().unwrap();
 
     let keylog = dir.path().join("sim.csv");
-    // Aalto users type about 2,000 events each; 20 % macro users at 400 presses.
-    broker::simulate_keylog(&keylog, (target / 1_800).max(10), &["--macro-share", "0.2", "--macro-presses", "400"]);
+    // Simulated users average about 1,330 events (humans replay Aalto sessions, 20 % are macro
+    // users at 400 presses): enough users for at least the target.
+    broker::simulate_keylog(&keylog, (target / 1_300).max(10), &["--macro-share", "0.2", "--macro-presses", "400"]);
     let props = BTreeMap::from([("bootstrap.servers".to_owned(), broker.bootstrap.clone())]);
     let producer = metronome::stream::publish::producer(&props).unwrap();
-    let published = metronome::stream::publish::publish_keylog(
-        &producer,
-        "events",
-        KeylogReader::open(&keylog).unwrap(),
-        per_record,
-    )
-    .unwrap();
-    eprintln!("published {} events of {} users as {} records", published.events, published.users, published.records);
+    let published =
+        metronome::stream::publish::publish_keylog(&producer, "events", KeylogReader::open(&keylog).unwrap(), shape)
+            .unwrap();
+    eprintln!(
+        "published {} events of {} users as {} records ({:.2} events a record; {shape:?})",
+        published.events,
+        published.users,
+        published.records,
+        published.events as f64 / published.records as f64
+    );
 
     let bare_1 = bare_consumer_seconds(&broker, published.records);
     let processor = processor_seconds(&broker, &props, dir.path().join("state"));
@@ -75,10 +82,20 @@ fn env_number(name: &str) -> Option<u64> {
 
 /// Reads every record of the topic once; seconds from assignment to the last record. (Not to
 /// the end-of-partition events: the broker answers a fetch at the end only after the fetch wait,
-/// 500 ms, which would be counted against the bare consumer.)
+/// 500 ms, which would be counted against the bare consumer.) The consumer knows the topic's
+/// leaders before the clock starts, as the processor's does once its tasks are ready: a client
+/// assigned partitions whose leader it has not looked up yet retries the offset lookup only
+/// after 500 ms, which would be counted against the bare consumer too. Its fetch queue pauses as
+/// briefly as the processor's consumer's (with librdkafka's default, 1 s, both sat idle).
 fn bare_consumer_seconds(broker: &broker::Broker, records: u64) -> f64 {
-    let consumer: BaseConsumer =
-        broker.config().set("group.id", "bench-bare").set("enable.auto.commit", "false").create().unwrap();
+    let consumer: BaseConsumer = broker
+        .config()
+        .set("group.id", "bench-bare")
+        .set("enable.auto.commit", "false")
+        .set("fetch.queue.backoff.ms", metronome::stream::kafka::FETCH_QUEUE_BACKOFF_MS)
+        .create()
+        .unwrap();
+    consumer.fetch_metadata(Some("events"), Duration::from_secs(10)).unwrap();
     let mut tpl = TopicPartitionList::new();
     for p in 0..PARTITIONS {
         tpl.add_partition_offset("events", p, Offset::Beginning).unwrap();
@@ -128,7 +145,7 @@ fn processor_seconds(broker: &broker::Broker, props: &BTreeMap<String, String>, 
         std::thread::sleep(Duration::from_millis(5));
     }
     let started = Instant::now();
-    broker.wait_fully_committed(&group, "events");
+    broker.wait_fully_committed_every(&group, "events", Duration::from_millis(5));
     let secs = started.elapsed().as_secs_f64();
     shutdown.trigger();
     let summary = handle.join().unwrap().expect("processor run");

@@ -66,9 +66,13 @@ enum Command {
         /// Topic (else `stream.input_topic`).
         #[arg(long)]
         topic: Option<String>,
-        /// Events per record.
+        /// Most events per record.
         #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10_000))]
         batch_events: u32,
+        /// Most event time a record spans, milliseconds, as an agent sending every ~100 ms does
+        /// (0: cut by --batch-events alone).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(0..=3_600_000))]
+        batch_ms: u32,
     },
     /// Score a keylog CSV (plain or gzip, `-` for stdin) through the detection core; JSON lines
     /// on stdout, summary on stderr.
@@ -184,10 +188,14 @@ fn run(cli: Cli) -> Result<(), String> {
             eprintln!("metronome: {alerts} alerts read from {topic} ({bad} undecodable)");
             Ok(())
         }
-        Command::Publish { input, bootstrap_servers, topic, batch_events } => {
+        Command::Publish { input, bootstrap_servers, topic, batch_events, batch_ms } => {
             let config = with_bootstrap(config, bootstrap_servers);
             let topic = topic.unwrap_or(config.stream.input_topic.clone());
-            run_publish(&config, &input, &topic, batch_events as usize)
+            let shape = stream::publish::RecordShape {
+                max_events: batch_events as usize,
+                span_us: i64::from(batch_ms) * 1_000,
+            };
+            run_publish(&config, &input, &topic, shape)
         }
         Command::Simulate { humans, output, users, macro_share, families, mixed, macro_presses, seed } => {
             let plan = SimulationPlan {
@@ -270,11 +278,11 @@ async fn wait_for_termination() {
     }
 }
 
-fn run_publish(config: &Config, input: &Path, topic: &str, batch_events: usize) -> Result<(), String> {
+fn run_publish(config: &Config, input: &Path, topic: &str, shape: stream::publish::RecordShape) -> Result<(), String> {
     let producer = stream::publish::producer(&config.kafka).map_err(|e| format!("kafka producer: {e}"))?;
     let reader = KeylogReader::open(input).map_err(|e| e.to_string())?;
     let started = Instant::now();
-    let summary = stream::publish::publish_keylog(&producer, topic, reader, batch_events).map_err(|e| e.to_string())?;
+    let summary = stream::publish::publish_keylog(&producer, topic, reader, shape).map_err(|e| e.to_string())?;
     eprintln!(
         "metronome: published {} events of {} users as {} records to {topic} in {:.2}s",
         summary.events,

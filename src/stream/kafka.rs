@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use metronome_state::{Store, WriteBatch};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -26,6 +26,9 @@ use super::task::{self, Checkpoint, ProducerError, TaskError};
 
 /// How long a single broker round trip may take before the processor gives up on it.
 pub const BROKER_TIMEOUT: Duration = Duration::from_secs(30);
+/// The input consumer's pause before fetching again once its queue is full (`[kafka]` may set
+/// `fetch.queue.backoff.ms` itself).
+pub const FETCH_QUEUE_BACKOFF_MS: &str = "10";
 
 /// Why the Kafka edge failed. Messages carry client errors and names, never record content.
 #[derive(Debug, thiserror::Error)]
@@ -89,7 +92,14 @@ impl Clients {
 
     /// The group consumer of the input topic.
     pub fn consumer(&self, log: Arc<RebalanceLog>) -> Result<BaseConsumer<GroupContext>, KafkaEdgeError> {
-        self.base("consumer")
+        let mut config = self.base("consumer");
+        if !self.properties.contains_key("fetch.queue.backoff.ms") {
+            // The processor drains its fetch queue a batch at a time. Once the queue had filled,
+            // librdkafka's default (1 s) kept it from fetching again while the batch was
+            // processed, and the next batch then waited for records the broker had ready.
+            config.set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS);
+        }
+        config
             .set("group.id", &self.cfg.application_id)
             .set("partition.assignment.strategy", "cooperative-sticky")
             .set("enable.auto.commit", "false")
@@ -429,6 +439,24 @@ fn txn_error(e: KafkaError) -> ProducerError {
 }
 
 impl TxProducer {
+    /// Waits until every record sent so far is acknowledged. rdkafka's own `flush` (which
+    /// `commit_transaction` calls first) serves delivery reports in polls that last their whole
+    /// 100 ms slice however soon the reports arrive: every transaction waited 100 ms for nothing.
+    /// This serves them in 1 ms slices, so the commit's own flush finds nothing left to wait for.
+    fn flush_promptly(&self) -> Result<(), ProducerError> {
+        let deadline = Instant::now() + BROKER_TIMEOUT;
+        loop {
+            // A zero-timeout flush also tells librdkafka to send what lingers, now.
+            match self.producer.flush(Duration::ZERO) {
+                Ok(()) => return Ok(()),
+                Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut)) if Instant::now() < deadline => {
+                    self.producer.poll(Duration::from_millis(1));
+                }
+                Err(e) => return Err(txn_error(e)),
+            }
+        }
+    }
+
     /// Sets the group metadata offsets are committed under (refresh it before every batch: it
     /// carries the group generation that fences a stale member).
     pub fn set_group(&mut self, group: Option<ConsumerGroupMetadata>) {
@@ -490,6 +518,7 @@ impl task::TaskProducer for TxProducer {
                     .group
                     .as_ref()
                     .ok_or_else(|| ProducerError::Abortable("no consumer group metadata yet".into()))?;
+                self.flush_promptly()?;
                 self.producer.send_offsets_to_transaction(&offsets, group, BROKER_TIMEOUT).map_err(txn_error)?;
                 self.producer.commit_transaction(BROKER_TIMEOUT).map_err(txn_error)?;
                 if self.producer.context().failed.load(Ordering::Relaxed) > 0 {
@@ -500,7 +529,7 @@ impl task::TaskProducer for TxProducer {
             Mode::AtLeastOnce(consumer) => {
                 // Everything acknowledged first, then the position: a crash between the two
                 // repeats the batch, never skips it.
-                self.producer.flush(BROKER_TIMEOUT).map_err(txn_error)?;
+                self.flush_promptly()?;
                 if self.producer.context().failed.load(Ordering::Relaxed) > 0 {
                     return Err(ProducerError::Abortable("records failed delivery; the batch is repeated".into()));
                 }

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use metronome_state::{RocksResources, RocksStore};
@@ -374,23 +374,25 @@ impl Processor {
             return Ok(());
         }
         let threads = cfg.task_threads().min(due.len());
-        let results = if threads <= 1 {
+        let mut results = if threads <= 1 {
             let model = self.model.as_mut().map(|m| m as &mut dyn SequenceScorer);
-            run_lane(&mut self.detector, model, due, &settings)
+            let mut due = due.into_iter();
+            run_lane(&mut self.detector, model, || due.next(), &settings)
         } else {
-            let mut lanes: Vec<Vec<(i32, &mut Assigned)>> = (0..threads).map(|_| Vec::new()).collect();
-            for (i, task) in due.into_iter().enumerate() {
-                lanes[i % threads].push(task);
-            }
+            // Largest batch first, each thread taking the next task when it is done with one:
+            // partitions differ in size, and a fixed split leaves a thread idle at the end.
+            let mut due = due;
+            due.sort_by_key(|(_, a)| std::cmp::Reverse(a.pending.len()));
+            let queue = Mutex::new(due.into_iter());
+            let next = || queue.lock().unwrap_or_else(|p| p.into_inner()).next();
             let (detector, model) = (&self.detector, self.model.as_ref().map(ReloadingModel::current));
             std::thread::scope(|scope| {
-                let workers: Vec<_> = lanes
-                    .into_iter()
-                    .map(|lane| {
+                let workers: Vec<_> = (0..threads)
+                    .map(|_| {
                         let (mut detector, mut model, settings) = (detector.clone(), model.cloned(), &settings);
                         scope.spawn(move || {
                             let model = model.as_mut().map(|m| m as &mut dyn SequenceScorer);
-                            run_lane(&mut detector, model, lane, settings)
+                            run_lane(&mut detector, model, next, settings)
                         })
                     })
                     .collect();
@@ -404,6 +406,7 @@ impl Processor {
                 results
             })
         };
+        results.sort_by_key(|(partition, _)| *partition);
         for (partition, result) in results {
             match result {
                 Ok(outcome) => {
@@ -439,15 +442,16 @@ impl Processor {
     }
 }
 
-/// Runs the batches of `lane`'s tasks one after another with one detector and model.
-fn run_lane(
+/// Runs the batches of the tasks `next` hands out, one after another, with one detector and
+/// model.
+fn run_lane<'a>(
     detector: &mut Detector,
     mut model: Option<&mut (dyn SequenceScorer + 'static)>,
-    lane: Vec<(i32, &mut Assigned)>,
+    mut next: impl FnMut() -> Option<(i32, &'a mut Assigned)>,
     settings: &BatchSettings<'_>,
 ) -> Vec<(i32, Result<BatchOutcome, TaskError>)> {
-    let mut results = Vec::with_capacity(lane.len());
-    for (partition, assigned) in lane {
+    let mut results = Vec::new();
+    while let Some((partition, assigned)) = next() {
         let records = std::mem::take(&mut assigned.pending);
         let model: Option<&mut dyn SequenceScorer> = match &mut model {
             Some(m) => Some(&mut **m),

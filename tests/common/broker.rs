@@ -142,8 +142,18 @@ impl Broker {
 
     /// Waits until `group` has committed every partition of `topic` up to its end offset.
     pub fn wait_fully_committed(&self, group: &str, topic: &str) {
+        self.wait_fully_committed_every(group, topic, Duration::from_millis(100));
+    }
+
+    /// [`Broker::wait_fully_committed`], checking every `interval` (the benchmark times the
+    /// commit itself, not the next check after it).
+    pub fn wait_fully_committed_every(&self, group: &str, topic: &str, interval: Duration) {
         let ends = self.end_offsets(topic);
-        let consumer: BaseConsumer = self.config().set("group.id", group).create().unwrap();
+        // While a transaction's offsets are pending the broker answers "unstable", and
+        // librdkafka asks again after retry.backoff.ms (100 ms by default): the wait would
+        // report a commit up to 100 ms late.
+        let consumer: BaseConsumer =
+            self.config().set("group.id", group).set("retry.backoff.ms", "5").create().unwrap();
         let deadline = Instant::now() + PATIENCE;
         loop {
             let mut tpl = TopicPartitionList::new();
@@ -159,7 +169,7 @@ impl Broker {
                 return;
             }
             assert!(Instant::now() < deadline, "group {group} did not commit all of {topic} in time");
-            std::thread::sleep(Duration::from_millis(100)); // polling interval of a condition, not synchronisation by time
+            std::thread::sleep(interval); // polling interval of a condition, not synchronisation by time
         }
     }
 
