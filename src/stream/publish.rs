@@ -100,7 +100,7 @@ pub fn publish_keylog(
 ) -> Result<PublishSummary, PublishError> {
     let mut summary = PublishSummary::default();
     let users = cut_records(input, shape, |user, session, events| {
-        for payload in batches_for_user(user, session, events, events.len().max(1)) {
+        for payload in batches_for_user(user, session, events, shape.max_events) {
             send(producer, topic, user.as_bytes(), &payload)?;
             summary.records += 1;
         }
