@@ -140,7 +140,7 @@ fn processor_seconds(broker: &broker::Broker, props: &BTreeMap<String, String>, 
     let stop = shutdown.clone();
     let handle = std::thread::spawn(move || processor.run(&stop));
     let deadline = Instant::now() + Duration::from_secs(600);
-    while status.tasks().len() < PARTITIONS as usize || !status.is_ready() {
+    while status.tasks().len() < PARTITIONS as usize || !status.tasks_restored() {
         assert!(Instant::now() < deadline && !handle.is_finished(), "processor never became ready");
         std::thread::sleep(Duration::from_millis(5));
     }

@@ -11,6 +11,8 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 use crate::detect::{DetectorConfig, InvalidConfig};
+use crate::http::HttpConfig;
+use crate::sink::PostgresConfig;
 use crate::stream::config::{normalise_kafka_properties, StreamConfig};
 
 /// The embedded defaults (`config/default.toml`).
@@ -31,6 +33,12 @@ pub struct Config {
     /// The stream processor (`metronome process`).
     #[serde(default)]
     pub stream: StreamConfig,
+    /// The HTTP server: metrics, health, the alert API.
+    #[serde(default)]
+    pub http: HttpConfig,
+    /// The PostgreSQL sink and the alert API's database.
+    #[serde(default)]
+    pub postgres: PostgresConfig,
     /// librdkafka properties for every Kafka client, passed through unchanged
     /// (`bootstrap.servers`, `security.protocol`, `sasl.*`, `ssl.*`, ...). Numbers and
     /// booleans (`session.timeout.ms = 6000`, or the same from the environment) are taken as
@@ -137,6 +145,8 @@ impl Config {
         let mut config: Config = figment.merge(env).extract().map_err(|e| ConfigError::Parse(one_line(&e)))?;
         config.detector.validate()?;
         config.stream.validate().map_err(ConfigError::Parse)?;
+        config.postgres.validate().map_err(ConfigError::Parse)?;
+        config.http.listen_addr().map_err(ConfigError::Parse)?;
         config.kafka = normalise_kafka_properties(&config.kafka);
         Ok(config)
     }
@@ -161,6 +171,8 @@ mod tests {
         assert_eq!(cfg.model, ModelConfig::default());
         assert_eq!(cfg.model.source(), ModelSource::Embedded);
         assert_eq!(cfg.stream, StreamConfig::default());
+        assert_eq!(cfg.postgres, PostgresConfig::default());
+        assert_eq!(cfg.http, HttpConfig::default());
         assert_eq!(cfg.kafka.get("bootstrap.servers").map(String::as_str), Some("localhost:9092"));
     }
 

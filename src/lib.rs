@@ -8,6 +8,7 @@
 //!                                                      +--> [keys.alerts]   (one transaction
 //!                                                      +--> [keys.dlq]       per task per batch
 //!                                                      +--> [<app>-user-state-changelog] + offsets)
+//!  [keys.alerts] --> sink: one PostgreSQL transaction per batch (alerts + offsets) --> alerts
 //!  keylog CSV --> `metronome score` ----------- the same detect core ----> JSON lines
 //! ```
 //!
@@ -24,15 +25,22 @@
 //! - [`lstm`]: the LSTM window scorer (tract-onnx), its manifest and hot reload.
 //! - [`stream`]: `metronome process`, the Kafka processor: tasks, RocksDB state, changelogs,
 //!   exactly-once transactions, dead letters.
+//! - [`sink`]: the PostgreSQL sink of the alert topic, exactly once (`metronome sink-postgres`,
+//!   and inside `metronome process`).
+//! - [`metrics`]: the Prometheus registry and the typed events that feed it.
+//! - [`http`]: `/metrics`, `/healthz`, `/readyz` and the alert API (warp).
 
 pub mod config;
 pub mod dataset;
 pub mod detect;
 pub mod event;
+pub mod http;
 pub mod keylog;
 pub mod lstm;
 pub mod macrogen;
+pub mod metrics;
 pub mod proto;
 pub mod score;
 pub mod simulate;
+pub mod sink;
 pub mod stream;

@@ -9,11 +9,14 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use metronome::config::{Config, ModelSource};
 use metronome::detect::{Detector, SequenceScorer};
+use metronome::http::{AlertDb, ApiState, BrokerProbe, HttpConfig, Readiness, UserApi};
 use metronome::keylog::{self, KeylogReader, KeylogWriter};
 use metronome::lstm::{LstmModel, ReloadingModel};
 use metronome::macrogen::MacroFamily;
 use metronome::score::{self, BadRows, OutputSelection, ScoreError};
 use metronome::simulate::{self, SimulationPlan};
+use metronome::sink::{PgTarget, PostgresSink};
+use metronome::stream::directory::DirectoryReader;
 use metronome::stream::{self, Processor, Shutdown};
 
 /// Catches users whose keyboards are driven by macros.
@@ -43,6 +46,22 @@ enum Command {
         /// This instance's name in the group (else `stream.instance_id`, else the host name).
         #[arg(long)]
         instance_id: Option<String>,
+        /// PostgreSQL for the alert sink (else `postgres.url`; METRONOME_POSTGRES__URL).
+        #[arg(long)]
+        postgres_url: Option<String>,
+        /// Do not run the PostgreSQL sink in this process (run `metronome sink-postgres`).
+        #[arg(long)]
+        no_sink: bool,
+    },
+    /// Write committed alerts from the alert topic to PostgreSQL, exactly once (the sink
+    /// `metronome process` runs by default, alone). Stops cleanly on SIGTERM or Ctrl-C.
+    SinkPostgres {
+        /// Kafka bootstrap servers (else from the configuration).
+        #[arg(long)]
+        bootstrap_servers: Option<String>,
+        /// PostgreSQL URL (else `postgres.url`).
+        #[arg(long)]
+        postgres_url: Option<String>,
     },
     /// Print committed alerts from the alert topic as JSON lines, from the beginning, until none
     /// arrives for `--idle-exit-s` seconds.
@@ -166,8 +185,11 @@ fn run(cli: Cli) -> Result<(), String> {
             }
             run_score(config, &input, skip_bad_rows, alerts_only)
         }
-        Command::Process { bootstrap_servers, state_dir, instance_id } => {
-            let mut config = with_bootstrap(config, bootstrap_servers);
+        Command::Process { bootstrap_servers, state_dir, instance_id, postgres_url, no_sink } => {
+            let mut config = with_postgres(with_bootstrap(config, bootstrap_servers), postgres_url)?;
+            if no_sink {
+                config.postgres.sink_in_process = false;
+            }
             if let Some(dir) = state_dir {
                 config.stream.state_dir = dir;
             }
@@ -175,6 +197,10 @@ fn run(cli: Cli) -> Result<(), String> {
                 config.stream.instance_id = id;
             }
             run_process(config)
+        }
+        Command::SinkPostgres { bootstrap_servers, postgres_url } => {
+            let config = with_postgres(with_bootstrap(config, bootstrap_servers), postgres_url)?;
+            run_sink(config)
         }
         Command::Alerts { bootstrap_servers, idle_exit_s } => {
             let config = with_bootstrap(config, bootstrap_servers);
@@ -220,6 +246,93 @@ fn with_bootstrap(mut config: Config, servers: Option<String>) -> Config {
     config
 }
 
+/// `--postgres-url` wins over `postgres.url`; checked here so a bad one is one line at start-up.
+fn with_postgres(mut config: Config, url: Option<String>) -> Result<Config, String> {
+    if let Some(url) = url {
+        config.postgres.url = url;
+        config.postgres.validate()?;
+    }
+    Ok(config)
+}
+
+fn sink_of(config: &Config) -> Result<PostgresSink, String> {
+    PostgresSink::new(
+        config.postgres.clone(),
+        config.kafka.clone(),
+        &config.stream.alerts_topic,
+        &config.stream.application_id,
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// `http.advertised_url`, else `http://<listen ip or host name>:<bound port>`.
+fn advertised_url(http: &HttpConfig, bound: std::net::SocketAddr, host: &str) -> String {
+    if !http.advertised_url.is_empty() {
+        return http.advertised_url.clone();
+    }
+    if bound.ip().is_unspecified() {
+        format!("http://{host}:{}", bound.port())
+    } else {
+        format!("http://{bound}")
+    }
+}
+
+/// Starts the HTTP server when `[http]` enables it; it stops when `stop` fires.
+async fn start_http(
+    http: &HttpConfig,
+    state: ApiState,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) -> Result<Option<(tokio::task::JoinHandle<()>, std::net::SocketAddr)>, String> {
+    if !http.enabled {
+        return Ok(None);
+    }
+    let addr = http.listen_addr()?;
+    let (bound, server) = metronome::http::serve(addr, state, async move {
+        let _ = stop.await;
+    })
+    .await
+    .map_err(|e| format!("http: cannot listen on {addr}: {e}"))?;
+    tracing::info!(%bound, "http serving /, /metrics, /healthz, /readyz, /api/alerts, /api/users");
+    Ok(Some((tokio::spawn(server), bound)))
+}
+
+fn run_sink(config: Config) -> Result<(), String> {
+    let sink = sink_of(&config)?;
+    let http = config.http.clone();
+    let state = ApiState {
+        token: http.token(),
+        readiness: Readiness::default(),
+        alerts: PgTarget::parse(&config.postgres.url).ok().map(AlertDb::new),
+        users: None,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))?;
+    runtime.block_on(async move {
+        let shutdown = Shutdown::new();
+        let on_signal = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_termination().await;
+            on_signal.trigger();
+        });
+        let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = start_http(&http, state, http_stopped).await?;
+        let result = sink.run(shutdown).await;
+        let _ = stop_http.send(());
+        if let Some((server, _)) = server {
+            let _ = server.await;
+        }
+        let summary = result.map_err(|e| e.to_string())?;
+        eprintln!(
+            "metronome: postgres sink wrote {} alerts in {} transactions ({} duplicates refused, {} dead letters, {} retries)",
+            summary.writes.written, summary.batches, summary.writes.duplicates, summary.writes.dead_letters, summary.retries
+        );
+        Ok(())
+    })
+}
+
 fn load_model(config: &Config) -> Result<Option<LstmModel>, String> {
     Ok(match config.model.source() {
         ModelSource::Embedded => Some(LstmModel::embedded().map_err(|e| e.to_string())?),
@@ -234,10 +347,17 @@ fn run_process(config: Config) -> Result<(), String> {
         ModelSource::Manifest(path) => Some(ReloadingModel::load(&path).map_err(|e| e.to_string())?),
         _ => load_model(&config)?.map(ReloadingModel::fixed),
     };
+    let sink = if config.postgres.sink_in_process { Some(sink_of(&config)?) } else { None };
     let idle = Duration::from_millis(u64::from(config.detector.window.idle_timeout_ms));
     let reload = Duration::from_secs(config.model.reload_check_s.max(1));
+    let http = config.http.clone();
+    let alerts_db = PgTarget::parse(&config.postgres.url).ok().map(AlertDb::new);
+    let kafka = config.kafka.clone();
+    let instances_topic = config.stream.instances_topic();
+    let host = config.stream.instance_name();
     let processor =
         Processor::new(config.stream, config.kafka, detector, idle, model, reload).map_err(|e| e.to_string())?;
+    let (status, queries) = (processor.status(), processor.queries());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -251,10 +371,56 @@ fn run_process(config: Config) -> Result<(), String> {
             tracing::info!("termination requested: finishing the batch in hand");
             on_signal.trigger();
         });
-        let summary = tokio::task::spawn_blocking(move || processor.run(&shutdown))
+        let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+        let directory = match DirectoryReader::start(&kafka, &instances_topic) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read instance announcements: user queries will not be redirected");
+                None
+            }
+        };
+        let state = ApiState {
+            token: http.token(),
+            readiness: Readiness {
+                status: Some(status),
+                broker: Some(BrokerProbe::new(&kafka, Duration::from_secs(2))?),
+            },
+            alerts: alerts_db,
+            users: Some(UserApi { queries, directory }),
+        };
+        let server = start_http(&http, state, http_stopped).await?;
+        let processor = match &server {
+            Some((_, bound)) => processor.with_advertised_url(&advertised_url(&http, *bound, &host)),
+            None => processor,
+        };
+        let sink = sink.map(|s| {
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                let result = s.run(stop).await;
+                if let Err(e) = &result {
+                    tracing::error!(error = %e, "postgres sink stopped");
+                }
+                result
+            })
+        });
+        let for_processor = shutdown.clone();
+        let processed = tokio::task::spawn_blocking(move || processor.run(&for_processor))
             .await
-            .map_err(|e| format!("processor thread failed: {e}"))?
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| format!("processor thread failed: {e}"));
+        // The processor stopped (asked to, or failed): the sink and the server stop with it.
+        shutdown.trigger();
+        let _ = stop_http.send(());
+        if let Some((server, _)) = server {
+            let _ = server.await;
+        }
+        if let Some(sink) = sink {
+            match sink.await {
+                Ok(Ok(s)) => eprintln!("metronome: postgres sink wrote {} alerts", s.writes.written),
+                Ok(Err(e)) => eprintln!("metronome: postgres sink failed: {e}"),
+                Err(e) => eprintln!("metronome: postgres sink task failed: {e}"),
+            }
+        }
+        let summary = processed?.map_err(|e| e.to_string())?;
         eprintln!(
             "metronome: processed {} records ({} events): {} alerts, {} dead letters, {} commits, {} aborts",
             summary.records, summary.events, summary.alerts, summary.dead_letters, summary.commits, summary.aborts

@@ -9,7 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::histogram::{densest_span, lattice_step, lattice_step_sorted};
+use super::histogram::{densest_span, lattice_step, lattice_step_sorted, IntervalHistogram};
 use super::window::{repeats_after, Press};
 
 /// Feature extraction settings.
@@ -149,6 +149,12 @@ impl WindowFeatures {
 
 const MAD_TO_SIGMA: f64 = 1.4826;
 const US_PER_MS: f64 = 1000.0;
+
+/// The rhythm intervals of the window `scratch` last held (after [`extract`]) in bins of
+/// `bin_ms`.
+pub fn interval_histogram(scratch: &Scratch, bin_ms: f64) -> IntervalHistogram {
+    IntervalHistogram::of(&scratch.intervals, bin_ms)
+}
 
 /// Computes the features of `presses` (oldest first).
 pub fn extract(presses: &[Press], cfg: &FeatureConfig, scratch: &mut Scratch) -> WindowFeatures {

@@ -11,6 +11,33 @@
 //! - Auto-repeat: held keys produce presses 30 ms apart; [`crate::detect::window`] removes them
 //!   before intervals are taken.
 
+/// A window's rhythm intervals counted in fixed bins from 0: what security staff see drawn.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct IntervalHistogram {
+    /// Bin width, milliseconds.
+    pub bin_ms: f64,
+    /// `counts[i]`: intervals in `[i * bin_ms, (i + 1) * bin_ms)`, up to the longest interval.
+    pub counts: Vec<u32>,
+}
+
+impl IntervalHistogram {
+    /// Counts `intervals_us` in bins of `bin_ms` (a non-positive width counts nothing).
+    pub fn of<T: Copy + Into<i64>>(intervals_us: &[T], bin_ms: f64) -> Self {
+        let bin_us = (bin_ms * 1000.0).round() as i64;
+        let mut counts = Vec::new();
+        if bin_us > 0 {
+            for &i in intervals_us {
+                let bin = (i.into().max(0) / bin_us) as usize;
+                if counts.len() <= bin {
+                    counts.resize(bin + 1, 0);
+                }
+                counts[bin] += 1;
+            }
+        }
+        Self { bin_ms, counts }
+    }
+}
+
 /// The original system's score: share of intervals in the most common 10 ms rounded bin.
 /// Kept as the baseline the robust score is measured against.
 pub fn naive_bin_share(intervals_us: &[i64], bin_us: i64) -> f64 {
@@ -151,6 +178,15 @@ fn on_lattice<T: Copy + Into<i64>>(groups: &[&[T]], step: i64, count: usize) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn interval_histogram_counts_every_interval_in_its_bin() {
+        let h = IntervalHistogram::of(&[0i64, 9_999, 10_000, 95_000, 95_500], 10.0);
+        assert_eq!(h.counts, vec![2, 1, 0, 0, 0, 0, 0, 0, 0, 2]);
+        assert_eq!(h.counts.iter().sum::<u32>(), 5);
+        assert!(IntervalHistogram::of(&[5i64], 0.0).counts.is_empty());
+        assert!(IntervalHistogram::of::<i64>(&[], 10.0).counts.is_empty());
+    }
     use proptest::prelude::*;
 
     #[test]

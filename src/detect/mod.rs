@@ -130,6 +130,43 @@ impl UserState {
     pub fn has_open_window(&self) -> bool {
         self.reorder.pending_len() > 0 || !self.scored.window.is_empty()
     }
+
+    /// What an interactive query shows: sizes and event times, never keys or intervals.
+    pub fn summary(&self) -> UserSummary {
+        let (first, last) = self.scored.window.ends();
+        let policy = &self.scored.policy;
+        UserSummary {
+            window_presses: self.scored.window.len(),
+            window_first_us: first.map(|p| p.down_us),
+            window_last_us: last.map(|p| p.down_us),
+            held_events: self.reorder.pending_len(),
+            late_events: self.late_events(),
+            incident_opened_us: policy.incident().map(|i| i.opened_us),
+            incident_last_suspicious_us: policy.incident().map(|i| i.last_suspicious_us),
+            alerts_raised: policy.alerts_raised(),
+        }
+    }
+}
+
+/// A user's live state in numbers, for interactive queries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UserSummary {
+    /// Presses in the sliding window.
+    pub window_presses: usize,
+    /// Event time of the window's first press.
+    pub window_first_us: Option<i64>,
+    /// Event time of the window's last press.
+    pub window_last_us: Option<i64>,
+    /// Events waiting in the reordering buffer.
+    pub held_events: usize,
+    /// Events dropped as too late.
+    pub late_events: u64,
+    /// When the open incident began (event time), if one is open.
+    pub incident_opened_us: Option<i64>,
+    /// The open incident's latest suspicious window (event time).
+    pub incident_last_suspicious_us: Option<i64>,
+    /// Alerts raised for this user (one per incident).
+    pub alerts_raised: u64,
 }
 
 /// A scored window.
@@ -149,6 +186,8 @@ pub struct WindowReport {
     pub lstm_score: Option<f64>,
     /// The feature vector.
     pub features: WindowFeatures,
+    /// The window's rhythm intervals in bins of `features.bin_ms`, drawn for staff on alerts.
+    pub interval_histogram: histogram::IntervalHistogram,
     /// Reasons that fired: timing rules, and [`Rule::Lstm`].
     pub fired: RuleSet,
     /// Whether the window counted as suspicious.
@@ -452,6 +491,7 @@ impl Scoring<'_> {
         let (Some(first), Some(last)) = (presses.first(), presses.last()) else { return };
         let (window_start_us, window_end_us) = (first.down_us, last.down_us);
         let features = features::extract(presses, &cfg.features, scratch);
+        let interval_histogram = features::interval_histogram(scratch, cfg.features.bin_ms);
         if let Some(steps) = batch.steps {
             sequence::encode_window(presses, steps, &mut batch.inputs);
         }
@@ -466,6 +506,7 @@ impl Scoring<'_> {
             histogram_score: features.histogram_score,
             lstm_score: None,
             features,
+            interval_histogram,
             fired: timing.fired,
             suspicious: false,
             partial,

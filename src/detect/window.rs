@@ -212,6 +212,11 @@ impl KeyWindow {
         self.presses.len()
     }
 
+    /// The oldest and the newest press.
+    pub fn ends(&self) -> (Option<&Press>, Option<&Press>) {
+        (self.presses.front(), self.presses.back())
+    }
+
     /// True when the window holds no press.
     pub fn is_empty(&self) -> bool {
         self.presses.is_empty()

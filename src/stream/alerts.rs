@@ -30,6 +30,7 @@ pub fn alert_json(a: &proto::Alert) -> serde_json::Value {
         "model_version": a.model_version,
         "detected_at_us": a.detected_at_us,
         "features": features,
+        "interval_histogram": a.interval_histogram.as_ref().map(|h| serde_json::json!({"bin_ms": h.bin_ms, "counts": h.counts})),
     })
 }
 

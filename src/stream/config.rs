@@ -94,6 +94,11 @@ impl StreamConfig {
         format!("{}-{store}-changelog", self.application_id)
     }
 
+    /// The compacted topic where instances announce their partitions and HTTP addresses.
+    pub fn instances_topic(&self) -> String {
+        format!("{}-instances", self.application_id)
+    }
+
     /// The transactional id of the task for `partition`. One per task, so a task that moves to
     /// another process fences its old producer there (a zombie cannot commit).
     pub fn transactional_id(&self, partition: i32) -> String {

@@ -18,11 +18,13 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Con
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::config::{Guarantee, StreamConfig, USER_STATE_STORE};
 use super::records::{OutRecord, OutTopic};
 use super::task::{self, Checkpoint, ProducerError, TaskError};
+use crate::metrics::events::{ConsumerLagObserved, InternalEvent};
 
 /// How long a single broker round trip may take before the processor gives up on it.
 pub const BROKER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -81,6 +83,16 @@ impl Clients {
         &self.cfg
     }
 
+    /// The `[kafka]` properties.
+    pub fn properties(&self) -> &BTreeMap<String, String> {
+        &self.properties
+    }
+
+    /// This instance's name.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
     fn base(&self, role: &str) -> ClientConfig {
         let mut c = ClientConfig::new();
         for (k, v) in &self.properties {
@@ -108,7 +120,9 @@ impl Clients {
             .set("auto.offset.reset", "earliest")
             // End-of-partition events tell the processor it has caught up (idle windows).
             .set("enable.partition.eof", "true")
-            .create_with_context(GroupContext { log })
+            // Statistics feed the consumer-lag gauge.
+            .set("statistics.interval.ms", self.properties.get("statistics.interval.ms").map_or("5000", String::as_str))
+            .create_with_context(GroupContext { log, input_topic: self.cfg.input_topic.clone() })
             .map_err(|e| KafkaEdgeError::Config(e.to_string()))
     }
 
@@ -207,6 +221,10 @@ impl Clients {
             }
             None if cfg.create_topics => self.create([(changelog.as_str(), input, true)].into_iter())?,
             None => return Err(KafkaEdgeError::Topics(format!("changelog topic {changelog} does not exist"))),
+        }
+        let instances = cfg.instances_topic();
+        if cfg.create_topics && self.partitions(&instances)?.is_none() {
+            self.create([(instances.as_str(), 1, true)].into_iter())?;
         }
         Ok(input)
     }
@@ -356,6 +374,7 @@ impl RebalanceLog {
 /// The group consumer's context: records assignment changes for the loop.
 pub struct GroupContext {
     log: Arc<RebalanceLog>,
+    input_topic: String,
 }
 
 fn partitions_of(tpl: &TopicPartitionList) -> Vec<i32> {
@@ -370,6 +389,19 @@ impl ClientContext for GroupContext {
             return;
         }
         tracing::error!(%error, reason, "kafka client error");
+    }
+
+    fn stats(&self, statistics: Statistics) {
+        let Some(topic) = statistics.topics.get(&self.input_topic) else { return };
+        for p in topic.partitions.values().filter(|p| p.partition >= 0 && p.desired) {
+            // Under read_committed the end is the last stable offset. The position is what the
+            // loop was handed; the committed offset lives in transactions, not in this client.
+            let end = if p.ls_offset >= 0 { p.ls_offset } else { p.hi_offset };
+            let position = [p.app_offset, p.committed_offset, p.lo_offset].into_iter().find(|&o| o >= 0);
+            if let (true, Some(position)) = (end >= 0, position) {
+                ConsumerLagObserved { partition: p.partition, lag: end - position }.emit();
+            }
+        }
     }
 }
 

@@ -21,6 +21,8 @@
 //! - [`processor`]: the loop that ties them together, rebalances and shutdown.
 //! - [`publish`]: a keylog into the input topic, as agents would send it.
 //! - [`status`]: task phases for readiness.
+//! - [`query`]: interactive user queries, answered by the loop from the owning task.
+//! - [`directory`]: which instance owns which partition, announced on a compacted topic.
 //!
 //! # Consistency
 //! A task's store is written only after its transaction commits, in one atomic batch with a
@@ -31,9 +33,11 @@
 
 pub mod alerts;
 pub mod config;
+pub mod directory;
 pub mod kafka;
 pub mod processor;
 pub mod publish;
+pub mod query;
 pub mod records;
 pub mod status;
 pub mod task;

@@ -14,13 +14,20 @@ use rdkafka::message::Message;
 use rdkafka::Offset;
 
 use super::config::StreamConfig;
+use super::directory::Announcer;
 use super::kafka::{self, Clients, GroupContext, KafkaEdgeError, RebalanceEvent, RebalanceLog, TxProducer};
+use super::query::{self, Lookup, UserQueries, UserView};
 use super::records::InputRecord;
 use super::status::{Status, TaskPhase};
 use super::task::{self, BatchContext, BatchOutcome, BatchSettings, Checkpoint, ProducerError, Task, TaskError};
 use crate::detect::{Detector, SequenceScorer};
 use crate::lstm::{Reload, ReloadingModel};
+use crate::metrics::events::{
+    AlertCommitted, BatchCommitted, InternalEvent, RocksDbSizes, StateRestored, TransactionAborted,
+};
 
+/// How often the RocksDB size gauges are refreshed.
+const STORE_SIZES_EVERY: Duration = Duration::from_secs(5);
 /// How often idle users are looked for when no records arrive.
 const IDLE_CHECK_EVERY: Duration = Duration::from_millis(500);
 
@@ -100,6 +107,10 @@ pub struct Processor {
     idle_timeout: Duration,
     resources: RocksResources,
     status: Arc<Status>,
+    queries: Arc<UserQueries>,
+    /// Where this instance's HTTP API is reachable, announced with its partitions.
+    advertised_url: String,
+    partitions: i32,
 }
 
 impl Processor {
@@ -123,7 +134,22 @@ impl Processor {
             idle_timeout,
             resources,
             status: Arc::new(Status::default()),
+            queries: Arc::new(UserQueries::default()),
+            advertised_url: String::new(),
+            partitions: 0,
         })
+    }
+
+    /// Announces `url` as this instance's HTTP address with its partitions, so other instances
+    /// can send user queries here.
+    pub fn with_advertised_url(mut self, url: &str) -> Self {
+        self.advertised_url = url.to_owned();
+        self
+    }
+
+    /// The question box for interactive user queries.
+    pub fn queries(&self) -> Arc<UserQueries> {
+        Arc::clone(&self.queries)
     }
 
     /// Live task phases (restoring, running) for readiness reporting.
@@ -136,17 +162,34 @@ impl Processor {
     pub fn run(mut self, shutdown: &Shutdown) -> Result<RunSummary, ProcessError> {
         let cfg = self.clients.stream().clone();
         let partitions = self.clients.ensure_topics()?;
+        self.partitions = partitions;
+        let announcer = match Announcer::new(
+            self.clients.properties(),
+            &cfg.instances_topic(),
+            self.clients.instance(),
+            &self.advertised_url,
+        ) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                tracing::warn!(error = %e, "no instance announcements: user queries cannot be redirected here");
+                None
+            }
+        };
+        let mut announced: Vec<i32> = Vec::new();
         tracing::info!(topic = %cfg.input_topic, partitions, group = %cfg.application_id, "processor starting");
         let log = Arc::new(RebalanceLog::default());
         let consumer = Arc::new(self.clients.consumer(Arc::clone(&log))?);
         consumer
             .subscribe(&[&cfg.input_topic])
             .map_err(|error| KafkaEdgeError::Broker { what: "subscribing to the input", error })?;
+        self.status.set_started(true);
+        self.queries.set_answering(true);
 
         let mut tasks: BTreeMap<i32, Assigned> = BTreeMap::new();
         let mut summary = RunSummary::default();
         let mut last_reload = Instant::now();
         let mut last_idle_check = Instant::now();
+        let mut last_sizes = Instant::now();
         let commit_interval = Duration::from_millis(cfg.commit_interval_ms);
         let result = loop {
             if shutdown.is_triggered() {
@@ -216,6 +259,18 @@ impl Processor {
             if let Err(e) = self.run_batches(&consumer, &mut tasks, check_idle, &mut summary) {
                 break Err(e);
             }
+            let owned: Vec<i32> = tasks.keys().copied().collect();
+            if owned != announced {
+                if let Some(a) = &announcer {
+                    a.announce(&owned);
+                }
+                announced = owned;
+            }
+            self.answer_queries(&tasks);
+            if last_sizes.elapsed() >= STORE_SIZES_EVERY {
+                last_sizes = Instant::now();
+                self.report_store_sizes(&tasks);
+            }
             if last_reload.elapsed() >= self.reload_every {
                 last_reload = Instant::now();
                 self.reload_model();
@@ -228,6 +283,11 @@ impl Processor {
         };
         for (partition, assigned) in std::mem::take(&mut tasks) {
             close_task(partition, assigned, &self.status);
+        }
+        self.status.set_started(false);
+        self.queries.set_answering(false);
+        if let Some(a) = &announcer {
+            a.announce(&[]);
         }
         consumer.unsubscribe();
         // Serve the revocation the unsubscribe triggers, so the group rebalances right away.
@@ -243,6 +303,44 @@ impl Processor {
             "processor stopped"
         );
         finished.map(|()| summary)
+    }
+
+    /// Answers the user queries asked since the last round, from the owning task's store.
+    fn answer_queries(&self, tasks: &BTreeMap<i32, Assigned>) {
+        for (user, reply) in self.queries.take() {
+            let partition = query::partition_for(user.as_bytes(), self.partitions);
+            let answer = match tasks.get(&partition) {
+                None => Lookup::Elsewhere { partition },
+                Some(assigned) => match assigned.task.user_state(&user) {
+                    Ok(state) => Lookup::Owned(Box::new(UserView {
+                        known: state.is_some(),
+                        state: state.map(|s| s.summary()),
+                        recent_windows: assigned.task.recent_scores(&user),
+                        partition,
+                        instance: self.clients.instance().to_owned(),
+                        user_id: user,
+                    })),
+                    Err(e) => {
+                        tracing::warn!(partition, error = %e, "user query: state unreadable");
+                        Lookup::Unavailable
+                    }
+                },
+            };
+            let _ = reply.send(answer);
+        }
+    }
+
+    fn report_store_sizes(&self, tasks: &BTreeMap<i32, Assigned>) {
+        let mut sizes = RocksDbSizes { block_cache: self.resources.cache_usage_bytes() as u64, ..Default::default() };
+        for assigned in tasks.values() {
+            let store = assigned.task.store();
+            let read = |name: &str| store.property(name).ok().flatten().unwrap_or(0);
+            sizes.memtables += read("rocksdb.cur-size-all-mem-tables");
+            sizes.table_readers += read("rocksdb.estimate-table-readers-mem");
+            sizes.sst_files += read("rocksdb.total-sst-files-size");
+            sizes.live_data += read("rocksdb.estimate-live-data-size");
+        }
+        sizes.emit();
     }
 
     fn reload_model(&mut self) {
@@ -328,6 +426,7 @@ impl Processor {
             tracing::info!(partition, replayed, total, "restoring state from the changelog");
         })?;
         summary.restored += replayed;
+        StateRestored { records: replayed }.emit();
         let checkpoint = Checkpoint { input_offset: committed, changelog_offset: position };
         kafka::write_checkpoint(&mut store, checkpoint).map_err(task_err)?;
         let task = Task::open(partition, store, Instant::now()).map_err(task_err)?;
@@ -416,6 +515,26 @@ impl Processor {
                     for class in &outcome.dead_letters {
                         tracing::warn!(partition, class = class.as_str(), "record sent to the dead-letter topic");
                     }
+                    if outcome.committed {
+                        let now_us = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
+                        let classes: Vec<&'static str> = outcome.dead_letters.iter().map(|c| c.as_str()).collect();
+                        let alerts: Vec<AlertCommitted> = outcome
+                            .alert_times
+                            .iter()
+                            .map(|(scorers, end_us)| AlertCommitted {
+                                scorers: scorers.clone(),
+                                latency_s: (now_us - end_us) as f64 / 1e6,
+                            })
+                            .collect();
+                        BatchCommitted {
+                            records: outcome.records,
+                            events: outcome.events,
+                            dead_letters: &classes,
+                            windows: &outcome.window_scores,
+                            alerts: &alerts,
+                        }
+                        .emit();
+                    }
                     summary.records += outcome.records;
                     summary.events += outcome.events;
                     summary.alerts += outcome.alerts;
@@ -424,12 +543,12 @@ impl Processor {
                 }
                 Err(TaskError::Producer(ProducerError::Abortable(reason))) => {
                     summary.aborts += 1;
+                    TransactionAborted { partition, reason: &reason }.emit();
                     let Some(assigned) = tasks.get_mut(&partition) else { continue };
                     let offset = match assigned.task.checkpoint().input_offset {
                         Some(o) => Offset::Offset(o),
                         None => Offset::Beginning,
                     };
-                    tracing::warn!(partition, %reason, "transaction aborted; rewinding the partition");
                     assigned.at_end = false;
                     consumer
                         .seek(&cfg.input_topic, partition, offset, kafka::BROKER_TIMEOUT)

@@ -203,6 +203,10 @@ pub fn alert_message(user_id: &str, alert: &AlertReport, detected_at_us: i64) ->
         detected_at_us,
         scorers: alert.reasons.scorers().into_iter().map(str::to_owned).collect(),
         timing_score: w.timing_score,
+        interval_histogram: Some(proto::IntervalHistogram {
+            bin_ms: w.interval_histogram.bin_ms,
+            counts: w.interval_histogram.counts.clone(),
+        }),
     }
 }
 

@@ -1,7 +1,10 @@
-//! What each task is doing, shared with whoever reports readiness (logs now, `/readyz` later).
+//! What each task is doing, shared with whoever reports readiness (`/readyz`) and metrics.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+
+use crate::metrics::events::{InternalEvent, TaskPhaseChanged};
 
 /// A task's phase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,15 +24,40 @@ pub enum TaskPhase {
 #[derive(Debug, Default)]
 pub struct Status {
     tasks: Mutex<BTreeMap<i32, TaskPhase>>,
+    /// The processor has set up its topics and joined the group.
+    started: AtomicBool,
 }
 
 impl Status {
     pub(crate) fn set(&self, partition: i32, phase: TaskPhase) {
-        self.lock().insert(partition, phase);
+        let mut tasks = self.lock();
+        tasks.insert(partition, phase);
+        let ratio = match phase {
+            TaskPhase::Restoring { replayed, total } if total > 0 => replayed as f64 / total as f64,
+            TaskPhase::Restoring { .. } => 0.0,
+            TaskPhase::Running => 1.0,
+        };
+        Self::report(&tasks, partition, Some(ratio));
     }
 
     pub(crate) fn remove(&self, partition: i32) {
-        self.lock().remove(&partition);
+        let mut tasks = self.lock();
+        tasks.remove(&partition);
+        Self::report(&tasks, partition, None);
+    }
+
+    pub(crate) fn set_started(&self, started: bool) {
+        self.started.store(started, Ordering::SeqCst);
+    }
+
+    /// Whether the processor has set up its topics and subscribed.
+    pub fn is_started(&self) -> bool {
+        self.started.load(Ordering::SeqCst)
+    }
+
+    fn report(tasks: &BTreeMap<i32, TaskPhase>, partition: i32, restored_ratio: Option<f64>) {
+        let running = tasks.values().filter(|p| **p == TaskPhase::Running).count();
+        TaskPhaseChanged { partition, restored_ratio, restoring: tasks.len() - running, running }.emit();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<i32, TaskPhase>> {
@@ -41,8 +69,8 @@ impl Status {
         self.lock().clone()
     }
 
-    /// Ready: every assigned task has finished restoring.
-    pub fn is_ready(&self) -> bool {
+    /// Every assigned task has finished restoring (true with none assigned).
+    pub fn tasks_restored(&self) -> bool {
         self.lock().values().all(|p| *p == TaskPhase::Running)
     }
 }
@@ -54,12 +82,12 @@ mod tests {
     #[test]
     fn ready_only_when_no_task_restores() {
         let s = Status::default();
-        assert!(s.is_ready());
+        assert!(s.tasks_restored());
         s.set(0, TaskPhase::Restoring { replayed: 1, total: 9 });
         s.set(1, TaskPhase::Running);
-        assert!(!s.is_ready());
+        assert!(!s.tasks_restored());
         s.set(0, TaskPhase::Running);
-        assert!(s.is_ready());
+        assert!(s.tasks_restored());
         s.remove(1);
         assert_eq!(s.tasks().len(), 1);
     }

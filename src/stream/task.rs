@@ -19,8 +19,10 @@ use metronome_state::{keys, Store, StoreError, WriteBatch};
 use prost::Message;
 use serde::{Deserialize, Serialize};
 
+use super::query::{RecentScores, ScoreSample};
 use super::records::{self, DeadLetterClass, InputRecord, OutRecord, OutTopic};
 use crate::detect::{Detector, Output, ScoringBatch, SequenceError, SequenceScorer, UserState};
+use crate::metrics::events::WindowScores;
 
 /// Key namespace of local-only metadata (never in the changelog).
 const NS_META: u8 = 0x00;
@@ -113,6 +115,11 @@ pub struct BatchOutcome {
     pub committed: bool,
     /// The sequence model's failure, if it failed (windows then decided on timing alone).
     pub model_error: Option<SequenceError>,
+    /// Scores of the windows scored, for the score histograms.
+    pub window_scores: Vec<WindowScores>,
+    /// Per alert: the scorers behind it and its window's event time (end), for the alert
+    /// counters and the end-to-end latency.
+    pub alert_times: Vec<(Vec<&'static str>, i64)>,
 }
 
 /// What a batch borrows from the processor.
@@ -151,6 +158,8 @@ pub struct Task<S> {
     checkpoint: Checkpoint,
     /// Users whose window has presses, with when their last event arrived.
     open_users: HashMap<String, Instant>,
+    /// Latest window scores of the users with an open window (not persisted: for queries).
+    recent: HashMap<String, RecentScores>,
 }
 
 /// The store key of `user`'s state.
@@ -206,7 +215,7 @@ impl<S: Store> Task<S> {
     /// still close by idleness after a restart.
     pub fn open(partition: i32, store: S, now: Instant) -> Result<Self, TaskError> {
         let checkpoint = read_checkpoint(&store)?;
-        let mut task = Self { partition, store, checkpoint, open_users: HashMap::new() };
+        let mut task = Self { partition, store, checkpoint, open_users: HashMap::new(), recent: HashMap::new() };
         task.reload_open_users(now)?;
         Ok(task)
     }
@@ -252,6 +261,11 @@ impl<S: Store> Task<S> {
         self.open_users.values().any(|&t| now.saturating_duration_since(t) >= idle_timeout)
     }
 
+    /// The latest window scores of `user` this task scored, oldest first (empty once idle).
+    pub fn recent_scores(&self, user: &str) -> Vec<ScoreSample> {
+        self.recent.get(user).map(RecentScores::to_vec).unwrap_or_default()
+    }
+
     /// The state of `user` as stored (for interactive queries and tests).
     pub fn user_state(&self, user: &str) -> Result<Option<UserState>, TaskError> {
         self.store.get(&user_key(user)?)?.map(|b| decode_state(&b)).transpose()
@@ -272,6 +286,7 @@ impl<S: Store> Task<S> {
         let mut out: Vec<OutRecord> = Vec::new();
         let mut scoring = ScoringBatch::new(ctx.model.as_ref().map(|m| m.steps()));
         let mut outputs: Vec<(usize, Output)> = Vec::new();
+        let mut samples: Vec<(usize, ScoreSample)> = Vec::new();
 
         for record in records {
             match records::decode_record(record, ctx.settings.max_events_per_record) {
@@ -317,8 +332,27 @@ impl<S: Store> Task<S> {
 
         for (slot, output) in &outputs {
             match output {
-                Output::Window(_) => outcome.windows += 1,
+                Output::Window(w) => {
+                    outcome.windows += 1;
+                    samples.push((
+                        *slot,
+                        ScoreSample {
+                            window_end_us: w.window_end_us,
+                            score: w.score as f32,
+                            timing_score: w.timing_score as f32,
+                            histogram_score: w.histogram_score as f32,
+                            lstm_score: w.lstm_score.map(|s| s as f32),
+                        },
+                    ));
+                    outcome.window_scores.push(WindowScores {
+                        combined: w.score,
+                        timing: w.timing_score,
+                        histogram: w.histogram_score,
+                        lstm: w.lstm_score,
+                    });
+                }
                 Output::Alert(alert) => {
+                    outcome.alert_times.push((alert.reasons.scorers(), alert.window.window_end_us));
                     let user = &users.slots[*slot].0;
                     let message = records::alert_message(user, alert, ctx.settings.now_us);
                     out.push(OutRecord {
@@ -357,8 +391,12 @@ impl<S: Store> Task<S> {
         for (user, _) in &users.slots[..with_events] {
             self.open_users.insert(user.clone(), ctx.settings.now);
         }
+        for (slot, sample) in samples {
+            self.recent.entry(users.slots[slot].0.clone()).or_default().push(sample);
+        }
         for user in &idle {
             self.open_users.remove(user);
+            self.recent.remove(user);
         }
         outcome.committed = true;
         Ok(outcome)

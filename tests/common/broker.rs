@@ -283,12 +283,24 @@ impl ProcessorProc {
         cmd.args(["process", "--bootstrap-servers", &broker.bootstrap, "--instance-id", instance])
             .arg("--state-dir")
             .arg(state_dir)
+            // No fixed port to collide on, no sink unless a test asks for one.
+            .env("METRONOME_HTTP__LISTEN", "127.0.0.1:0")
+            .env("METRONOME_POSTGRES__SINK_IN_PROCESS", "false")
             .envs(env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "warn,metronome=info")
             .stdout(Stdio::null())
             .stderr(File::create(&log).unwrap());
         let broker_log = broker.log_dir.path().join("broker.log");
         Self { child: Some(cmd.spawn().expect("starting metronome process")), log, broker_log }
+    }
+
+    /// Where its HTTP server listens, once it has logged it.
+    pub fn http_addr(&mut self) -> String {
+        self.wait_for_log("http serving", 1);
+        let log = self.log();
+        let line = log.lines().find(|l| l.contains("http serving")).unwrap();
+        let addr = line.split("bound=").nth(1).and_then(|r| r.split_whitespace().next()).unwrap();
+        addr.to_owned()
     }
 
     /// The log so far.

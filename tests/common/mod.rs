@@ -16,3 +16,13 @@ pub fn shared_data(name: &str) -> PathBuf {
     path
 }
 pub mod broker;
+pub mod postgres;
+
+/// Polls `condition` until it holds, failing with `what` after the tests' patience.
+pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + broker::PATIENCE;
+    while !condition() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(50)); // polling interval of a condition
+    }
+}

@@ -1,0 +1,308 @@
+//! The SQL side of the sink and of the alert API: writing a batch of alerts with the offsets
+//! after it in one transaction, reading the offsets back, and querying alerts.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, GenericClient};
+
+use crate::proto;
+
+/// One record read from the alert topic.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SinkRecord {
+    /// A decoded alert.
+    Alert {
+        /// Its partition.
+        partition: i32,
+        /// Its offset.
+        offset: i64,
+        /// The alert.
+        alert: Box<proto::Alert>,
+    },
+    /// Bytes that are not an alert: kept in `sink_dead_letters`.
+    Undecodable {
+        /// Its partition.
+        partition: i32,
+        /// Its offset.
+        offset: i64,
+        /// The record's value, as it came.
+        payload: Option<Vec<u8>>,
+    },
+}
+
+impl SinkRecord {
+    /// Decodes the record at `partition`/`offset`.
+    pub fn decode(partition: i32, offset: i64, payload: Option<&[u8]>) -> Self {
+        use prost::Message as _;
+        match payload.map(proto::Alert::decode) {
+            Some(Ok(alert)) if !alert.alert_id.is_empty() => {
+                SinkRecord::Alert { partition, offset, alert: Box::new(alert) }
+            }
+            _ => SinkRecord::Undecodable { partition, offset, payload: payload.map(<[u8]>::to_vec) },
+        }
+    }
+
+    /// The record's partition.
+    pub fn partition(&self) -> i32 {
+        match self {
+            SinkRecord::Alert { partition, .. } | SinkRecord::Undecodable { partition, .. } => *partition,
+        }
+    }
+
+    /// The record's offset.
+    pub fn offset(&self) -> i64 {
+        match self {
+            SinkRecord::Alert { offset, .. } | SinkRecord::Undecodable { offset, .. } => *offset,
+        }
+    }
+}
+
+/// What one write did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct WriteSummary {
+    /// Alerts inserted.
+    pub written: u64,
+    /// Alerts whose id was already there (an at-least-once replay upstream).
+    pub duplicates: u64,
+    /// Undecodable records kept.
+    pub dead_letters: u64,
+    /// Records below the stored offsets (already written by this or another sink): skipped.
+    pub already_written: u64,
+}
+
+/// A test's chance to fail a write where a crash would hurt most: after the rows are in, before
+/// the commit.
+pub type BeforeCommit<'a> = &'a mut (dyn FnMut() -> Result<(), String> + Send);
+
+/// Why a write failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// PostgreSQL failed; the transaction rolled back.
+    #[error("postgres: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// The injected failure (tests).
+    #[error("injected failure: {0}")]
+    Injected(String),
+}
+
+fn time_of(us: i64) -> SystemTime {
+    if us >= 0 {
+        UNIX_EPOCH + Duration::from_micros(us as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_micros(us.unsigned_abs())
+    }
+}
+
+fn micros_of(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_micros() as i64,
+        Err(e) => -(e.duration().as_micros() as i64),
+    }
+}
+
+/// The next offset to write, by partition of `topic`, as stored for `consumer`.
+pub async fn load_offsets(
+    client: &impl GenericClient,
+    consumer: &str,
+    topic: &str,
+) -> Result<BTreeMap<i32, i64>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT partition, next_offset FROM sink_offsets WHERE consumer = $1 AND topic = $2",
+            &[&consumer, &topic],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get::<_, i32>(0), r.get::<_, i64>(1))).collect())
+}
+
+/// Writes `records` (from `topic`) and the offsets after them for `consumer` in one
+/// transaction. Records below the stored offsets, read under a row lock, are skipped, so two
+/// sinks briefly owning one partition, or a sink re-reading after a crash, write nothing twice.
+/// Returns the summary and the new next offsets.
+pub async fn write_batch(
+    client: &mut Client,
+    consumer: &str,
+    topic: &str,
+    records: &[SinkRecord],
+    before_commit: BeforeCommit<'_>,
+) -> Result<(WriteSummary, BTreeMap<i32, i64>), WriteError> {
+    let mut summary = WriteSummary::default();
+    let tx = client.transaction().await?;
+    let partitions: Vec<i32> = {
+        let mut p: Vec<i32> = records.iter().map(SinkRecord::partition).collect();
+        p.sort_unstable();
+        p.dedup();
+        p
+    };
+    let rows = tx
+        .query(
+            "SELECT partition, next_offset FROM sink_offsets
+             WHERE consumer = $1 AND topic = $2 AND partition = ANY($3) FOR UPDATE",
+            &[&consumer, &topic, &partitions],
+        )
+        .await?;
+    let mut next: BTreeMap<i32, i64> = rows.iter().map(|r| (r.get::<_, i32>(0), r.get::<_, i64>(1))).collect();
+    let insert_alert = tx
+        .prepare(
+            "INSERT INTO alerts (alert_id, user_id, window_start, window_end, detected_at, score, timing_score,
+                                 histogram_score, lstm_score, scorers, reasons, model_version, features,
+                                 source_topic, source_partition, source_offset, interval_histogram)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
+             ON CONFLICT (alert_id) DO NOTHING",
+        )
+        .await?;
+    let insert_dead = tx
+        .prepare(
+            "INSERT INTO sink_dead_letters (topic, partition, \"offset\", error_class, payload)
+             VALUES ($1, $2, $3, 'undecodable', $4) ON CONFLICT DO NOTHING",
+        )
+        .await?;
+    for record in records {
+        let (partition, offset) = (record.partition(), record.offset());
+        if next.get(&partition).is_some_and(|&n| offset < n) {
+            summary.already_written += 1;
+            continue;
+        }
+        match record {
+            SinkRecord::Alert { alert, .. } => {
+                let features: serde_json::Map<String, serde_json::Value> = alert
+                    .features
+                    .iter()
+                    .map(|f| (f.name.clone(), serde_json::json!({"value": f.value, "fired": f.fired})))
+                    .collect();
+                let features = serde_json::Value::Object(features);
+                let histogram = alert
+                    .interval_histogram
+                    .as_ref()
+                    .map(|h| serde_json::json!({"bin_ms": h.bin_ms, "counts": h.counts}));
+                let params: [&(dyn ToSql + Sync); 17] = [
+                    &alert.alert_id,
+                    &alert.user_id,
+                    &time_of(alert.window_start_us),
+                    &time_of(alert.window_end_us),
+                    &time_of(alert.detected_at_us),
+                    &alert.score,
+                    &alert.timing_score,
+                    &alert.histogram_score,
+                    &alert.lstm_score,
+                    &alert.scorers,
+                    &alert.reasons,
+                    &alert.model_version,
+                    &features,
+                    &topic,
+                    &partition,
+                    &offset,
+                    &histogram,
+                ];
+                if tx.execute(&insert_alert, &params).await? == 1 {
+                    summary.written += 1;
+                } else {
+                    summary.duplicates += 1;
+                }
+            }
+            SinkRecord::Undecodable { payload, .. } => {
+                tx.execute(&insert_dead, &[&topic, &partition, &offset, payload]).await?;
+                summary.dead_letters += 1;
+            }
+        }
+        next.insert(partition, offset + 1);
+    }
+    for record in records {
+        let n = next.entry(record.partition()).or_insert(0);
+        *n = (*n).max(record.offset() + 1);
+    }
+    for (partition, offset) in &next {
+        tx.execute(
+            "INSERT INTO sink_offsets (consumer, topic, partition, next_offset) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (consumer, topic, partition)
+             DO UPDATE SET next_offset = GREATEST(sink_offsets.next_offset, EXCLUDED.next_offset), updated_at = now()",
+            &[&consumer, &topic, partition, offset],
+        )
+        .await?;
+    }
+    before_commit().map_err(WriteError::Injected)?;
+    tx.commit().await?;
+    Ok((summary, next))
+}
+
+/// Which alerts `GET /api/alerts` returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertQuery {
+    /// Detected at or after, microseconds since the epoch.
+    pub since_us: Option<i64>,
+    /// One user's alerts only.
+    pub user: Option<String>,
+    /// Most rows.
+    pub limit: i64,
+}
+
+/// Alerts matching `query`, newest first, as JSON objects (the alert topic's field names, plus
+/// where each came from).
+pub async fn query_alerts(
+    client: &impl GenericClient,
+    query: &AlertQuery,
+) -> Result<Vec<serde_json::Value>, tokio_postgres::Error> {
+    let since = query.since_us.map(time_of);
+    let rows = client
+        .query(
+            "SELECT alert_id, user_id, window_start, window_end, detected_at, score, timing_score, histogram_score,
+                    lstm_score, scorers, reasons, model_version, features, source_partition, source_offset,
+                    interval_histogram
+             FROM alerts
+             WHERE ($1::timestamptz IS NULL OR detected_at >= $1) AND ($2::text IS NULL OR user_id = $2)
+             ORDER BY detected_at DESC, alert_id
+             LIMIT $3",
+            &[&since, &query.user, &query.limit],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "alert_id": r.get::<_, String>(0),
+                "user_id": r.get::<_, String>(1),
+                "window_start_us": micros_of(r.get(2)),
+                "window_end_us": micros_of(r.get(3)),
+                "detected_at_us": micros_of(r.get(4)),
+                "detected_at": humantime::format_rfc3339_micros(r.get::<_, SystemTime>(4)).to_string(),
+                "score": r.get::<_, f64>(5),
+                "timing_score": r.get::<_, f64>(6),
+                "histogram_score": r.get::<_, f64>(7),
+                "lstm_score": r.get::<_, Option<f64>>(8),
+                "scorers": r.get::<_, Vec<String>>(9),
+                "reasons": r.get::<_, Vec<String>>(10),
+                "model_version": r.get::<_, String>(11),
+                "features": r.get::<_, serde_json::Value>(12),
+                "partition": r.get::<_, i32>(13),
+                "offset": r.get::<_, i64>(14),
+                "interval_histogram": r.get::<_, Option<serde_json::Value>>(15),
+            })
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_round_trip_at_microseconds() {
+        for us in [0, 1, 1_700_000_000_123_456, -5] {
+            assert_eq!(micros_of(time_of(us)), us);
+        }
+    }
+
+    #[test]
+    fn only_alerts_with_an_id_decode_as_alerts() {
+        use prost::Message as _;
+        let alert = proto::Alert { alert_id: "a".into(), user_id: "u".into(), ..Default::default() };
+        let bytes = alert.encode_to_vec();
+        assert!(matches!(SinkRecord::decode(1, 7, Some(&bytes)), SinkRecord::Alert { partition: 1, offset: 7, .. }));
+        assert!(matches!(SinkRecord::decode(0, 1, Some(&[0xff, 0xff])), SinkRecord::Undecodable { .. }));
+        assert!(matches!(SinkRecord::decode(0, 1, None), SinkRecord::Undecodable { payload: None, .. }));
+        // Valid Protobuf that is not an alert (no id) is kept as a dead letter too.
+        assert!(matches!(SinkRecord::decode(0, 1, Some(&[])), SinkRecord::Undecodable { .. }));
+    }
+}
