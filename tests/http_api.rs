@@ -327,9 +327,7 @@ fn a_run_seen_through_metrics_the_api_and_the_alert_page() {
     assert!(alerts.len() >= 2, "the run must raise alerts to count: {}", alerts.len());
     let scorer_mentions: usize = alerts.iter().map(|a| a.scorers.len()).sum();
     // The sink writes them all.
-    common::wait_until("the sink to write every alert", || {
-        db.sql("SELECT count(*) FROM alerts").parse::<usize>().unwrap() == alerts.len()
-    });
+    common::wait_until("the sink to write every alert", || db.count("alerts") == alerts.len());
 
     let (status, metrics) = http_get(&addr, "/metrics", None);
     assert_eq!(status, 200);

@@ -66,7 +66,7 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn count(db: &TempDb, table: &str) -> usize {
-    db.sql(&format!("SELECT count(*) FROM {table}")).parse().unwrap()
+    db.count(table)
 }
 
 fn alert_ids(sql: impl Fn(&str) -> String) -> Vec<String> {
@@ -211,7 +211,7 @@ fn postgres_stopped_then_restarted_every_alert_arrives_once() {
     let rt = runtime();
     let shutdown = Shutdown::new();
     let handle = rt.spawn(sink(&cluster.url(), &broker, 10).run(shutdown.clone()));
-    let rows = |c: &PrivateCluster| -> usize { c.sql("SELECT count(*) FROM alerts").parse().unwrap() };
+    let rows = |c: &PrivateCluster| -> usize { c.count("alerts") };
     wait_until("the first 20 alerts", || rows(&cluster) == 20);
     wait_until("the lag gauge at 0", || sink_lag() == 0);
 

@@ -214,28 +214,36 @@ impl PostgresSink {
 
         let linger = Duration::from_millis(self.cfg.batch_linger_ms);
         let lag_every = Duration::from_millis(self.cfg.lag_interval_ms.max(100));
-        let mut last_lag = Instant::now();
+        // The lag gauge is refreshed beside the loop: its broker round trips must not hold up
+        // writes.
+        let lag_stop = StopOnDrop(Shutdown::new());
+        let lag_task = tokio::spawn(report_lag_every(
+            Arc::clone(&consumer),
+            self.topic.clone(),
+            lag_every,
+            [shutdown.clone(), lag_stop.0.clone()],
+        ));
         let mut carried: Vec<SinkRecord> = Vec::new();
         let mut client = Some(client);
         while !shutdown.is_triggered() {
             let mut batch = std::mem::take(&mut carried);
-            let started = Instant::now();
+            // Linger counts from the first record in hand, so a quiet topic does not cut
+            // batches of one.
+            let mut first_at = (!batch.is_empty()).then(Instant::now);
             while batch.len() < self.cfg.batch_max_records && !shutdown.is_triggered() {
-                let wait = if batch.is_empty() {
-                    Duration::from_millis(100)
-                } else {
-                    let left = linger.saturating_sub(started.elapsed());
-                    if left.is_zero() {
-                        break;
+                let wait = match first_at {
+                    None => Duration::from_millis(100),
+                    Some(t) => {
+                        let left = linger.saturating_sub(t.elapsed());
+                        if left.is_zero() {
+                            break;
+                        }
+                        left
                     }
-                    left
                 };
                 if let Some(record) = receive(&consumer, wait).await {
                     batch.push(record);
-                }
-                if last_lag.elapsed() >= lag_every {
-                    last_lag = Instant::now();
-                    report_lag(&consumer, &self.topic).await;
+                    first_at.get_or_insert_with(Instant::now);
                 }
             }
             if batch.is_empty() {
@@ -308,10 +316,6 @@ impl PostgresSink {
                             }
                             // Partitions assigned meanwhile start paused too.
                             set_paused(&consumer, true);
-                            if last_lag.elapsed() >= lag_every {
-                                last_lag = Instant::now();
-                                report_lag(&consumer, &self.topic).await;
-                            }
                         }
                         if shutdown.is_triggered() {
                             tracing::warn!(
@@ -324,6 +328,8 @@ impl PostgresSink {
                 }
             }
         }
+        drop(lag_stop);
+        let _ = lag_task.await;
         consumer.unsubscribe();
         tracing::info!(
             batches = summary.batches,
@@ -437,6 +443,27 @@ fn commit_to_kafka(consumer: &SinkConsumer, topic: &str, next: &BTreeMap<i32, i6
     }
     if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
         tracing::debug!(error = %e, "postgres sink: kafka offset commit failed (PostgreSQL holds the truth)");
+    }
+}
+
+/// Raises its signal when dropped: a helper task stops however the sink's loop ends.
+struct StopOnDrop(Shutdown);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.trigger();
+    }
+}
+
+/// Refreshes the lag gauge every `every` until either signal is raised.
+async fn report_lag_every(consumer: Arc<SinkConsumer>, topic: String, every: Duration, stop: [Shutdown; 2]) {
+    let stopped = || stop.iter().any(Shutdown::is_triggered);
+    while !stopped() {
+        let next = Instant::now() + every;
+        report_lag(&consumer, &topic).await;
+        while Instant::now() < next && !stopped() {
+            tokio::time::sleep(next.saturating_duration_since(Instant::now()).min(Duration::from_millis(100))).await;
+        }
     }
 }
 

@@ -26,6 +26,14 @@ fn psql(url: &str, sql: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// Rows in `table`, 0 when it does not exist (yet: the sink migrates when it starts).
+fn count(sql: impl Fn(&str) -> String, table: &str) -> usize {
+    if sql(&format!("SELECT to_regclass('public.{table}') IS NOT NULL")) != "t" {
+        return 0;
+    }
+    sql(&format!("SELECT count(*) FROM {table}")).parse().expect("a count")
+}
+
 fn unique(prefix: &str) -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
     format!("{prefix}_{}_{nanos}", std::process::id())
@@ -60,6 +68,11 @@ impl TempDb {
     /// Runs `sql`, returning psql's unaligned output.
     pub fn sql(&self, sql: &str) -> String {
         psql(&self.url(""), sql)
+    }
+
+    /// Rows in `table`; 0 while the sink has not created it yet.
+    pub fn count(&self, table: &str) -> usize {
+        count(|q| self.sql(q), table)
     }
 }
 
@@ -219,6 +232,11 @@ impl PrivateCluster {
     /// Runs `sql` in the `metronome` database.
     pub fn sql(&self, sql: &str) -> String {
         psql(&format!("postgresql://postgres@127.0.0.1:{}/metronome", self.port), sql)
+    }
+
+    /// Rows in `table`; 0 while the sink has not created it yet.
+    pub fn count(&self, table: &str) -> usize {
+        count(|q| self.sql(q), table)
     }
 
     fn data(&self) -> String {
