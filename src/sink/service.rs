@@ -208,6 +208,10 @@ impl PostgresSink {
         };
         let consumer = Arc::new(self.consumer()?);
         consumer.context().advance(&starts);
+        // The processor creates the alert topic; subscribing before it exists only logs errors.
+        if !wait_for_topic(&consumer, &self.topic, &shutdown).await {
+            return Ok(summary);
+        }
         consumer
             .subscribe(&[&self.topic])
             .map_err(|error| SinkError::Kafka { what: "subscribing to the alert topic", error })?;
@@ -444,6 +448,30 @@ fn commit_to_kafka(consumer: &SinkConsumer, topic: &str, next: &BTreeMap<i32, i6
     if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
         tracing::debug!(error = %e, "postgres sink: kafka offset commit failed (PostgreSQL holds the truth)");
     }
+}
+
+/// Waits until `topic` has partitions (`false` if told to stop first).
+async fn wait_for_topic(consumer: &Arc<SinkConsumer>, topic: &str, shutdown: &Shutdown) -> bool {
+    let mut logged = false;
+    while !shutdown.is_triggered() {
+        let (c, t) = (Arc::clone(consumer), topic.to_owned());
+        let exists = tokio::task::spawn_blocking(move || {
+            c.fetch_metadata(Some(&t), Duration::from_secs(5))
+                .map(|m| m.topics().iter().any(|x| x.name() == t && x.error().is_none() && !x.partitions().is_empty()))
+                .unwrap_or(false)
+        })
+        .await
+        .unwrap_or(false);
+        if exists {
+            return true;
+        }
+        if !logged {
+            tracing::info!(topic, "postgres sink: waiting for the alert topic to be created");
+            logged = true;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    false
 }
 
 /// Raises its signal when dropped: a helper task stops however the sink's loop ends.
