@@ -8,6 +8,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, GenericClient};
 
 use crate::proto;
+use crate::stream::alerts;
 
 /// One record read from the alert topic.
 #[derive(Debug, Clone, PartialEq)]
@@ -167,16 +168,8 @@ pub async fn write_batch(
         }
         match record {
             SinkRecord::Alert { alert, .. } => {
-                let features: serde_json::Map<String, serde_json::Value> = alert
-                    .features
-                    .iter()
-                    .map(|f| (f.name.clone(), serde_json::json!({"value": f.value, "fired": f.fired})))
-                    .collect();
-                let features = serde_json::Value::Object(features);
-                let histogram = alert
-                    .interval_histogram
-                    .as_ref()
-                    .map(|h| serde_json::json!({"bin_ms": h.bin_ms, "counts": h.counts}));
+                let features = alerts::features_json(&alert.features);
+                let histogram = alert.interval_histogram.as_ref().map(alerts::histogram_json);
                 let params: [&(dyn ToSql + Sync); 17] = [
                     &alert.alert_id,
                     &alert.user_id,

@@ -12,10 +12,19 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::proto;
 
+/// Features as a JSON object: `{"name": {"value": v, "fired": b}}`.
+pub fn features_json(features: &[proto::Feature]) -> serde_json::Value {
+    features.iter().map(|f| (f.name.clone(), serde_json::json!({"value": f.value, "fired": f.fired}))).collect()
+}
+
+/// An interval histogram as JSON: `{"bin_ms": w, "counts": [...]}`.
+pub fn histogram_json(h: &proto::IntervalHistogram) -> serde_json::Value {
+    serde_json::json!({"bin_ms": h.bin_ms, "counts": h.counts})
+}
+
 /// An alert as a JSON object (the same field names as the Protobuf message).
 pub fn alert_json(a: &proto::Alert) -> serde_json::Value {
-    let features: serde_json::Map<String, serde_json::Value> =
-        a.features.iter().map(|f| (f.name.clone(), serde_json::json!({"value": f.value, "fired": f.fired}))).collect();
+    let features = features_json(&a.features);
     serde_json::json!({
         "alert_id": a.alert_id,
         "user_id": a.user_id,
@@ -30,7 +39,7 @@ pub fn alert_json(a: &proto::Alert) -> serde_json::Value {
         "model_version": a.model_version,
         "detected_at_us": a.detected_at_us,
         "features": features,
-        "interval_histogram": a.interval_histogram.as_ref().map(|h| serde_json::json!({"bin_ms": h.bin_ms, "counts": h.counts})),
+        "interval_histogram": a.interval_histogram.as_ref().map(histogram_json),
     })
 }
 

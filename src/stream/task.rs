@@ -392,7 +392,12 @@ impl<S: Store> Task<S> {
             self.open_users.insert(user.clone(), ctx.settings.now);
         }
         for (slot, sample) in samples {
-            self.recent.entry(users.slots[slot].0.clone()).or_default().push(sample);
+            let user = &users.slots[slot].0;
+            // Most windows belong to users already there: no key copy for them.
+            match self.recent.get_mut(user) {
+                Some(recent) => recent.push(sample),
+                None => self.recent.entry(user.clone()).or_default().push(sample),
+            }
         }
         for user in &idle {
             self.open_users.remove(user);
