@@ -305,18 +305,9 @@ fn run_sink(config: Config) -> Result<(), String> {
         alerts: PgTarget::parse(&config.postgres.url).ok().map(AlertDb::new),
         users: None,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .map_err(|e| format!("starting the runtime: {e}"))?;
+    let runtime = service_runtime()?;
     runtime.block_on(async move {
-        let shutdown = Shutdown::new();
-        let on_signal = shutdown.clone();
-        tokio::spawn(async move {
-            wait_for_termination().await;
-            on_signal.trigger();
-        });
+        let shutdown = shutdown_on_signal();
         let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
         let server = start_http(&http, state, http_stopped).await?;
         let result = sink.run(shutdown).await;
@@ -358,19 +349,9 @@ fn run_process(config: Config) -> Result<(), String> {
     let processor =
         Processor::new(config.stream, config.kafka, detector, idle, model, reload).map_err(|e| e.to_string())?;
     let (status, queries) = (processor.status(), processor.queries());
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .map_err(|e| format!("starting the runtime: {e}"))?;
+    let runtime = service_runtime()?;
     runtime.block_on(async move {
-        let shutdown = Shutdown::new();
-        let on_signal = shutdown.clone();
-        tokio::spawn(async move {
-            wait_for_termination().await;
-            tracing::info!("termination requested: finishing the batch in hand");
-            on_signal.trigger();
-        });
+        let shutdown = shutdown_on_signal();
         let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
         let directory = match DirectoryReader::start(&kafka, &instances_topic) {
             Ok(d) => Some(d),
@@ -427,6 +408,27 @@ fn run_process(config: Config) -> Result<(), String> {
         );
         Ok(())
     })
+}
+
+/// The runtime of the long-running commands: one worker (the processor has its own threads).
+fn service_runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))
+}
+
+/// A shutdown signal raised by SIGTERM or Ctrl-C (call inside the runtime).
+fn shutdown_on_signal() -> Shutdown {
+    let shutdown = Shutdown::new();
+    let on_signal = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_termination().await;
+        tracing::info!("termination requested: finishing the work in hand");
+        on_signal.trigger();
+    });
+    shutdown
 }
 
 /// SIGTERM (Kubernetes, systemd) or SIGINT (Ctrl-C).
