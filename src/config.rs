@@ -10,6 +10,7 @@ use figment::providers::{Env, Format, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+use crate::agent::AgentConfig;
 use crate::detect::{DetectorConfig, InvalidConfig};
 use crate::http::HttpConfig;
 use crate::sink::PostgresConfig;
@@ -39,6 +40,9 @@ pub struct Config {
     /// The PostgreSQL sink and the alert API's database.
     #[serde(default)]
     pub postgres: PostgresConfig,
+    /// The capture agent (`metronome agent`).
+    #[serde(default)]
+    pub agent: AgentConfig,
     /// librdkafka properties for every Kafka client, passed through unchanged
     /// (`bootstrap.servers`, `security.protocol`, `sasl.*`, `ssl.*`, ...). Numbers and
     /// booleans (`session.timeout.ms = 6000`, or the same from the environment) are taken as
@@ -129,8 +133,9 @@ pub enum ConfigError {
 impl Config {
     /// Loads defaults, then `file` if given, then the process environment.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        // METRONOME_CONFIG names the file (a flag's environment form), it is not a key.
-        Self::load_with_env(file, Env::prefixed(ENV_PREFIX).split("__").ignore(&["config"]))
+        // METRONOME_CONFIG names the file and METRONOME_POSTGRES_URL is `demo --postgres-url`:
+        // flags' environment forms, not keys.
+        Self::load_with_env(file, Env::prefixed(ENV_PREFIX).split("__").ignore(&["config", "postgres_url"]))
     }
 
     /// As [`Config::load`] with an explicit environment provider (tests pass a fixed one).
@@ -147,6 +152,7 @@ impl Config {
         config.stream.validate().map_err(ConfigError::Parse)?;
         config.postgres.validate().map_err(ConfigError::Parse)?;
         config.http.listen_addr().map_err(ConfigError::Parse)?;
+        config.agent.validate().map_err(ConfigError::Parse)?;
         config.kafka = normalise_kafka_properties(&config.kafka);
         Ok(config)
     }
@@ -173,6 +179,7 @@ mod tests {
         assert_eq!(cfg.stream, StreamConfig::default());
         assert_eq!(cfg.postgres, PostgresConfig::default());
         assert_eq!(cfg.http, HttpConfig::default());
+        assert_eq!(cfg.agent, AgentConfig::default());
         assert_eq!(cfg.kafka.get("bootstrap.servers").map(String::as_str), Some("localhost:9092"));
     }
 

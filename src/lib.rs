@@ -13,10 +13,14 @@
 //! ```
 //!
 //! # Layout
+//! - [`agent`]: `metronome agent`, capture (evdev or a replayed keylog), key pseudonyms, the
+//!   bounded spool and the idempotent producer.
+//! - [`cutting`]: how key events are cut into records (agent, simulator, publish).
 //! - [`event`]: key events as the core sees them.
 //! - [`detect`]: the pure detection core (no I/O): ordering, windows, histogram, features,
 //!   rules, alert policy. Both the offline scorer and the stream processor drive it.
 //! - [`keylog`]: the keylog CSV interchange format (reader and writer, plain or gzip).
+//! - [`humanmodel`]: a parametric model of human typing, when no recording is at hand.
 //! - [`macrogen`]: synthetic macro traffic, the positive class nobody publishes.
 //! - [`config`]: embedded defaults, overridden by a file and `METRONOME_*` variables.
 //! - [`score`]: offline scoring of a keylog file, JSON lines out.
@@ -28,19 +32,26 @@
 //! - [`sink`]: the PostgreSQL sink of the alert topic, exactly once (`metronome sink-postgres`,
 //!   and inside `metronome process`).
 //! - [`metrics`]: the Prometheus registry and the typed events that feed it.
+//! - [`demo`]: `metronome demo`, the whole pipeline on an embedded cluster with simulated users.
+//! - [`service`]: a processor with its HTTP server and sink, as `process` and `demo` run it.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz` and the alert API (warp).
 
+pub mod agent;
 pub mod config;
+pub mod cutting;
 pub mod dataset;
+pub mod demo;
 pub mod detect;
 pub mod event;
 pub mod http;
+pub mod humanmodel;
 pub mod keylog;
 pub mod lstm;
 pub mod macrogen;
 pub mod metrics;
 pub mod proto;
 pub mod score;
+pub mod service;
 pub mod simulate;
 pub mod sink;
 pub mod stream;

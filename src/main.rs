@@ -7,17 +7,18 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use metronome::config::{Config, ModelSource};
+use metronome::agent::capture::DeviceChoice;
+use metronome::agent::{self, Source};
+use metronome::config::Config;
 use metronome::detect::{Detector, SequenceScorer};
-use metronome::http::{AlertDb, ApiState, BrokerProbe, HttpConfig, Readiness, UserApi};
+use metronome::http::{AlertDb, ApiState, Readiness};
 use metronome::keylog::{self, KeylogReader, KeylogWriter};
-use metronome::lstm::{LstmModel, ReloadingModel};
 use metronome::macrogen::MacroFamily;
 use metronome::score::{self, BadRows, OutputSelection, ScoreError};
+use metronome::service::{self, service_runtime, shutdown_on_signal, start_http};
 use metronome::simulate::{self, SimulationPlan};
-use metronome::sink::{PgTarget, PostgresSink};
-use metronome::stream::directory::DirectoryReader;
-use metronome::stream::{self, Processor, Shutdown};
+use metronome::sink::PgTarget;
+use metronome::stream;
 
 /// Catches users whose keyboards are driven by macros.
 #[derive(Debug, Parser)]
@@ -73,6 +74,69 @@ enum Command {
         #[arg(long, default_value_t = 3600)]
         idle_exit_s: u64,
     },
+    /// The whole pipeline on this machine with nothing installed: an embedded Kafka cluster,
+    /// simulated users typing in real time (some switch a macro on), the processor with RocksDB
+    /// state in a temporary directory, the alert page; alerts are printed as they are committed.
+    Demo {
+        /// Simulated users.
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        users: u32,
+        /// Share of users that switch a macro on, 0..1.
+        #[arg(long, default_value_t = 0.3, value_parser = share)]
+        macro_share: f64,
+        /// Keylog of real human typing to replay, or `builtin` for the parametric typing model
+        /// (the default when ../shared/data is not there).
+        #[arg(long, value_name = "FILE|builtin")]
+        humans: Option<String>,
+        /// Seconds each user types at most.
+        #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u64).range(10..=86_400))]
+        typing_s: u64,
+        /// Stop after this many seconds (default: once the traffic is sent and scored).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        duration_s: Option<u64>,
+        /// Where the alert page and metrics are served (port 0: any free port).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// A real Kafka broker instead of the embedded cluster (exactly once there).
+        #[arg(long)]
+        bootstrap_servers: Option<String>,
+        /// Write the alerts to this PostgreSQL database too.
+        #[arg(long, env = "METRONOME_POSTGRES_URL")]
+        postgres_url: Option<String>,
+        /// RNG seed of the simulation.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+    },
+    /// Capture one user's key events from an evdev keyboard (or replay a keylog) and publish them
+    /// as the agent on a player's machine: keys as per-session pseudonyms, a record every ~100
+    /// ms, every record spooled to a bounded file until the broker has it. Stops on SIGTERM or
+    /// Ctrl-C (and at the end of a replay), sending what is spooled for `agent.drain_timeout_s`.
+    Agent {
+        /// Whose keys these are (else `agent.user_id`).
+        #[arg(long)]
+        user: Option<String>,
+        /// The evdev device to read (default: the first keyboard under /dev/input).
+        #[arg(long, value_name = "/dev/input/eventN", conflicts_with = "replay")]
+        device: Option<PathBuf>,
+        /// Replay a keylog CSV (plain or gzip) instead of reading a device.
+        #[arg(long, value_name = "FILE")]
+        replay: Option<PathBuf>,
+        /// The keylog's user to replay (default: its first user).
+        #[arg(long, requires = "replay")]
+        replay_user: Option<String>,
+        /// Replay pace: 1 as recorded, 2 twice as fast, 0 all at once.
+        #[arg(long, default_value_t = 1.0, requires = "replay", value_parser = non_negative)]
+        replay_speed: f64,
+        /// Kafka bootstrap servers (else from the configuration).
+        #[arg(long)]
+        bootstrap_servers: Option<String>,
+        /// Topic (else `agent.topic`, else `stream.input_topic`).
+        #[arg(long)]
+        topic: Option<String>,
+        /// The spool file (else `agent.spool_path`).
+        #[arg(long)]
+        spool: Option<PathBuf>,
+    },
     /// Publish a keylog CSV to the input topic as agents would (KeyEventBatch per user, keyed
     /// by user id, idempotent producer).
     Publish {
@@ -110,14 +174,31 @@ enum Command {
         #[arg(long, value_name = "embedded|none|MANIFEST")]
         model: Option<String>,
     },
-    /// Write synthetic traffic as a keylog CSV: replayed real humans plus macro users.
+    /// Produce synthetic traffic, to Kafka as the users' agents would send it, or to a keylog
+    /// CSV: replayed real humans (or the built-in typing model) plus macro users.
     Simulate {
-        /// Keylog of real human typing to replay and to draw macros from.
-        #[arg(long, default_value = "../shared/data/aalto-a-train.csv.gz")]
-        humans: PathBuf,
-        /// Output file (`-` for stdout).
+        /// Keylog of real human typing to replay and to draw macros from, or `builtin` for the
+        /// parametric typing model (the default when ../shared/data is not there).
+        #[arg(long, value_name = "FILE|builtin")]
+        humans: Option<String>,
+        /// Write a keylog CSV here (`-` for stdout) instead of publishing.
+        #[arg(long, conflicts_with_all = ["bootstrap_servers", "kafka"])]
+        output: Option<PathBuf>,
+        /// Publish to this Kafka broker.
         #[arg(long)]
-        output: PathBuf,
+        bootstrap_servers: Option<String>,
+        /// Publish to the configuration's Kafka (`kafka."bootstrap.servers"`).
+        #[arg(long)]
+        kafka: bool,
+        /// Topic to publish to (else `stream.input_topic`).
+        #[arg(long)]
+        topic: Option<String>,
+        /// Target rate when publishing, events per second (0: as fast as possible).
+        #[arg(long, default_value_t = 0.0, value_parser = non_negative, conflicts_with = "realtime")]
+        rate: f64,
+        /// Publish in real time: users start typing now, each event sent when it happens.
+        #[arg(long)]
+        realtime: bool,
         /// Users in total.
         #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
         users: u32,
@@ -133,6 +214,9 @@ enum Command {
         /// Macro key presses per macro user.
         #[arg(long, default_value_t = 200)]
         macro_presses: usize,
+        /// Key presses per human of the built-in typing model.
+        #[arg(long, default_value_t = 400, value_parser = clap::value_parser!(u32).range(20..=1_000_000))]
+        human_presses: u32,
         /// RNG seed.
         #[arg(long, default_value_t = 1)]
         seed: u64,
@@ -214,6 +298,52 @@ fn run(cli: Cli) -> Result<(), String> {
             eprintln!("metronome: {alerts} alerts read from {topic} ({bad} undecodable)");
             Ok(())
         }
+        Command::Demo {
+            users,
+            macro_share,
+            humans,
+            typing_s,
+            duration_s,
+            listen,
+            bootstrap_servers,
+            postgres_url,
+            seed,
+        } => {
+            let recordings = load_humans(humans.as_deref(), users as usize)?;
+            let opts = metronome::demo::DemoOptions {
+                users: users as usize,
+                macro_share,
+                recordings,
+                typing: Duration::from_secs(typing_s),
+                duration: duration_s.map(Duration::from_secs),
+                listen: free_or_any(listen),
+                bootstrap_servers,
+                postgres_url,
+                seed,
+            };
+            let out: std::sync::Arc<std::sync::Mutex<dyn Write + Send>> =
+                std::sync::Arc::new(std::sync::Mutex::new(io::stdout()));
+            metronome::demo::run(config, opts, out)?;
+            Ok(())
+        }
+        Command::Agent { user, device, replay, replay_user, replay_speed, bootstrap_servers, topic, spool } => {
+            let mut config = with_bootstrap(config, bootstrap_servers);
+            if let Some(user) = user {
+                config.agent.user_id = user;
+            }
+            if let Some(spool) = spool {
+                config.agent.spool_path = spool;
+            }
+            config.agent.validate()?;
+            let topic = topic
+                .or_else(|| Some(config.agent.topic.clone()).filter(|t| !t.is_empty()))
+                .unwrap_or_else(|| config.stream.input_topic.clone());
+            let source = match replay {
+                Some(path) => Source::Replay { path, user: replay_user, speed: replay_speed },
+                None => Source::Device(device.map_or(DeviceChoice::AutoDetect, DeviceChoice::Path)),
+            };
+            run_agent(&config, &topic, source)
+        }
         Command::Publish { input, bootstrap_servers, topic, batch_events, batch_ms } => {
             let config = with_bootstrap(config, bootstrap_servers);
             let topic = topic.unwrap_or(config.stream.input_topic.clone());
@@ -223,17 +353,59 @@ fn run(cli: Cli) -> Result<(), String> {
             };
             run_publish(&config, &input, &topic, shape)
         }
-        Command::Simulate { humans, output, users, macro_share, families, mixed, macro_presses, seed } => {
+        Command::Simulate {
+            humans,
+            output,
+            bootstrap_servers,
+            kafka,
+            topic,
+            rate,
+            realtime,
+            users,
+            macro_share,
+            families,
+            mixed,
+            macro_presses,
+            human_presses,
+            seed,
+        } => {
             let plan = SimulationPlan {
                 users: users as usize,
                 macro_share,
                 families,
                 mixed,
+                onset_presses: 60..150,
                 macro_presses,
                 seed,
-                start_us: 1_700_000_000_000_000,
+                start_us: if realtime {
+                    metronome::agent::capture::epoch_us(std::time::SystemTime::now())
+                } else {
+                    1_700_000_000_000_000
+                },
             };
-            run_simulate(&plan, &humans, &output)
+            let recordings = load_humans(humans.as_deref(), plan.users)?;
+            let humans = match &recordings {
+                Some(r) => simulate::Humans::Recorded(r),
+                None => simulate::Humans::Parametric { presses: human_presses as usize },
+            };
+            let simulated = simulate::simulate(&plan, humans).map_err(|e| e.to_string())?;
+            match output {
+                Some(output) => write_simulation(&plan, &simulated, &output),
+                None if bootstrap_servers.is_some() || kafka => {
+                    let config = with_bootstrap(config, bootstrap_servers);
+                    let topic = topic.unwrap_or(config.stream.input_topic.clone());
+                    let pace = if realtime {
+                        stream::publish::Pace::Speed(1.0)
+                    } else {
+                        let events: usize = simulated.iter().map(|u| u.events.len()).sum();
+                        let first = simulated.iter().filter_map(|u| u.events.first()).map(|e| e.time_us).min();
+                        let last = simulated.iter().filter_map(|u| u.events.last()).map(|e| e.time_us).max();
+                        stream::publish::Pace::for_rate(rate, events, last.zip(first).map_or(0, |(l, f)| l - f))
+                    };
+                    publish_simulation(&config, &topic, &plan, &simulated, pace)
+                }
+                None => Err("give --output FILE, or --bootstrap-servers HOST:PORT (or --kafka) to publish".to_owned()),
+            }
         }
     }
 }
@@ -255,49 +427,8 @@ fn with_postgres(mut config: Config, url: Option<String>) -> Result<Config, Stri
     Ok(config)
 }
 
-fn sink_of(config: &Config) -> Result<PostgresSink, String> {
-    PostgresSink::new(
-        config.postgres.clone(),
-        config.kafka.clone(),
-        &config.stream.alerts_topic,
-        &config.stream.application_id,
-    )
-    .map_err(|e| e.to_string())
-}
-
-/// `http.advertised_url`, else `http://<listen ip or host name>:<bound port>`.
-fn advertised_url(http: &HttpConfig, bound: std::net::SocketAddr, host: &str) -> String {
-    if !http.advertised_url.is_empty() {
-        return http.advertised_url.clone();
-    }
-    if bound.ip().is_unspecified() {
-        format!("http://{host}:{}", bound.port())
-    } else {
-        format!("http://{bound}")
-    }
-}
-
-/// Starts the HTTP server when `[http]` enables it; it stops when `stop` fires.
-async fn start_http(
-    http: &HttpConfig,
-    state: ApiState,
-    stop: tokio::sync::oneshot::Receiver<()>,
-) -> Result<Option<(tokio::task::JoinHandle<()>, std::net::SocketAddr)>, String> {
-    if !http.enabled {
-        return Ok(None);
-    }
-    let addr = http.listen_addr()?;
-    let (bound, server) = metronome::http::serve(addr, state, async move {
-        let _ = stop.await;
-    })
-    .await
-    .map_err(|e| format!("http: cannot listen on {addr}: {e}"))?;
-    tracing::info!(%bound, "http serving /, /metrics, /healthz, /readyz, /api/alerts, /api/users");
-    Ok(Some((tokio::spawn(server), bound)))
-}
-
 fn run_sink(config: Config) -> Result<(), String> {
-    let sink = sink_of(&config)?;
+    let sink = service::postgres_sink(&config)?;
     let http = config.http.clone();
     let state = ApiState {
         token: http.token(),
@@ -324,126 +455,61 @@ fn run_sink(config: Config) -> Result<(), String> {
     })
 }
 
-fn load_model(config: &Config) -> Result<Option<LstmModel>, String> {
-    Ok(match config.model.source() {
-        ModelSource::Embedded => Some(LstmModel::embedded().map_err(|e| e.to_string())?),
-        ModelSource::Manifest(path) => Some(LstmModel::load(&path).map_err(|e| e.to_string())?),
-        ModelSource::None => None,
-    })
-}
-
 fn run_process(config: Config) -> Result<(), String> {
-    let detector = Detector::new(config.detector.clone()).map_err(|e| e.to_string())?;
-    let model = match config.model.source() {
-        ModelSource::Manifest(path) => Some(ReloadingModel::load(&path).map_err(|e| e.to_string())?),
-        _ => load_model(&config)?.map(ReloadingModel::fixed),
-    };
-    let sink = if config.postgres.sink_in_process { Some(sink_of(&config)?) } else { None };
-    let idle = Duration::from_millis(u64::from(config.detector.window.idle_timeout_ms));
-    let reload = Duration::from_secs(config.model.reload_check_s.max(1));
-    let http = config.http.clone();
-    let alerts_db = PgTarget::parse(&config.postgres.url).ok().map(AlertDb::new);
-    let kafka = config.kafka.clone();
-    let instances_topic = config.stream.instances_topic();
-    let host = config.stream.instance_name();
-    let processor =
-        Processor::new(config.stream, config.kafka, detector, idle, model, reload).map_err(|e| e.to_string())?;
-    let (status, queries) = (processor.status(), processor.queries());
     let runtime = service_runtime()?;
-    runtime.block_on(async move {
-        let shutdown = shutdown_on_signal();
-        let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
-        let directory = match DirectoryReader::start(&kafka, &instances_topic) {
-            Ok(d) => Some(d),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read instance announcements: user queries will not be redirected");
-                None
-            }
-        };
-        let state = ApiState {
-            token: http.token(),
-            readiness: Readiness {
-                status: Some(status),
-                broker: Some(BrokerProbe::new(&kafka, Duration::from_secs(2))?),
-            },
-            alerts: alerts_db,
-            users: Some(UserApi { queries, directory }),
-        };
-        let server = start_http(&http, state, http_stopped).await?;
-        let processor = match &server {
-            Some((_, bound)) => processor.with_advertised_url(&advertised_url(&http, *bound, &host)),
-            None => processor,
-        };
-        let sink = sink.map(|s| {
-            let stop = shutdown.clone();
-            tokio::spawn(async move {
-                let result = s.run(stop).await;
-                if let Err(e) = &result {
-                    tracing::error!(error = %e, "postgres sink stopped");
-                }
-                result
-            })
-        });
-        let for_processor = shutdown.clone();
-        let processed = tokio::task::spawn_blocking(move || processor.run(&for_processor))
-            .await
-            .map_err(|e| format!("processor thread failed: {e}"));
-        // The processor stopped (asked to, or failed): the sink and the server stop with it.
-        shutdown.trigger();
-        let _ = stop_http.send(());
-        if let Some((server, _)) = server {
-            let _ = server.await;
-        }
-        if let Some(sink) = sink {
-            match sink.await {
-                Ok(Ok(s)) => eprintln!("metronome: postgres sink wrote {} alerts", s.writes.written),
-                Ok(Err(e)) => eprintln!("metronome: postgres sink failed: {e}"),
-                Err(e) => eprintln!("metronome: postgres sink task failed: {e}"),
-            }
-        }
-        let summary = processed?.map_err(|e| e.to_string())?;
-        eprintln!(
-            "metronome: processed {} records ({} events): {} alerts, {} dead letters, {} commits, {} aborts",
-            summary.records, summary.events, summary.alerts, summary.dead_letters, summary.commits, summary.aborts
-        );
-        Ok(())
-    })
+    let summary =
+        runtime.block_on(async move { service::run_processor(config, shutdown_on_signal(), None, |_| {}).await })?;
+    eprintln!(
+        "metronome: processed {} records ({} events): {} alerts, {} dead letters, {} commits, {} aborts",
+        summary.records, summary.events, summary.alerts, summary.dead_letters, summary.commits, summary.aborts
+    );
+    Ok(())
 }
 
-/// The runtime of the long-running commands: one worker (the processor has its own threads).
-fn service_runtime() -> Result<tokio::runtime::Runtime, String> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .map_err(|e| format!("starting the runtime: {e}"))
-}
-
-/// A shutdown signal raised by SIGTERM or Ctrl-C (call inside the runtime).
-fn shutdown_on_signal() -> Shutdown {
-    let shutdown = Shutdown::new();
-    let on_signal = shutdown.clone();
-    tokio::spawn(async move {
-        wait_for_termination().await;
-        tracing::info!("termination requested: finishing the work in hand");
-        on_signal.trigger();
-    });
-    shutdown
-}
-
-/// SIGTERM (Kubernetes, systemd) or SIGINT (Ctrl-C).
-async fn wait_for_termination() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+/// `addr` when it can be bound now, else the same address with any free port (a second demo,
+/// or something else on 8080).
+fn free_or_any(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    match std::net::TcpListener::bind(addr) {
+        Ok(_) => addr,
+        Err(_) => std::net::SocketAddr::new(addr.ip(), 0),
     }
+}
+
+/// A share, 0..1.
+fn share(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("`{text}` is not a share between 0 and 1")),
+    }
+}
+
+/// A float that is finite and not negative (a pace, a rate).
+fn non_negative(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("`{text}` is not a number >= 0")),
+    }
+}
+
+fn run_agent(config: &Config, topic: &str, source: Source) -> Result<(), String> {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let on_signal = stop.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                rt.block_on(service::wait_for_termination());
+                tracing::info!("termination requested: stopping capture, sending what is spooled");
+                on_signal.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        })
+        .map_err(|e| format!("cannot watch for signals: {e}"))?;
+    let s = agent::run(&config.agent, &config.kafka, topic, source, stop).map_err(|e| e.to_string())?;
+    eprintln!(
+        "metronome: agent captured {} events in {} records; {} delivered, {} left in the spool, {} refused by a full spool ({} events), {} refused by the broker, {} kernel overflows, {} device losses",
+        s.events, s.records, s.delivered, s.left_in_spool, s.refused_records, s.refused_events, s.rejected, s.kernel_dropped, s.device_losses
+    );
+    Ok(())
 }
 
 fn run_publish(config: &Config, input: &Path, topic: &str, shape: stream::publish::RecordShape) -> Result<(), String> {
@@ -462,7 +528,7 @@ fn run_publish(config: &Config, input: &Path, topic: &str, shape: stream::publis
 }
 
 fn run_score(config: Config, input: &Path, skip_bad_rows: bool, alerts_only: bool) -> Result<(), String> {
-    let mut model = load_model(&config)?;
+    let mut model = service::load_model(&config)?;
     let mut detector = Detector::new(config.detector).map_err(|e| e.to_string())?;
     let started = Instant::now();
     // Progress every million rows, for people watching a terminal; never into pipes or logs.
@@ -512,16 +578,41 @@ fn run_score(config: Config, input: &Path, skip_bad_rows: bool, alerts_only: boo
     Ok(())
 }
 
-fn run_simulate(plan: &SimulationPlan, humans: &Path, output: &Path) -> Result<(), String> {
+/// The recordings `--humans` names: a keylog, `builtin` (none: the parametric model), or by
+/// default `../shared/data/aalto-a-train.csv.gz` when it is there.
+fn load_humans(humans: Option<&str>, users: usize) -> Result<Option<Vec<Vec<metronome::event::KeyEvent>>>, String> {
+    const DEFAULT_HUMANS: &str = "../shared/data/aalto-a-train.csv.gz";
+    let path = match humans {
+        Some("builtin") => return Ok(None),
+        Some(path) => PathBuf::from(path),
+        None if Path::new(DEFAULT_HUMANS).is_file() => PathBuf::from(DEFAULT_HUMANS),
+        None => {
+            eprintln!("metronome: {DEFAULT_HUMANS} not found: simulating humans with the built-in typing model");
+            return Ok(None);
+        }
+    };
     // Each recorded user is replayed at most once per simulated human, so read what is needed.
-    let wanted = plan.users.max(1);
-    let reader = KeylogReader::open(humans).map_err(|e| e.to_string())?;
-    let recordings: Vec<_> = keylog::group_by_user(reader, |_| true, Some(wanted))
+    let reader = KeylogReader::open(&path).map_err(|e| e.to_string())?;
+    let recordings = keylog::group_by_user(reader, |_| true, Some(users.max(1)))
         .map_err(|e| e.to_string())?
         .into_iter()
         .map(|(_, events)| events)
         .collect();
-    let users = simulate::simulate(plan, &recordings).map_err(|e| e.to_string())?;
+    Ok(Some(recordings))
+}
+
+fn describe(plan: &SimulationPlan, users: &[simulate::SimulatedUser]) -> String {
+    let macros = users.iter().filter(|u| matches!(u.truth, simulate::Truth::Macro { .. })).count();
+    let families: Vec<String> = plan.families.iter().map(ToString::to_string).collect();
+    format!(
+        "{} users ({macros} macro users: {}{})",
+        users.len(),
+        families.join(","),
+        if plan.mixed { ", mixed sessions" } else { "" }
+    )
+}
+
+fn write_simulation(plan: &SimulationPlan, users: &[simulate::SimulatedUser], output: &Path) -> Result<(), String> {
     let sink: Box<dyn Write> = if output.as_os_str() == "-" {
         Box::new(io::stdout().lock())
     } else {
@@ -530,20 +621,59 @@ fn run_simulate(plan: &SimulationPlan, humans: &Path, output: &Path) -> Result<(
     let write_err = |e: io::Error| format!("writing {} failed: {e}", output.display());
     let mut writer = KeylogWriter::new(BufWriter::new(sink)).map_err(write_err)?;
     let mut events = 0usize;
-    for user in &users {
+    for user in users {
         for e in &user.events {
             writer.write(&user.user_id, "sim", e).map_err(write_err)?;
         }
         events += user.events.len();
     }
     writer.finish().map_err(write_err)?;
-    let macros = users.iter().filter(|u| matches!(u.truth, simulate::Truth::Macro { .. })).count();
-    let families: Vec<String> = plan.families.iter().map(ToString::to_string).collect();
+    eprintln!("metronome: wrote {events} events of {}", describe(plan, users));
+    Ok(())
+}
+
+fn publish_simulation(
+    config: &Config,
+    topic: &str,
+    plan: &SimulationPlan,
+    users: &[simulate::SimulatedUser],
+    pace: stream::publish::Pace,
+) -> Result<(), String> {
+    let producer = stream::publish::producer(&config.kafka).map_err(|e| format!("kafka producer: {e}"))?;
+    let total: usize = users.iter().map(|u| u.events.len()).sum();
+    // A bar for people at a terminal; nothing in pipes and logs.
+    let bar = if io::stderr().is_terminal() {
+        indicatif::ProgressBar::new(total as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {elapsed_precise} [{bar:40}] {pos}/{len} events ({per_sec}, eta {eta})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let started = Instant::now();
+    let summary = stream::publish::publish_simulation(
+        &producer,
+        topic,
+        users,
+        stream::publish::RecordShape::agent(50),
+        pace,
+        &stop,
+        |sent| bar.set_position(sent),
+    )
+    .map_err(|e| e.to_string())?;
+    bar.finish_and_clear();
+    let secs = started.elapsed().as_secs_f64();
     eprintln!(
-        "metronome: wrote {events} events of {} users ({macros} macro users: {}{})",
-        users.len(),
-        families.join(","),
-        if plan.mixed { ", mixed sessions" } else { "" }
+        "metronome: published {} events as {} records to {topic} in {secs:.2}s ({:.0} events/s): {}",
+        summary.events,
+        summary.records,
+        summary.events as f64 / secs.max(1e-9),
+        describe(plan, users)
     );
     Ok(())
 }

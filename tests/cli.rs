@@ -239,3 +239,42 @@ fn score_reads_gzip_from_stdin() {
         .stdout;
     assert_eq!(plain, piped);
 }
+
+#[test]
+fn the_builtin_typing_model_types_like_people_and_its_macro_users_are_caught() {
+    // What a fresh machine without ../shared/data simulates: no human may be flagged there.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("builtin.csv");
+    metronome()
+        .args(["simulate", "--humans", "builtin", "--users", "200", "--macro-share", "0.1", "--mixed"])
+        .args(["--human-presses", "400", "--seed", "3", "--output"])
+        .arg(&out)
+        .assert()
+        .success()
+        .stderr(predicate::str::contains("wrote").and(predicate::str::contains("200 users (20 macro users")));
+    let scored = metronome().args(["score", "--alerts-only", "--input"]).arg(&out).assert().success();
+    let alerted: std::collections::BTreeSet<String> =
+        json_lines(&scored.get_output().stdout).iter().map(|r| r["user_id"].as_str().unwrap().to_owned()).collect();
+    let humans: Vec<&String> = alerted.iter().filter(|u| u.starts_with("human-")).collect();
+    assert!(humans.is_empty(), "built-in humans flagged: {humans:?}");
+    assert_eq!(alerted.len(), 20, "every macro user caught: {alerted:?}");
+}
+
+#[test]
+fn simulate_needs_somewhere_to_put_the_traffic() {
+    metronome()
+        .args(["simulate", "--humans", "builtin", "--users", "2"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("give --output FILE"));
+    metronome()
+        .args(["agent", "--replay", "/nonexistent.csv", "--user", "u", "--replay-speed=-1"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("not a number >= 0"));
+    metronome()
+        .args(["agent", "--replay", "/nonexistent.csv", "--replay-speed", "0"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("no user id"));
+}

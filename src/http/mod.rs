@@ -5,7 +5,8 @@
 //!  GET /healthz              200 while the process runs (no auth)
 //!  GET /readyz               200 when the processor has joined, every task is restored and the
 //!                            broker answers; else 503 with the reasons
-//!  GET /api/alerts           alerts from PostgreSQL: ?since=RFC3339|micros&user=&limit=
+//!  GET /api/alerts           alerts from PostgreSQL (or kept in memory by the demo):
+//!                            ?since=RFC3339|micros&user=&limit=
 //!  GET /api/users/{id}       the user's live window state and latest scores, from the instance
 //!                            owning the user's partition; elsewhere 421 naming the owner
 //!  GET /                     the alert page (static, embedded)
@@ -26,7 +27,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-pub use routes::{routes, AlertDb, ApiState, BrokerProbe, Readiness, UserApi};
+pub use routes::{routes, AlertDb, ApiState, BrokerProbe, Readiness, RecentAlerts, UserApi};
 
 /// `[http]` settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -108,22 +108,42 @@ impl BrokerProbe {
     }
 }
 
-/// The alerts database: one connection, made on first use and again after a failure.
+/// Where `/api/alerts` reads: PostgreSQL (what the sink wrote), or the recent alerts a process
+/// keeps in memory when it has no database (the demo).
 pub struct AlertDb {
+    backend: AlertBackend,
+}
+
+/// One connection, made on first use and again after a failure.
+struct PgAlerts {
     target: PgTarget,
     client: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
+}
+
+enum AlertBackend {
+    Postgres(Box<PgAlerts>),
+    Memory(Arc<RecentAlerts>),
 }
 
 impl AlertDb {
     /// Reads alerts from the database `target` names.
     pub fn new(target: PgTarget) -> Self {
-        Self { target, client: tokio::sync::Mutex::new(None) }
+        Self { backend: AlertBackend::Postgres(Box::new(PgAlerts { target, client: tokio::sync::Mutex::new(None) })) }
+    }
+
+    /// Reads the alerts kept in `recent`.
+    pub fn in_memory(recent: Arc<RecentAlerts>) -> Self {
+        Self { backend: AlertBackend::Memory(recent) }
     }
 
     async fn query(&self, q: &AlertQuery) -> Result<Vec<serde_json::Value>, String> {
-        let mut slot = self.client.lock().await;
+        let (target, client) = match &self.backend {
+            AlertBackend::Memory(recent) => return Ok(recent.query(q)),
+            AlertBackend::Postgres(pg) => (&pg.target, &pg.client),
+        };
+        let mut slot = client.lock().await;
         if slot.as_ref().is_none_or(|c| c.is_closed()) {
-            *slot = Some(self.target.connect().await.map_err(|e| e.to_string())?);
+            *slot = Some(target.connect().await.map_err(|e| e.to_string())?);
         }
         let client = slot.as_ref().expect("connected above");
         match query_alerts(client, q).await {
@@ -133,6 +153,49 @@ impl AlertDb {
                 Err(format!("postgres: {e}"))
             }
         }
+    }
+}
+
+/// The most recent alerts, in memory, deduplicated by alert id (an at-least-once stream may
+/// repeat one). Holds at most `capacity`; the oldest leave first.
+pub struct RecentAlerts {
+    capacity: usize,
+    alerts: std::sync::Mutex<std::collections::VecDeque<serde_json::Value>>,
+}
+
+impl RecentAlerts {
+    /// An empty store of at most `capacity` alerts.
+    pub fn new(capacity: usize) -> Self {
+        Self { capacity: capacity.max(1), alerts: std::sync::Mutex::new(Default::default()) }
+    }
+
+    /// Keeps `alert` (the alert topic's JSON, as [`crate::stream::alerts::alert_json`] makes it);
+    /// `false` when its id is already kept.
+    pub fn add(&self, alert: serde_json::Value) -> bool {
+        let mut alerts = self.alerts.lock().unwrap_or_else(|p| p.into_inner());
+        if alerts.iter().any(|a| a["alert_id"] == alert["alert_id"]) {
+            return false;
+        }
+        if alerts.len() == self.capacity {
+            alerts.pop_front();
+        }
+        alerts.push_back(alert);
+        true
+    }
+
+    /// As `GET /api/alerts` answers from PostgreSQL: detected at or after `since`, one user or
+    /// all, newest first, at most `limit`.
+    pub fn query(&self, q: &AlertQuery) -> Vec<serde_json::Value> {
+        let alerts = self.alerts.lock().unwrap_or_else(|p| p.into_inner());
+        let mut rows: Vec<serde_json::Value> = alerts
+            .iter()
+            .filter(|a| q.since_us.is_none_or(|s| a["detected_at_us"].as_i64().unwrap_or(0) >= s))
+            .filter(|a| q.user.as_deref().is_none_or(|u| a["user_id"] == u))
+            .cloned()
+            .collect();
+        rows.sort_by_key(|a| std::cmp::Reverse(a["detected_at_us"].as_i64().unwrap_or(0)));
+        rows.truncate(usize::try_from(q.limit).unwrap_or(0));
+        rows
     }
 }
 
@@ -351,5 +414,24 @@ mod tests {
         assert_eq!(route_name("/api/users/someone"), "api_users");
         assert_eq!(route_name("/api/alerts"), "api_alerts");
         assert_eq!(route_name("/wp-admin"), "other");
+    }
+
+    #[test]
+    fn recent_alerts_answer_like_the_database() {
+        let recent = RecentAlerts::new(3);
+        let alert = |id: &str, user: &str, at: i64| json!({"alert_id": id, "user_id": user, "detected_at_us": at});
+        assert!(recent.add(alert("a", "u1", 10)));
+        assert!(!recent.add(alert("a", "u1", 10)), "a repeated alert is kept once");
+        recent.add(alert("b", "u2", 20));
+        recent.add(alert("c", "u1", 30));
+        recent.add(alert("d", "u1", 40));
+        let ids = |rows: Vec<serde_json::Value>| {
+            rows.iter().map(|r| r["alert_id"].as_str().unwrap().to_owned()).collect::<Vec<_>>()
+        };
+        let all = AlertQuery { since_us: None, user: None, limit: 10 };
+        assert_eq!(ids(recent.query(&all)), ["d", "c", "b"], "newest first; the oldest left");
+        assert_eq!(ids(recent.query(&AlertQuery { user: Some("u1".into()), ..all.clone() })), ["d", "c"]);
+        assert_eq!(ids(recent.query(&AlertQuery { since_us: Some(30), ..all.clone() })), ["d", "c"]);
+        assert_eq!(ids(recent.query(&AlertQuery { limit: 1, ..all })), ["d"]);
     }
 }

@@ -1,6 +1,7 @@
 //! Following the alert topic as security staff would: committed alerts only, as JSON lines.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use prost::Message as _;
@@ -52,6 +53,17 @@ pub fn follow(
     properties: &BTreeMap<String, String>,
     topic: &str,
     idle: Duration,
+    on_alert: impl FnMut(&proto::Alert),
+) -> Result<(u64, u64), KafkaError> {
+    follow_until(properties, topic, idle, &AtomicBool::new(false), on_alert)
+}
+
+/// [`follow`], stopping early when `stop` is raised.
+pub fn follow_until(
+    properties: &BTreeMap<String, String>,
+    topic: &str,
+    idle: Duration,
+    stop: &AtomicBool,
     mut on_alert: impl FnMut(&proto::Alert),
 ) -> Result<(u64, u64), KafkaError> {
     let mut c = ClientConfig::new();
@@ -71,7 +83,7 @@ pub fn follow(
         if !ids.is_empty() {
             break ids;
         }
-        if last.elapsed() >= idle {
+        if last.elapsed() >= idle || stop.load(Ordering::Relaxed) {
             return Ok((0, 0));
         }
         std::thread::sleep(Duration::from_millis(200)); // the topic is created by the processor
@@ -83,7 +95,7 @@ pub fn follow(
     consumer.assign(&assignment)?;
     let (mut alerts, mut bad) = (0, 0);
     last = Instant::now();
-    while last.elapsed() < idle {
+    while last.elapsed() < idle && !stop.load(Ordering::Relaxed) {
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
                 last = Instant::now();

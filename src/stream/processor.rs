@@ -65,6 +65,11 @@ impl Shutdown {
         self.0.store(true, Ordering::SeqCst);
     }
 
+    /// The flag itself, for loops that watch an `AtomicBool`.
+    pub fn flag(&self) -> &AtomicBool {
+        &self.0
+    }
+
     /// Whether it was raised.
     pub fn is_triggered(&self) -> bool {
         self.0.load(Ordering::SeqCst)

@@ -2,7 +2,7 @@
 //! user each, keyed by user id, in order, through an idempotent producer. Used by
 //! `metronome publish`, the tests and the benchmarks.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
@@ -10,7 +10,8 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
 use super::records::batches_for_user;
-use crate::event::KeyEvent;
+pub use crate::cutting::RecordShape;
+use crate::cutting::{CutRecord, RecordCutter};
 use crate::keylog::{KeylogError, KeylogRecord};
 
 /// Why publishing stopped.
@@ -66,33 +67,8 @@ pub fn send(producer: &BaseProducer, topic: &str, key: &[u8], payload: &[u8]) ->
     }
 }
 
-/// How a publisher cuts a user's events into records. An agent sends a record every ~100 ms
-/// or every `max_events`, whichever comes first: for human typing that is 1-2 events a record
-/// (1.36 on average over the first 1.7 M rows of the Aalto data's subset A, cut into fixed 100 ms
-/// slices per user).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RecordShape {
-    /// Most events per record.
-    pub max_events: usize,
-    /// A record spans at most this much event time (microseconds) from its first event; 0: cut
-    /// by count alone.
-    pub span_us: i64,
-}
-
-impl RecordShape {
-    /// As the agent sends: every 100 ms of typing or `max_events` events.
-    pub const fn agent(max_events: usize) -> Self {
-        Self { max_events, span_us: 100_000 }
-    }
-
-    /// By count alone: `max_events` a record, however long they took to type.
-    pub const fn by_count(max_events: usize) -> Self {
-        Self { max_events, span_us: 0 }
-    }
-}
-
 /// Publishes every record of a keylog: each user's events in file order, cut into records as
-/// `shape` says. Returns once every record is acknowledged.
+/// `shape` says (users' last partial records at the end, by user). Returns once every record is acknowledged.
 pub fn publish_keylog(
     producer: &BaseProducer,
     topic: &str,
@@ -100,15 +76,23 @@ pub fn publish_keylog(
     shape: RecordShape,
 ) -> Result<PublishSummary, PublishError> {
     let mut summary = PublishSummary::default();
-    let users = cut_records(input, shape, |user, session, events| {
-        for payload in batches_for_user(user, session, events, shape.max_events) {
-            send(producer, topic, user.as_bytes(), &payload)?;
-            summary.records += 1;
+    let mut cutter = RecordCutter::new(shape);
+    let mut send_cut = |records: Vec<CutRecord>| -> Result<(), PublishError> {
+        for r in records {
+            for payload in batches_for_user(&r.user_id, &r.session_id, &r.events, shape.max_events) {
+                send(producer, topic, r.user_id.as_bytes(), &payload)?;
+                summary.records += 1;
+            }
+            summary.events += r.events.len() as u64;
         }
-        summary.events += events.len() as u64;
         Ok(())
-    })?;
-    summary.users = users;
+    };
+    for record in input {
+        let record = record?;
+        send_cut(cutter.push(&record.user_id, &record.session_id, record.event))?;
+    }
+    send_cut(cutter.finish())?;
+    summary.users = cutter.users() as u64;
     producer.flush(Duration::from_secs(60))?;
     match producer.in_flight_count() {
         0 => Ok(summary),
@@ -116,109 +100,93 @@ pub fn publish_keylog(
     }
 }
 
-/// Cuts each user's events (in input order) into records as `shape` says and hands each record
-/// to `emit` as `(user, session, events)`; users' last partial records come at the end, by user.
-/// Returns the number of distinct users.
-fn cut_records(
-    input: impl Iterator<Item = Result<KeylogRecord, KeylogError>>,
+/// How fast simulated traffic goes out.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Pace {
+    /// Every record as soon as it is cut.
+    Unpaced,
+    /// Event time runs this many times as fast as wall time: 1 is real time.
+    Speed(f64),
+}
+
+impl Pace {
+    /// The pace that sends `events` spanning `span_us` of event time at `rate` events a second.
+    pub fn for_rate(rate: f64, events: usize, span_us: i64) -> Self {
+        if rate <= 0.0 || events < 2 || span_us <= 0 {
+            return Pace::Unpaced;
+        }
+        let natural = events as f64 / (span_us as f64 / 1e6);
+        Pace::Speed(rate / natural)
+    }
+}
+
+/// Publishes simulated users as their agents would: the users' events merged in time order, cut
+/// into records per user (a quiet user's partial record leaves once its span has passed), sent
+/// at `pace`. `progress` hears the events sent so far; `stop` ends the run early (what was cut
+/// is still delivered).
+pub fn publish_simulation(
+    producer: &BaseProducer,
+    topic: &str,
+    users: &[crate::simulate::SimulatedUser],
     shape: RecordShape,
-    mut emit: impl FnMut(&str, &str, &[KeyEvent]) -> Result<(), PublishError>,
-) -> Result<u64, PublishError> {
-    let max_events = shape.max_events.max(1);
-    let mut pending: HashMap<String, (String, Vec<KeyEvent>)> = HashMap::new();
-    // Sends a user's pending events; the session carries over to the next record.
-    let mut cut = |user: &str, entry: &mut (String, Vec<KeyEvent>)| {
-        let (session, events) = std::mem::take(entry);
-        emit(user, &session, &events)?;
-        entry.0 = session;
-        Ok::<(), PublishError>(())
+    pace: Pace,
+    stop: &std::sync::atomic::AtomicBool,
+    mut progress: impl FnMut(u64),
+) -> Result<PublishSummary, PublishError> {
+    use std::sync::atomic::Ordering;
+    use std::time::Instant;
+    let mut summary = PublishSummary { users: users.len() as u64, ..PublishSummary::default() };
+    let mut cutter = RecordCutter::new(shape);
+    let send_cut = |records: Vec<CutRecord>, summary: &mut PublishSummary| -> Result<(), PublishError> {
+        for r in records {
+            let payload = super::records::encode_batch(&r.user_id, "", &r.session_id, &r.events, None);
+            send(producer, topic, r.user_id.as_bytes(), &payload)?;
+            summary.records += 1;
+            summary.events += r.events.len() as u64;
+        }
+        Ok(())
     };
-    for record in input {
-        let record = record?;
-        let entry = pending.entry(record.user_id.clone()).or_insert_with(|| (record.session_id.clone(), Vec::new()));
-        let span_ends = shape.span_us > 0
-            && entry.1.first().is_some_and(|first| record.event.time_us - first.time_us >= shape.span_us);
-        if span_ends {
-            cut(&record.user_id, entry)?;
+    let started = Instant::now();
+    let first_us = users.iter().filter_map(|u| u.events.first()).map(|e| e.time_us).min().unwrap_or(0);
+    for (u, event) in crate::simulate::merged(users) {
+        if stop.load(Ordering::Relaxed) {
+            break;
         }
-        entry.1.push(record.event);
-        if entry.1.len() >= max_events {
-            cut(&record.user_id, entry)?;
+        if let Pace::Speed(speed) = pace {
+            let due = Duration::from_secs_f64((event.time_us - first_us).max(0) as f64 / 1e6 / speed);
+            // Wait in short slices: quiet users' records leave on time meanwhile.
+            while let Some(left) = due.checked_sub(started.elapsed()).filter(|l| !l.is_zero()) {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let now_us = first_us + (started.elapsed().as_secs_f64() * speed * 1e6) as i64;
+                send_cut(cutter.expire(now_us), &mut summary)?;
+                producer.poll(Duration::ZERO);
+                std::thread::sleep(left.min(Duration::from_millis(20))); // pacing, not synchronisation
+            }
         }
+        send_cut(cutter.push(&users[u].user_id, "sim", event), &mut summary)?;
+        progress(summary.events);
+        producer.poll(Duration::ZERO);
     }
-    let users = pending.len() as u64;
-    let mut rest: Vec<_> = pending.into_iter().filter(|(_, (_, e))| !e.is_empty()).collect();
-    rest.sort_by(|a, b| a.0.cmp(&b.0));
-    for (user, mut entry) in rest {
-        cut(&user, &mut entry)?;
+    send_cut(cutter.finish(), &mut summary)?;
+    progress(summary.events);
+    producer.flush(Duration::from_secs(60))?;
+    match producer.in_flight_count() {
+        0 => Ok(summary),
+        n => Err(PublishError::Undelivered(n)),
     }
-    Ok(users)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::KeyAction;
-
-    fn record(user: &str, time_ms: i64) -> Result<KeylogRecord, KeylogError> {
-        Ok(KeylogRecord {
-            user_id: user.to_owned(),
-            session_id: "s".to_owned(),
-            event: KeyEvent::new(time_ms * 1_000, 30, KeyAction::Down),
-        })
-    }
-
-    /// `(user, event times in ms)` of every record cut from `input`.
-    fn cuts(input: Vec<Result<KeylogRecord, KeylogError>>, shape: RecordShape) -> Vec<(String, Vec<i64>)> {
-        let mut out = Vec::new();
-        let users = cut_records(input.into_iter(), shape, |user, _, events| {
-            out.push((user.to_owned(), events.iter().map(|e| e.time_us / 1_000).collect()));
-            Ok(())
-        })
-        .unwrap();
-        assert_eq!(users as usize, out.iter().map(|(u, _)| u).collect::<std::collections::BTreeSet<_>>().len());
-        out
-    }
 
     #[test]
-    fn agent_records_span_at_most_100_ms_of_one_users_typing() {
-        let input = vec![
-            record("a", 0),
-            record("b", 10),
-            record("a", 60),
-            record("a", 100),
-            record("a", 150),
-            record("b", 400),
-        ];
-        assert_eq!(
-            cuts(input, RecordShape::agent(50)),
-            vec![
-                ("a".to_owned(), vec![0, 60]),
-                ("b".to_owned(), vec![10]),
-                ("a".to_owned(), vec![100, 150]),
-                ("b".to_owned(), vec![400]),
-            ]
-        );
-    }
-
-    #[test]
-    fn a_record_is_cut_at_max_events_whatever_its_span() {
-        let input = (0..5).map(|t| record("a", t)).collect();
-        assert_eq!(
-            cuts(input, RecordShape::agent(2)),
-            vec![("a".to_owned(), vec![0, 1]), ("a".to_owned(), vec![2, 3]), ("a".to_owned(), vec![4])]
-        );
-        let input = (0..5).map(|t| record("a", t * 1_000)).collect();
-        assert_eq!(
-            cuts(input, RecordShape::by_count(3)),
-            vec![("a".to_owned(), vec![0, 1_000, 2_000]), ("a".to_owned(), vec![3_000, 4_000])]
-        );
-    }
-
-    #[test]
-    fn a_bad_input_row_stops_the_cut_with_its_error() {
-        let input = vec![record("a", 0), Err(KeylogError::Header)];
-        let err = cut_records(input.into_iter(), RecordShape::agent(50), |_, _, _| Ok(())).unwrap_err();
-        assert!(matches!(err, PublishError::Input(_)), "{err}");
+    fn a_rate_sets_the_speed_of_event_time() {
+        // 1,000 events over 100 s of typing is 10 events/s: 50 events/s is five times as fast.
+        assert_eq!(Pace::for_rate(50.0, 1_000, 100_000_000), Pace::Speed(5.0));
+        assert_eq!(Pace::for_rate(0.0, 1_000, 100_000_000), Pace::Unpaced);
+        assert_eq!(Pace::for_rate(10.0, 1, 0), Pace::Unpaced);
     }
 }

@@ -213,33 +213,43 @@ pub fn alert_message(user_id: &str, alert: &AlertReport, detected_at_us: i64) ->
 /// Groups time-ordered keylog events into `KeyEventBatch` records of at most `max_events`,
 /// one user per record, keyed by user: what an agent publishes.
 pub fn batches_for_user(user_id: &str, session_id: &str, events: &[KeyEvent], max_events: usize) -> Vec<Vec<u8>> {
-    events
-        .chunks(max_events.max(1))
-        .map(|chunk| {
-            proto::KeyEventBatch {
-                user_id: user_id.to_owned(),
+    let max_events = max_events.max(1);
+    events.chunks(max_events).map(|chunk| encode_batch(user_id, "", session_id, chunk, None)).collect()
+}
+
+/// One encoded `KeyEventBatch`: `events` of one user from one device, numbered from `first_seq`
+/// (a capture device's sequence; `None` for files, which have no device: every seq is 0).
+/// Events leave user, device and session empty: the batch carries them once.
+pub fn encode_batch(
+    user_id: &str,
+    device_id: &str,
+    session_id: &str,
+    events: &[KeyEvent],
+    first_seq: Option<u64>,
+) -> Vec<u8> {
+    proto::KeyEventBatch {
+        user_id: user_id.to_owned(),
+        device_id: device_id.to_owned(),
+        session_id: session_id.to_owned(),
+        events: events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| proto::KeyEvent {
+                user_id: String::new(),
                 device_id: String::new(),
-                session_id: session_id.to_owned(),
-                events: chunk
-                    .iter()
-                    .map(|e| proto::KeyEvent {
-                        user_id: String::new(),
-                        device_id: String::new(),
-                        session_id: String::new(),
-                        seq: 0,
-                        event_time_us: e.time_us,
-                        key: e.key,
-                        action: match e.action {
-                            KeyAction::Down => proto::KeyAction::Down,
-                            KeyAction::Up => proto::KeyAction::Up,
-                            KeyAction::Repeat => proto::KeyAction::Repeat,
-                        } as i32,
-                    })
-                    .collect(),
-            }
-            .encode_to_vec()
-        })
-        .collect()
+                session_id: String::new(),
+                seq: first_seq.map_or(0, |s| s + i as u64),
+                event_time_us: e.time_us,
+                key: e.key,
+                action: match e.action {
+                    KeyAction::Down => proto::KeyAction::Down,
+                    KeyAction::Up => proto::KeyAction::Up,
+                    KeyAction::Repeat => proto::KeyAction::Repeat,
+                } as i32,
+            })
+            .collect(),
+    }
+    .encode_to_vec()
 }
 
 #[cfg(test)]

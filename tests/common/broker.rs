@@ -47,7 +47,8 @@ pub fn broker_binary() -> PathBuf {
     );
 }
 
-fn free_port() -> u16 {
+/// A loopback port nothing listens on now.
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
@@ -79,7 +80,11 @@ pub struct Broker {
 impl Broker {
     /// Starts a broker and waits until it answers metadata requests.
     pub fn start() -> Self {
-        let port = free_port();
+        Self::start_on(free_port())
+    }
+
+    /// [`Broker::start`] on a given loopback port (a client already aims at it).
+    pub fn start_on(port: u16) -> Self {
         let url = format!("tcp://127.0.0.1:{port}");
         let log_dir = tempfile::tempdir().unwrap();
         let log = File::create(log_dir.path().join("broker.log")).unwrap();

@@ -1,0 +1,74 @@
+//! The agent's cost per key event on a player's machine, against cutting and encoding alone.
+//!
+//! `cargo bench --bench agent`. Every benchmark walks the same 20,000 events of the built-in
+//! typing model in one process, so their ratios hold on a noisy machine:
+//! - `cut_encode`: records cut every 100 ms or 50 events and encoded as `KeyEventBatch`, raw keys
+//!   (the baseline: what any publisher does);
+//! - `pseudonymise_cut_encode`: the same with every key replaced by its HMAC-SHA256 pseudonym;
+//! - `agent_path`: that, plus each record framed and written to the spool file and removed from
+//!   it once "acknowledged" (the agent's whole per-event work short of the network).
+
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use metronome::agent::pseudonym::KeyPseudonymizer;
+use metronome::agent::ship::frame;
+use metronome::agent::spool::Spool;
+use metronome::cutting::{CutRecord, RecordCutter, RecordShape};
+use metronome::event::KeyEvent;
+use metronome::humanmodel::Typist;
+use metronome::stream::records::encode_batch;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+fn typing() -> Vec<KeyEvent> {
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    Typist::random(&mut rng).type_text(1_700_000_000_000_000, 10_000, &mut rng)
+}
+
+/// Cuts and encodes `events`, keys mapped by `key`; hands each encoded record to `out`.
+fn cut_encode(events: &[KeyEvent], key: impl Fn(u32) -> u32, mut out: impl FnMut(Vec<u8>)) -> u64 {
+    let mut cutter = RecordCutter::new(RecordShape::agent(50));
+    let mut seq = 0u64;
+    let mut encode = |records: Vec<CutRecord>| {
+        for r in records {
+            out(encode_batch("user-1", "kbd-1", "session-1", &r.events, Some(seq)));
+            seq += r.events.len() as u64;
+        }
+    };
+    for e in events {
+        encode(cutter.push("user-1", "", KeyEvent { key: key(e.key), ..*e }));
+    }
+    encode(cutter.finish());
+    seq
+}
+
+fn bench(c: &mut Criterion) {
+    let events = typing();
+    let pseudonyms = KeyPseudonymizer::new_session();
+    let dir = tempfile::tempdir().unwrap();
+    let mut spool = Spool::open(&dir.path().join("spool"), 64 << 20).unwrap();
+    let mut group = c.benchmark_group("agent");
+    group.throughput(Throughput::Elements(events.len() as u64));
+    group.sample_size(20);
+    group.bench_function("cut_encode", |b| b.iter(|| black_box(cut_encode(&events, |k| k, |r| drop(black_box(r))))));
+    group.bench_function("pseudonymise_cut_encode", |b| {
+        b.iter(|| black_box(cut_encode(&events, |k| pseudonyms.pseudonym(k as u16), |r| drop(black_box(r)))))
+    });
+    group.bench_function("agent_path", |b| {
+        b.iter(|| {
+            black_box(cut_encode(
+                &events,
+                |k| pseudonyms.pseudonym(k as u16),
+                |r| {
+                    spool.push(&frame(b"user-1", &r)).unwrap();
+                    spool.pop(1).unwrap();
+                },
+            ))
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

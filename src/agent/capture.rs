@@ -1,0 +1,342 @@
+//! Where the agent's key events come from: an evdev keyboard, or a keylog file replayed through
+//! the same path.
+//!
+//! Each source runs on its own thread and hands [`SourceItem`]s to the agent's loop over a
+//! channel; everything after that (pseudonyms, cutting, spool, producer) is shared, so the replay
+//! source exercises the whole agent on machines without input devices. The mapping of raw input
+//! events ([`map_input`]) is pure and tested on its own; only the ioctl layer (opening and
+//! reading `/dev/input/event*`) needs a real device.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::event::KeyAction;
+use crate::keylog::{KeylogReader, MAX_KEY_CODE};
+
+/// One key event as captured, before its key is pseudonymised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CapturedKey {
+    /// Capture time, microseconds since the Unix epoch.
+    pub time_us: i64,
+    /// The raw evdev key code. Never leaves the agent.
+    pub code: u16,
+    /// Down, up or auto-repeat.
+    pub action: KeyAction,
+}
+
+/// What a source reports to the agent's loop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceItem {
+    /// A key event.
+    Key(CapturedKey),
+    /// The kernel's buffer overflowed (`SYN_DROPPED`): events were lost before the agent saw them.
+    KernelDropped,
+    /// The device went away (unplugged) or none is there yet: the source waits for one.
+    DeviceLost,
+    /// A device is open and being read (again).
+    DeviceReady {
+        /// A stable, content-free id of the device (vendor, product and name hashed).
+        device_id: String,
+    },
+    /// The source has nothing more (end of a replay file).
+    End,
+    /// The source cannot go on; the message names no key and no timing.
+    Failed(String),
+}
+
+/// What one raw input event means to the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mapped {
+    /// A keyboard key changed state.
+    Key(CapturedKey),
+    /// Events were lost in the kernel.
+    Dropped,
+    /// Anything else: sync reports, LEDs, scan codes (`EV_MSC`), mouse and gamepad buttons.
+    Ignored,
+}
+
+/// evdev event types and codes the agent cares about (linux/input-event-codes.h).
+mod codes {
+    pub const EV_SYN: u16 = 0x00;
+    pub const EV_KEY: u16 = 0x01;
+    pub const SYN_DROPPED: u16 = 3;
+    /// `BTN_MISC` to the last gamepad/wheel button: mouse, joystick, gamepad, tablet buttons.
+    pub const BUTTONS: std::ops::RangeInclusive<u16> = 0x100..=0x15f;
+    /// `BTN_DPAD_UP` ..= `BTN_DPAD_RIGHT`.
+    pub const DPAD: std::ops::RangeInclusive<u16> = 0x220..=0x223;
+    /// `BTN_TRIGGER_HAPPY1` ..= `BTN_TRIGGER_HAPPY40`.
+    pub const TRIGGER_HAPPY: std::ops::RangeInclusive<u16> = 0x2c0..=0x2e7;
+}
+
+/// Maps one raw input event (`type`, `code`, `value`, kernel timestamp) to what the agent keeps:
+/// keyboard keys with value 1 (down), 0 (up) and 2 (auto-repeat); buttons of mice, joysticks and
+/// gamepads, and every other event type, are ignored.
+pub fn map_input(event_type: u16, code: u16, value: i32, time: SystemTime) -> Mapped {
+    match event_type {
+        codes::EV_SYN if code == codes::SYN_DROPPED => Mapped::Dropped,
+        codes::EV_KEY => {
+            let is_button =
+                codes::BUTTONS.contains(&code) || codes::DPAD.contains(&code) || codes::TRIGGER_HAPPY.contains(&code);
+            if is_button || u32::from(code) > MAX_KEY_CODE {
+                return Mapped::Ignored;
+            }
+            let action = match value {
+                0 => KeyAction::Up,
+                1 => KeyAction::Down,
+                2 => KeyAction::Repeat,
+                _ => return Mapped::Ignored,
+            };
+            Mapped::Key(CapturedKey { time_us: epoch_us(time), code, action })
+        }
+        _ => Mapped::Ignored,
+    }
+}
+
+/// Microseconds since the Unix epoch (0 for times before it).
+pub fn epoch_us(time: SystemTime) -> i64 {
+    time.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
+/// An evdev device with the keys of a keyboard: letters, space and enter. Mice, power buttons
+/// and lid switches are evdev devices too.
+pub fn is_keyboard(device: &evdev::Device) -> bool {
+    use evdev::KeyCode;
+    device.supported_keys().is_some_and(|keys| {
+        [KeyCode::KEY_A, KeyCode::KEY_Z, KeyCode::KEY_SPACE, KeyCode::KEY_ENTER].iter().all(|k| keys.contains(*k))
+    })
+}
+
+/// A content-free id for a device: its bus, vendor, product and name hashed (device ids are
+/// visible to every consumer of the topic; hardware serials are not needed to tell devices apart).
+pub fn device_id(device: &evdev::Device) -> String {
+    use sha2::{Digest, Sha256};
+    let id = device.input_id();
+    let mut h = Sha256::new();
+    h.update(format!("{:?}:{:04x}:{:04x}:", id.bus_type(), id.vendor(), id.product()));
+    h.update(device.name().unwrap_or_default());
+    format!("kbd-{}", &hex::encode(h.finalize())[..12])
+}
+
+/// Where to read keys: one device path, or the first keyboard found.
+#[derive(Debug, Clone)]
+pub enum DeviceChoice {
+    /// `--device /dev/input/eventN`.
+    Path(PathBuf),
+    /// The first device that [`is_keyboard`].
+    AutoDetect,
+}
+
+fn open_device(choice: &DeviceChoice) -> io::Result<evdev::Device> {
+    match choice {
+        DeviceChoice::Path(p) => evdev::Device::open(p),
+        DeviceChoice::AutoDetect => evdev::enumerate()
+            .map(|(_, d)| d)
+            .find(is_keyboard)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no keyboard among /dev/input/event*")),
+    }
+}
+
+/// Reads a keyboard until `stop`; a device that disappears (or is not there yet) is waited for,
+/// checking every `retry`. Runs on its own thread: reads block in the kernel.
+pub fn run_evdev(choice: DeviceChoice, retry: Duration, tx: Sender<SourceItem>, stop: Arc<AtomicBool>) {
+    let mut reported_lost = false;
+    while !stop.load(Ordering::Relaxed) {
+        let mut device = match open_device(&choice) {
+            Ok(d) => d,
+            Err(e) => {
+                if !reported_lost {
+                    tracing::warn!(error = %e, "no keyboard to read: waiting for one");
+                    if tx.send(SourceItem::DeviceLost).is_err() {
+                        return;
+                    }
+                    reported_lost = true;
+                }
+                std::thread::sleep(retry); // polling for a device to appear
+                continue;
+            }
+        };
+        if tx.send(SourceItem::DeviceReady { device_id: device_id(&device) }).is_err() {
+            return;
+        }
+        loop {
+            let events = match device.fetch_events() {
+                Ok(events) => events,
+                Err(e) => {
+                    // ENODEV: unplugged. Anything else: the device is no longer readable either.
+                    tracing::warn!(error = %e, "keyboard lost: waiting for it to come back");
+                    if tx.send(SourceItem::DeviceLost).is_err() {
+                        return;
+                    }
+                    reported_lost = true;
+                    break;
+                }
+            };
+            for e in events {
+                let item = match map_input(e.event_type().0, e.code(), e.value(), e.timestamp()) {
+                    Mapped::Key(k) => SourceItem::Key(k),
+                    Mapped::Dropped => SourceItem::KernelDropped,
+                    Mapped::Ignored => continue,
+                };
+                if tx.send(item).is_err() {
+                    return;
+                }
+            }
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+        }
+    }
+}
+
+/// Replays one user of a keylog file as if typed now: `speed` 1 keeps the recorded pace, 2 is
+/// twice as fast, 0 sends everything at once. Event times are the file's, shifted so the first
+/// event happens when the replay starts (a replay is a new capture, not a copy of old data).
+pub fn run_replay(path: &Path, user: Option<&str>, speed: f64, tx: Sender<SourceItem>, stop: Arc<AtomicBool>) {
+    let reader = match KeylogReader::open(path) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = tx.send(SourceItem::Failed(e.to_string()));
+            return;
+        }
+    };
+    if tx.send(SourceItem::DeviceReady { device_id: "replay".to_owned() }).is_err() {
+        return;
+    }
+    let started = Instant::now();
+    let start_us = epoch_us(SystemTime::now());
+    let mut replayed_user: Option<String> = user.map(str::to_owned);
+    let mut first_us: Option<i64> = None;
+    for row in reader {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let row = match row {
+            Ok(r) => r,
+            Err(e) => {
+                // Row errors name the line and the problem, never the values.
+                let _ = tx.send(SourceItem::Failed(e.to_string()));
+                return;
+            }
+        };
+        let wanted = replayed_user.get_or_insert_with(|| row.user_id.clone());
+        if row.user_id != *wanted {
+            continue;
+        }
+        let offset_us = row.event.time_us - *first_us.get_or_insert(row.event.time_us);
+        if speed > 0.0 {
+            let due = Duration::from_micros((offset_us.max(0) as f64 / speed) as u64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait); // pacing the replay, not synchronisation
+            }
+        }
+        let key = CapturedKey {
+            time_us: start_us + offset_us,
+            // The reader has checked the code is at most MAX_KEY_CODE.
+            code: row.event.key as u16,
+            action: row.event.action,
+        };
+        if tx.send(SourceItem::Key(key)).is_err() {
+            return;
+        }
+    }
+    let _ = tx.send(SourceItem::End);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: SystemTime = SystemTime::UNIX_EPOCH;
+
+    fn at(us: u64) -> SystemTime {
+        T + Duration::from_micros(us)
+    }
+
+    #[test]
+    fn keys_map_to_down_up_and_repeat_with_their_kernel_time() {
+        let a = evdev::KeyCode::KEY_A.0;
+        assert_eq!(
+            map_input(1, a, 1, at(1_500)),
+            Mapped::Key(CapturedKey { time_us: 1_500, code: a, action: KeyAction::Down })
+        );
+        assert!(matches!(map_input(1, a, 2, at(2_000)), Mapped::Key(CapturedKey { action: KeyAction::Repeat, .. })));
+        assert!(matches!(map_input(1, a, 0, at(3_000)), Mapped::Key(CapturedKey { action: KeyAction::Up, .. })));
+        assert_eq!(map_input(1, a, 7, at(0)), Mapped::Ignored, "no such key value");
+    }
+
+    #[test]
+    fn buttons_and_other_event_types_are_not_keys() {
+        let ignored = [
+            (1, evdev::KeyCode::BTN_LEFT.0),
+            (1, evdev::KeyCode::BTN_SOUTH.0),
+            (1, evdev::KeyCode::BTN_DPAD_UP.0),
+            (1, evdev::KeyCode::BTN_TRIGGER_HAPPY1.0),
+            (1, 0x300),
+            (0, 0),  // SYN_REPORT
+            (4, 4),  // EV_MSC MSC_SCAN: the scan code, also a key identity
+            (17, 1), // EV_LED
+            (2, 0),  // EV_REL (mouse motion)
+        ];
+        for (t, c) in ignored {
+            assert_eq!(map_input(t, c, 1, at(0)), Mapped::Ignored, "type {t} code {c:#x}");
+        }
+        // Keys beyond the first 256 codes and the buttons are still keys (KEY_OK, KEY_FN...).
+        assert!(matches!(map_input(1, evdev::KeyCode::KEY_OK.0, 1, at(0)), Mapped::Key(_)));
+        assert!(matches!(map_input(1, evdev::KeyCode::KEY_FN.0, 1, at(0)), Mapped::Key(_)));
+    }
+
+    #[test]
+    fn a_kernel_overflow_is_reported() {
+        assert_eq!(map_input(0, 3, 0, at(0)), Mapped::Dropped);
+    }
+
+    #[test]
+    fn evdev_input_events_go_through_the_same_mapping() {
+        let e = evdev::InputEvent::new(evdev::EventType::KEY.0, evdev::KeyCode::KEY_SPACE.0, 1);
+        let mapped = map_input(e.event_type().0, e.code(), e.value(), e.timestamp());
+        assert_eq!(mapped, Mapped::Key(CapturedKey { time_us: 0, code: 57, action: KeyAction::Down }));
+    }
+
+    #[test]
+    fn replay_sends_one_users_events_shifted_to_now_then_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.csv");
+        std::fs::write(
+            &path,
+            "user_id,session_id,event_time_us,key_code,action\n\
+             a,s,1000000,30,down\nb,s,1000500,31,down\na,s,1080000,30,up\na,s,1100000,2,repeat\n",
+        )
+        .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let before = epoch_us(SystemTime::now());
+        run_replay(&path, None, 0.0, tx, Arc::new(AtomicBool::new(false)));
+        let items: Vec<SourceItem> = rx.iter().collect();
+        assert_eq!(items[0], SourceItem::DeviceReady { device_id: "replay".into() });
+        assert_eq!(items.last(), Some(&SourceItem::End));
+        let keys: Vec<CapturedKey> =
+            items.iter().filter_map(|i| if let SourceItem::Key(k) = i { Some(*k) } else { None }).collect();
+        assert_eq!(
+            keys.iter().map(|k| (k.code, k.action)).collect::<Vec<_>>(),
+            [(30, KeyAction::Down), (30, KeyAction::Up), (2, KeyAction::Repeat)]
+        );
+        assert!(keys[0].time_us >= before);
+        assert_eq!(keys[1].time_us - keys[0].time_us, 80_000);
+        assert_eq!(keys[2].time_us - keys[0].time_us, 100_000);
+    }
+
+    #[test]
+    fn a_bad_replay_row_fails_without_its_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.csv");
+        std::fs::write(&path, "user_id,session_id,event_time_us,key_code,action\na,s,1000,98765,down\n").unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        run_replay(&path, Some("a"), 0.0, tx, Arc::new(AtomicBool::new(false)));
+        let last = rx.iter().last().unwrap();
+        let SourceItem::Failed(message) = last else { panic!("{last:?}") };
+        assert!(message.contains("line 2") && !message.contains("98765"), "{message}");
+    }
+}

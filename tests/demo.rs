@@ -1,0 +1,79 @@
+//! `metronome demo` end to end, as a person runs it on a fresh machine: nothing installed, the
+//! built-in typing model for humans, the embedded Kafka cluster. A macro user must be flagged
+//! within seconds, every macro user must be caught, no human may be flagged, and the alert page's
+//! API must serve the alerts while the demo runs.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// `GET path` over a plain socket; the body of a 200 answer.
+fn http_get(addr: &str, path: &str) -> String {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200"), "{path}: {answer}");
+    answer.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned()
+}
+
+/// Seconds since the demo started, from a line `[   7.4s] ALERT ...`.
+fn alert_second(line: &str) -> f64 {
+    line.trim_start_matches('[').split('s').next().unwrap().trim().parse().unwrap()
+}
+
+#[test]
+fn the_demo_flags_macro_users_within_seconds_and_no_human() {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_metronome"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("METRONOME_") {
+            cmd.env_remove(k);
+        }
+    }
+    let mut demo = cmd
+        .args(["demo", "--humans", "builtin", "--users", "12", "--typing-s", "45", "--listen", "127.0.0.1:0"])
+        .args(["--duration-s", "170"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let stdout = BufReader::new(demo.stdout.take().unwrap());
+    let mut lines = Vec::new();
+    let mut page = None;
+    let mut api_checked = false;
+    for line in stdout.lines() {
+        let line = line.unwrap();
+        if let Some(url) = line.split("alert page   http://").nth(1) {
+            page = Some(url.trim_end_matches('/').to_owned());
+        }
+        if line.contains("] ALERT ") && !api_checked {
+            // The page's API serves what the terminal shows, while the demo runs.
+            let addr = page.as_deref().expect("the page's address comes before any alert");
+            let body = http_get(addr, "/api/alerts");
+            let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert!(json["count"].as_u64().unwrap() >= 1, "{body}");
+            assert!(http_get(addr, "/").contains("<html"), "the alert page");
+            assert!(http_get(addr, "/metrics").contains("metronome_alerts_total"));
+            api_checked = true;
+        }
+        lines.push(line);
+    }
+    let status = demo.wait().unwrap();
+    let text = lines.join("\n");
+    assert!(status.success(), "{text}");
+    assert!(started.elapsed() < Duration::from_secs(160), "the demo ends on its own once the traffic is scored");
+    let alerts: Vec<&String> = lines.iter().filter(|l| l.contains("] ALERT ")).collect();
+    let first = alerts.first().unwrap_or_else(|| panic!("no alert:\n{text}"));
+    assert!(first.contains("macro ("), "{text}");
+    assert!(alert_second(first) < 30.0, "the first macro user is flagged within 30 s:\n{text}");
+    assert!(!text.contains("FALSE ALARM"), "no human flagged:\n{text}");
+    let summary = lines.last().unwrap();
+    // 12 users, a share of 0.3: 4 macro users, 8 humans.
+    assert!(summary.contains("caught 4 of 4 macro users"), "{text}");
+    assert!(summary.contains("0 of 8 humans flagged"), "{text}");
+    assert!(api_checked);
+}
