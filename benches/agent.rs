@@ -1,6 +1,6 @@
 //! The agent's cost per key event on a player's machine, against cutting and encoding alone.
 //!
-//! `cargo bench --bench agent`. Every benchmark walks the same 20,000 events of the built-in
+//! `cargo bench --bench agent`. Every benchmark walks the same ~20,000 events of the built-in
 //! typing model in one process, so their ratios hold on a noisy machine:
 //! - `cut_encode`: records cut every 100 ms or 50 events and encoded as `KeyEventBatch`, raw keys
 //!   (the baseline: what any publisher does);

@@ -224,16 +224,6 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    // Logs go to stderr as text; RUST_LOG filters them (default: info).
-    tracing_subscriber::fmt()
-        .with_writer(io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,metronome=info".into()),
-        )
-        .with_target(false)
-        // Colour codes only for a terminal: log files and collectors get plain `key=value`.
-        .with_ansi(io::stderr().is_terminal())
-        .init();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {
@@ -250,6 +240,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Logs go to stderr as text; RUST_LOG filters them (default: info; the demo talks on stdout
+    // and keeps its log to warnings).
+    let default_filter = if matches!(cli.command, Command::Demo { .. }) { "warn" } else { "warn,metronome=info" };
+    tracing_subscriber::fmt()
+        .with_writer(io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()),
+        )
+        .with_target(false)
+        // Colour codes only for a terminal: log files and collectors get plain `key=value`.
+        .with_ansi(io::stderr().is_terminal())
+        .init();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
