@@ -3,6 +3,8 @@
 //! within seconds, every macro user must be caught, no human may be flagged, and the alert page's
 //! API must serve the alerts while the demo runs.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
@@ -24,15 +26,19 @@ fn alert_second(line: &str) -> f64 {
     line.trim_start_matches('[').split('s').next().unwrap().trim().parse().unwrap()
 }
 
-#[test]
-fn the_demo_flags_macro_users_within_seconds_and_no_human() {
+fn metronome() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_metronome"));
     for (k, _) in std::env::vars() {
         if k.starts_with("METRONOME_") {
             cmd.env_remove(k);
         }
     }
-    let mut demo = cmd
+    cmd
+}
+
+#[test]
+fn the_demo_flags_macro_users_within_seconds_and_no_human() {
+    let mut demo = metronome()
         .args(["demo", "--humans", "builtin", "--users", "12", "--typing-s", "45", "--listen", "127.0.0.1:0"])
         .args(["--duration-s", "170"])
         .env("RUST_LOG", "warn")
@@ -76,4 +82,26 @@ fn the_demo_flags_macro_users_within_seconds_and_no_human() {
     assert!(summary.contains("caught 4 of 4 macro users"), "{text}");
     assert!(summary.contains("0 of 8 humans flagged"), "{text}");
     assert!(api_checked);
+}
+
+#[test]
+fn the_demo_writes_its_alerts_to_postgresql_when_given_a_url() {
+    let db = common::postgres::TempDb::create();
+    let out = metronome()
+        .args(["demo", "--humans", "builtin", "--users", "10", "--typing-s", "25", "--listen", "127.0.0.1:0"])
+        .args(["--duration-s", "120"])
+        .env("METRONOME_POSTGRES_URL", db.url("sslmode=disable"))
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<&str> = stdout.lines().filter_map(|l| l.split("] ALERT ").nth(1)).collect();
+    let shown: std::collections::BTreeSet<String> =
+        lines.iter().map(|l| l.split_whitespace().next().unwrap().to_owned()).collect();
+    assert!(!shown.is_empty(), "{stdout}");
+    let stored: std::collections::BTreeSet<String> =
+        db.sql("SELECT DISTINCT user_id FROM alerts").lines().map(str::to_owned).collect();
+    assert_eq!(stored, shown, "PostgreSQL holds the alerts the terminal showed:\n{stdout}");
+    assert_eq!(db.count("alerts"), lines.len(), "each alert once");
 }
