@@ -147,11 +147,6 @@ impl RecordCutter {
         self.pending.len()
     }
 
-    /// Whether any event waits in a pending record.
-    pub fn has_pending(&self) -> bool {
-        self.pending.values().any(|p| !p.events.is_empty())
-    }
-
     fn cut(user_id: &str, pending: &mut Pending) -> CutRecord {
         pending.generation += 1;
         CutRecord {
@@ -193,7 +188,7 @@ mod tests {
             ]
         );
         assert_eq!(cutter.users(), 2);
-        assert!(!cutter.has_pending());
+        assert!(cutter.finish().is_empty(), "nothing left pending");
     }
 
     #[test]

@@ -321,6 +321,7 @@ fn report(summary: &AgentSummary, shipper: &Shipper, spool: &Spool, sink: &Kafka
         records = summary.records,
         delivered = stats.delivered,
         in_spool = spool.len(),
+        in_flight = shipper.in_flight(),
         refused = summary.refused_records,
         rejected = stats.rejected,
         broker_down = sink.context().brokers_down(),
