@@ -276,10 +276,13 @@ pub fn run(mut config: Config, opts: DemoOptions, out: Arc<Mutex<dyn Write + Sen
             })
         };
         let follow_stop = Arc::new(AtomicBool::new(false));
+        let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let follower = {
             let (out, stop, mut reporter) = (out_for_alerts, Arc::clone(&follow_stop), reporter);
+            let received = Arc::clone(&received);
             std::thread::spawn(move || {
                 let result = follow_until(&kafka, &alerts_topic, Duration::from_secs(u64::MAX / 4), &stop, |alert| {
+                    received.fetch_add(1, Ordering::Relaxed);
                     if let Some(line) = reporter.line(alert, epoch_us(SystemTime::now())) {
                         let mut out = out.lock().unwrap_or_else(|p| p.into_inner());
                         let _ = writeln!(out, "{line}");
@@ -303,10 +306,11 @@ pub fn run(mut config: Config, opts: DemoOptions, out: Arc<Mutex<dyn Write + Sen
         shutdown.trigger();
         let events = publisher.join().map_err(|_| "the traffic thread panicked".to_owned())??;
         let summary = processed?;
-        // Alerts of the last commit reach the follower within a poll or two.
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(200)); // letting the follower read the last commit
+        // The follower stops once it has read as many alert records as the processor committed
+        // (or after 5 s: a record it could not decode is not counted).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while received.load(Ordering::Relaxed) < summary.alerts && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50)); // polling a condition
         }
         follow_stop.store(true, Ordering::Relaxed);
         let reporter = follower.join().map_err(|_| "the alert follower panicked".to_owned())?;
