@@ -43,9 +43,14 @@ fn main() {
     broker::simulate_keylog(&keylog, (target / 1_300).max(10), &["--macro-share", "0.2", "--macro-presses", "400"]);
     let props = BTreeMap::from([("bootstrap.servers".to_owned(), broker.bootstrap.clone())]);
     let producer = metronome::stream::publish::producer(&props).unwrap();
-    let published =
-        metronome::stream::publish::publish_keylog(&producer, "events", KeylogReader::open(&keylog).unwrap(), shape)
-            .unwrap();
+    let published = metronome::stream::publish::publish_keylog(
+        &producer,
+        "events",
+        KeylogReader::open(&keylog).unwrap(),
+        shape,
+        Default::default(),
+    )
+    .unwrap();
     eprintln!(
         "published {} events of {} users as {} records ({:.2} events a record; {shape:?})",
         published.events,

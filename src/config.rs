@@ -11,6 +11,7 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 use crate::agent::AgentConfig;
+use crate::archive::ArchiveConfig;
 use crate::detect::{DetectorConfig, InvalidConfig};
 use crate::http::HttpConfig;
 use crate::sink::PostgresConfig;
@@ -43,6 +44,9 @@ pub struct Config {
     /// The capture agent (`metronome agent`).
     #[serde(default)]
     pub agent: AgentConfig,
+    /// The nightly archive (`metronome archive`) and the backtest's default location.
+    #[serde(default)]
+    pub archive: ArchiveConfig,
     /// librdkafka properties for every Kafka client, passed through unchanged
     /// (`bootstrap.servers`, `security.protocol`, `sasl.*`, `ssl.*`, ...). Numbers and
     /// booleans (`session.timeout.ms = 6000`, or the same from the environment) are taken as
@@ -134,8 +138,15 @@ impl Config {
     /// Loads defaults, then `file` if given, then the process environment.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
         // METRONOME_CONFIG names the file and METRONOME_POSTGRES_URL is `demo --postgres-url`:
-        // flags' environment forms, not keys.
-        Self::load_with_env(file, Env::prefixed(ENV_PREFIX).split("__").ignore(&["config", "postgres_url"]))
+        // flags' environment forms, not keys; METRONOME_FAULT_* are the tests' fault hooks.
+        Self::load_with_env(
+            file,
+            Env::prefixed(ENV_PREFIX).split("__").ignore(&[
+                "config",
+                "postgres_url",
+                "fault_archive_abort_after_records",
+            ]),
+        )
     }
 
     /// As [`Config::load`] with an explicit environment provider (tests pass a fixed one).
@@ -153,6 +164,7 @@ impl Config {
         config.postgres.validate().map_err(ConfigError::Parse)?;
         config.http.listen_addr().map_err(ConfigError::Parse)?;
         config.agent.validate().map_err(ConfigError::Parse)?;
+        config.archive.validate().map_err(ConfigError::Parse)?;
         config.kafka = normalise_kafka_properties(&config.kafka);
         Ok(config)
     }
@@ -180,6 +192,7 @@ mod tests {
         assert_eq!(cfg.postgres, PostgresConfig::default());
         assert_eq!(cfg.http, HttpConfig::default());
         assert_eq!(cfg.agent, AgentConfig::default());
+        assert_eq!(cfg.archive, ArchiveConfig::default());
         assert_eq!(cfg.kafka.get("bootstrap.servers").map(String::as_str), Some("localhost:9092"));
     }
 

@@ -10,9 +10,14 @@
 //!                                                      +--> [<app>-user-state-changelog] + offsets)
 //!  [keys.alerts] --> sink: one PostgreSQL transaction per batch (alerts + offsets) --> alerts
 //!  keylog CSV --> `metronome score` ----------- the same detect core ----> JSON lines
+//!  [keys.events] --> `metronome archive` (nightly) --> object store: files + manifest
+//!                                                  --> PostgreSQL archive_runs
+//!  archived day --> `metronome score --archive` -- the same detect core --> JSON lines
 //! ```
 //!
 //! # Layout
+//! - [`archive`]: `metronome archive`, the nightly archive of the raw topic to an object store,
+//!   its retention and `archive_runs` record, and the backtest of an archived day.
 //! - [`agent`]: `metronome agent`, capture (evdev or a replayed keylog), key pseudonyms, the
 //!   bounded spool and the idempotent producer.
 //! - [`cutting`]: how key events are cut into records (agent, simulator, publish).
@@ -37,6 +42,7 @@
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz` and the alert API (warp).
 
 pub mod agent;
+pub mod archive;
 pub mod config;
 pub mod cutting;
 pub mod dataset;

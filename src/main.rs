@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use metronome::agent::capture::DeviceChoice;
 use metronome::agent::{self, Source};
+use metronome::archive::{self, format::Day};
 use metronome::config::Config;
 use metronome::detect::{Detector, SequenceScorer};
 use metronome::http::{AlertDb, ApiState, Readiness};
@@ -156,13 +157,27 @@ enum Command {
         /// (0: cut by --batch-events alone).
         #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(0..=3_600_000))]
         batch_ms: u32,
+        /// Record timestamps: `now` (as live agents send), or `event-time` (each record's first
+        /// event, so a replayed day is that day to `metronome archive`).
+        #[arg(long, value_enum, default_value_t = stream::publish::Timestamps::Now)]
+        timestamps: stream::publish::Timestamps,
     },
     /// Score a keylog CSV (plain or gzip, `-` for stdin) through the detection core; JSON lines
     /// on stdout, summary on stderr.
     Score {
         /// The keylog file.
-        #[arg(long)]
-        input: PathBuf,
+        #[arg(long, required_unless_present = "archive", conflicts_with = "archive")]
+        input: Option<PathBuf>,
+        /// Re-score an archived day instead (a backtest): the archive's location, a directory or
+        /// s3://bucket/prefix (`archive.url` of the configuration: `--archive config`).
+        #[arg(long, value_name = "DIR|s3://BUCKET/PREFIX|config", requires = "day")]
+        archive: Option<String>,
+        /// The archived day to re-score, YYYY-MM-DD.
+        #[arg(long, value_parser = parse_day, requires = "archive")]
+        day: Option<Day>,
+        /// The archived topic (else `archive.topic`, else `stream.input_topic`).
+        #[arg(long, requires = "archive")]
+        topic: Option<String>,
         /// Skip invalid rows (reported on stderr by line number) instead of stopping.
         #[arg(long)]
         skip_bad_rows: bool,
@@ -173,6 +188,30 @@ enum Command {
         /// configuration's `model.manifest`).
         #[arg(long, value_name = "embedded|none|MANIFEST")]
         model: Option<String>,
+    },
+    /// Archive one day of the raw input topic: one compressed file per partition and a manifest
+    /// (record counts, offsets, sha256) in the object store (`archive.url`), the run recorded in
+    /// PostgreSQL's `archive_runs`; then delete archived days past `archive.retention_days`.
+    /// Re-running a day rewrites the same files. Run nightly (k8s/: a CronJob).
+    Archive {
+        /// The day, YYYY-MM-DD (UTC). Default: yesterday.
+        #[arg(long, value_parser = parse_day)]
+        day: Option<Day>,
+        /// Kafka bootstrap servers (else from the configuration).
+        #[arg(long)]
+        bootstrap_servers: Option<String>,
+        /// The archive location, a directory or s3://bucket/prefix (else `archive.url`).
+        #[arg(long)]
+        archive: Option<String>,
+        /// The topic (else `archive.topic`, else `stream.input_topic`).
+        #[arg(long)]
+        topic: Option<String>,
+        /// PostgreSQL for archive_runs (else `postgres.url`).
+        #[arg(long)]
+        postgres_url: Option<String>,
+        /// Do not record the run in PostgreSQL.
+        #[arg(long, conflicts_with = "postgres_url")]
+        no_record: bool,
     },
     /// Produce synthetic traffic, to Kafka as the users' agents would send it, or to a keylog
     /// CSV: replayed real humans (or the built-in typing model) plus macro users.
@@ -264,12 +303,33 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<(), String> {
     let config = Config::load(cli.config.as_deref()).map_err(|e| e.to_string())?;
     match cli.command {
-        Command::Score { input, skip_bad_rows, alerts_only, model } => {
+        Command::Score { input, archive, day, topic, skip_bad_rows, alerts_only, model } => {
             let mut config = config;
             if let Some(m) = model {
                 config.model.manifest = m;
             }
-            run_score(config, &input, skip_bad_rows, alerts_only)
+            match (input, archive, day) {
+                (Some(input), _, _) => run_score(config, ScoreInput::Keylog(&input), skip_bad_rows, alerts_only),
+                (None, Some(location), Some(day)) => {
+                    let location = if location == "config" { config.archive.url.clone() } else { location };
+                    let topic = topic.unwrap_or_else(|| archive_topic(&config));
+                    run_score(
+                        config,
+                        ScoreInput::Archive { location: &location, topic: &topic, day },
+                        skip_bad_rows,
+                        alerts_only,
+                    )
+                }
+                _ => Err("give --input FILE, or --archive LOCATION --day YYYY-MM-DD".to_owned()),
+            }
+        }
+        Command::Archive { day, bootstrap_servers, archive, topic, postgres_url, no_record } => {
+            let mut config = with_postgres(with_bootstrap(config, bootstrap_servers), postgres_url)?;
+            if let Some(location) = archive {
+                config.archive.url = location;
+            }
+            let topic = topic.unwrap_or_else(|| archive_topic(&config));
+            run_archive(&config, &topic, day, !no_record)
         }
         Command::Process { bootstrap_servers, state_dir, instance_id, postgres_url, no_sink } => {
             let mut config = with_postgres(with_bootstrap(config, bootstrap_servers), postgres_url)?;
@@ -346,14 +406,14 @@ fn run(cli: Cli) -> Result<(), String> {
             };
             run_agent(&config, &topic, source)
         }
-        Command::Publish { input, bootstrap_servers, topic, batch_events, batch_ms } => {
+        Command::Publish { input, bootstrap_servers, topic, batch_events, batch_ms, timestamps } => {
             let config = with_bootstrap(config, bootstrap_servers);
             let topic = topic.unwrap_or(config.stream.input_topic.clone());
             let shape = stream::publish::RecordShape {
                 max_events: batch_events as usize,
                 span_us: i64::from(batch_ms) * 1_000,
             };
-            run_publish(&config, &input, &topic, shape)
+            run_publish(&config, &input, &topic, shape, timestamps)
         }
         Command::Simulate {
             humans,
@@ -514,11 +574,18 @@ fn run_agent(config: &Config, topic: &str, source: Source) -> Result<(), String>
     Ok(())
 }
 
-fn run_publish(config: &Config, input: &Path, topic: &str, shape: stream::publish::RecordShape) -> Result<(), String> {
+fn run_publish(
+    config: &Config,
+    input: &Path,
+    topic: &str,
+    shape: stream::publish::RecordShape,
+    timestamps: stream::publish::Timestamps,
+) -> Result<(), String> {
     let producer = stream::publish::producer(&config.kafka).map_err(|e| format!("kafka producer: {e}"))?;
     let reader = KeylogReader::open(input).map_err(|e| e.to_string())?;
     let started = Instant::now();
-    let summary = stream::publish::publish_keylog(&producer, topic, reader, shape).map_err(|e| e.to_string())?;
+    let summary =
+        stream::publish::publish_keylog(&producer, topic, reader, shape, timestamps).map_err(|e| e.to_string())?;
     eprintln!(
         "metronome: published {} events of {} users as {} records to {topic} in {:.2}s",
         summary.events,
@@ -529,13 +596,66 @@ fn run_publish(config: &Config, input: &Path, topic: &str, shape: stream::publis
     Ok(())
 }
 
-fn run_score(config: Config, input: &Path, skip_bad_rows: bool, alerts_only: bool) -> Result<(), String> {
+/// The topic `metronome archive` archives: `archive.topic`, else the processor's input topic.
+fn archive_topic(config: &Config) -> String {
+    Some(config.archive.topic.clone()).filter(|t| !t.is_empty()).unwrap_or_else(|| config.stream.input_topic.clone())
+}
+
+fn parse_day(text: &str) -> Result<Day, String> {
+    Day::parse(text).map_err(|e| e.to_string())
+}
+
+fn run_archive(config: &Config, topic: &str, day: Option<Day>, record: bool) -> Result<(), String> {
+    let now_ms = metronome::agent::capture::epoch_us(std::time::SystemTime::now()) / 1000;
+    let day = day.unwrap_or_else(|| Day::yesterday(now_ms));
+    let runs = if record { Some(PgTarget::parse(&config.postgres.url).map_err(|e| e.to_string())?) } else { None };
+    let runtime = service_runtime()?;
+    let outcome = runtime
+        .block_on(archive::archive_day(&config.archive, &config.kafka, topic, day, now_ms, runs.as_ref()))
+        .map_err(|e| format!("archiving {topic} for {day}: {e}"))?;
+    let expired: Vec<String> = outcome.expired.iter().map(ToString::to_string).collect();
+    eprintln!(
+        "metronome: archived {topic} for {day}: {} records in {} partition files ({} read), manifest sha256 {}{}",
+        outcome.records_written,
+        outcome.manifest.partitions.len(),
+        outcome.records_read,
+        outcome.manifest_sha256,
+        if expired.is_empty() { String::new() } else { format!("; deleted by retention: {}", expired.join(", ")) }
+    );
+    Ok(())
+}
+
+/// What `metronome score` reads.
+enum ScoreInput<'a> {
+    /// A keylog file.
+    Keylog(&'a Path),
+    /// An archived day (a backtest).
+    Archive { location: &'a str, topic: &'a str, day: Day },
+}
+
+fn run_score(config: Config, input: ScoreInput<'_>, skip_bad_rows: bool, alerts_only: bool) -> Result<(), String> {
     let mut model = service::load_model(&config)?;
+    let max_events = config.stream.max_events_per_record;
     let mut detector = Detector::new(config.detector).map_err(|e| e.to_string())?;
     let started = Instant::now();
     // Progress every million rows, for people watching a terminal; never into pipes or logs.
     let show_progress = io::stderr().is_terminal();
-    let reader = KeylogReader::open(input).map_err(|e| e.to_string())?.enumerate().map(move |(i, row)| {
+    let skipped_records = std::rc::Rc::new(std::cell::Cell::new(0u64));
+    let records: Box<dyn Iterator<Item = Result<keylog::KeylogRecord, keylog::KeylogError>>> = match input {
+        ScoreInput::Keylog(path) => Box::new(KeylogReader::open(path).map_err(|e| e.to_string())?),
+        ScoreInput::Archive { location, topic, day } => {
+            let archived = archive::backtest::ArchivedDay::open(location, &config.archive.s3, topic, day)
+                .map_err(|e| e.to_string())?;
+            eprintln!(
+                "metronome: backtest of {topic} for {day}: {} records in {} partitions, model {}",
+                archived.manifest().records,
+                archived.manifest().partitions.len(),
+                model.as_ref().map_or_else(|| "none (timing rules alone)".to_owned(), |m| m.version().to_string())
+            );
+            Box::new(archived.records(max_events, std::rc::Rc::clone(&skipped_records)))
+        }
+    };
+    let reader = records.enumerate().map(move |(i, row)| {
         if show_progress && i > 0 && i % (1 << 20) == 0 {
             eprintln!("metronome: {i} rows read ({:.0} rows/s)", i as f64 / started.elapsed().as_secs_f64());
         }
@@ -577,6 +697,12 @@ fn run_score(config: Config, input: &Path, skip_bad_rows: bool, alerts_only: boo
         summary.late_events,
         summary.bad_rows
     );
+    if skipped_records.get() > 0 {
+        eprintln!(
+            "metronome: {} archived records skipped as the processor would dead-letter them",
+            skipped_records.get()
+        );
+    }
     Ok(())
 }
 

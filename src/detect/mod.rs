@@ -126,6 +126,11 @@ impl UserState {
         &self.scored.policy
     }
 
+    /// Event time of the newest event this user sent (retention prunes users by it).
+    pub fn last_event_us(&self) -> Option<i64> {
+        self.reorder.newest_us()
+    }
+
     /// Whether events are held or presses wait in the window: what an idle close would act on.
     pub fn has_open_window(&self) -> bool {
         self.reorder.pending_len() > 0 || !self.scored.window.is_empty()

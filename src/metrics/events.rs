@@ -290,3 +290,48 @@ impl InternalEvent for HttpRequestServed {
         metrics().http_requests.with_label_values(&[self.route, class]).inc();
     }
 }
+
+/// A nightly archive run ended.
+#[derive(Debug, Clone, Copy)]
+pub struct ArchiveRunFinished {
+    /// Whether it completed (manifest written).
+    pub succeeded: bool,
+    /// Records archived (0 when it failed).
+    pub records: u64,
+    /// How long it ran.
+    pub seconds: f64,
+}
+
+impl InternalEvent for ArchiveRunFinished {
+    fn emit(self) {
+        let m = metrics();
+        m.archive_runs.with_label_values(&[if self.succeeded { "succeeded" } else { "failed" }]).inc();
+        m.archive_records.inc_by(self.records);
+        m.archive_seconds.observe(self.seconds);
+    }
+}
+
+/// A retention pass over one task store ended.
+#[derive(Debug, Clone, Copy)]
+pub struct StatePruned {
+    /// Whether it completed.
+    pub succeeded: bool,
+    /// User states deleted.
+    pub users: u64,
+    /// How long it took.
+    pub seconds: f64,
+    /// When it ended, Unix seconds.
+    pub at_unix_s: i64,
+}
+
+impl InternalEvent for StatePruned {
+    fn emit(self) {
+        let m = metrics();
+        m.prune_runs.with_label_values(&[if self.succeeded { "succeeded" } else { "failed" }]).inc();
+        m.pruned_users.inc_by(self.users);
+        m.prune_seconds.observe(self.seconds);
+        if self.succeeded {
+            m.prune_last_success.set(self.at_unix_s);
+        }
+    }
+}

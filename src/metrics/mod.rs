@@ -43,6 +43,13 @@ pub struct Metrics {
     pub(crate) sink_connected: IntGauge,
     pub(crate) sink_write_latency: Histogram,
     pub(crate) http_requests: IntCounterVec,
+    pub(crate) archive_runs: IntCounterVec,
+    pub(crate) archive_records: IntCounter,
+    pub(crate) archive_seconds: Histogram,
+    pub(crate) prune_runs: IntCounterVec,
+    pub(crate) pruned_users: IntCounter,
+    pub(crate) prune_seconds: Histogram,
+    pub(crate) prune_last_success: IntGauge,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -185,6 +192,45 @@ impl Metrics {
                 "HTTP requests served, by route and status class.",
                 &["route", "status"],
             ),
+            archive_runs: counter_vec(
+                &r,
+                "metronome_archive_runs_total",
+                "Nightly archive runs of this process, by outcome (succeeded, failed).",
+                &["outcome"],
+            ),
+            archive_records: counter(&r, "metronome_archive_records_total", "Records written to archive files by succeeded runs."),
+            archive_seconds: histogram(
+                &r,
+                "metronome_archive_run_seconds",
+                "Duration of one archive run (read, stage, upload, manifest, retention).",
+                exponential_buckets(1.0, 2.0, 16).expect("valid buckets"),
+            ),
+            prune_runs: counter_vec(
+                &r,
+                "metronome_state_prune_runs_total",
+                "Retention passes over this instance's task stores, by outcome (succeeded, failed).",
+                &["outcome"],
+            ),
+            pruned_users: counter(
+                &r,
+                "metronome_state_pruned_users_total",
+                "Per-user states deleted by retention (their newest event older than stream.state_retention_days).",
+            ),
+            prune_seconds: histogram(
+                &r,
+                "metronome_state_prune_seconds",
+                "Duration of one retention pass over a task store (scan, changelog tombstones, delete, compaction).",
+                exponential_buckets(0.001, 2.0, 18).expect("valid buckets"),
+            ),
+            prune_last_success: {
+                let g = IntGauge::new(
+                    "metronome_state_prune_last_success_timestamp_seconds",
+                    "When the last retention pass of this instance succeeded (Unix seconds; 0: never).",
+                )
+                .expect("valid metric");
+                r.register(Box::new(g.clone())).expect("metric registered once");
+                g
+            },
             registry: r,
         }
     }

@@ -43,6 +43,14 @@ pub struct StreamConfig {
     pub transaction_timeout_ms: u64,
     /// Processing guarantee: `exactly_once` (Kafka transactions) or `at_least_once`.
     pub guarantee: Guarantee,
+    /// Retention: a user whose newest event is older than this many days loses its state (store
+    /// and changelog); 0 keeps every user.
+    pub state_retention_days: u32,
+    /// When retention passes run: at this UTC time of day (`HH:MM`), then every
+    /// `prune_interval_s` seconds.
+    pub prune_at_utc: String,
+    /// Seconds between retention passes (86400: nightly).
+    pub prune_interval_s: u64,
     /// RocksDB tuning of the task stores.
     pub rocksdb: RocksOptions,
 }
@@ -66,8 +74,28 @@ impl Default for StreamConfig {
             replication_factor: 1,
             transaction_timeout_ms: 60_000,
             guarantee: Guarantee::ExactlyOnce,
+            state_retention_days: 30,
+            prune_at_utc: "03:00".to_owned(),
+            prune_interval_s: 86_400,
             rocksdb: RocksOptions::default(),
         }
+    }
+}
+
+/// When retention passes run: at `anchor_s` seconds after a UTC midnight, then every
+/// `interval_s`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PruneSchedule {
+    /// Seconds after midnight UTC.
+    pub anchor_s: i64,
+    /// Seconds between passes.
+    pub interval_s: i64,
+}
+
+impl PruneSchedule {
+    /// The first pass strictly after `now_s` (Unix seconds).
+    pub fn next_after(&self, now_s: i64) -> i64 {
+        self.anchor_s + ((now_s - self.anchor_s).div_euclid(self.interval_s) + 1) * self.interval_s
     }
 }
 
@@ -131,8 +159,23 @@ impl StreamConfig {
         self.state_dir.join(&self.application_id).join(format!("{}-{partition}", self.input_topic))
     }
 
+    /// The retention schedule `prune_at_utc` and `prune_interval_s` describe.
+    pub fn prune_schedule(&self) -> Result<PruneSchedule, String> {
+        let bad = || format!("stream.prune_at_utc `{}` is not HH:MM", self.prune_at_utc);
+        let (h, m) = self.prune_at_utc.trim().split_once(':').ok_or_else(bad)?;
+        let (h, m): (i64, i64) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+        if !(0..24).contains(&h) || !(0..60).contains(&m) {
+            return Err(bad());
+        }
+        if self.prune_interval_s == 0 {
+            return Err("stream.prune_interval_s must be at least 1".to_owned());
+        }
+        Ok(PruneSchedule { anchor_s: h * 3600 + m * 60, interval_s: self.prune_interval_s as i64 })
+    }
+
     /// Checks values that would fail later in a less obvious way.
     pub fn validate(&self) -> Result<(), String> {
+        self.prune_schedule()?;
         let named = [
             ("application_id", &self.application_id),
             ("input_topic", &self.input_topic),
@@ -172,6 +215,24 @@ pub fn normalise_kafka_properties(props: &BTreeMap<String, String>) -> BTreeMap<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retention_runs_nightly_at_the_configured_time() {
+        let cfg = StreamConfig::default();
+        let schedule = cfg.prune_schedule().unwrap();
+        // 2026-11-29 02:59:59 UTC -> 03:00:00 the same day; 03:00:00 -> the next day's.
+        let day = 1_795_910_400;
+        assert_eq!(schedule.next_after(day + 3 * 3600 - 1), day + 3 * 3600);
+        assert_eq!(schedule.next_after(day + 3 * 3600), day + 86_400 + 3 * 3600);
+        let every_2s = PruneSchedule { anchor_s: 0, interval_s: 2 };
+        assert_eq!(every_2s.next_after(11), 12);
+        for bad in ["3", "25:00", "03:61", "x:y"] {
+            let cfg = StreamConfig { prune_at_utc: bad.to_owned(), ..StreamConfig::default() };
+            assert!(cfg.validate().is_err(), "{bad}");
+        }
+        let cfg = StreamConfig { prune_interval_s: 0, ..StreamConfig::default() };
+        assert!(cfg.validate().is_err());
+    }
 
     #[test]
     fn names_follow_the_kafka_streams_conventions() {

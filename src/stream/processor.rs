@@ -23,7 +23,7 @@ use super::task::{self, BatchContext, BatchOutcome, BatchSettings, Checkpoint, P
 use crate::detect::{Detector, SequenceScorer};
 use crate::lstm::{Reload, ReloadingModel};
 use crate::metrics::events::{
-    AlertCommitted, BatchCommitted, InternalEvent, RocksDbSizes, StateRestored, TransactionAborted,
+    AlertCommitted, BatchCommitted, InternalEvent, RocksDbSizes, StatePruned, StateRestored, TransactionAborted,
 };
 
 /// How often the RocksDB size gauges are refreshed.
@@ -196,6 +196,8 @@ impl Processor {
         let mut last_idle_check = Instant::now();
         let mut last_sizes = Instant::now();
         let commit_interval = Duration::from_millis(cfg.commit_interval_ms);
+        let schedule = cfg.prune_schedule().map_err(ProcessError::Config)?;
+        let mut next_prune_s = schedule.next_after(unix_now_s());
         let result = loop {
             if shutdown.is_triggered() {
                 break Ok(());
@@ -263,6 +265,12 @@ impl Processor {
             }
             if let Err(e) = self.run_batches(&consumer, &mut tasks, check_idle, &mut summary) {
                 break Err(e);
+            }
+            if unix_now_s() >= next_prune_s {
+                next_prune_s = schedule.next_after(unix_now_s());
+                if let Err(e) = self.prune_stores(&consumer, &mut tasks) {
+                    break Err(e);
+                }
             }
             let owned: Vec<i32> = tasks.keys().copied().collect();
             if owned != announced {
@@ -346,6 +354,48 @@ impl Processor {
             sizes.live_data += read("rocksdb.estimate-live-data-size");
         }
         sizes.emit();
+    }
+
+    /// Retention: every task drops the users idle for longer than `stream.state_retention_days`
+    /// (changelog tombstones in a transaction, then the store, then a compaction). A pass that
+    /// fails for a retryable reason changes nothing and waits for the next one.
+    fn prune_stores(
+        &self,
+        consumer: &BaseConsumer<GroupContext>,
+        tasks: &mut BTreeMap<i32, Assigned>,
+    ) -> Result<(), ProcessError> {
+        let days = self.clients.stream().state_retention_days;
+        if days == 0 {
+            return Ok(());
+        }
+        let now_us = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
+        let cutoff_us = now_us - i64::from(days) * 86_400_000_000;
+        for (&partition, assigned) in tasks.iter_mut() {
+            let started = Instant::now();
+            assigned.producer.set_group(consumer.group_metadata());
+            let result = assigned.task.prune(&mut assigned.producer, cutoff_us);
+            let event = |succeeded, users| StatePruned {
+                succeeded,
+                users,
+                seconds: started.elapsed().as_secs_f64(),
+                at_unix_s: unix_now_s(),
+            };
+            match result {
+                Ok(outcome) => {
+                    event(true, outcome.users).emit();
+                    tracing::info!(partition, pruned = outcome.users, kept = outcome.kept, "retention pass");
+                }
+                Err(TaskError::Producer(ProducerError::Abortable(reason))) => {
+                    event(false, 0).emit();
+                    tracing::warn!(partition, %reason, "retention pass aborted; the next one retries");
+                }
+                Err(source) => {
+                    event(false, 0).emit();
+                    return Err(ProcessError::Task { partition, source });
+                }
+            }
+        }
+        Ok(())
     }
 
     fn reload_model(&mut self) {
@@ -564,6 +614,10 @@ impl Processor {
         }
         Ok(())
     }
+}
+
+fn unix_now_s() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
 /// Runs the batches of the tasks `next` hands out, one after another, with one detector and

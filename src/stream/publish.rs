@@ -54,7 +54,21 @@ pub fn producer(properties: &BTreeMap<String, String>) -> Result<BaseProducer, K
 
 /// Produces one record to `topic`, waiting for room in the queue when it is full.
 pub fn send(producer: &BaseProducer, topic: &str, key: &[u8], payload: &[u8]) -> Result<(), KafkaError> {
+    send_at(producer, topic, key, payload, None)
+}
+
+/// [`send`] with the record's timestamp (milliseconds) set, else the producer's clock.
+pub fn send_at(
+    producer: &BaseProducer,
+    topic: &str,
+    key: &[u8],
+    payload: &[u8],
+    timestamp_ms: Option<i64>,
+) -> Result<(), KafkaError> {
     let mut record = BaseRecord::to(topic).key(key).payload(payload);
+    if let Some(ms) = timestamp_ms {
+        record = record.timestamp(ms);
+    }
     loop {
         match producer.send(record) {
             Ok(()) => return Ok(()),
@@ -74,13 +88,18 @@ pub fn publish_keylog(
     topic: &str,
     input: impl Iterator<Item = Result<KeylogRecord, KeylogError>>,
     shape: RecordShape,
+    stamp: Timestamps,
 ) -> Result<PublishSummary, PublishError> {
     let mut summary = PublishSummary::default();
     let mut cutter = RecordCutter::new(shape);
     let mut send_cut = |records: Vec<CutRecord>| -> Result<(), PublishError> {
         for r in records {
+            let timestamp_ms = match stamp {
+                Timestamps::Now => None,
+                Timestamps::EventTime => r.events.first().map(|e| e.time_us.div_euclid(1000)),
+            };
             for payload in batches_for_user(&r.user_id, &r.session_id, &r.events, shape.max_events) {
-                send(producer, topic, r.user_id.as_bytes(), &payload)?;
+                send_at(producer, topic, r.user_id.as_bytes(), &payload, timestamp_ms)?;
                 summary.records += 1;
             }
             summary.events += r.events.len() as u64;
@@ -98,6 +117,17 @@ pub fn publish_keylog(
         0 => Ok(summary),
         n => Err(PublishError::Undelivered(n)),
     }
+}
+
+/// Which time a published record carries as its Kafka timestamp.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Timestamps {
+    /// When it is sent (what a live agent's records carry).
+    #[default]
+    Now,
+    /// Its first event's time: a replayed day lands on its own day for time-based readers
+    /// (`metronome archive`). Beware a real broker's time-based retention with old recordings.
+    EventTime,
 }
 
 /// How fast simulated traffic goes out.

@@ -122,6 +122,15 @@ pub struct BatchOutcome {
     pub alert_times: Vec<(Vec<&'static str>, i64)>,
 }
 
+/// What a retention pass did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PruneOutcome {
+    /// Users whose state was deleted.
+    pub users: u64,
+    /// Users kept.
+    pub kept: u64,
+}
+
 /// What a batch borrows from the processor.
 pub struct BatchContext<'a> {
     /// The detection core.
@@ -407,6 +416,55 @@ impl<S: Store> Task<S> {
         Ok(outcome)
     }
 
+    /// Retention: deletes the state of every user whose newest event is older than
+    /// `cutoff_us`, first from the changelog (tombstones, in a transaction that commits the
+    /// unchanged input position), then from the store, which is then compacted so the space
+    /// comes back. On an error nothing was deleted from the store.
+    pub fn prune<P: TaskProducer>(&mut self, producer: &mut P, cutoff_us: i64) -> Result<PruneOutcome, TaskError> {
+        let mut outcome = PruneOutcome::default();
+        let mut expired: Vec<(Vec<u8>, String)> = Vec::new();
+        for (key, value) in self.store.scan_prefix(&[NS_USER_STATE])? {
+            if decode_state(&value)?.last_event_us().is_none_or(|t| t < cutoff_us) {
+                let user = user_of_key(&key).ok_or(TaskError::CorruptState("user key"))?.to_owned();
+                expired.push((key, user));
+            } else {
+                outcome.kept += 1;
+            }
+        }
+        // A store with users has processed input, so it has a position to commit.
+        let Some(position) = self.checkpoint.input_offset.filter(|_| !expired.is_empty()) else {
+            return Ok(outcome);
+        };
+        let tombstones: Vec<OutRecord> = expired
+            .iter()
+            .map(|(key, _)| OutRecord {
+                topic: OutTopic::Changelog,
+                key: Some(key.clone()),
+                value: None,
+                headers: Vec::new(),
+            })
+            .collect();
+        let changelog_end = self.transact(producer, &tombstones, Some(position))?;
+        let mut writes = WriteBatch::new();
+        for (key, _) in &expired {
+            writes.delete(key.clone());
+        }
+        let checkpoint = Checkpoint {
+            input_offset: Some(position),
+            changelog_offset: changelog_end.unwrap_or(self.checkpoint.changelog_offset),
+        };
+        put_checkpoint(&mut writes, checkpoint);
+        self.store.write(&writes)?;
+        self.checkpoint = checkpoint;
+        for (_, user) in &expired {
+            self.open_users.remove(user);
+            self.recent.remove(user);
+        }
+        self.store.compact()?;
+        outcome.users = expired.len() as u64;
+        Ok(outcome)
+    }
+
     fn transact<P: TaskProducer>(
         &self,
         producer: &mut P,
@@ -655,6 +713,60 @@ mod tests {
         let outcome = task.run_batch(&mut no_close, &[], &mut producer).unwrap();
         assert!(!outcome.committed, "without the processor's word, silence closes nothing");
         assert_eq!(task.open_users(), 1);
+    }
+
+    #[test]
+    fn retention_deletes_old_users_from_changelog_and_store_and_keeps_the_rest() {
+        let mut detector = Detector::new(DetectorConfig::default()).unwrap();
+        let now = Instant::now();
+        let mut task = Task::open(0, MemoryStore::new(), now).unwrap();
+        let mut producer = MemoryProducer::default();
+        // m1 typed at 1_700_000_000 s; m2 a day later (its events shifted by 86_400 s).
+        let mut records = macro_records("m1", 0, 40);
+        let later: Vec<InputRecord> = macro_records("m2", records.len() as i64, 40)
+            .into_iter()
+            .map(|mut r| {
+                let mut batch = proto::KeyEventBatch::decode(r.payload.as_deref().unwrap()).unwrap();
+                for e in &mut batch.events {
+                    e.event_time_us += 86_400_000_000;
+                }
+                r.payload = Some(batch.encode_to_vec());
+                r
+            })
+            .collect();
+        records.extend(later);
+        task.run_batch(&mut ctx(&mut detector, now), &records, &mut producer).unwrap();
+        let position = task.checkpoint().input_offset;
+        let cutoff = 1_700_000_000_000_000 + 3_600_000_000;
+        let outcome = task.prune(&mut producer, cutoff).unwrap();
+        assert_eq!(outcome, PruneOutcome { users: 1, kept: 1 });
+        assert_eq!(task.user_state("m1").unwrap(), None, "m1's state is gone from the store");
+        assert!(task.user_state("m2").unwrap().is_some(), "m2 is newer than the cutoff");
+        let tombstone = producer.committed.last().unwrap();
+        assert_eq!(
+            (tombstone.topic, &tombstone.key, &tombstone.value),
+            (OutTopic::Changelog, &Some(user_key("m1").unwrap()), &None)
+        );
+        assert_eq!(producer.positions.last().copied(), position, "the input position is committed unchanged");
+        assert_eq!(task.checkpoint().input_offset, position);
+        assert_eq!(task.open_users(), 1);
+        // Nothing more to prune: no transaction.
+        let commits = producer.positions.len();
+        assert_eq!(task.prune(&mut producer, cutoff).unwrap(), PruneOutcome { users: 0, kept: 1 });
+        assert_eq!(producer.positions.len(), commits);
+    }
+
+    #[test]
+    fn a_failed_retention_commit_deletes_nothing() {
+        let mut detector = Detector::new(DetectorConfig::default()).unwrap();
+        let now = Instant::now();
+        let mut task = Task::open(0, MemoryStore::new(), now).unwrap();
+        let mut producer = MemoryProducer::default();
+        task.run_batch(&mut ctx(&mut detector, now), &macro_records("m1", 0, 40), &mut producer).unwrap();
+        producer.fail_next_commit = true;
+        assert!(task.prune(&mut producer, i64::MAX).is_err());
+        assert!(task.user_state("m1").unwrap().is_some(), "the store keeps what the changelog keeps");
+        assert_eq!(task.prune(&mut producer, i64::MAX).unwrap().users, 1, "the next pass does it");
     }
 
     #[test]

@@ -56,4 +56,10 @@ pub trait Store: Send {
 
     /// Number of entries, for metrics and tests. May be an estimate on disk-backed stores.
     fn approximate_len(&self) -> Result<u64, StoreError>;
+
+    /// Rewrites the store so deleted entries stop taking space (RocksDB drops tombstones and the
+    /// values they cover). A no-op where deletes free space at once.
+    fn compact(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }

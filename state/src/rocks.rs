@@ -203,4 +203,11 @@ impl Store for RocksStore {
     fn approximate_len(&self) -> Result<u64, StoreError> {
         Ok(self.property("rocksdb.estimate-num-keys")?.unwrap_or(0))
     }
+
+    fn compact(&mut self) -> Result<(), StoreError> {
+        // Memtables first, so the deletes are in the files the compaction rewrites.
+        self.db.flush().map_err(backend)?;
+        self.db.compact_range::<&[u8], &[u8]>(None, None);
+        Ok(())
+    }
 }

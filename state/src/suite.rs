@@ -14,6 +14,23 @@ pub fn run_all<S: Store>(mut open_empty: impl FnMut() -> S) {
     invalid_batch_changes_nothing(&mut open_empty());
     prefix_scan_is_sorted_and_bounded(&mut open_empty());
     delete_range_is_half_open(&mut open_empty());
+    compaction_keeps_what_is_live(&mut open_empty());
+}
+
+fn compaction_keeps_what_is_live<S: Store>(store: &mut S) {
+    let mut batch = WriteBatch::new();
+    for t in 0..100 {
+        batch.put(keys::user_time_key(1, "u", t).unwrap(), vec![t as u8; 64]);
+    }
+    store.write(&batch).unwrap();
+    batch.clear();
+    batch.delete_range(keys::user_time_key(1, "u", 0).unwrap(), keys::user_time_key(1, "u", 90).unwrap());
+    batch.delete(keys::user_time_key(1, "u", 95).unwrap());
+    store.write(&batch).unwrap();
+    store.compact().unwrap();
+    let left: Vec<u8> =
+        store.scan_prefix(&keys::user_prefix(1, "u").unwrap()).unwrap().into_iter().map(|(_, v)| v[0]).collect();
+    assert_eq!(left, vec![90, 91, 92, 93, 94, 96, 97, 98, 99], "compaction drops the deleted, keeps the rest");
 }
 
 fn put_then_get<S: Store>(store: &mut S) {

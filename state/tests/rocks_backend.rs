@@ -1,6 +1,6 @@
 //! The RocksDB backend against the shared store suite, on disk, plus what only a disk store has.
 
-use metronome_state::{keys, RocksResources, RocksStore, Store, WriteBatch};
+use metronome_state::{keys, RocksOptions, RocksResources, RocksStore, Store, WriteBatch};
 
 #[test]
 fn rocks_store_passes_the_store_suite() {
@@ -49,4 +49,29 @@ fn stores_share_one_cache_budget() {
     a.write(&batch).unwrap();
     b.write(&batch).unwrap();
     assert!(resources.cache_usage_bytes() > before, "memtables of both stores are charged to the shared cache");
+}
+
+#[test]
+fn compaction_gives_the_space_of_deleted_entries_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let resources = RocksResources::new(RocksOptions { compression: false, ..RocksOptions::default() });
+    let mut store = RocksStore::open(dir.path().join("s"), &resources).unwrap();
+    let mut batch = WriteBatch::new();
+    for user in 0..2000 {
+        batch.put(keys::user_prefix(1, &format!("user-{user}")).unwrap(), vec![7u8; 1024]);
+    }
+    store.write(&batch).unwrap();
+    store.flush().unwrap();
+    let sst = |s: &RocksStore| s.property("rocksdb.total-sst-files-size").unwrap().unwrap();
+    let full = sst(&store);
+    assert!(full > 1_000_000, "2000 KiB of states on disk: {full}");
+    batch.clear();
+    for user in 0..1900 {
+        batch.delete(keys::user_prefix(1, &format!("user-{user}")).unwrap());
+    }
+    store.write(&batch).unwrap();
+    store.compact().unwrap();
+    let after = sst(&store);
+    assert!(after * 5 < full, "compaction shrinks the files: {full} -> {after} bytes");
+    assert_eq!(store.scan_prefix(&[1]).unwrap().len(), 100);
 }

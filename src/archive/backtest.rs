@@ -1,0 +1,122 @@
+//! Re-scoring an archived day (`metronome score --archive LOCATION --day D`): the manifest, each
+//! partition file checked against its sha256, each record decoded and validated as the processor
+//! does (what it would dead-letter is skipped and counted), the events into the detection core.
+//!
+//! Users are scored from an empty state, as the day's first record finds them: state carried
+//! over from the day before (an incident already open at midnight) is not in an archive.
+
+use std::cell::Cell;
+use std::rc::Rc;
+
+use super::format::{manifest_path, sha256_hex, ArchiveReader, Day, FormatError, Manifest};
+use super::objects::{Archive, ObjectsError, S3Config};
+use crate::keylog::{KeylogError, KeylogRecord};
+use crate::stream::records::{decode_record, InputRecord};
+
+/// Why a backtest could not read its day.
+#[derive(Debug, thiserror::Error)]
+pub enum BacktestError {
+    /// The object store failed.
+    #[error(transparent)]
+    Objects(#[from] ObjectsError),
+    /// No manifest: the day was never archived, or its run did not finish.
+    #[error("no complete archive of {topic} for {day} at {location} (no manifest)")]
+    NotArchived {
+        /// The topic.
+        topic: String,
+        /// The day.
+        day: Day,
+        /// The archive root.
+        location: String,
+    },
+    /// A manifest or file is bad.
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    /// A file the manifest names is missing.
+    #[error("{0} is in the manifest but not in the archive")]
+    Missing(String),
+}
+
+/// An archived day, opened.
+pub struct ArchivedDay {
+    archive: Archive,
+    manifest: Manifest,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl ArchivedDay {
+    /// Opens the manifest of `day` of `topic` at `location`.
+    pub fn open(location: &str, s3: &S3Config, topic: &str, day: Day) -> Result<Self, BacktestError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| BacktestError::Format(FormatError::Io(e)))?;
+        let archive = Archive::open(location, s3)?;
+        let bytes = runtime.block_on(archive.get(&manifest_path(topic, day)))?.ok_or_else(|| {
+            BacktestError::NotArchived { topic: topic.to_owned(), day, location: location.to_owned() }
+        })?;
+        let manifest = Manifest::from_json(&bytes)?;
+        Ok(Self { archive, manifest, runtime })
+    }
+
+    /// The manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The records of the day, partition by partition, in offset order, as keylog records.
+    /// Records the processor would dead-letter are skipped and counted in `skipped`.
+    pub fn records(
+        self,
+        max_events_per_record: usize,
+        skipped: Rc<Cell<u64>>,
+    ) -> impl Iterator<Item = Result<KeylogRecord, KeylogError>> {
+        let ArchivedDay { archive, manifest, runtime } = self;
+        let mut read = 0u64;
+        manifest.partitions.into_iter().flat_map(move |entry| {
+            let file = runtime.block_on(archive.get(&entry.path)).map_err(BacktestError::from).and_then(|bytes| {
+                let bytes = bytes.ok_or_else(|| BacktestError::Missing(entry.path.clone()))?;
+                let actual = sha256_hex(&bytes);
+                if actual != entry.sha256 {
+                    return Err(FormatError::Checksum {
+                        path: entry.path.clone(),
+                        expected: entry.sha256.clone(),
+                        actual,
+                    }
+                    .into());
+                }
+                Ok(bytes)
+            });
+            let records: Box<dyn Iterator<Item = Result<KeylogRecord, KeylogError>>> = match file {
+                Err(e) => Box::new(std::iter::once(Err(archive_error(read, &e)))),
+                Ok(bytes) => {
+                    let skipped = Rc::clone(&skipped);
+                    let mut events = Vec::new();
+                    for item in ArchiveReader::new(bytes.as_slice()) {
+                        read += 1;
+                        let record = match item {
+                            Ok(r) => r,
+                            Err(e) => {
+                                events.push(Err(archive_error(read, &BacktestError::Format(e))));
+                                break;
+                            }
+                        };
+                        let input = InputRecord { offset: record.offset, key: record.key, payload: record.value };
+                        match decode_record(&input, max_events_per_record) {
+                            Ok(batch) => events.extend(batch.events.into_iter().map(|event| {
+                                Ok(KeylogRecord { user_id: batch.user_id.clone(), session_id: String::new(), event })
+                            })),
+                            Err(_) => skipped.set(skipped.get() + 1),
+                        }
+                    }
+                    Box::new(events.into_iter())
+                }
+            };
+            records
+        })
+    }
+}
+
+fn archive_error(records: u64, e: &BacktestError) -> KeylogError {
+    KeylogError::Read { line: records, message: format!("archive: {e}") }
+}

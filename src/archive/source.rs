@@ -1,0 +1,257 @@
+//! Reading a day of the raw input topic from Kafka: partitions, watermarks, where the day starts
+//! and ends in each partition, and the records in between.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::locate::{first_position_at, OffsetProbe};
+use crate::proto;
+
+/// How long one broker call may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a partition may deliver nothing before its end while it is read.
+const STALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why reading the topic failed. Carries broker errors and positions, never record contents.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// A client call failed.
+    #[error("kafka: {what}: {error}")]
+    Kafka {
+        /// What was being done.
+        what: &'static str,
+        /// The client's error.
+        error: KafkaError,
+    },
+    /// The topic is not there.
+    #[error("topic {0} does not exist")]
+    NoTopic(String),
+    /// The partition stopped delivering before the range's end (an open transaction holds its
+    /// stable offset back, or the broker is gone).
+    #[error(
+        "partition {partition} delivered nothing for {STALL_TIMEOUT:?} at position {position}, before offset {end}"
+    )]
+    Stalled {
+        /// The partition.
+        partition: i32,
+        /// Where it stopped.
+        position: i64,
+        /// Where the range ends.
+        end: i64,
+    },
+}
+
+fn kafka(what: &'static str) -> impl FnOnce(KafkaError) -> SourceError {
+    move |error| SourceError::Kafka { what, error }
+}
+
+/// One partition's share of a day: `[start, end)` in offsets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionRange {
+    /// The partition.
+    pub partition: i32,
+    /// First position of the day.
+    pub start: i64,
+    /// First position after the day.
+    pub end: i64,
+}
+
+/// A consumer that reads by assignment (no group membership, nothing committed).
+pub struct TopicReader {
+    consumer: BaseConsumer,
+    topic: String,
+}
+
+impl TopicReader {
+    /// A reader of `topic` with the Kafka `properties` every client gets.
+    pub fn new(properties: &BTreeMap<String, String>, topic: &str) -> Result<Self, SourceError> {
+        let mut c = ClientConfig::new();
+        // librdkafka refuses `assign` without a group id; this one is never joined.
+        c.set("group.id", "metronome-archive");
+        c.set("isolation.level", "read_committed");
+        for (k, v) in properties {
+            c.set(k, v);
+        }
+        c.set("enable.auto.commit", "false");
+        c.set("enable.partition.eof", "true");
+        let consumer: BaseConsumer = c.create().map_err(kafka("creating the archive consumer"))?;
+        Ok(Self { consumer, topic: topic.to_owned() })
+    }
+
+    /// The topic's partitions, in order.
+    pub fn partitions(&self) -> Result<Vec<i32>, SourceError> {
+        let metadata =
+            self.consumer.fetch_metadata(Some(&self.topic), CALL_TIMEOUT).map_err(kafka("reading metadata"))?;
+        let mut ids: Vec<i32> = metadata
+            .topics()
+            .iter()
+            .filter(|t| t.name() == self.topic && t.error().is_none())
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect();
+        if ids.is_empty() {
+            return Err(SourceError::NoTopic(self.topic.clone()));
+        }
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    /// Where `[start_ms, end_ms)` lies in `partition`.
+    pub fn range(&mut self, partition: i32, start_ms: i64, end_ms: i64) -> Result<PartitionRange, SourceError> {
+        let (low, reported_high) = self
+            .consumer
+            .fetch_watermarks(&self.topic, partition, CALL_TIMEOUT)
+            .map_err(kafka("reading watermarks"))?;
+        let high = self.end_of(partition, low, reported_high)?;
+        let hint_start = self.broker_hint(partition, start_ms);
+        let hint_end = self.broker_hint(partition, end_ms);
+        let mut probe = Probe { reader: self, partition };
+        let start = first_position_at(&mut probe, low, high, start_ms, hint_start)?;
+        let end = first_position_at(&mut probe, start, high, end_ms, hint_end)?;
+        Ok(PartitionRange { partition, start, end })
+    }
+
+    /// The partition's end as read, not only as reported: the records from just before the
+    /// reported high watermark up to the end of the partition are read, so a broker that reports
+    /// a batch's first offset as the end (tansu does) does not cut the last batch off.
+    fn end_of(&self, partition: i32, low: i64, reported_high: i64) -> Result<i64, SourceError> {
+        let from = (reported_high - 1).max(low).max(0);
+        self.assign_at(partition, from)?;
+        let mut end = reported_high;
+        let deadline = Instant::now() + CALL_TIMEOUT;
+        while Instant::now() < deadline {
+            match self.consumer.poll(Duration::from_millis(500)) {
+                Some(Ok(m)) if m.partition() == partition => end = end.max(m.offset() + 1),
+                Some(Ok(_)) => {}
+                Some(Err(KafkaError::PartitionEOF(p))) if p == partition => {
+                    return Ok(end.max(self.position(partition)?));
+                }
+                Some(Err(KafkaError::PartitionEOF(_))) => {}
+                Some(Err(error)) => return Err(SourceError::Kafka { what: "reading the partition's end", error }),
+                None => {}
+            }
+        }
+        Err(SourceError::Stalled { partition, position: from, end: reported_high })
+    }
+
+    /// The broker's time-index answer, if it gives one.
+    fn broker_hint(&self, partition: i32, time_ms: i64) -> Option<i64> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&self.topic, partition, Offset::Offset(time_ms)).ok()?;
+        let answer = self.consumer.offsets_for_times(tpl, CALL_TIMEOUT).ok()?;
+        let found = answer.find_partition(&self.topic, partition)?;
+        match found.offset() {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        }
+    }
+
+    fn assign_at(&self, partition: i32, position: i64) -> Result<(), SourceError> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&self.topic, partition, Offset::Offset(position))
+            .map_err(kafka("building an assignment"))?;
+        self.consumer.assign(&tpl).map_err(kafka("assigning a partition"))
+    }
+
+    /// Reads every record of `range` in offset order into `on_record`; returns how many.
+    pub fn read(
+        &mut self,
+        range: PartitionRange,
+        mut on_record: impl FnMut(proto::ArchivedRecord) -> std::io::Result<()>,
+    ) -> Result<u64, ReadError> {
+        if range.start >= range.end {
+            return Ok(0);
+        }
+        self.assign_at(range.partition, range.start)?;
+        let mut read = 0u64;
+        let mut last_progress = Instant::now();
+        loop {
+            match self.consumer.poll(Duration::from_millis(500)) {
+                Some(Ok(m)) if m.partition() == range.partition => {
+                    last_progress = Instant::now();
+                    if m.offset() >= range.end {
+                        break;
+                    }
+                    let record = proto::ArchivedRecord {
+                        offset: m.offset(),
+                        timestamp_ms: m.timestamp().to_millis().unwrap_or(0),
+                        key: m.key().map(<[u8]>::to_vec),
+                        value: m.payload().map(<[u8]>::to_vec),
+                    };
+                    on_record(record).map_err(ReadError::Sink)?;
+                    read += 1;
+                    if m.offset() + 1 >= range.end {
+                        break;
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(KafkaError::PartitionEOF(_))) => {
+                    // The end of what is readable: done if the range is behind it (the rest were
+                    // transaction markers), else an open transaction holds it back.
+                    if self.position(range.partition)? >= range.end {
+                        break;
+                    }
+                }
+                Some(Err(error)) => return Err(SourceError::Kafka { what: "reading records", error }.into()),
+                None => {}
+            }
+            if last_progress.elapsed() >= STALL_TIMEOUT {
+                let position = self.position(range.partition)?;
+                return Err(SourceError::Stalled { partition: range.partition, position, end: range.end }.into());
+            }
+        }
+        Ok(read)
+    }
+
+    fn position(&self, partition: i32) -> Result<i64, SourceError> {
+        let positions = self.consumer.position().map_err(kafka("reading the position"))?;
+        Ok(match positions.find_partition(&self.topic, partition).map(|p| p.offset()) {
+            Some(Offset::Offset(o)) => o,
+            _ => -1,
+        })
+    }
+}
+
+/// Why [`TopicReader::read`] stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// Kafka failed.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// Writing a record where it goes failed.
+    #[error("staging the archive file: {0}")]
+    Sink(std::io::Error),
+}
+
+/// Reads single records' timestamps for [`first_position_at`].
+struct Probe<'a> {
+    reader: &'a TopicReader,
+    partition: i32,
+}
+
+impl OffsetProbe for Probe<'_> {
+    type Error = SourceError;
+
+    fn first_at_or_after(&mut self, position: i64) -> Result<Option<(i64, i64)>, SourceError> {
+        self.reader.assign_at(self.partition, position)?;
+        let deadline = Instant::now() + CALL_TIMEOUT;
+        while Instant::now() < deadline {
+            match self.reader.consumer.poll(Duration::from_millis(500)) {
+                Some(Ok(m)) if m.partition() == self.partition && m.offset() >= position => {
+                    return Ok(Some((m.offset(), m.timestamp().to_millis().unwrap_or(0))));
+                }
+                Some(Ok(_)) => {}
+                Some(Err(KafkaError::PartitionEOF(p))) if p == self.partition => return Ok(None),
+                Some(Err(KafkaError::PartitionEOF(_))) => {}
+                Some(Err(error)) => return Err(SourceError::Kafka { what: "reading a record's time", error }),
+                None => {}
+            }
+        }
+        Err(SourceError::Stalled { partition: self.partition, position, end: position + 1 })
+    }
+}

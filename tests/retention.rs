@@ -1,0 +1,116 @@
+//! State retention in the processor, on the test broker with RocksDB on disk: users idle past
+//! `stream.state_retention_days` are deleted from the store and, as tombstones, from the
+//! changelog on the retention timer; the metric counts them; a processor restoring from the
+//! changelog does not bring them back; recent users keep their state throughout.
+
+mod common;
+
+use std::process::Command;
+use std::time::SystemTime;
+
+use common::broker::{Broker, ProcessorProc};
+use common::wait_until;
+use metronome::event::{KeyAction, KeyEvent};
+use metronome::stream::records::batches_for_user;
+use serde_json::Value;
+
+fn http_get(addr: &str, path: &str) -> String {
+    let out = Command::new("curl").args(["-sSf", &format!("http://{addr}{path}")]).output().unwrap();
+    assert!(out.status.success(), "GET {path}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn metric(addr: &str, name: &str) -> f64 {
+    http_get(addr, "/metrics")
+        .lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
+
+fn user_known(addr: &str, user: &str) -> bool {
+    let body: Value = serde_json::from_str(&http_get(addr, &format!("/api/users/{user}"))).unwrap();
+    body["known"].as_bool().unwrap_or_else(|| panic!("no `known` in {body}"))
+}
+
+/// 40 presses of `user` from `start_us`.
+fn typing(user: &str, start_us: i64) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let events: Vec<KeyEvent> = (0..40i64)
+        .flat_map(|i| {
+            let t = start_us + i * 180_000 + (i * 7919 % 50) * 1000;
+            [
+                KeyEvent::new(t, 30 + (i % 9) as u32, KeyAction::Down),
+                KeyEvent::new(t + 60_000, 30 + (i % 9) as u32, KeyAction::Up),
+            ]
+        })
+        .collect();
+    batches_for_user(user, "s", &events, 20).into_iter().map(|p| (user.as_bytes().to_vec(), p)).collect()
+}
+
+#[test]
+fn users_idle_past_retention_leave_store_and_changelog_and_stay_gone_after_a_restore() {
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let app = "retention";
+    broker.create_topics(&["r.events", "r.alerts", "r.dlq"], 2);
+    let env: Vec<(String, String)> = [
+        ("METRONOME_STREAM__APPLICATION_ID", app),
+        ("METRONOME_STREAM__INPUT_TOPIC", "r.events"),
+        ("METRONOME_STREAM__ALERTS_TOPIC", "r.alerts"),
+        ("METRONOME_STREAM__DLQ_TOPIC", "r.dlq"),
+        ("METRONOME_STREAM__COMMIT_INTERVAL_MS", "50"),
+        ("METRONOME_STREAM__STATE_RETENTION_DAYS", "7"),
+        // A pass every second instead of nightly.
+        ("METRONOME_STREAM__PRUNE_AT_UTC", "00:00"),
+        ("METRONOME_STREAM__PRUNE_INTERVAL_S", "1"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    let now_us = metronome::agent::capture::epoch_us(SystemTime::now());
+    let day_us = 86_400_000_000;
+    let old_users = ["old-a", "old-b", "old-c"];
+    let recent_users = ["recent-a", "recent-b"];
+    let mut records = Vec::new();
+    for (i, u) in old_users.iter().enumerate() {
+        records.extend(typing(u, now_us - (30 + i as i64) * day_us));
+    }
+    for u in recent_users {
+        records.extend(typing(u, now_us - day_us));
+    }
+    broker.produce("r.events", &records);
+
+    let mut first = ProcessorProc::start(&broker, &dir.path().join("state-1"), "p1", &env, dir.path());
+    let addr = first.http_addr();
+    broker.wait_fully_committed(app, "r.events");
+    wait_until("the old users to be pruned", || {
+        metric(&addr, "metronome_state_pruned_users_total") >= old_users.len() as f64
+    });
+    assert!(metric(&addr, "metronome_state_prune_last_success_timestamp_seconds") > 0.0);
+    for u in old_users {
+        assert!(!user_known(&addr, u), "{u} is gone from the store");
+    }
+    for u in recent_users {
+        assert!(user_known(&addr, u), "{u} is recent and kept");
+    }
+    assert!(first.terminate().success());
+
+    // The changelog ends with a tombstone for every old user.
+    let changelog = broker.read_all(&format!("{app}-user-state-changelog"));
+    for u in old_users {
+        let key = metronome::stream::task::user_key(u).unwrap();
+        let last = changelog.iter().filter(|r| r.key.as_deref() == Some(key.as_slice())).last();
+        assert!(last.is_some_and(|r| r.payload.is_none()), "{u}'s last changelog record is a tombstone");
+    }
+
+    // A new processor with an empty disk restores from the changelog: the old users stay gone.
+    let mut second = ProcessorProc::start(&broker, &dir.path().join("state-2"), "p2", &env, dir.path());
+    let addr = second.http_addr();
+    second.wait_for_log("task ready", 2);
+    for u in old_users {
+        assert!(!user_known(&addr, u), "{u} came back from the changelog");
+    }
+    for u in recent_users {
+        assert!(user_known(&addr, u), "{u} was restored");
+    }
+    assert!(second.terminate().success());
+}
