@@ -345,8 +345,9 @@ impl Drop for S3Server {
 fn a_day_archives_to_an_s3_compatible_store_and_backtests_from_it() {
     let broker = Broker::start();
     broker.create_topics(&[TOPIC], PARTITIONS);
-    let (start, end) = day().bounds_ms();
-    let during = traffic(4, start, end, 300_000);
+    let (start, _) = day().bounds_ms();
+    // Typing a key a second for two minutes: windows to score in the backtest.
+    let during = traffic(4, start + 1000, start + 121_000, 250);
     produce(&broker, &during);
     let s3 = S3Server::start();
     s3.create_bucket("metronome-archive");
@@ -472,9 +473,15 @@ fn an_archived_day_backtests_to_the_alerts_the_live_processor_committed() {
     let store = dir.path().join("archive");
     assert_ok(&archive(&broker, &store, &db, recorded, &[]));
     let day_arg = recorded.to_string();
+    // The same detector settings as the live run (the idle timeout shapes windows in event time).
+    let settings: Vec<(&str, &str)> = env
+        .iter()
+        .filter(|(k, _)| k.starts_with("METRONOME_DETECTOR"))
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
     let backtest = metronome(
         &["score", "--alerts-only", "--archive", store.to_str().unwrap(), "--day", &day_arg, "--topic", TOPIC],
-        &[],
+        &settings,
     );
     assert_ok(&backtest);
     let expected = scored_alerts(&backtest.stdout);

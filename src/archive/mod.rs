@@ -279,7 +279,12 @@ async fn archive_staged(
     archive.put_bytes(&format::manifest_path(topic, day), json).await?;
 
     let today = Day::containing(now_ms);
-    let expired = format::expired(&archive.days(topic).await?, today, cfg.retention_days);
+    // The day just archived stays even when it is past retention: an operator asked for it
+    // (archiving an old day from a topic that still holds it); the next run deletes it.
+    let expired: Vec<Day> = format::expired(&archive.days(topic).await?, today, cfg.retention_days)
+        .into_iter()
+        .filter(|d| *d != day)
+        .collect();
     for old in &expired {
         archive.delete_prefix(&format::day_prefix(topic, *old), &format::manifest_path(topic, *old)).await?;
         tracing::info!(day = %old, "archived day deleted by retention");
