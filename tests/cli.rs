@@ -200,11 +200,14 @@ fn bad_rows_stop_the_run_or_are_skipped_by_flag() {
 
 #[test]
 fn bad_command_lines_get_one_line_and_a_non_zero_exit() {
-    let cases: [(&[&str], i32, &str); 4] = [
+    let cases: [(&[&str], i32, &str); 7] = [
         (&["score"], 2, "--input"),
         (&["frobnicate"], 2, "frobnicate"),
         (&["score", "--input", "/nonexistent/keys.csv"], 1, "cannot open keylog"),
         (&["simulate", "--output", "/tmp/x.csv", "--families", "bogus"], 2, "bogus"),
+        (&["archive", "--day", "2026-13-01"], 2, "is not a day (YYYY-MM-DD)"),
+        (&["archive", "--day", "2999-01-01", "--no-record"], 1, "has not ended yet"),
+        (&["score", "--archive", "/tmp/nowhere"], 2, "--day"),
     ];
     for (args, code, needle) in cases {
         let out = metronome().args(args).output().unwrap();
