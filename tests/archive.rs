@@ -148,14 +148,14 @@ fn archived_records(dir: &Path, manifest: &Manifest) -> Vec<proto::ArchivedRecor
     let mut all = Vec::new();
     for entry in &manifest.partitions {
         let bytes = std::fs::read(dir.join(&entry.path)).unwrap();
-        assert_eq!(sha256_hex(&bytes), entry.sha256, "{}: checksum", entry.path);
-        assert_eq!(bytes.len() as u64, entry.bytes);
+        assert_eq!(sha256_hex(&bytes), entry.file.sha256, "{}: checksum", entry.path);
+        assert_eq!(bytes.len() as u64, entry.file.bytes);
         let records: Vec<proto::ArchivedRecord> =
             ArchiveReader::new(bytes.as_slice()).collect::<Result<_, _>>().unwrap();
-        assert_eq!(records.len() as u64, entry.records, "{}: count", entry.path);
+        assert_eq!(records.len() as u64, entry.file.records, "{}: count", entry.path);
         assert!(records.windows(2).all(|w| w[0].offset < w[1].offset), "offset order");
-        assert_eq!(records.first().map(|r| r.offset), entry.first_offset);
-        assert_eq!(records.last().map(|r| r.offset), entry.last_offset);
+        assert_eq!(records.first().map(|r| r.offset), entry.file.first_offset);
+        assert_eq!(records.last().map(|r| r.offset), entry.file.last_offset);
         assert!(records.iter().all(|r| (entry.start_offset..entry.end_offset).contains(&r.offset)));
         all.extend(records);
     }
@@ -209,7 +209,7 @@ fn a_day_is_archived_exactly_with_counts_checksums_and_one_run_row_and_reruns_ch
     assert_eq!((status.as_str(), attempts, partitions), ("succeeded", 1, i64::from(PARTITIONS)));
     assert_eq!((read, written), (during.len() as i64, during.len() as i64));
     for entry in &manifest.partitions {
-        assert_eq!(checksums[entry.partition.to_string()], Value::from(entry.sha256.clone()));
+        assert_eq!(checksums[entry.partition.to_string()], Value::from(entry.file.sha256.clone()));
     }
 
     // Again: the same bytes everywhere, still one row.

@@ -77,10 +77,10 @@ impl ArchivedDay {
             let file = runtime.block_on(archive.get(&entry.path)).map_err(BacktestError::from).and_then(|bytes| {
                 let bytes = bytes.ok_or_else(|| BacktestError::Missing(entry.path.clone()))?;
                 let actual = sha256_hex(&bytes);
-                if actual != entry.sha256 {
+                if actual != entry.file.sha256 {
                     return Err(FormatError::Checksum {
                         path: entry.path.clone(),
-                        expected: entry.sha256.clone(),
+                        expected: entry.file.sha256.clone(),
                         actual,
                     }
                     .into());

@@ -100,7 +100,6 @@ pub fn expired(days: &[Day], today: Day, retention_days: u32) -> Vec<Day> {
 
 /// What the manifest says of one partition's file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct PartitionEntry {
     /// The input partition.
     pub partition: i32,
@@ -110,20 +109,9 @@ pub struct PartitionEntry {
     pub start_offset: i64,
     /// See `start_offset`.
     pub end_offset: i64,
-    /// Records in the file.
-    pub records: u64,
-    /// Offset of the first and last record in the file (none when empty).
-    pub first_offset: Option<i64>,
-    /// See `first_offset`.
-    pub last_offset: Option<i64>,
-    /// Smallest and largest record timestamp in the file, milliseconds.
-    pub min_timestamp_ms: Option<i64>,
-    /// See `min_timestamp_ms`.
-    pub max_timestamp_ms: Option<i64>,
-    /// Size of the file.
-    pub bytes: u64,
-    /// sha256 of the file, hex.
-    pub sha256: String,
+    /// What the file holds (its fields sit beside the ones above in the JSON).
+    #[serde(flatten)]
+    pub file: FileSummary,
 }
 
 /// A day's manifest.
@@ -218,7 +206,7 @@ impl<W: Write> Write for Hashing<W> {
 }
 
 /// What a finished file holds.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileSummary {
     /// Records written.
     pub records: u64,
@@ -283,14 +271,15 @@ impl<W: Write> ArchiveWriter<W> {
 
 /// Reads the records of one partition file, in order.
 pub struct ArchiveReader<R: Read> {
-    gz: GzDecoder<R>,
+    // Buffered: record lengths are read a byte at a time.
+    gz: io::BufReader<GzDecoder<R>>,
     done: bool,
 }
 
 impl<R: Read> ArchiveReader<R> {
     /// Reads the gzip stream `input`.
     pub fn new(input: R) -> Self {
-        Self { gz: GzDecoder::new(input), done: false }
+        Self { gz: io::BufReader::new(GzDecoder::new(input)), done: false }
     }
 
     fn next_record(&mut self) -> Result<Option<proto::ArchivedRecord>, FormatError> {

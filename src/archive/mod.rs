@@ -149,15 +149,6 @@ pub enum ArchiveError {
     },
 }
 
-impl From<ReadError> for ArchiveError {
-    fn from(e: ReadError) -> Self {
-        match e {
-            ReadError::Source(s) => ArchiveError::Source(s),
-            ReadError::Sink(error) => ArchiveError::Scratch { dir: String::new(), error },
-        }
-    }
-}
-
 /// What a run did.
 #[derive(Debug, Clone)]
 pub struct ArchiveOutcome {
@@ -246,21 +237,19 @@ async fn archive_staged(
         tracing::info!(files = interrupted, "removed uploads an earlier run left unfinished");
     }
     let records_read: u64 = staged.iter().map(|s| s.read).sum();
-    let records_written: u64 = staged.iter().map(|s| s.entry.records).sum();
+    let records_written: u64 = staged.iter().map(|s| s.entry.file.records).sum();
     let mut entries = Vec::with_capacity(staged.len());
     for mut s in staged {
-        let uploaded = archive.put_file(&s.entry.path, &mut s.file).await?;
-        if uploaded != s.entry.sha256 {
-            return Err(ArchiveError::Upload { path: s.entry.path, staged: s.entry.sha256, uploaded });
-        }
+        archive.put_file(&s.entry.path, &mut s.file).await?;
+        // Read back from the store: what a reader will get is what was staged.
         let stored = archive.sha256(&s.entry.path).await?;
-        if stored != s.entry.sha256 {
-            return Err(ArchiveError::Upload { path: s.entry.path, staged: s.entry.sha256, uploaded: stored });
+        if stored != s.entry.file.sha256 {
+            return Err(ArchiveError::Upload { path: s.entry.path, staged: s.entry.file.sha256, uploaded: stored });
         }
         tracing::info!(
             partition = s.range.partition,
-            records = s.entry.records,
-            bytes = s.entry.bytes,
+            records = s.entry.file.records,
+            bytes = s.entry.file.bytes,
             "partition archived"
         );
         entries.push(s.entry);
@@ -314,15 +303,20 @@ fn stage_day(
         // Unlinked from the start: whatever stops this process, no partial file stays behind.
         let file = tempfile::tempfile_in(&scratch).map_err(scratch_err)?;
         let mut writer = ArchiveWriter::new(BufWriter::new(file), cfg.compression_level);
-        let read = reader.read(range, |record| {
-            writer.append(&record)?;
-            staged_records += 1;
-            if abort_after.is_some_and(|n| staged_records >= n) {
-                eprintln!("metronome: {ABORT_AFTER_RECORDS_ENV} reached: aborting");
-                std::process::abort();
-            }
-            Ok(())
-        })?;
+        let read = reader
+            .read(range, |record| {
+                writer.append(&record)?;
+                staged_records += 1;
+                if abort_after.is_some_and(|n| staged_records >= n) {
+                    eprintln!("metronome: {ABORT_AFTER_RECORDS_ENV} reached: aborting");
+                    std::process::abort();
+                }
+                Ok(())
+            })
+            .map_err(|e| match e {
+                ReadError::Source(s) => ArchiveError::Source(s),
+                ReadError::Sink(error) => scratch_err(error),
+            })?;
         let (buffered, summary) = writer.finish().map_err(scratch_err)?;
         let mut file = buffered.into_inner().map_err(|e| scratch_err(e.into_error()))?;
         // The consistency check: the file holds every record read, and nothing else.
@@ -340,13 +334,7 @@ fn stage_day(
             path: format::partition_path(topic, day, partition),
             start_offset: range.start,
             end_offset: range.end,
-            records: written,
-            first_offset: summary.first_offset,
-            last_offset: summary.last_offset,
-            min_timestamp_ms: summary.min_timestamp_ms,
-            max_timestamp_ms: summary.max_timestamp_ms,
-            bytes: summary.bytes,
-            sha256: summary.sha256,
+            file: summary,
         };
         tracing::info!(partition, start = range.start, end = range.end, records = read, "partition staged");
         out.push(Staged { range, file, entry, read });

@@ -16,6 +16,7 @@ use object_store::prefix::PrefixStore;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
 use tokio::io::AsyncWriteExt;
 
 use super::format::{day_of_segment, Day};
@@ -77,8 +78,8 @@ pub enum ObjectsError {
     /// A store call failed.
     #[error("object store: {0}")]
     Store(#[from] object_store::Error),
-    /// Reading the staged file failed.
-    #[error("reading the staged file: {0}")]
+    /// Reading the staged file or sending it failed.
+    #[error("uploading the staged file: {0}")]
     Staged(#[from] std::io::Error),
 }
 
@@ -133,30 +134,25 @@ impl Archive {
         &self.location
     }
 
-    /// Uploads the whole of `file` (from its start) to `path`; returns the sha256 of what was
-    /// sent. The object appears only once complete.
-    pub async fn put_file(&self, path: &str, file: &mut std::fs::File) -> Result<String, ObjectsError> {
+    /// Uploads the whole of `file` (from its start) to `path`. The object appears only once
+    /// complete.
+    pub async fn put_file(&self, path: &str, file: &mut std::fs::File) -> Result<(), ObjectsError> {
         file.seek(SeekFrom::Start(0))?;
         let mut writer = BufWriter::new(Arc::clone(&self.store), ObjectPath::from(path));
-        let mut hash = Sha256::new();
         let mut chunk = vec![0u8; UPLOAD_CHUNK];
         loop {
-            let n = match file.read(&mut chunk) {
+            let sent = match file.read(&mut chunk) {
                 Ok(0) => break,
-                Ok(n) => n,
-                Err(e) => {
-                    let _ = writer.abort().await;
-                    return Err(e.into());
-                }
+                Ok(n) => writer.write_all(&chunk[..n]).await,
+                Err(e) => Err(e),
             };
-            hash.update(&chunk[..n]);
-            if let Err(e) = writer.write_all(&chunk[..n]).await {
+            if let Err(e) = sent {
                 let _ = writer.abort().await;
-                return Err(ObjectsError::Staged(e));
+                return Err(e.into());
             }
         }
-        writer.shutdown().await.map_err(ObjectsError::Staged)?;
-        Ok(hex::encode(hash.finalize()))
+        writer.shutdown().await?;
+        Ok(())
     }
 
     /// Removes what an upload interrupted by a crash left under `prefix`: a local store writes an
@@ -223,7 +219,7 @@ impl Archive {
 
     /// Deletes `first` (the manifest: the day stops being complete), then everything else under
     /// `prefix`.
-    pub async fn delete_prefix(&self, prefix: &str, first: &str) -> Result<usize, ObjectsError> {
+    pub async fn delete_prefix(&self, prefix: &str, first: &str) -> Result<(), ObjectsError> {
         match self.store.delete(&ObjectPath::from(first)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
             Err(e) => return Err(e.into()),
@@ -239,6 +235,6 @@ impl Archive {
         if let Some(root) = &self.local_root {
             let _ = std::fs::remove_dir(root.join(prefix));
         }
-        Ok(rest.len() + 1)
+        Ok(())
     }
 }

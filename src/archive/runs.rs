@@ -43,7 +43,7 @@ impl RunLog {
         manifest_sha256: &str,
     ) -> Result<(), ConnectError> {
         let checksums: serde_json::Map<String, serde_json::Value> =
-            manifest.partitions.iter().map(|p| (p.partition.to_string(), p.sha256.clone().into())).collect();
+            manifest.partitions.iter().map(|p| (p.partition.to_string(), p.file.sha256.clone().into())).collect();
         self.client
             .execute(
                 "UPDATE archive_runs SET status = 'succeeded', partitions = $3, records_read = $4,

@@ -125,18 +125,28 @@ impl TopicReader {
         let mut end = reported_high;
         let deadline = Instant::now() + CALL_TIMEOUT;
         while Instant::now() < deadline {
-            match self.consumer.poll(Duration::from_millis(500)) {
-                Some(Ok(m)) if m.partition() == partition => end = end.max(m.offset() + 1),
-                Some(Ok(_)) => {}
-                Some(Err(KafkaError::PartitionEOF(p))) if p == partition => {
-                    return Ok(end.max(self.position(partition)?));
-                }
-                Some(Err(KafkaError::PartitionEOF(_))) => {}
-                Some(Err(error)) => return Err(SourceError::Kafka { what: "reading the partition's end", error }),
-                None => {}
+            match self.poll_partition(partition)? {
+                Polled::Record(r) => end = end.max(r.offset + 1),
+                Polled::End => return Ok(end.max(self.position(partition)?)),
+                Polled::Nothing => {}
             }
         }
         Err(SourceError::Stalled { partition, position: from, end: reported_high })
+    }
+
+    /// One poll of the consumer, which has only `partition` assigned.
+    fn poll_partition(&self, partition: i32) -> Result<Polled, SourceError> {
+        Ok(match self.consumer.poll(Duration::from_millis(500)) {
+            Some(Ok(m)) if m.partition() == partition => Polled::Record(proto::ArchivedRecord {
+                offset: m.offset(),
+                timestamp_ms: m.timestamp().to_millis().unwrap_or(0),
+                key: m.key().map(<[u8]>::to_vec),
+                value: m.payload().map(<[u8]>::to_vec),
+            }),
+            Some(Err(KafkaError::PartitionEOF(p))) if p == partition => Polled::End,
+            Some(Ok(_) | Err(KafkaError::PartitionEOF(_))) | None => Polled::Nothing,
+            Some(Err(error)) => return Err(SourceError::Kafka { what: "reading records", error }),
+        })
     }
 
     /// The broker's time-index answer, if it gives one.
@@ -171,34 +181,23 @@ impl TopicReader {
         let mut read = 0u64;
         let mut last_progress = Instant::now();
         loop {
-            match self.consumer.poll(Duration::from_millis(500)) {
-                Some(Ok(m)) if m.partition() == range.partition => {
+            match self.poll_partition(range.partition)? {
+                Polled::Record(record) => {
                     last_progress = Instant::now();
-                    if m.offset() >= range.end {
+                    if record.offset >= range.end {
                         break;
                     }
-                    let record = proto::ArchivedRecord {
-                        offset: m.offset(),
-                        timestamp_ms: m.timestamp().to_millis().unwrap_or(0),
-                        key: m.key().map(<[u8]>::to_vec),
-                        value: m.payload().map(<[u8]>::to_vec),
-                    };
+                    let last = record.offset + 1 >= range.end;
                     on_record(record).map_err(ReadError::Sink)?;
                     read += 1;
-                    if m.offset() + 1 >= range.end {
+                    if last {
                         break;
                     }
                 }
-                Some(Ok(_)) => {}
-                Some(Err(KafkaError::PartitionEOF(_))) => {
-                    // The end of what is readable: done if the range is behind it (the rest were
-                    // transaction markers), else an open transaction holds it back.
-                    if self.position(range.partition)? >= range.end {
-                        break;
-                    }
-                }
-                Some(Err(error)) => return Err(SourceError::Kafka { what: "reading records", error }.into()),
-                None => {}
+                // The end of what is readable: done if the range is behind it (the rest were
+                // transaction markers), else an open transaction holds it back.
+                Polled::End if self.position(range.partition)? >= range.end => break,
+                Polled::End | Polled::Nothing => {}
             }
             if last_progress.elapsed() >= STALL_TIMEOUT {
                 let position = self.position(range.partition)?;
@@ -228,6 +227,16 @@ pub enum ReadError {
     Sink(std::io::Error),
 }
 
+/// What one poll of a single assigned partition gave.
+enum Polled {
+    /// A record of the partition.
+    Record(proto::ArchivedRecord),
+    /// The end of the partition (as far as it is readable).
+    End,
+    /// Nothing yet.
+    Nothing,
+}
+
 /// Reads single records' timestamps for [`first_position_at`].
 struct Probe<'a> {
     reader: &'a TopicReader,
@@ -241,15 +250,10 @@ impl OffsetProbe for Probe<'_> {
         self.reader.assign_at(self.partition, position)?;
         let deadline = Instant::now() + CALL_TIMEOUT;
         while Instant::now() < deadline {
-            match self.reader.consumer.poll(Duration::from_millis(500)) {
-                Some(Ok(m)) if m.partition() == self.partition && m.offset() >= position => {
-                    return Ok(Some((m.offset(), m.timestamp().to_millis().unwrap_or(0))));
-                }
-                Some(Ok(_)) => {}
-                Some(Err(KafkaError::PartitionEOF(p))) if p == self.partition => return Ok(None),
-                Some(Err(KafkaError::PartitionEOF(_))) => {}
-                Some(Err(error)) => return Err(SourceError::Kafka { what: "reading a record's time", error }),
-                None => {}
+            match self.reader.poll_partition(self.partition)? {
+                Polled::Record(r) if r.offset >= position => return Ok(Some((r.offset, r.timestamp_ms))),
+                Polled::End => return Ok(None),
+                Polled::Record(_) | Polled::Nothing => {}
             }
         }
         Err(SourceError::Stalled { partition: self.partition, position, end: position + 1 })
