@@ -103,7 +103,7 @@ fn users_idle_past_retention_leave_store_and_changelog_and_recent_users_stay() {
     let changelog = broker.read_all(&format!("{app}-user-state-changelog"));
     for u in old_users {
         let key = metronome::stream::task::user_key(u).unwrap();
-        let last = changelog.iter().filter(|r| r.key.as_deref() == Some(key.as_slice())).next_back();
+        let last = changelog.iter().rfind(|r| r.key.as_deref() == Some(key.as_slice()));
         assert!(last.is_some_and(|r| r.payload.is_none()), "{u}'s last changelog record is a tombstone");
     }
 }
