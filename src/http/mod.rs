@@ -12,7 +12,8 @@
 //!  GET /                     the alert page (static, embedded)
 //! ```
 //! Everything but `/healthz` and `/metrics` takes `Authorization: Bearer <token>` when
-//! `http.bearer_token` is set.
+//! `http.bearer_token` is set. `/readyz` without any `Authorization` header (a kubelet's probe)
+//! still answers 200 or 503, without the reasons; a wrong token is refused everywhere.
 //!
 //! # Layout
 //! - [`HttpConfig`]: `[http]` settings.

@@ -216,19 +216,44 @@ fn with_state(state: Arc<ApiState>) -> impl Filter<Extract = (Arc<ApiState>,), E
     warp::any().map(move || Arc::clone(&state))
 }
 
+/// What a request may see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Auth is off, or the request carries the token.
+    Full,
+    /// Auth is on and the request carries no credentials at all (a kubelet's probe).
+    Anonymous,
+}
+
+/// The request's [`Access`]; credentials that are present but wrong are refused outright.
+fn access(token: Option<Arc<str>>) -> impl Filter<Extract = (Access,), Error = Rejection> + Clone {
+    warp::header::optional::<String>("authorization").and_then(move |header: Option<String>| {
+        let token = token.clone();
+        async move {
+            let (Some(token), Some(header)) = (token.as_deref(), header.as_deref()) else {
+                return Ok(if token.is_some() { Access::Anonymous } else { Access::Full });
+            };
+            let given = header.strip_prefix("Bearer ").unwrap_or("");
+            if bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
+                Ok(Access::Full)
+            } else {
+                Err(unauthorized())
+            }
+        }
+    })
+}
+
+fn unauthorized() -> Rejection {
+    reject(StatusCode::UNAUTHORIZED, "a valid bearer token is required")
+}
+
 /// Passes when auth is off or the request carries the token.
 fn authorized(token: Option<Arc<str>>) -> impl Filter<Extract = (), Error = Rejection> + Clone {
-    warp::header::optional::<String>("authorization")
-        .and_then(move |header: Option<String>| {
-            let token = token.clone();
-            async move {
-                let Some(token) = token else { return Ok(()) };
-                let given = header.as_deref().and_then(|h| h.strip_prefix("Bearer ")).unwrap_or("");
-                if bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
-                    Ok(())
-                } else {
-                    Err(reject(StatusCode::UNAUTHORIZED, "a valid bearer token is required"))
-                }
+    access(token)
+        .and_then(|access: Access| async move {
+            match access {
+                Access::Full => Ok(()),
+                Access::Anonymous => Err(unauthorized()),
             }
         })
         .untuple_one()
@@ -241,18 +266,19 @@ pub fn routes(state: Arc<ApiState>) -> impl Filter<Extract = (impl Reply,), Erro
         warp::reply::with_header(crate::metrics::render(), "content-type", "text/plain; version=0.0.4; charset=utf-8")
     });
     let healthz = warp::path!("healthz").and(warp::get()).map(|| "ok\n");
-    let readyz = warp::path!("readyz").and(warp::get()).and(auth.clone()).and(with_state(Arc::clone(&state))).and_then(
-        |state: Arc<ApiState>| async move {
-            let reply = match state.readiness.check().await {
-                Ok(()) => warp::reply::with_status(warp::reply::json(&json!({"ready": true})), StatusCode::OK),
-                Err(reasons) => warp::reply::with_status(
-                    warp::reply::json(&json!({"ready": false, "reasons": reasons})),
-                    StatusCode::SERVICE_UNAVAILABLE,
-                ),
+    // Probes send no credentials: they get the verdict; the reasons need the token.
+    let readyz = warp::path!("readyz")
+        .and(warp::get())
+        .and(access(state.token.clone()))
+        .and(with_state(Arc::clone(&state)))
+        .and_then(|access: Access, state: Arc<ApiState>| async move {
+            let (status, body) = match state.readiness.check().await {
+                Ok(()) => (StatusCode::OK, json!({"ready": true})),
+                Err(_) if access == Access::Anonymous => (StatusCode::SERVICE_UNAVAILABLE, json!({"ready": false})),
+                Err(reasons) => (StatusCode::SERVICE_UNAVAILABLE, json!({"ready": false, "reasons": reasons})),
             };
-            Ok::<_, Rejection>(reply)
-        },
-    );
+            Ok::<_, Rejection>(warp::reply::with_status(warp::reply::json(&body), status))
+        });
     let alerts = warp::path!("api" / "alerts")
         .and(warp::get())
         .and(auth.clone())

@@ -3,7 +3,7 @@
 //   Operator); kubernetes-validate --strict (run beside this by tests/k8s.rs) adds the
 //   Kubernetes schemas' unknown-field check;
 // - Metronome's own rules: the restricted Pod Security profile for every pod, resources set,
-//   the processors' probes and preStop, and no autoscaler allowed more replicas than the input
+//   the processors' probes, preStop and API token (from a Secret), and no autoscaler allowed more replicas than the input
 //   topic has partitions.
 // Prints one line per problem and exits 1 if there is any.
 
@@ -85,6 +85,8 @@ for (const { doc } of objects) {
     const c = pod.containers?.[0] ?? {};
     if (c.readinessProbe?.httpGet?.path !== "/readyz") problems.push(`${where}: readiness probe is not /readyz`);
     if (!c.lifecycle?.preStop) problems.push(`${where}: no preStop hook`);
+    const token = (c.env ?? []).find((e) => e.name === "METRONOME_HTTP__BEARER_TOKEN");
+    if (!token?.valueFrom?.secretKeyRef) problems.push(`${where}: the API's bearer token is not taken from a Secret`);
     if (!(doc.spec.volumeClaimTemplates ?? []).length) problems.push(`${where}: no volume claim for RocksDB`);
   }
 }
