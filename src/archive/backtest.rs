@@ -72,7 +72,7 @@ impl ArchivedDay {
         skipped: Rc<Cell<u64>>,
     ) -> impl Iterator<Item = Result<KeylogRecord, KeylogError>> {
         let ArchivedDay { archive, manifest, runtime } = self;
-        let mut read = 0u64;
+        let read = Rc::new(Cell::new(0u64));
         manifest.partitions.into_iter().flat_map(move |entry| {
             let file = runtime.block_on(archive.get(&entry.path)).map_err(BacktestError::from).and_then(|bytes| {
                 let bytes = bytes.ok_or_else(|| BacktestError::Missing(entry.path.clone()))?;
@@ -88,28 +88,36 @@ impl ArchivedDay {
                 Ok(bytes)
             });
             let records: Box<dyn Iterator<Item = Result<KeylogRecord, KeylogError>>> = match file {
-                Err(e) => Box::new(std::iter::once(Err(archive_error(read, &e)))),
+                Err(e) => Box::new(std::iter::once(Err(archive_error(read.get(), &e)))),
+                // Decoded a record at a time: memory holds the compressed file, not its events.
                 Ok(bytes) => {
-                    let skipped = Rc::clone(&skipped);
-                    let mut events = Vec::new();
-                    for item in ArchiveReader::new(bytes.as_slice()) {
-                        read += 1;
+                    let (read, skipped) = (Rc::clone(&read), Rc::clone(&skipped));
+                    Box::new(ArchiveReader::new(std::io::Cursor::new(bytes)).flat_map(move |item| {
+                        read.set(read.get() + 1);
+                        // The reader ends after an error, as the file can no longer be trusted.
                         let record = match item {
-                            Ok(r) => r,
-                            Err(e) => {
-                                events.push(Err(archive_error(read, &BacktestError::Format(e))));
-                                break;
-                            }
+                            Ok(record) => record,
+                            Err(e) => return vec![Err(archive_error(read.get(), &BacktestError::Format(e)))],
                         };
                         let input = InputRecord { offset: record.offset, key: record.key, payload: record.value };
                         match decode_record(&input, max_events_per_record) {
-                            Ok(batch) => events.extend(batch.events.into_iter().map(|event| {
-                                Ok(KeylogRecord { user_id: batch.user_id.clone(), session_id: String::new(), event })
-                            })),
-                            Err(_) => skipped.set(skipped.get() + 1),
+                            Ok(batch) => batch
+                                .events
+                                .into_iter()
+                                .map(|event| {
+                                    Ok(KeylogRecord {
+                                        user_id: batch.user_id.clone(),
+                                        session_id: String::new(),
+                                        event,
+                                    })
+                                })
+                                .collect(),
+                            Err(_) => {
+                                skipped.set(skipped.get() + 1);
+                                Vec::new()
+                            }
                         }
-                    }
-                    Box::new(events.into_iter())
+                    }))
                 }
             };
             records
