@@ -18,7 +18,7 @@
 //! day they arrived in). Files are deterministic, so a re-run writes the same bytes.
 //!
 //! # Layout
-//! - [`format`]: days, object paths, the partition file format and the manifest (pure).
+//! - [`mod@format`]: days, object paths, the partition file format and the manifest (pure).
 //! - [`locate`]: where a time falls in a partition, checked against the records (pure).
 //! - [`source`]: reading the topic (rdkafka).
 //! - [`objects`]: the object store (local directory or S3).
