@@ -16,7 +16,6 @@ use object_store::prefix::PrefixStore;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-
 use tokio::io::AsyncWriteExt;
 
 use super::format::{day_of_segment, Day};
