@@ -1,8 +1,10 @@
-//! End to end on a real broker: the processor's rate (RocksDB state, timing rules and LSTM on)
-//! next to a bare rdkafka consumer reading the same topic, in the same run.
+//! End to end on Apache Kafka (started here, as the tests start it): on one topic in one run, the
+//! rates of a bare rdkafka consumer, the processor with both scorers (RocksDB state, timing
+//! rules and LSTM), the processor with the timing rules alone, and the same timing job in Kafka
+//! Streams (`benches/peers/kafka-streams`, exactly_once_v2, RocksDB store), and their ratios.
 //!
-//! `cargo bench --bench stream` (needs the test broker, see README; `../shared/data` for the
-//! human typing). `STREAM_BENCH_EVENTS` sets the event count (default 1,000,000). Records are
+//! `cargo bench --bench stream` (needs what `scripts/setup` installs: Kafka's jars, Java, the
+//! Kafka Streams peer built; `../shared/data` for the human typing). `STREAM_BENCH_EVENTS` sets the event count (default 1,000,000). Records are
 //! cut as the agent sends them, every 100 ms of typing or 50 events (1-2 events a record for
 //! human typing); `STREAM_BENCH_EVENTS_PER_RECORD=N` cuts them by count instead, N a record.
 //! Not `METRONOME_*` names, which the `metronome` child processes would read as configuration.
@@ -12,7 +14,9 @@
 mod broker;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use metronome::detect::{Detector, DetectorConfig};
@@ -34,7 +38,8 @@ fn main() {
         None => RecordShape::agent(50),
     };
     let broker = broker::Broker::start();
-    broker.create_topics(&["events"], PARTITIONS);
+    // The Kafka Streams peer's output (the processors create their own topics).
+    broker.create_topics(&["events", "alerts-kafka-streams"], PARTITIONS);
     let dir = tempfile::tempdir().unwrap();
 
     let keylog = dir.path().join("sim.csv");
@@ -60,23 +65,34 @@ fn main() {
     );
 
     let bare_1 = bare_consumer_seconds(&broker, published.records);
-    let processor = processor_seconds(&broker, &props, dir.path().join("state"));
+    let both = processor_seconds(&broker, &props, dir.path().join("state-both"), "both", true);
+    let timing = processor_seconds(&broker, &props, dir.path().join("state-timing"), "timing", false);
+    let streams = kafka_streams_seconds(&broker, &dir.path().join("state-kafka-streams"));
     let bare_2 = bare_consumer_seconds(&broker, published.records);
     let bare = (bare_1 + bare_2) / 2.0;
     let events = published.events as f64;
+    let rate = |secs: f64| events / secs;
     println!(
-        "stream/bare_consumer: {:.0} events/s ({:.2} s, runs {:.2} s and {:.2} s)",
-        events / bare,
-        bare,
-        bare_1,
-        bare_2
+        "stream/bare_consumer:      {:.0} events/s ({bare:.2} s, runs {bare_1:.2} s and {bare_2:.2} s)",
+        rate(bare)
     );
     println!(
-        "stream/processor:     {:.0} events/s ({:.2} s; RocksDB state, timing rules + LSTM, exactly-once)",
-        events / processor,
-        processor
+        "stream/processor:          {:.0} events/s ({both:.2} s; RocksDB state, timing rules + LSTM, exactly-once)",
+        rate(both)
     );
-    println!("stream/ratio:         processor at {:.1} % of the bare consumer", 100.0 * bare / processor);
+    println!(
+        "stream/processor_timing:   {:.0} events/s ({timing:.2} s; RocksDB state, timing rules only, exactly-once)",
+        rate(timing)
+    );
+    println!(
+        "stream/kafka_streams:      {:.0} events/s ({streams:.2} s; timing job, RocksDB store, exactly_once_v2)",
+        rate(streams)
+    );
+    println!("stream/ratio: processor (both scorers) at {:.1} % of the bare consumer", 100.0 * bare / both);
+    println!("stream/ratio: processor (timing only) at {:.1} % of the bare consumer", 100.0 * bare / timing);
+    println!("stream/ratio: Kafka Streams (timing) at {:.1} % of the bare consumer", 100.0 * bare / streams);
+    println!("stream/ratio: processor (both scorers) / Kafka Streams (timing): {:.2}x", streams / both);
+    println!("stream/ratio: processor (timing only) / Kafka Streams (timing): {:.2}x", streams / timing);
 }
 
 /// A number from the environment; a value that does not parse is an error, not the default.
@@ -123,22 +139,29 @@ fn bare_consumer_seconds(broker: &broker::Broker, records: u64) -> f64 {
     secs
 }
 
-/// Runs the processor until it has committed the whole topic; seconds from all tasks ready.
-fn processor_seconds(broker: &broker::Broker, props: &BTreeMap<String, String>, state: PathBuf) -> f64 {
+/// Runs the processor (with the LSTM when `lstm`, else the timing rules alone) as application
+/// `bench-NAME-PID` until it has committed the whole topic; seconds from all tasks ready.
+fn processor_seconds(
+    broker: &broker::Broker,
+    props: &BTreeMap<String, String>,
+    state: PathBuf,
+    name: &str,
+    lstm: bool,
+) -> f64 {
     let cfg = StreamConfig {
-        application_id: format!("bench-{}", std::process::id()),
+        application_id: format!("bench-{name}-{}", std::process::id()),
         input_topic: "events".into(),
-        alerts_topic: "alerts".into(),
-        dlq_topic: "dlq".into(),
+        alerts_topic: format!("alerts-{name}"),
+        dlq_topic: format!("dlq-{name}"),
         state_dir: state,
         topic_partitions: PARTITIONS,
         ..StreamConfig::default()
     };
     let group = cfg.application_id.clone();
     let detector = Detector::new(DetectorConfig::default()).unwrap();
-    let model = ReloadingModel::fixed(LstmModel::embedded().unwrap());
+    let model = lstm.then(|| ReloadingModel::fixed(LstmModel::embedded().unwrap()));
     let processor =
-        Processor::new(cfg, props.clone(), detector, Duration::from_secs(10), Some(model), Duration::from_secs(3600))
+        Processor::new(cfg, props.clone(), detector, Duration::from_secs(10), model, Duration::from_secs(3600))
             .unwrap();
     let status = processor.status();
     let shutdown = Shutdown::new();
@@ -154,6 +177,47 @@ fn processor_seconds(broker: &broker::Broker, props: &BTreeMap<String, String>, 
     let secs = started.elapsed().as_secs_f64();
     shutdown.trigger();
     let summary = handle.join().unwrap().expect("processor run");
-    eprintln!("processor summary: {summary:?}");
+    eprintln!("processor ({name}) summary: {summary:?}");
+    secs
+}
+
+/// Runs the Kafka Streams peer with as many stream threads as the processor has task threads,
+/// until its group has committed the whole topic; seconds from its tasks running (its `state
+/// RUNNING` line), timed by the committed offsets as the processor is.
+fn kafka_streams_seconds(broker: &broker::Broker, state: &Path) -> f64 {
+    let peer = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/peers/kafka-streams/target");
+    let classpath = std::fs::read_to_string(peer.join("classpath")).unwrap_or_else(|_| {
+        panic!("the Kafka Streams peer is not built ({}): run scripts/setup", peer.join("classpath").display())
+    });
+    let app = format!("bench-kafka-streams-{}", std::process::id());
+    let threads = StreamConfig::default().task_threads().to_string();
+    let log4j = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tools/kafka/log4j2.properties");
+    let mut child = Command::new(broker::java())
+        .args(["-Xms512m", "-Xmx2g"])
+        .arg(format!("-Dlog4j2.configurationFile={}", log4j.display()))
+        .arg("-cp")
+        .arg(format!("{}:{}", peer.join("classes").display(), classpath.trim()))
+        .args(["dev.metronome.peer.TimingJob", &broker.bootstrap, "events", "alerts-kafka-streams", &app])
+        .arg(state)
+        .arg(&threads)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starting the Kafka Streams peer (java)");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(line)) if line == "state RUNNING" => break,
+            Some(Ok(_)) => {}
+            _ => panic!("the Kafka Streams peer exited before running: {:?}", child.wait()),
+        }
+    }
+    let started = Instant::now();
+    broker.wait_fully_committed_every(&app, "events", Duration::from_millis(5));
+    let secs = started.elapsed().as_secs_f64();
+    let term = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(term.success());
+    let summary: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(child.wait().unwrap().success() || !summary.is_empty(), "the Kafka Streams peer failed");
+    eprintln!("kafka streams summary: {}", summary.join(" "));
     secs
 }

@@ -1,4 +1,4 @@
-//! `metronome agent` against the real broker (the test broker, started per test): a replayed
+//! `metronome agent` against Apache Kafka (started per test): a replayed
 //! keylog goes through the agent's whole path (pseudonyms, cutting, spool, idempotent producer)
 //! to the processor and an alert; a broker that is down at first gets everything, in order and
 //! once, when it comes up; pseudonyms hold within a session and change across sessions; and no

@@ -1,4 +1,4 @@
-//! `metronome archive` and the backtest, on the real broker (the test broker), real PostgreSQL
+//! `metronome archive` and the backtest, on Apache Kafka, real PostgreSQL
 //! (a temporary database) and a real directory as the object store, through the real binary:
 //! a day cut out exactly by record time, counts and checksums, the `archive_runs` row, re-runs
 //! that change nothing, a crash mid-run that leaves nothing half-written, and an archived day

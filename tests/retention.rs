@@ -1,8 +1,8 @@
-//! State retention in the processor, on the test broker with RocksDB on disk: users idle past
+//! State retention in the processor, on Apache Kafka with RocksDB on disk: users idle past
 //! `stream.state_retention_days` are deleted from the store and, as tombstones, from the
-//! changelog on the retention timer (the changelog's last record per user is what a restore
-//! applies, so a tombstone keeps them gone); the metric counts them; recent users keep their
-//! state throughout.
+//! changelog on the retention timer; the metric counts them; recent users keep their state
+//! throughout. A second group member that restores the partitions from the changelog knows the
+//! recent users and not the pruned ones.
 
 mod common;
 
@@ -63,8 +63,6 @@ fn users_idle_past_retention_leave_store_and_changelog_and_recent_users_stay() {
         // A pass every second instead of nightly.
         ("METRONOME_STREAM__PRUNE_AT_UTC", "00:00"),
         ("METRONOME_STREAM__PRUNE_INTERVAL_S", "1"),
-        // As tests/stream.rs: a rejoining group waits for members that left uncleanly at most
-        // this long.
         ("METRONOME_KAFKA__SESSION_TIMEOUT_MS", "6000"),
         ("METRONOME_KAFKA__MAX_POLL_INTERVAL_MS", "15000"),
     ]
@@ -106,4 +104,25 @@ fn users_idle_past_retention_leave_store_and_changelog_and_recent_users_stay() {
         let last = changelog.iter().rfind(|r| r.key.as_deref() == Some(key.as_slice()));
         assert!(last.is_some_and(|r| r.payload.is_none()), "{u}'s last changelog record is a tombstone");
     }
+
+    // A second member of the group, with no local state, takes both partitions over and
+    // restores them from the changelog.
+    let mut second = ProcessorProc::start(&broker, &dir.path().join("state-2"), "p2", &env, dir.path());
+    let addr = second.http_addr();
+    second.wait_for_log("task ready", 2);
+    let replayed: u64 = second
+        .log()
+        .lines()
+        .filter(|l| l.contains("task ready"))
+        .map(|l| l.split("replayed=").nth(1).and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next()).unwrap())
+        .map(|n| n.parse::<u64>().unwrap())
+        .sum();
+    assert!(replayed > 0, "the second member restored from the changelog:\n{}", second.log());
+    for u in old_users {
+        assert!(!user_known(&addr, u), "{u} stays gone after a restore");
+    }
+    for u in recent_users {
+        assert!(user_known(&addr, u), "{u} is restored");
+    }
+    assert!(second.terminate().success());
 }

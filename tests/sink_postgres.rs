@@ -1,4 +1,4 @@
-//! The PostgreSQL sink against a real broker (the test broker) and real PostgreSQL (a temporary
+//! The PostgreSQL sink against Apache Kafka and real PostgreSQL (a temporary
 //! database, or a private cluster the test stops and starts): every alert once, through a crash
 //! between insert and commit, a crash after the commit, PostgreSQL going away, and TLS modes.
 

@@ -3,7 +3,8 @@
 //!
 //! Kafka answers this from its time index (`ListOffsets` by timestamp). The archive does not take
 //! the answer on trust: it reads the records on both sides of it, and when they contradict it
-//! (a broker that indexes by write time, or none at all; tansu, the test broker, is one) it
+//! (a Kafka-compatible broker that indexes by write time, or not at all, or records whose
+//! producer-set timestamps were not in order when they were written) it
 //! searches the partition itself. Pure logic over an [`OffsetProbe`], so the search is tested on
 //! in-memory partitions.
 
@@ -108,7 +109,7 @@ mod tests {
         let mut p = Partition { records, reads: 0 };
         assert_eq!(first_position_at(&mut p, 0, 1000, 5000, Some(500)).unwrap(), 500);
         assert_eq!(p.reads, 2);
-        // tansu answers by write time: here, offset 0 for every time.
+        // A broker that indexes by write time answers offset 0 for every time here.
         assert_eq!(first_position_at(&mut p, 0, 1000, 5000, Some(0)).unwrap(), 500);
         assert_eq!(first_position_at(&mut p, 0, 1000, 99_999, Some(0)).unwrap(), 1000, "after the last record");
         assert_eq!(first_position_at(&mut p, 0, 1000, -5, None).unwrap(), 0);

@@ -118,7 +118,8 @@ impl TopicReader {
 
     /// The partition's end as read, not only as reported: the records from just before the
     /// reported high watermark up to the end of the partition are read, so a broker that reports
-    /// a batch's first offset as the end (tansu does) does not cut the last batch off.
+    /// a batch's first offset as the end (some Kafka-compatible brokers do) does not cut the last batch
+    /// off.
     fn end_of(&self, partition: i32, low: i64, reported_high: i64) -> Result<i64, SourceError> {
         let from = (reported_high - 1).max(low).max(0);
         self.assign_at(partition, from)?;

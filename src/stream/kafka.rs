@@ -3,7 +3,7 @@
 //!
 //! Every client gets the `[kafka]` properties unchanged first (`bootstrap.servers`,
 //! `security.protocol`, `sasl.*`, `ssl.*`), then the few settings exactly-once needs, so the
-//! processor runs against Apache Kafka, Redpanda or the test broker (tansu) alike.
+//! processor runs against Apache Kafka, Confluent, MSK or Redpanda alike.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};

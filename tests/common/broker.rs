@@ -1,9 +1,12 @@
-//! The real-broker harness: starts the test broker (tansu's Kafka-compatible broker with the
-//! transaction APIs it lacks, `tools/test-broker`) on a free loopback port with in-memory
-//! storage, runs `metronome process` instances against it, and reads topics back.
+//! The real-broker harness: starts Apache Kafka (4.x, KRaft: broker and controller in one JVM)
+//! on free loopback ports with its storage in a temporary directory, either one node or a
+//! three-node cluster whose nodes a test can kill and restart; runs `metronome process`
+//! instances against it, and reads topics back.
 //!
-//! The broker binary comes from `TEST_BROKER_BIN`, `~/.cargo/bin/metronome-test-broker`
-//! or `PATH`; `scripts/test` installs it when missing. A missing broker fails the test loudly.
+//! Kafka's jars come from Maven Central through `tools/kafka/pom.xml`: `scripts/setup` resolves
+//! them into Maven's local repository and writes their classpath to
+//! `$METRONOME_CACHE_DIR/kafka/classpath` (default `~/.cache/metronome`); `TEST_KAFKA_CLASSPATH`
+//! overrides it. Java comes from `JAVA_HOME` or `PATH`. Without either the tests fail loudly.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -24,27 +27,37 @@ use rdkafka::{Offset, TopicPartitionList};
 /// How long any wait in these tests may take before the test fails.
 pub const PATIENCE: Duration = Duration::from_secs(120);
 
-const BROKER_BINARY: &str = "metronome-test-broker";
+/// Where `scripts/setup` keeps what it resolved for the tests (`METRONOME_CACHE_DIR`, default
+/// `~/.cache/metronome`).
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("METRONOME_CACHE_DIR") {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).expect("HOME is set");
+    home.join(".cache/metronome")
+}
 
-/// Finds the test broker binary.
-pub fn broker_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("TEST_BROKER_BIN") {
-        return PathBuf::from(p);
+/// The classpath of Kafka's broker and storage tool.
+pub fn kafka_classpath() -> String {
+    if let Ok(cp) = std::env::var("TEST_KAFKA_CLASSPATH") {
+        return cp;
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
-    let cached = home.join(".cargo/bin").join(BROKER_BINARY);
-    if cached.is_file() {
-        return cached;
+    let file = cache_dir().join("kafka/classpath");
+    match std::fs::read_to_string(&file) {
+        Ok(cp) if !cp.trim().is_empty() => cp.trim().to_owned(),
+        _ => panic!(
+            "Apache Kafka is not resolved ({} is missing): these tests need a real broker. \
+             Run scripts/setup (scripts/test does) to fetch it from Maven Central",
+            file.display()
+        ),
     }
-    if let Some(found) = std::env::var_os("PATH")
-        .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join(BROKER_BINARY)).find(|p| p.is_file()))
-    {
-        return found;
+}
+
+pub fn java() -> PathBuf {
+    match std::env::var_os("JAVA_HOME") {
+        Some(home) => PathBuf::from(home).join("bin/java"),
+        None => PathBuf::from("java"),
     }
-    panic!(
-        "the test broker is not installed: these tests need a real Kafka-compatible broker. \
-         Run scripts/setup (scripts/test does) to build tools/test-broker into ~/.cargo/bin"
-    );
 }
 
 /// A loopback port nothing listens on now.
@@ -69,41 +82,210 @@ pub fn simulate_keylog(out: &Path, users: u64, extra: &[&str]) {
     assert!(status.success(), "metronome simulate failed");
 }
 
-/// A running broker, stopped on drop.
+/// One Kafka node (broker and controller in one JVM), its storage and log in `dir`.
+struct Node {
+    id: u32,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Node {
+    fn config(&self) -> PathBuf {
+        self.dir.join("server.properties")
+    }
+
+    fn log(&self) -> PathBuf {
+        self.dir.join("kafka.log")
+    }
+
+    /// Starts the JVM on this node's (formatted) storage; its output is appended to its log.
+    fn spawn(&mut self) {
+        assert!(self.child.is_none(), "node {} is already running", self.id);
+        let log = File::options().create(true).append(true).open(self.log()).unwrap();
+        let mut cmd = kafka_java();
+        cmd.arg("kafka.Kafka").arg(self.config()).stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
+        die_with_parent(&mut cmd);
+        self.child = Some(cmd.spawn().expect("starting Kafka (java)"));
+    }
+
+    /// SIGKILL: the node gets no chance to finish anything.
+    fn kill_9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// `java` with Kafka's classpath and the options every node and tool runs with.
+fn kafka_java() -> Command {
+    let log4j = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tools/kafka/log4j2.properties");
+    let mut cmd = Command::new(java());
+    cmd.args(["-Xms256m", "-Xmx1g", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true"])
+        .arg(format!("-Dlog4j2.configurationFile={}", log4j.display()))
+        .arg("-cp")
+        .arg(kafka_classpath());
+    cmd
+}
+
+/// The JVM is killed when the thread that started it ends, so a test process that dies without
+/// unwinding (a time-out, a signal) leaves no broker behind.
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// A running Kafka cluster of one or three nodes, stopped (and its storage removed) on drop.
 pub struct Broker {
-    child: Child,
-    /// `host:port` for `bootstrap.servers`.
+    nodes: Vec<Node>,
+    /// `host:port,...` of every node, for `bootstrap.servers`.
     pub bootstrap: String,
+    /// Each node's client port, by node index.
+    ports: Vec<u16>,
     log_dir: tempfile::TempDir,
 }
 
 impl Broker {
-    /// Starts a broker and waits until it answers metadata requests.
+    /// Starts a single-node cluster and waits until it answers metadata requests.
     pub fn start() -> Self {
         Self::start_on(free_port())
     }
 
-    /// [`Broker::start`] on a given loopback port (a client already aims at it).
+    /// [`Broker::start`] with its client listener on a given loopback port (a client already
+    /// aims at it).
     pub fn start_on(port: u16) -> Self {
-        let url = format!("tcp://127.0.0.1:{port}");
+        Self::launch(&[port])
+    }
+
+    /// Starts a three-node cluster (every node a broker and a controller voter): topics and the
+    /// transaction and offset logs replicated three times, `min.insync.replicas` 2, so one node
+    /// can die without losing an acknowledged write or stopping transactions.
+    pub fn start_cluster() -> Self {
+        Self::launch(&[free_port(), free_port(), free_port()])
+    }
+
+    fn launch(ports: &[u16]) -> Self {
         let log_dir = tempfile::tempdir().unwrap();
-        let log = File::create(log_dir.path().join("broker.log")).unwrap();
-        let child = Command::new(broker_binary())
-            .args(["--listener-url", &url, "--advertised-listener-url", &url])
-            .args(["--storage-engine", "memory://tansu/"])
-            // The group coordinator's joins, leaders and departures, for failure messages.
-            .env("RUST_LOG", "warn,tansu_broker::coordinator=info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("starting the test broker");
-        let broker = Broker { child, bootstrap: format!("127.0.0.1:{port}"), log_dir };
-        let consumer: BaseConsumer = broker.config().create().unwrap();
-        let deadline = Instant::now() + PATIENCE;
-        while consumer.fetch_metadata(None, Duration::from_secs(1)).is_err() {
-            assert!(Instant::now() < deadline, "the test broker did not answer on {}", broker.bootstrap);
+        let controller_ports: Vec<u16> = ports.iter().map(|_| free_port()).collect();
+        let voters: Vec<String> =
+            controller_ports.iter().enumerate().map(|(i, p)| format!("{}@127.0.0.1:{p}", i + 1)).collect();
+        let replication = ports.len().min(3);
+        let min_isr = if replication >= 3 { 2 } else { 1 };
+        let cluster_id = kafka_cluster_id();
+        let mut nodes = Vec::new();
+        for (i, (port, controller_port)) in ports.iter().zip(&controller_ports).enumerate() {
+            let id = i as u32 + 1;
+            let dir = log_dir.path().join(format!("node-{id}"));
+            std::fs::create_dir_all(dir.join("data")).unwrap();
+            let props = server_properties(
+                id,
+                *port,
+                *controller_port,
+                &voters.join(","),
+                &dir.join("data"),
+                replication,
+                min_isr,
+            );
+            std::fs::write(dir.join("server.properties"), props).unwrap();
+            nodes.push(Node { id, dir, child: None });
         }
+        // Formatting is a JVM start of its own: all nodes at once.
+        let formats: Vec<(u32, Child)> = nodes
+            .iter()
+            .map(|n| {
+                let mut cmd = kafka_java();
+                cmd.args(["kafka.tools.StorageTool", "format", &format!("--cluster-id={cluster_id}"), "--config"])
+                    .arg(n.config())
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped());
+                die_with_parent(&mut cmd);
+                (n.id, cmd.spawn().expect("running Kafka's storage tool (java)"))
+            })
+            .collect();
+        for (id, child) in formats {
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "formatting node {id}'s storage failed:\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        for n in &mut nodes {
+            n.spawn();
+        }
+        let bootstrap = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
+        let broker = Broker { nodes, bootstrap, ports: ports.to_vec(), log_dir };
+        broker.wait_brokers(ports.len());
         broker
+    }
+
+    /// Waits until `n` brokers are registered and the cluster answers metadata requests.
+    fn wait_brokers(&self, n: usize) {
+        let consumer: BaseConsumer = self.config().create().unwrap();
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Ok(md) = consumer.fetch_metadata(None, Duration::from_secs(1)) {
+                if md.brokers().len() >= n {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "Kafka did not answer with {n} brokers on {}:\n{}",
+                self.bootstrap,
+                self.log_tail(40)
+            );
+            std::thread::sleep(Duration::from_millis(100)); // polling interval of a condition
+        }
+    }
+
+    /// How many nodes the cluster has.
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// The `host:port` of node `index`'s client listener.
+    pub fn node_address(&self, index: usize) -> String {
+        format!("127.0.0.1:{}", self.ports[index])
+    }
+
+    /// SIGKILL of node `index` (a broker and a controller voter).
+    pub fn kill_9_node(&mut self, index: usize) {
+        self.nodes[index].kill_9();
+    }
+
+    /// Restarts node `index` on its storage and ports after [`Broker::kill_9_node`], and waits
+    /// until every node is registered again.
+    pub fn restart_node(&mut self, index: usize) {
+        self.nodes[index].spawn();
+        self.wait_brokers(self.nodes.len());
+    }
+
+    /// The node index of the leader of `topic`'s `partition`, if it has one now.
+    pub fn leader_of(&self, topic: &str, partition: i32) -> Option<usize> {
+        let consumer: BaseConsumer = self.config().create().unwrap();
+        let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).ok()?;
+        let p = md.topics().first()?.partitions().iter().find(|p| p.id() == partition)?;
+        (p.leader() > 0).then(|| (p.leader() - 1) as usize)
+    }
+
+    /// The last `lines` lines of every node's log, for failure messages.
+    pub fn log_tail(&self, lines: usize) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("-- node {} --\n{}", n.id, log_tail(&n.log(), lines)))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// A client configuration for this broker.
@@ -116,8 +298,10 @@ impl Broker {
     /// Creates topics with `partitions` each.
     pub fn create_topics(&self, names: &[&str], partitions: i32) {
         let admin: AdminClient<DefaultClientContext> = self.config().create().unwrap();
-        let topics: Vec<NewTopic<'_>> =
-            names.iter().map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(1))).collect();
+        let topics: Vec<NewTopic<'_>> = names
+            .iter()
+            .map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(self.nodes.len().min(3) as i32)))
+            .collect();
         let results = futures::executor::block_on(admin.create_topics(&topics, &AdminOptions::new())).unwrap();
         for r in results {
             r.unwrap_or_else(|(name, code)| panic!("creating {name}: {code}"));
@@ -248,9 +432,65 @@ impl Broker {
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for n in &mut self.nodes {
+            n.kill_9();
+        }
     }
+}
+
+/// A node's `server.properties`: broker and controller in one process on loopback, internal
+/// topics sized for tests (few partitions, no rebalance delay), replicated `replication` times.
+/// Topics are not created on first use (as on most managed clusters): what a test or the
+/// processor needs it creates, with the partitions it means.
+fn server_properties(
+    id: u32,
+    port: u16,
+    controller_port: u16,
+    voters: &str,
+    data: &Path,
+    replication: usize,
+    min_isr: usize,
+) -> String {
+    format!(
+        "process.roles=broker,controller
+node.id={id}
+controller.quorum.voters={voters}
+controller.listener.names=CONTROLLER
+listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
+advertised.listeners=PLAINTEXT://127.0.0.1:{port}
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+log.dirs={data}
+num.partitions=1
+default.replication.factor={replication}
+min.insync.replicas={min_isr}
+offsets.topic.replication.factor={replication}
+offsets.topic.num.partitions=4
+transaction.state.log.replication.factor={replication}
+transaction.state.log.min.isr={min_isr}
+transaction.state.log.num.partitions=4
+group.initial.rebalance.delay.ms=0
+auto.create.topics.enable=false
+",
+        data = data.display()
+    )
+}
+
+/// A fresh cluster id: 16 random bytes, base64url without padding, as `kafka-storage random-uuid`.
+fn kafka_cluster_id() -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for byte in uuid::Uuid::new_v4().into_bytes() {
+        acc = ((acc << 8) | u32::from(byte)) & 0xffff;
+        bits += 8;
+        while bits >= 6 {
+            bits -= 6;
+            out.push(ALPHABET[((acc >> bits) & 63) as usize] as char);
+        }
+    }
+    out.push(ALPHABET[((acc << (6 - bits)) & 63) as usize] as char);
+    out
 }
 
 /// A consumed record.
@@ -272,7 +512,7 @@ pub struct Record {
 pub struct ProcessorProc {
     child: Option<Child>,
     log: PathBuf,
-    broker_log: PathBuf,
+    broker_logs: Vec<PathBuf>,
 }
 
 impl ProcessorProc {
@@ -295,8 +535,8 @@ impl ProcessorProc {
             .env("RUST_LOG", "warn,metronome=info")
             .stdout(Stdio::null())
             .stderr(File::create(&log).unwrap());
-        let broker_log = broker.log_dir.path().join("broker.log");
-        Self { child: Some(cmd.spawn().expect("starting metronome process")), log, broker_log }
+        let broker_logs = broker.nodes.iter().map(Node::log).collect();
+        Self { child: Some(cmd.spawn().expect("starting metronome process")), log, broker_logs }
     }
 
     /// Where its HTTP server listens, once it has logged it.
@@ -327,7 +567,7 @@ impl ProcessorProc {
                 Instant::now() < deadline,
                 "processor never logged {needle:?} {times} times:\n{}\nthe broker's log ends:\n{}",
                 self.log(),
-                log_tail(&self.broker_log, 40)
+                self.broker_logs.iter().map(|l| log_tail(l, 40)).collect::<Vec<_>>().join("\n--\n")
             );
             std::thread::sleep(Duration::from_millis(100)); // polling interval of a condition
         }

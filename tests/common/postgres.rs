@@ -1,16 +1,28 @@
-//! PostgreSQL for the tests: a temporary database on the machine's server, or a private cluster
-//! (initdb + pg_ctl) that a test can stop and start. Both are dropped afterwards. Nothing here
-//! skips: without PostgreSQL the tests fail, saying what is missing.
+//! PostgreSQL for the tests: a temporary database on the tests' server (`scripts/postgres`
+//! starts it; `scripts/setup` and `scripts/test` call it), or a private cluster (initdb +
+//! pg_ctl) that a test can stop and start. Both are dropped afterwards. Nothing here skips:
+//! without PostgreSQL the tests fail, saying what is missing.
 #![allow(dead_code)]
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Where the machine's server is, for creating temporary databases (trust auth as `postgres`).
-/// `TEST_POSTGRES_ADMIN_URL` overrides it.
+/// Where the tests' server is, for creating temporary databases (trust auth as `postgres`):
+/// `TEST_POSTGRES_ADMIN_URL`, else what `scripts/postgres` wrote when it started the server.
 pub fn admin_url() -> String {
-    std::env::var("TEST_POSTGRES_ADMIN_URL").unwrap_or_else(|_| "postgresql://postgres@127.0.0.1:5432/postgres".into())
+    if let Ok(url) = std::env::var("TEST_POSTGRES_ADMIN_URL") {
+        return url;
+    }
+    let file = super::broker::cache_dir().join("postgres.url");
+    match std::fs::read_to_string(&file) {
+        Ok(url) if !url.trim().is_empty() => url.trim().to_owned(),
+        _ => panic!(
+            "the tests' PostgreSQL server is not running ({} is missing): scripts/postgres starts it \
+             (scripts/setup and scripts/test do)",
+            file.display()
+        ),
+    }
 }
 
 fn psql(url: &str, sql: &str) -> String {
@@ -84,10 +96,23 @@ impl Drop for TempDb {
     }
 }
 
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+/// The newest server installed from Debian's packages, or `TEST_POSTGRES_BIN`.
+fn pg_bin_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("TEST_POSTGRES_BIN") {
+        return dir.into();
+    }
+    let mut dirs: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path().join("bin"))))
+        .collect();
+    dirs.sort();
+    dirs.pop().map(|(_, d)| d).unwrap_or_else(|| "/usr/lib/postgresql/15/bin".into())
+}
 
 fn pg_bin(name: &str) -> PathBuf {
-    let dir = std::env::var("TEST_POSTGRES_BIN").map(PathBuf::from).unwrap_or_else(|_| PG_BIN.into());
+    let dir = pg_bin_dir();
     let path = dir.join(name);
     assert!(path.exists(), "{} is needed for the stop-and-restart test (Debian: postgresql)", path.display());
     path
