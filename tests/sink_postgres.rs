@@ -94,14 +94,25 @@ fn assert_offsets_at_end(sql: impl Fn(&str) -> String, broker: &Broker) {
 }
 
 /// Commits the sink group's offsets at the topic's end in Kafka, as if a Kafka commit had run
-/// ahead of the database: the sink must start from PostgreSQL's offsets anyway.
+/// ahead of the database: the sink must start from PostgreSQL's offsets anyway. Kafka takes a
+/// commit from outside the group only once the group is empty: until the crashed sink's member
+/// has left, it answers "unknown member", and the commit is tried again.
 fn commit_kafka_offsets_at_end(broker: &Broker) {
+    use rdkafka::types::RDKafkaErrorCode as Code;
     let consumer: BaseConsumer = broker.config().set("group.id", format!("{APP}-sink-postgres")).create().unwrap();
     let mut tpl = TopicPartitionList::new();
     for (p, end) in broker.end_offsets(TOPIC) {
         tpl.add_partition_offset(TOPIC, p, Offset::Offset(end)).unwrap();
     }
-    consumer.commit(&tpl, rdkafka::consumer::CommitMode::Sync).unwrap();
+    wait_until("the crashed sink's member to leave the group", || {
+        match consumer.commit(&tpl, rdkafka::consumer::CommitMode::Sync) {
+            Ok(()) => true,
+            Err(e) => match e.rdkafka_error_code() {
+                Some(Code::UnknownMemberId | Code::RebalanceInProgress | Code::IllegalGeneration) => false,
+                _ => panic!("committing the sink group's offsets: {e}"),
+            },
+        }
+    });
 }
 
 fn setup(n: usize) -> Broker {

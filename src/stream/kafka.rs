@@ -286,9 +286,18 @@ impl Clients {
     ) -> Result<(u64, i64), KafkaEdgeError> {
         let topic = self.cfg.changelog_topic(USER_STATE_STORE);
         let consumer = self.plain_consumer("restore")?;
-        let (low, high) = consumer
-            .fetch_watermarks(&topic, partition, BROKER_TIMEOUT)
-            .map_err(broker("reading changelog watermarks"))?;
+        // A leader moving (a broker's death) fails the look-up for a moment: asked again.
+        let deadline = Instant::now() + BROKER_TIMEOUT;
+        let (low, high) = loop {
+            match consumer.fetch_watermarks(&topic, partition, BROKER_TIMEOUT) {
+                Ok(w) => break w,
+                Err(e) if Instant::now() < deadline => {
+                    tracing::warn!(partition, error = %e, "changelog watermarks unavailable; retrying");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => return Err(broker("reading changelog watermarks")(e)),
+            }
+        };
         let start = from.max(low);
         if start >= high {
             return Ok((0, from));
@@ -301,9 +310,11 @@ impl Clients {
         let mut batch = WriteBatch::new();
         let mut replayed = 0u64;
         let mut position = start;
+        let mut last_progress = Instant::now();
         loop {
             match consumer.poll(BROKER_TIMEOUT) {
                 Some(Ok(m)) => {
+                    last_progress = Instant::now();
                     let key = m.key().ok_or(KafkaEdgeError::Restore {
                         partition,
                         source: TaskError::CorruptState("changelog record without a key"),
@@ -318,6 +329,12 @@ impl Clients {
                     }
                 }
                 Some(Err(KafkaError::PartitionEOF(_))) => break,
+                // librdkafka reports a broker going away, a leader moving and the like and
+                // recovers by itself (a partition leader's death in a cluster): the restore goes
+                // on unless nothing arrives for as long as a stall would take.
+                Some(Err(e)) if last_progress.elapsed() < BROKER_TIMEOUT => {
+                    tracing::warn!(partition, error = %e, "changelog read error; retrying");
+                }
                 Some(Err(e)) => return Err(KafkaEdgeError::Broker { what: "reading the changelog", error: e }),
                 None => {
                     return Err(KafkaEdgeError::Broker {

@@ -338,28 +338,24 @@ impl Broker {
     /// commit itself, not the next check after it).
     pub fn wait_fully_committed_every(&self, group: &str, topic: &str, interval: Duration) {
         let ends = self.end_offsets(topic);
-        // While a transaction's offsets are pending the broker answers "unstable", and
-        // librdkafka asks again after retry.backoff.ms (100 ms by default): the wait would
-        // report a commit up to 100 ms late.
-        let consumer: BaseConsumer =
-            self.config().set("group.id", group).set("retry.backoff.ms", "5").create().unwrap();
+        let consumer = self.offsets_reader(group);
         let deadline = Instant::now() + PATIENCE;
-        loop {
-            let mut tpl = TopicPartitionList::new();
-            for p in ends.keys() {
-                tpl.add_partition(topic, *p);
-            }
-            let committed = consumer.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
-            let done = ends.iter().all(|(p, end)| {
-                *end == 0
-                    || matches!(committed.find_partition(topic, *p).map(|e| e.offset()), Some(Offset::Offset(o)) if o >= *end)
-            });
-            if done {
-                return;
-            }
+        while !fully_committed(&consumer, topic, &ends) {
             assert!(Instant::now() < deadline, "group {group} did not commit all of {topic} in time");
             std::thread::sleep(interval); // polling interval of a condition, not synchronisation by time
         }
+    }
+
+    /// Whether `group` has committed every partition of `topic` up to its end offset now.
+    pub fn is_fully_committed(&self, group: &str, topic: &str) -> bool {
+        fully_committed(&self.offsets_reader(group), topic, &self.end_offsets(topic))
+    }
+
+    /// A client that reads `group`'s committed offsets. While a transaction's offsets are
+    /// pending the broker answers "unstable", and librdkafka asks again after retry.backoff.ms
+    /// (100 ms by default): a wait would report a commit up to 100 ms late.
+    fn offsets_reader(&self, group: &str) -> BaseConsumer {
+        self.config().set("group.id", group).set("retry.backoff.ms", "5").create().unwrap()
     }
 
     /// Every committed record of `topic` (read_committed), read to the current end.
@@ -441,7 +437,9 @@ impl Drop for Broker {
 /// A node's `server.properties`: broker and controller in one process on loopback, internal
 /// topics sized for tests (few partitions, no rebalance delay), replicated `replication` times.
 /// Topics are not created on first use (as on most managed clusters): what a test or the
-/// processor needs it creates, with the partitions it means.
+/// processor needs it creates, with the partitions it means. Nothing expires: tests write
+/// records stamped days in the past (the archive's), which Kafka's default retention (7 days
+/// by record time) would delete at its first check, 30 s after start.
 fn server_properties(
     id: u32,
     port: u16,
@@ -471,6 +469,7 @@ transaction.state.log.min.isr={min_isr}
 transaction.state.log.num.partitions=4
 group.initial.rebalance.delay.ms=0
 auto.create.topics.enable=false
+log.retention.ms=-1
 ",
         data = data.display()
     )
@@ -491,6 +490,41 @@ fn kafka_cluster_id() -> String {
     }
     out.push(ALPHABET[((acc << (6 - bits)) & 63) as usize] as char);
     out
+}
+
+/// Whether the group of `consumer` has committed every partition of `topic` up to `ends`.
+fn fully_committed(consumer: &BaseConsumer, topic: &str, ends: &BTreeMap<i32, i64>) -> bool {
+    let mut tpl = TopicPartitionList::new();
+    for p in ends.keys() {
+        tpl.add_partition(topic, *p);
+    }
+    let Some(committed) = committed_offsets(consumer, tpl) else {
+        return false;
+    };
+    ends.iter().all(|(p, end)| {
+        *end == 0
+            || matches!(committed.find_partition(topic, *p).map(|e| e.offset()), Some(Offset::Offset(o)) if o >= *end)
+    })
+}
+
+/// A group's committed offsets for `tpl`, or `None` while its coordinator is moving or loading
+/// (Kafka answers so right after the offsets topic is created and after a failover; the client
+/// finds the coordinator again on the next call).
+pub fn committed_offsets(consumer: &BaseConsumer, tpl: TopicPartitionList) -> Option<TopicPartitionList> {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    match consumer.committed_offsets(tpl, Duration::from_secs(10)) {
+        Ok(committed) => Some(committed),
+        Err(e) => match e.rdkafka_error_code() {
+            Some(
+                Code::NotCoordinator
+                | Code::CoordinatorLoadInProgress
+                | Code::CoordinatorNotAvailable
+                | Code::RequestTimedOut
+                | Code::OperationTimedOut,
+            ) => None,
+            _ => panic!("reading committed offsets: {e}"),
+        },
+    }
 }
 
 /// A consumed record.
@@ -566,6 +600,24 @@ impl ProcessorProc {
             assert!(
                 Instant::now() < deadline,
                 "processor never logged {needle:?} {times} times:\n{}\nthe broker's log ends:\n{}",
+                self.log(),
+                self.broker_logs.iter().map(|l| log_tail(l, 40)).collect::<Vec<_>>().join("\n--\n")
+            );
+            std::thread::sleep(Duration::from_millis(100)); // polling interval of a condition
+        }
+    }
+
+    /// Waits until `condition` holds while the processor runs; fails with its log (and the
+    /// brokers') if it exits first or the wait runs out.
+    pub fn wait_until(&mut self, what: &str, mut condition: impl FnMut() -> bool) {
+        let deadline = Instant::now() + PATIENCE;
+        while !condition() {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                panic!("processor exited ({status}) before {what}:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}:\n{}\nthe broker's log ends:\n{}",
                 self.log(),
                 self.broker_logs.iter().map(|l| log_tail(l, 40)).collect::<Vec<_>>().join("\n--\n")
             );
