@@ -589,22 +589,10 @@ impl ProcessorProc {
 
     /// Waits until the log contains `needle` at least `times` times.
     pub fn wait_for_log(&mut self, needle: &str, times: usize) {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if self.log().matches(needle).count() >= times {
-                return;
-            }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
-                panic!("processor exited ({status}) before logging {needle:?}:\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "processor never logged {needle:?} {times} times:\n{}\nthe broker's log ends:\n{}",
-                self.log(),
-                self.broker_logs.iter().map(|l| log_tail(l, 40)).collect::<Vec<_>>().join("\n--\n")
-            );
-            std::thread::sleep(Duration::from_millis(100)); // polling interval of a condition
-        }
+        let log = self.log.clone();
+        self.wait_until(&format!("logging {needle:?} {times} times"), || {
+            std::fs::read_to_string(&log).unwrap_or_default().matches(needle).count() >= times
+        });
     }
 
     /// Waits until `condition` holds while the processor runs; fails with its log (and the
