@@ -148,8 +148,6 @@ pub struct Broker {
     nodes: Vec<Node>,
     /// `host:port,...` of every node, for `bootstrap.servers`.
     pub bootstrap: String,
-    /// Each node's client port, by node index.
-    ports: Vec<u16>,
     log_dir: tempfile::TempDir,
 }
 
@@ -224,7 +222,7 @@ impl Broker {
             n.spawn();
         }
         let bootstrap = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
-        let broker = Broker { nodes, bootstrap, ports: ports.to_vec(), log_dir };
+        let broker = Broker { nodes, bootstrap, log_dir };
         broker.wait_brokers(ports.len());
         broker
     }
@@ -247,16 +245,6 @@ impl Broker {
             );
             std::thread::sleep(Duration::from_millis(100)); // polling interval of a condition
         }
-    }
-
-    /// How many nodes the cluster has.
-    pub fn node_count(&self) -> usize {
-        self.nodes.len()
-    }
-
-    /// The `host:port` of node `index`'s client listener.
-    pub fn node_address(&self, index: usize) -> String {
-        format!("127.0.0.1:{}", self.ports[index])
     }
 
     /// SIGKILL of node `index` (a broker and a controller voter).
