@@ -67,7 +67,7 @@ fn main() {
     let bare_1 = bare_consumer_seconds(&broker, published.records);
     let both = processor_seconds(&broker, &props, dir.path().join("state-both"), "both", true);
     let timing = processor_seconds(&broker, &props, dir.path().join("state-timing"), "timing", false);
-    let streams = kafka_streams_seconds(&broker, &dir.path().join("state-kafka-streams"));
+    let streams = kafka_streams_seconds(&broker, &dir.path().join("state-kafka-streams"), published.records);
     let bare_2 = bare_consumer_seconds(&broker, published.records);
     let bare = (bare_1 + bare_2) / 2.0;
     let events = published.events as f64;
@@ -184,7 +184,7 @@ fn processor_seconds(
 /// Runs the Kafka Streams peer with as many stream threads as the processor has task threads,
 /// until its group has committed the whole topic; seconds from its tasks running (its `state
 /// RUNNING` line), timed by the committed offsets as the processor is.
-fn kafka_streams_seconds(broker: &broker::Broker, state: &Path) -> f64 {
+fn kafka_streams_seconds(broker: &broker::Broker, state: &Path, records: u64) -> f64 {
     let peer = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/peers/kafka-streams/target");
     let classpath = std::fs::read_to_string(peer.join("classpath")).unwrap_or_else(|_| {
         panic!("the Kafka Streams peer is not built ({}): run scripts/setup", peer.join("classpath").display())
@@ -216,8 +216,12 @@ fn kafka_streams_seconds(broker: &broker::Broker, state: &Path) -> f64 {
     let secs = started.elapsed().as_secs_f64();
     let term = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(term.success());
-    let summary: Vec<String> = lines.map_while(Result::ok).collect();
-    assert!(child.wait().unwrap().success() || !summary.is_empty(), "the Kafka Streams peer failed");
-    eprintln!("kafka streams summary: {}", summary.join(" "));
+    // Its last line on stdout: the counts it printed as it closed.
+    let summary = lines.map_while(Result::ok).last().unwrap_or_default();
+    child.wait().unwrap();
+    eprintln!("kafka streams summary: {summary}");
+    let counts: serde_json::Value = serde_json::from_str(&summary)
+        .unwrap_or_else(|_| panic!("the Kafka Streams peer printed no counts: {summary:?}"));
+    assert_eq!(counts["records"].as_u64(), Some(records), "the Kafka Streams peer processed every record");
     secs
 }

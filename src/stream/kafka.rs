@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use backon::BlockingRetryable as _;
 use metronome_state::{Store, WriteBatch};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
@@ -286,18 +287,16 @@ impl Clients {
     ) -> Result<(u64, i64), KafkaEdgeError> {
         let topic = self.cfg.changelog_topic(USER_STATE_STORE);
         let consumer = self.plain_consumer("restore")?;
-        // A leader moving (a broker's death) fails the look-up for a moment: asked again.
-        let deadline = Instant::now() + BROKER_TIMEOUT;
-        let (low, high) = loop {
-            match consumer.fetch_watermarks(&topic, partition, BROKER_TIMEOUT) {
-                Ok(w) => break w,
-                Err(e) if Instant::now() < deadline => {
-                    tracing::warn!(partition, error = %e, "changelog watermarks unavailable; retrying");
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-                Err(e) => return Err(broker("reading changelog watermarks")(e)),
-            }
-        };
+        // A leader moving (a broker's death) fails the look-up for a moment: asked again every
+        // 200 ms for as long as a stall would take.
+        let retry_every = Duration::from_millis(200);
+        let retries = (BROKER_TIMEOUT.as_millis() / retry_every.as_millis()) as usize;
+        let (low, high) = (|| consumer.fetch_watermarks(&topic, partition, BROKER_TIMEOUT))
+            .retry(backon::ConstantBuilder::default().with_delay(retry_every).with_max_times(retries))
+            .sleep(std::thread::sleep)
+            .notify(|e, _| tracing::warn!(partition, error = %e, "changelog watermarks unavailable; retrying"))
+            .call()
+            .map_err(broker("reading changelog watermarks"))?;
         let start = from.max(low);
         if start >= high {
             return Ok((0, from));
