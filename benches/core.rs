@@ -7,7 +7,9 @@
 //!   10 ms bins and the fullest bin's share (what the nightly batch computed).
 //! - `detector`: the full per-event path of the stream: reordering, repeat inference, window,
 //!   hold matching, and per scoring the robust histogram, all timing features, the rules and the
-//!   alert policy.
+//!   alert policy, and per press the long-horizon recurrence memory (`detect::recurrence`).
+//! - `detector_without_recurrence`: the same with the memory switched off, so that
+//!   `detector / detector_without_recurrence` is what the replay detection costs per event.
 
 use std::collections::VecDeque;
 use std::hint::black_box;
@@ -91,8 +93,8 @@ fn original_rule(events: &[(usize, KeyEvent)]) -> f64 {
     total
 }
 
-fn detector(events: &[(usize, KeyEvent)]) -> usize {
-    let mut detector = Detector::new(DetectorConfig::default()).unwrap();
+fn detector(events: &[(usize, KeyEvent)], cfg: &DetectorConfig) -> usize {
+    let mut detector = Detector::new(cfg.clone()).unwrap();
     let mut users: Vec<(String, UserState)> = (0..USERS).map(|u| (format!("user-{u}"), UserState::default())).collect();
     let mut batch = ScoringBatch::new(None);
     let mut out = Vec::new();
@@ -115,7 +117,13 @@ fn bench(c: &mut Criterion) {
     group.throughput(Throughput::Elements(events.len() as u64));
     group.sample_size(20);
     group.bench_function("original_rule", |b| b.iter(|| black_box(original_rule(black_box(&events)))));
-    group.bench_function("detector", |b| b.iter(|| black_box(detector(black_box(&events)))));
+    let full = DetectorConfig::default();
+    let mut without = DetectorConfig::default();
+    without.recurrence.enabled = false;
+    group.bench_function("detector", |b| b.iter(|| black_box(detector(black_box(&events), &full))));
+    group.bench_function("detector_without_recurrence", |b| {
+        b.iter(|| black_box(detector(black_box(&events), &without)))
+    });
     group.finish();
 }
 

@@ -12,6 +12,8 @@
 //! holds and again with holds drawn from a human recording ("humanized"); mixed sessions switch a
 //! macro on after 60-150 human presses and count presses from onset to the first alert.
 //! ROC-AUC is over users: each user's highest window score, humans against macro users.
+//! `--windows-csv FILE` also writes every window's scores (`group,user,timing,lstm_log_odds`)
+//! for tuning the policy's sequential test offline; it never reads the test split's labels back.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -36,6 +38,8 @@ struct Outcome {
     max_timing: f64,
     max_lstm: f64,
     windows: u64,
+    /// (timing score, LSTM score) of every window, in order.
+    scores: Vec<(f64, Option<f64>)>,
 }
 
 fn run_user(detector: &mut Detector, model: Option<&mut dyn SequenceScorer>, events: &[KeyEvent]) -> Outcome {
@@ -48,6 +52,7 @@ fn run_user(detector: &mut Detector, model: Option<&mut dyn SequenceScorer>, eve
                 o.max_score = o.max_score.max(w.score);
                 o.max_timing = o.max_timing.max(w.timing_score);
                 o.max_lstm = o.max_lstm.max(w.lstm_score.unwrap_or(0.0));
+                o.scores.push((w.timing_score, w.lstm_score));
             }
             Output::Alert(a) => o.alerts.push((a.window.window_end_us, a.reasons)),
             Output::IncidentClosed { .. } => {}
@@ -123,8 +128,34 @@ struct Args {
     /// The LSTM: `embedded`, `none` or a manifest path (default: the configuration's).
     #[arg(long)]
     model: Option<String>,
+    /// Also write every window's scores here, as CSV (humans and pure macro users).
+    #[arg(long)]
+    windows_csv: Option<PathBuf>,
     /// Human keylogs (default: both Aalto files in ../shared/data).
     files: Vec<PathBuf>,
+}
+
+/// Writes windows' scores for offline tuning: one row per window.
+struct WindowsCsv(Option<std::io::BufWriter<std::fs::File>>);
+
+impl WindowsCsv {
+    fn create(path: Option<&std::path::Path>) -> std::io::Result<Self> {
+        let Some(path) = path else { return Ok(Self(None)) };
+        let mut w = std::io::BufWriter::new(std::fs::File::create(path)?);
+        use std::io::Write;
+        writeln!(w, "group,user,timing,lstm_log_odds")?;
+        Ok(Self(Some(w)))
+    }
+
+    fn write(&mut self, group: &str, user: usize, o: &Outcome) -> std::io::Result<()> {
+        use std::io::Write;
+        let Some(w) = &mut self.0 else { return Ok(()) };
+        for (timing, lstm) in &o.scores {
+            let x = lstm.map_or(String::new(), |s| format!("{:.4}", metronome::detect::policy::log_odds(s)));
+            writeln!(w, "{group},{user},{timing:.4},{x}")?;
+        }
+        Ok(())
+    }
 }
 
 /// Per-user maxima for the ROC table: (combined, timing, lstm).
@@ -140,7 +171,8 @@ impl Maxima {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let Args { split, per_family, seed, config, model, mut files } = clap::Parser::parse();
+    let Args { split, per_family, seed, config, model, windows_csv, mut files } = clap::Parser::parse();
+    let mut csv = WindowsCsv::create(windows_csv.as_deref())?;
     if files.is_empty() {
         files = ["aalto-a-train.csv.gz", "aalto-b-train.csv.gz"]
             .iter()
@@ -180,10 +212,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (mut flagged, mut flagged_timing, mut original) = (Vec::new(), 0usize, 0usize);
     let (mut windows, mut presses) = (0u64, 0usize);
     let mut human_max = Maxima::default();
-    for (user, events) in &humans {
+    for (n, (user, events)) in humans.iter().enumerate() {
         original += usize::from(original_rule_flags(events, threshold));
         presses += events.iter().filter(|e| e.action == KeyAction::Down).count();
         let (timing, combined) = both(&mut detector, events);
+        csv.write("human", n, &combined)?;
         windows += combined.windows;
         human_max.push(&combined);
         flagged_timing += usize::from(!timing.alerts.is_empty());
@@ -208,7 +241,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut macro_max = Maxima::default();
     let mut auc_rows = Vec::new();
-    println!("\n## Macro users ({per_family} per family, 200 presses each; a third with humanized holds)\n");
+    println!("\n## Macro users ({per_family} per family, 200 presses each, a replay loop two loops and 100 more; a third with humanized holds)\n");
     println!("| family | recall (timing + LSTM) | timing alone | original rule | humanized holds: recall | timing alone | median presses to alert | alerts by scorer (histogram / lstm / both) |");
     println!("|---|---|---|---|---|---|---|---|");
     for family in MacroFamily::ALL {
@@ -222,6 +255,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let start = 1_600_000_000_000_000 + i as i64 * 1_000_000_000;
             let m = MacroUser::generate(family, rec, start, 200, &mut rng);
             let (timing, combined) = both(&mut detector, &m.events);
+            csv.write(family.name(), i, &combined)?;
             family_max.push(&combined);
             macro_max.push(&combined);
             orig += usize::from(original_rule_flags(&m.events, threshold));

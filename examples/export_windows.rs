@@ -9,7 +9,8 @@
 //! - `windows-<split>.f32`: little-endian f32, `steps * STEP_WIDTH` values per window;
 //! - `windows-<split>.csv`: one row per window: `label,kind,family,humanized,user,timing_score,macro_share`.
 //!
-//! Humans give label 0. Macro users (every family, a third with humanized holds) give label 1.
+//! Humans give label 0. Macro users (every family one window can show,
+//! `MacroFamily::window_visible`; a third with humanized holds) give label 1.
 //! Mixed sessions (human, then a macro) give 0 before the onset and 1 once at least 30 % of a
 //! window's presses are the macro's; windows in between are left out as ambiguous. Each user
 //! contributes at most K windows, evenly spread, so heavy typists do not dominate; validation
@@ -130,7 +131,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             user += 1;
         }
-        for family in MacroFamily::ALL {
+        let families: Vec<MacroFamily> = MacroFamily::ALL.into_iter().filter(|f| f.window_visible()).collect();
+        for &family in &families {
             for i in 0..args.per_family {
                 let rec = recordings[rng.random_range(0..recordings.len())];
                 let start = 1_600_000_000_000_000 + i as i64 * 1_000_000_000;
@@ -144,7 +146,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         for _ in 0..args.mixed {
             let rec = recordings[rng.random_range(0..recordings.len())];
-            let family = MacroFamily::ALL[rng.random_range(0..MacroFamily::ALL.len())];
+            let family = families[rng.random_range(0..families.len())];
             let onset = rng.random_range(60..150);
             let m = MacroUser::mixed(family, rec, onset, 120, &mut rng);
             for w in dataset::encoded_windows(&mut detector, &m.events, args.steps) {

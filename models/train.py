@@ -127,10 +127,10 @@ def choose_threshold(human_scores: np.ndarray, max_rate: float) -> float:
 
 
 def calibrate(prob: np.ndarray, threshold: float) -> np.ndarray:
-    """Piecewise-linear map putting the operating threshold at 0.5 (as the Rust scorer does)."""
-    low = prob / threshold * 0.5
-    high = 0.5 + (prob - threshold) / (1.0 - threshold) * 0.5
-    return np.where(prob < threshold, low, high).astype(np.float32)
+    """Odds over the threshold's: the operating threshold lands on 0.5 (as the Rust scorer does)."""
+    p = np.clip(prob.astype(np.float64), 0.0, 1.0)
+    t = float(threshold)
+    return (p * (1.0 - t) / (p * (1.0 - t) + t * (1.0 - p))).astype(np.float32)
 
 
 def report(scores, meta, threshold, families):
@@ -306,7 +306,7 @@ def export(model, out, version, spec, mean, std, threshold, x_val, m_val, famili
             "rule": "real steps (present = 1): (x - mean) / std; padding steps stay all zero",
         },
         "threshold": threshold,
-        "score": "piecewise linear in the probability: 0 -> 0, threshold -> 0.5, 1 -> 1",
+        "score": "odds(score) = odds(probability) / odds(threshold): 0 -> 0, threshold -> 0.5, 1 -> 1",
         "training": {
             "humans": "Aalto 136M keystrokes (Dhakal et al., CHI 2018), subsets A and B from ../shared/data, "
                       "train split of users by FNV-1a hash (never in validation or test)",

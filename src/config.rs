@@ -134,19 +134,16 @@ pub enum ConfigError {
     Invalid(#[from] InvalidConfig),
 }
 
+/// `METRONOME_*` variables that are not configuration keys.
+const NOT_KEYS: &[&str] = &["config", "postgres_url", "fault_archive_abort_after_records", "cache_dir", "postgres_dir"];
+
 impl Config {
     /// Loads defaults, then `file` if given, then the process environment.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
         // METRONOME_CONFIG names the file and METRONOME_POSTGRES_URL is `demo --postgres-url`:
-        // flags' environment forms, not keys; METRONOME_FAULT_* are the tests' fault hooks.
-        Self::load_with_env(
-            file,
-            Env::prefixed(ENV_PREFIX).split("__").ignore(&[
-                "config",
-                "postgres_url",
-                "fault_archive_abort_after_records",
-            ]),
-        )
+        // flags' environment forms, not keys; METRONOME_FAULT_* are the tests' fault hooks;
+        // METRONOME_CACHE_DIR and METRONOME_POSTGRES_DIR are the scripts' (scripts/setup).
+        Self::load_with_env(file, Env::prefixed(ENV_PREFIX).split("__").ignore(NOT_KEYS))
     }
 
     /// As [`Config::load`] with an explicit environment provider (tests pass a fixed one).
@@ -233,6 +230,9 @@ mod tests {
             jail.create_file("c.toml", "[detector.window]\nsize = 60\n")?;
             jail.set_env("METRONOME_DETECTOR__WINDOW__SIZE", "70");
             jail.set_env("METRONOME_CONFIG", "c.toml");
+            // The scripts' own variables are not keys (scripts/setup, scripts/postgres).
+            jail.set_env("METRONOME_CACHE_DIR", "/var/tmp/cache");
+            jail.set_env("METRONOME_POSTGRES_DIR", "/var/tmp/pg");
             let cfg = Config::load(Some(Path::new("c.toml"))).unwrap();
             assert_eq!(cfg.detector.window.size, 70);
             Ok(())

@@ -81,6 +81,7 @@ impl MacroUser {
         rng: &mut impl Rng,
     ) -> Self {
         let spec = Self::spec(family, rng);
+        let presses = spec.presses_to_watch(presses);
         let events = macrogen::generate(&spec, &macrogen::recorded_presses(recording), start_us, presses, rng);
         let humanized_holds = Self::humanized(&spec);
         Self { family, humanized_holds, onset_us: start_us, human_presses: 0, events }
@@ -96,6 +97,7 @@ impl MacroUser {
         rng: &mut impl Rng,
     ) -> Self {
         let spec = Self::spec(family, rng);
+        let macro_presses = spec.presses_to_watch(macro_presses);
         let (events, onset_us) = macrogen::human_then_macro(recording, human_presses, &spec, macro_presses, rng);
         let humanized_holds = Self::humanized(&spec);
         Self { family, humanized_holds, onset_us, human_presses, events }
@@ -110,7 +112,7 @@ impl MacroUser {
     }
 
     fn humanized(spec: &MacroSpec) -> bool {
-        spec.family == MacroFamily::HumanReplay || spec.hold == HoldModel::Recorded
+        matches!(spec.family, MacroFamily::HumanReplay | MacroFamily::ReplayLoop) || spec.hold == HoldModel::Recorded
     }
 
     /// Share of the presses in `[start_us, end_us]` that the macro made.

@@ -268,15 +268,14 @@ impl LstmModel {
         Ok(out[0].as_slice::<f32>()?.to_vec())
     }
 
-    /// Maps a probability to a score with the operating threshold at 0.5.
+    /// Maps a probability to a score with the operating threshold at 0.5 whose log-odds are the
+    /// model's log-odds over the threshold's: order is kept, and the policy's sequential test can
+    /// add a window's log-odds to the user's evidence (`detect::policy`).
     pub fn calibrate(&self, p: f32) -> f32 {
-        let t = self.manifest.threshold;
-        let p = if p.is_finite() { p.clamp(0.0, 1.0) } else { 0.0 };
-        if p < t {
-            p / t * 0.5
-        } else {
-            0.5 + (p - t) / (1.0 - t) * 0.5
-        }
+        let t = f64::from(self.manifest.threshold);
+        let p = if p.is_finite() { f64::from(p).clamp(0.0, 1.0) } else { 0.0 };
+        // odds(score) = odds(p) / odds(t), written without dividing by 1 - p.
+        (p * (1.0 - t) / (p * (1.0 - t) + t * (1.0 - p))) as f32
     }
 }
 

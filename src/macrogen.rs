@@ -1,6 +1,6 @@
 //! Synthetic macro traffic: the positive class, since nobody publishes real macro keystrokes.
 //!
-//! Six families, from trivially regular to human-shaped:
+//! Eight families, from trivially regular to human-shaped:
 //! - [`MacroFamily::Fixed`]: one interval, forever.
 //! - [`MacroFamily::OsTick`]: a sleep rounded up to the OS timer tick (15.625 ms on Windows,
 //!   10 ms or 4 ms on Linux), sometimes one tick late.
@@ -9,8 +9,13 @@
 //! - [`MacroFamily::HumanReplay`]: a recorded human sequence (keys, intervals, holds) played
 //!   back in a loop.
 //! - [`MacroFamily::HumanSampled`]: intervals drawn independently from a human's own intervals.
+//! - [`MacroFamily::ReplayLoop`]: what a careful cheater records: 100 to 1,000 presses of real
+//!   typing looped with a few ms of jitter on every flight and hold, longer than any window;
+//!   half of them loop the recording's keys, half a key rotation of another period.
+//! - [`MacroFamily::HumanIid`]: flights *and* holds drawn independently from one human's own,
+//!   on random letter keys: every marginal distribution is human.
 //!
-//! Except for replay, keys cycle through a short rotation (game skills) and holds are fixed or
+//! Except for the replays and i.i.d. sampling, keys cycle through a short rotation (game skills) and holds are fixed or
 //! tiny, as macro tools make them. Everything is driven by a caller-seeded RNG, so a seed
 //! reproduces a data set exactly.
 
@@ -38,17 +43,23 @@ pub enum MacroFamily {
     HumanReplay,
     /// Intervals sampled from a human's interval distribution.
     HumanSampled,
+    /// A long human recording looped with ms jitter on flights and holds.
+    ReplayLoop,
+    /// Flights and holds sampled independently from a human's, on random keys.
+    HumanIid,
 }
 
 impl MacroFamily {
     /// Every family.
-    pub const ALL: [MacroFamily; 6] = [
+    pub const ALL: [MacroFamily; 8] = [
         MacroFamily::Fixed,
         MacroFamily::OsTick,
         MacroFamily::UniformJitter,
         MacroFamily::GaussianJitter,
         MacroFamily::HumanReplay,
         MacroFamily::HumanSampled,
+        MacroFamily::ReplayLoop,
+        MacroFamily::HumanIid,
     ];
 
     /// Snake-case name.
@@ -60,12 +71,25 @@ impl MacroFamily {
             MacroFamily::GaussianJitter => "gaussian_jitter",
             MacroFamily::HumanReplay => "human_replay",
             MacroFamily::HumanSampled => "human_sampled",
+            MacroFamily::ReplayLoop => "replay_loop",
+            MacroFamily::HumanIid => "human_iid",
         }
+    }
+
+    /// Whether one window can show the family, so that a window model may learn it: a replay
+    /// loop is a stretch of real typing until it comes round (the recurrence memory's case,
+    /// `detect::recurrence`), and labelling its windows as macros would teach a window model to
+    /// flag human typing.
+    pub fn window_visible(self) -> bool {
+        self != MacroFamily::ReplayLoop
     }
 
     /// Whether the family needs a human recording.
     pub fn needs_human(self) -> bool {
-        matches!(self, MacroFamily::HumanReplay | MacroFamily::HumanSampled)
+        matches!(
+            self,
+            MacroFamily::HumanReplay | MacroFamily::HumanSampled | MacroFamily::ReplayLoop | MacroFamily::HumanIid
+        )
     }
 }
 
@@ -132,14 +156,18 @@ pub struct MacroSpec {
     pub family: MacroFamily,
     /// Base interval between presses, ms.
     pub interval_ms: f64,
-    /// Uniform half-width or gaussian sigma, ms.
+    /// Uniform half-width or gaussian sigma, ms; for a replay loop, the uniform half-width
+    /// added to each recorded flight and hold.
     pub jitter_ms: f64,
     /// OS timer tick, ms.
     pub tick_ms: f64,
     /// Hold model (ignored by replay, which keeps the recorded holds).
     pub hold: HoldModel,
-    /// Key rotation (ignored by replay).
+    /// Key rotation (ignored by the short replay; a replay loop with an empty rotation plays the
+    /// recording's keys).
     pub keys: Vec<u32>,
+    /// Presses in a replay loop (capped at the recording's length); 0 for other families.
+    pub loop_presses: usize,
 }
 
 /// Keys game macros typically bind: digits 1-6, Q, E, R, F, space, mouse-less skills.
@@ -159,12 +187,34 @@ impl MacroSpec {
         let jitter_ms = match family {
             MacroFamily::UniformJitter => interval_ms * rng.random_range(0.05..0.35),
             MacroFamily::GaussianJitter => interval_ms * rng.random_range(0.05..0.25),
+            MacroFamily::ReplayLoop => rng.random_range(1.0..5.0),
             _ => 0.0,
         };
         let tick_ms = *[15.625, 10.0, 4.0].choose(rng).expect("non-empty");
-        Self { family, interval_ms, jitter_ms, tick_ms, hold, keys }
+        let (keys, loop_presses) = match family {
+            // Half the loops replay the recorded keys, half a rotation of another period.
+            MacroFamily::ReplayLoop if rng.random_bool(0.5) => (Vec::new(), rng.random_range(100..=1000)),
+            MacroFamily::ReplayLoop => (keys, rng.random_range(100..=1000)),
+            _ => (keys, 0),
+        };
+        let hold =
+            if matches!(family, MacroFamily::ReplayLoop | MacroFamily::HumanIid) { HoldModel::Recorded } else { hold };
+        Self { family, interval_ms, jitter_ms, tick_ms, hold, keys, loop_presses }
+    }
+
+    /// Presses a user of this macro should be watched for when `presses` is the usual number: a
+    /// replay loop only repeats itself after a whole loop, so it gets two loops and a window more.
+    pub fn presses_to_watch(&self, presses: usize) -> usize {
+        match self.family {
+            MacroFamily::ReplayLoop => presses.max(2 * self.loop_presses + 100),
+            _ => presses,
+        }
     }
 }
+
+/// Letter keys (evdev Q..P, A..L, Z..M) and space: what i.i.d. sampling presses.
+const LETTER_KEYS: [u32; 27] =
+    [16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 30, 31, 32, 33, 34, 35, 36, 37, 38, 44, 45, 46, 47, 48, 49, 50, 57];
 
 /// Generates `presses` presses of `spec` starting at `start_us`. `human` is the recording replay
 /// and sampling draw from; families that need one fall back to a fixed macro without it.
@@ -178,6 +228,10 @@ pub fn generate(
     let mut events = Vec::with_capacity(presses * 2);
     if spec.family == MacroFamily::HumanReplay && human.len() >= 4 {
         replay(human, start_us, presses, rng, &mut events);
+    } else if spec.family == MacroFamily::ReplayLoop && human.len() >= 20 {
+        replay_loop(spec, human, start_us, presses, rng, &mut events);
+    } else if spec.family == MacroFamily::HumanIid && human.len() >= 20 {
+        human_iid(human, start_us, presses, rng, &mut events);
     } else {
         let human_holds: Vec<i64> = human.iter().map(|p| p.hold_us).filter(|&h| h > 0 && h < 1_000_000).collect();
         let human_intervals: Vec<i64> = human
@@ -208,7 +262,7 @@ pub fn generate(
 fn next_interval_us(spec: &MacroSpec, human_intervals: &[i64], rng: &mut impl Rng) -> i64 {
     let base = spec.interval_ms * 1000.0;
     let us = match spec.family {
-        MacroFamily::Fixed | MacroFamily::HumanReplay => base,
+        MacroFamily::Fixed | MacroFamily::HumanReplay | MacroFamily::ReplayLoop => base,
         MacroFamily::OsTick => {
             let tick = spec.tick_ms * 1000.0;
             let ticks = (base / tick).ceil() + if rng.random_bool(0.15) { 1.0 } else { 0.0 };
@@ -219,7 +273,7 @@ fn next_interval_us(spec: &MacroSpec, human_intervals: &[i64], rng: &mut impl Rn
             let normal = Normal::new(base, spec.jitter_ms * 1000.0).expect("finite sigma");
             normal.sample(rng)
         }
-        MacroFamily::HumanSampled => match human_intervals.choose(rng) {
+        MacroFamily::HumanSampled | MacroFamily::HumanIid => match human_intervals.choose(rng) {
             Some(&d) => d as f64,
             None => base,
         },
@@ -245,6 +299,75 @@ fn replay(human: &[RecordedPress], start_us: i64, presses: usize, rng: &mut impl
         t += if (i + 1) % len == 0 { loop_gap } else { (next.down_us - p.down_us).clamp(1_000, 1_500_000) };
     }
     out.sort_by_key(|e| e.time_us);
+}
+
+/// Loops `spec.loop_presses` presses of the recording (a random stretch of it) with uniform
+/// jitter of `spec.jitter_ms` on every flight and hold; keys from the recording, or from
+/// `spec.keys` in a rotation of its own period.
+fn replay_loop(
+    spec: &MacroSpec,
+    human: &[RecordedPress],
+    start_us: i64,
+    presses: usize,
+    rng: &mut impl Rng,
+    out: &mut Vec<KeyEvent>,
+) {
+    let len = spec.loop_presses.clamp(20, human.len());
+    let from = rng.random_range(0..=human.len() - len);
+    let segment = &human[from..from + len];
+    let flights: Vec<i64> = (0..len)
+        .map(|i| match segment.get(i + 1) {
+            Some(next) => (next.down_us - segment[i].down_us).clamp(1_000, 1_500_000),
+            None => 250_000, // the recorder's loop delay
+        })
+        .collect();
+    let jitter_us = (spec.jitter_ms * 1000.0) as i64;
+    let mut keys = KeyTracker::default();
+    let mut t = start_us;
+    for i in 0..presses {
+        let p = segment[i % len];
+        let key = if spec.keys.is_empty() { p.key } else { spec.keys[i % spec.keys.len()] };
+        let hold_us = (p.hold_us + rng.random_range(-jitter_us..=jitter_us)).max(1_000);
+        keys.press(out, t, key, hold_us);
+        t += (flights[i % len] + rng.random_range(-jitter_us..=jitter_us)).max(1_000);
+    }
+    out.sort_by_key(|e| e.time_us);
+}
+
+/// Flights and holds drawn independently from the recording's, on random letter keys.
+fn human_iid(human: &[RecordedPress], start_us: i64, presses: usize, rng: &mut impl Rng, out: &mut Vec<KeyEvent>) {
+    let holds: Vec<i64> = human.iter().map(|p| p.hold_us).filter(|&h| h > 0 && h < 1_000_000).collect();
+    let flights: Vec<i64> =
+        human.windows(2).map(|w| w[1].down_us - w[0].down_us).filter(|&d| (20_000..1_500_000).contains(&d)).collect();
+    let mut keys = KeyTracker::default();
+    let mut t = start_us;
+    for _ in 0..presses {
+        let key = *LETTER_KEYS.choose(rng).expect("non-empty");
+        keys.press(out, t, key, holds.choose(rng).copied().unwrap_or(90_000));
+        t += flights.choose(rng).copied().unwrap_or(200_000);
+    }
+    out.sort_by_key(|e| e.time_us);
+}
+
+/// Emits presses so that a key never goes down while it is still down: a press of a held key
+/// releases it first, 1 ms before, as a key switch must.
+#[derive(Default)]
+struct KeyTracker {
+    /// Key -> index in the output of its latest key-up.
+    last_up: std::collections::HashMap<u32, usize>,
+}
+
+impl KeyTracker {
+    fn press(&mut self, out: &mut Vec<KeyEvent>, at_us: i64, key: u32, hold_us: i64) {
+        if let Some(&up) = self.last_up.get(&key) {
+            if out[up].time_us >= at_us {
+                out[up].time_us = at_us - 1_000;
+            }
+        }
+        out.push(KeyEvent::new(at_us, key, KeyAction::Down));
+        self.last_up.insert(key, out.len());
+        out.push(KeyEvent::new(at_us + hold_us, key, KeyAction::Up));
+    }
 }
 
 /// A human session with a macro switched on part-way: the human's events up to (not including)
@@ -343,6 +466,7 @@ mod tests {
             tick_ms: 10.0,
             hold: HoldModel::Fixed(20.0),
             keys: vec![2, 3],
+            loop_presses: 0,
         };
         let events = generate(&spec, &[], 0, 10, &mut ChaCha8Rng::seed_from_u64(1));
         let downs: Vec<i64> = events.iter().filter(|e| e.action == KeyAction::Down).map(|e| e.time_us).collect();
@@ -358,6 +482,7 @@ mod tests {
             tick_ms: 15.625,
             hold: HoldModel::Tiny,
             keys: vec![2],
+            loop_presses: 0,
         };
         let events = generate(&spec, &[], 0, 200, &mut ChaCha8Rng::seed_from_u64(2));
         let downs: Vec<i64> = events.iter().filter(|e| e.action == KeyAction::Down).map(|e| e.time_us).collect();
@@ -394,5 +519,53 @@ mod tests {
         let downs_before = events.iter().filter(|e| e.action == KeyAction::Down && e.time_us < onset).count();
         let downs_after = events.iter().filter(|e| e.action == KeyAction::Down && e.time_us >= onset).count();
         assert_eq!((downs_before, downs_after), (20, 40));
+    }
+
+    #[test]
+    fn a_replay_loop_repeats_its_timing_within_the_jitter() {
+        let human: Vec<RecordedPress> = (0..400)
+            .map(|i| RecordedPress {
+                down_us: i * 200_000 + (i * i * 7_919) % 90_000,
+                key: 30,
+                hold_us: 60_000 + (i * 4_001) % 70_000,
+            })
+            .collect();
+        let mut rng = ChaCha8Rng::seed_from_u64(21);
+        for _ in 0..20 {
+            let spec = MacroSpec::random(MacroFamily::ReplayLoop, &mut rng);
+            assert!((100..=1000).contains(&spec.loop_presses) && spec.hold == HoldModel::Recorded);
+            assert!(spec.jitter_ms >= 1.0 && spec.jitter_ms <= 5.0);
+            let presses = spec.presses_to_watch(200);
+            assert_eq!(presses, 2 * spec.loop_presses + 100);
+            let events = generate(&spec, &human, 0, presses, &mut rng);
+            let p = recorded_presses(&events);
+            assert_eq!(p.len(), presses);
+            let period = spec.loop_presses.min(human.len());
+            let jitter = (spec.jitter_ms * 1000.0) as i64;
+            for i in period + 1..presses {
+                let (now, then) = (p[i].down_us - p[i - 1].down_us, p[i - period].down_us - p[i - period - 1].down_us);
+                assert!((now - then).abs() <= 2 * jitter, "flight {i}");
+            }
+            if !spec.keys.is_empty() {
+                assert!(p.iter().all(|x| spec.keys.contains(&x.key)));
+            }
+        }
+    }
+
+    #[test]
+    fn human_iid_draws_flights_and_holds_from_the_recording_on_letter_keys() {
+        let rec = human();
+        let flights: Vec<i64> = rec.windows(2).map(|w| w[1].down_us - w[0].down_us).collect();
+        let holds: Vec<i64> = rec.iter().map(|p| p.hold_us).collect();
+        let spec = MacroSpec::random(MacroFamily::HumanIid, &mut ChaCha8Rng::seed_from_u64(22));
+        let p = recorded_presses(&generate(&spec, &rec, 0, 300, &mut ChaCha8Rng::seed_from_u64(23)));
+        assert_eq!(p.len(), 300);
+        assert!(p.windows(2).all(|w| flights.contains(&(w[1].down_us - w[0].down_us))));
+        // A hold is the recording's unless the same key came again before its release.
+        let recorded = p.iter().filter(|x| holds.contains(&x.hold_us)).count();
+        assert!(recorded > 280, "{recorded}");
+        assert!(p.iter().all(|x| LETTER_KEYS.contains(&x.key)));
+        let distinct: std::collections::HashSet<u32> = p.iter().map(|x| x.key).collect();
+        assert!(distinct.len() > 20);
     }
 }

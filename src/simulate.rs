@@ -26,7 +26,7 @@ pub struct SimulationPlan {
     pub mixed: bool,
     /// Human presses before a mixed user's macro starts (drawn uniformly; 60..150 by default).
     pub onset_presses: std::ops::Range<usize>,
-    /// Macro presses per macro user.
+    /// Macro presses per macro user (a replay loop gets as many as it needs to come round).
     pub macro_presses: usize,
     /// RNG seed: the same plan and recordings give the same traffic.
     pub seed: u64,
@@ -141,12 +141,14 @@ pub fn simulate(plan: &SimulationPlan, humans: Humans<'_>) -> Result<Vec<Simulat
         if i < macro_users {
             let family = plan.families[i % plan.families.len()];
             let spec = MacroSpec::random(family, &mut rng);
+            // A replay loop plays until it has come round (twice, and a window more).
+            let presses = spec.presses_to_watch(plan.macro_presses);
             let (events, onset_us) = if plan.mixed {
                 let onset = rng.random_range(plan.onset_presses.clone());
-                macrogen::human_then_macro(&recording, onset, &spec, plan.macro_presses, &mut rng)
+                macrogen::human_then_macro(&recording, onset, &spec, presses, &mut rng)
             } else {
                 let human = macrogen::recorded_presses(&recording);
-                (macrogen::generate(&spec, &human, plan.start_us, plan.macro_presses, &mut rng), plan.start_us)
+                (macrogen::generate(&spec, &human, plan.start_us, presses, &mut rng), plan.start_us)
             };
             out.push(SimulatedUser {
                 user_id: format!("macro-{}-{i}", family.name()),

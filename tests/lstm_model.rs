@@ -68,9 +68,13 @@ fn install(manifest: &Path, dir: &Path, name: &str) -> PathBuf {
 fn assert_agrees(model: &mut dyn SequenceScorer, v: &Vectors) {
     assert_eq!(model.steps(), v.steps);
     assert_eq!(v.step_width, STEP_WIDTH);
-    // Probabilities agree to 1e-4; the score maps them piecewise linearly (threshold -> 0.5), so
-    // its tolerance is 1e-4 times the slope of that mapping: 0.5 / (1 - threshold) above it.
-    let tolerance = 1e-4 * 0.5 / (1.0 - v.threshold).min(v.threshold);
+    // Probabilities agree to 1e-4. The score maps them to odds over the threshold's (threshold
+    // -> 0.5), so the Rust score is mapped back to a probability to compare.
+    let t = f64::from(v.threshold);
+    let probability = |score: f32| {
+        let s = f64::from(score);
+        s * t / (s * t + (1.0 - s) * (1.0 - t))
+    };
     // One window at a time and all windows in one batch must both agree with Python.
     let all: Vec<f32> = v.windows.iter().flat_map(|w| w.steps.iter().copied()).collect();
     let mut batched = Vec::new();
@@ -79,15 +83,17 @@ fn assert_agrees(model: &mut dyn SequenceScorer, v: &Vectors) {
         let mut single = Vec::new();
         model.score(&w.steps, 1, &mut single).unwrap();
         assert_eq!(single[0].to_bits(), got_batched.to_bits(), "a window scores the same alone or batched");
+        let got = probability(single[0]);
         assert!(
-            (single[0] - w.score).abs() <= tolerance,
-            "{} {}/{}: Rust {}, Python {} (tolerance {tolerance})",
+            (got - f64::from(w.probability)).abs() <= 1e-4,
+            "{} {}/{}: Rust {got}, Python {}",
             v.model,
             w.kind,
             w.family,
-            single[0],
-            w.score
+            w.probability
         );
+        // The score the pipeline recorded follows the same map.
+        assert!((probability(w.score) - f64::from(w.probability)).abs() <= 1e-4, "{} {}", w.score, w.probability);
     }
 }
 

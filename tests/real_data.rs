@@ -115,3 +115,29 @@ fn with_the_shipped_model_humans_stay_clean_and_humanized_macros_are_caught() {
     }
     assert!(lstm_alone > 0, "some of these are beyond the timing rules: the model must be what caught them");
 }
+
+/// A careful cheater's replay: real typing (users of the test split) looped for 100-1,000
+/// presses with a few ms of jitter on every flight and hold, keys recorded or rotated. Every
+/// window looks human; the recurrence memory raises one `replay` alert per user, after the loop
+/// came round, with the loop's length as its period.
+#[test]
+fn a_replayed_recording_longer_than_a_window_is_caught_by_its_recurrences() {
+    let mut detector = Detector::new(DetectorConfig::default()).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(18);
+    for (i, (_, human)) in load_test_split("aalto-a-train.csv.gz", 30).iter().enumerate() {
+        let spec = MacroSpec::random(MacroFamily::ReplayLoop, &mut rng);
+        let recorded = macrogen::recorded_presses(human);
+        let presses = spec.presses_to_watch(200);
+        let events = macrogen::generate(&spec, &recorded, 1_700_000_000_000_000 + i as i64, presses, &mut rng);
+        let outputs = detector.score_recording("m", &events, None).unwrap();
+        let alerts: Vec<_> =
+            outputs.iter().filter_map(|o| if let Output::Alert(a) = o { Some(a) } else { None }).collect();
+        assert_eq!(alerts.len(), 1, "replay user {i}: {} alerts", alerts.len());
+        let f = &alerts[0].window.features;
+        assert!(alerts[0].reasons.names().contains(&"replay"), "user {i}: {:?}", alerts[0].reasons.names());
+        // The loop's length, less any of its presses the window counts as auto-repeats.
+        let period = spec.loop_presses.clamp(20, recorded.len()) as f64;
+        assert!(f.replay_period <= period && f.replay_period >= 0.9 * period, "user {i}: {f:?}, loop {period}");
+        assert!(f.replay_error_ms <= 5.0, "user {i}: {f:?}");
+    }
+}

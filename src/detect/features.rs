@@ -91,11 +91,18 @@ pub struct WindowFeatures {
     pub rhythm_intervals: f64,
     /// Known holds.
     pub known_holds: f64,
+    /// Runs of the user's longer memory that recurred at the best recent period
+    /// ([`super::recurrence`]): a replayed recording.
+    pub replay_recurrences: f64,
+    /// That period, presses (0 without recurrences).
+    pub replay_period: f64,
+    /// Mean difference of the recurring runs' flights and holds, ms.
+    pub replay_error_ms: f64,
 }
 
 impl WindowFeatures {
     /// Feature names, in [`Self::to_array`] order.
-    pub const NAMES: [&'static str; 21] = [
+    pub const NAMES: [&'static str; 24] = [
         "histogram_score",
         "histogram_peak_ms",
         "clock_resolution_ms",
@@ -117,10 +124,13 @@ impl WindowFeatures {
         "presses",
         "rhythm_intervals",
         "known_holds",
+        "replay_recurrences",
+        "replay_period",
+        "replay_error_ms",
     ];
 
     /// The vector in [`Self::NAMES`] order.
-    pub fn to_array(&self) -> [f64; 21] {
+    pub fn to_array(&self) -> [f64; 24] {
         [
             self.histogram_score,
             self.histogram_peak_ms,
@@ -143,6 +153,9 @@ impl WindowFeatures {
             self.presses,
             self.rhythm_intervals,
             self.known_holds,
+            self.replay_recurrences,
+            self.replay_period,
+            self.replay_error_ms,
         ]
     }
 }

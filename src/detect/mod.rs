@@ -11,6 +11,8 @@
 //! - [`features`]: the timing feature vector of a window.
 //! - [`rules`]: features to a timing score and the rules that fired.
 //! - [`sequence`]: the per-press encoding the LSTM reads, and the [`SequenceScorer`] seam.
+//! - [`recurrence`]: the user's last thousands of presses, and the timing runs that recur in
+//!   them (replays longer than a window).
 //! - [`policy`]: k-of-n confirmation, incidents, cool-down.
 //!
 //! Per event: reorder -> window (press / release / repeat) -> when due: features -> rules,
@@ -22,6 +24,7 @@ pub mod features;
 pub mod histogram;
 pub mod ordering;
 pub mod policy;
+pub mod recurrence;
 pub mod rules;
 pub mod sequence;
 pub mod window;
@@ -31,7 +34,8 @@ use serde::{Deserialize, Serialize};
 use crate::event::KeyEvent;
 pub use features::{FeatureConfig, WindowFeatures};
 pub use ordering::Admission;
-pub use policy::{Decision, PolicyConfig, PolicyState};
+pub use policy::{Decision, EvidenceConfig, PolicyConfig, PolicyState};
+pub use recurrence::{RecurrenceConfig, ReplayEvidence};
 pub use rules::{Rule, RuleConfig, RuleSet};
 pub use sequence::{SequenceError, SequenceScorer};
 pub use window::WindowConfig;
@@ -50,6 +54,8 @@ pub struct DetectorConfig {
     pub rules: RuleConfig,
     /// Alert policy.
     pub policy: PolicyConfig,
+    /// The long-horizon memory behind the `replay` rule.
+    pub recurrence: RecurrenceConfig,
 }
 
 impl Default for DetectorConfig {
@@ -60,6 +66,7 @@ impl Default for DetectorConfig {
             features: FeatureConfig::default(),
             rules: RuleConfig::default(),
             policy: PolicyConfig::default(),
+            recurrence: RecurrenceConfig::default(),
         }
     }
 }
@@ -90,6 +97,7 @@ impl DetectorConfig {
         if !(0.0..=1.0).contains(&p.threshold) {
             return fail("policy.threshold must be within 0..1");
         }
+        self.recurrence.validate().map_err(InvalidConfig)?;
         if self.model_version.is_empty() {
             return fail("model_version must not be empty");
         }
@@ -113,6 +121,23 @@ pub struct UserState {
 struct ScoredState {
     window: window::KeyWindow,
     policy: PolicyState,
+    memory: recurrence::RecurrenceMemory,
+}
+
+/// A [`UserState`] as stored before the recurrence memory existed: the same fields, in order, so
+/// a stored one still decodes; it upgrades with an empty memory.
+#[derive(Debug, Deserialize)]
+pub struct UserStateV1 {
+    reorder: ordering::ReorderBuffer,
+    window: window::KeyWindow,
+    policy: PolicyState,
+}
+
+impl From<UserStateV1> for UserState {
+    fn from(v1: UserStateV1) -> Self {
+        let scored = ScoredState { window: v1.window, policy: v1.policy, memory: Default::default() };
+        UserState { reorder: v1.reorder, scored }
+    }
 }
 
 impl UserState {
@@ -360,9 +385,13 @@ impl Detector {
         let mut scoring = Scoring { cfg: &self.cfg, scratch: &mut self.scratch, slot, batch };
         state.reorder.flush(|e| scoring.apply(&mut state.scored, e));
         let scored = &mut state.scored;
+        for press in scored.window.unsettled() {
+            scored.memory.push(&self.cfg.recurrence, press);
+        }
         if scored.window.unscored_presses() > 0 && scored.window.len() >= self.cfg.window.min_presses {
             scoring.score(scored, true);
         }
+        scored.memory.break_run();
         let at_us = state.reorder.newest_us().unwrap_or(0);
         scoring.batch.pending.push(Pending { slot, action: PendingAction::Idle { at_us } });
         scored.window.reset();
@@ -426,7 +455,7 @@ impl Detector {
                     report.suspicious = report.score >= policy_cfg.threshold;
                     let end_us = report.window_end_us;
                     let policy = &mut user.state().scored.policy;
-                    match policy.on_window(policy_cfg, end_us, report.score, report.fired) {
+                    match policy.on_window(policy_cfg, end_us, report.score, report.fired, report.lstm_score) {
                         Decision::Quiet => out.push((slot, Output::Window(report))),
                         Decision::IncidentClosed => {
                             out.push((slot, Output::Window(report)));
@@ -484,7 +513,13 @@ struct Scoring<'a> {
 impl Scoring<'_> {
     /// One released (time-ordered) event into the window; scores the window when it is due.
     fn apply(&mut self, state: &mut ScoredState, event: KeyEvent) {
-        if state.window.apply(&self.cfg.window, event) == window::Applied::PressDue {
+        let applied = state.window.apply(&self.cfg.window, event);
+        if matches!(applied, window::Applied::Press | window::Applied::PressDue) {
+            if let Some(settled) = state.window.newly_settled() {
+                state.memory.push(&self.cfg.recurrence, settled);
+            }
+        }
+        if applied == window::Applied::PressDue {
             self.score(state, false);
         }
     }
@@ -495,7 +530,11 @@ impl Scoring<'_> {
         let presses = state.window.presses();
         let (Some(first), Some(last)) = (presses.first(), presses.last()) else { return };
         let (window_start_us, window_end_us) = (first.down_us, last.down_us);
-        let features = features::extract(presses, &cfg.features, scratch);
+        let mut features = features::extract(presses, &cfg.features, scratch);
+        let replay = state.memory.evidence(&cfg.recurrence);
+        features.replay_recurrences = f64::from(replay.recurrences);
+        features.replay_period = f64::from(replay.period);
+        features.replay_error_ms = replay.error_ms;
         let interval_histogram = features::interval_histogram(scratch, cfg.features.bin_ms);
         if let Some(steps) = batch.steps {
             sequence::encode_window(presses, steps, &mut batch.inputs);
@@ -536,6 +575,7 @@ mod tests {
             tick_ms: 10.0,
             hold: HoldModel::Fixed(30.0),
             keys: vec![2, 3, 4],
+            loop_presses: 0,
         };
         macrogen::generate(&spec, &[], start_us, presses, &mut ChaCha8Rng::seed_from_u64(1))
     }
@@ -634,7 +674,8 @@ mod tests {
     #[test]
     fn a_low_model_score_never_lowers_the_timing_score() {
         let mut d = Detector::new(DetectorConfig::default()).unwrap();
-        let mut model = FixedModel { score: 0.1, steps: 50, calls: 0 };
+        // Low enough that the sequential test, too, hears nothing (log-odds under its reference).
+        let mut model = FixedModel { score: 0.001, steps: 50, calls: 0 };
         let out = d.score_recording("u", &fixed_macro(100, 0), Some(&mut model)).unwrap();
         let a = alerts(&out);
         assert_eq!(a.len(), 1);
@@ -687,6 +728,7 @@ mod tests {
             tick_ms: 10.0,
             hold: HoldModel::Fixed(42.0),
             keys: vec![2, 3, 4, 5],
+            loop_presses: 0,
         };
         let events = macrogen::generate(&spec, &[], 0, 200, &mut ChaCha8Rng::seed_from_u64(3));
         let mut d = Detector::new(DetectorConfig::default()).unwrap();
@@ -805,5 +847,96 @@ mod tests {
         let mut cfg = DetectorConfig::default();
         cfg.window.min_presses = 80;
         assert!(Detector::new(cfg).is_err());
+    }
+
+    /// A human-like recording: letter keys, flights 80-400 ms, holds 60-140 ms.
+    fn recording(presses: usize, seed: u64) -> Vec<KeyEvent> {
+        use rand::Rng;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut events = Vec::new();
+        let mut t = 0;
+        for _ in 0..presses {
+            let key = rng.random_range(16..26);
+            t += rng.random_range(80_000..400_000);
+            events.push(KeyEvent::new(t, key, KeyAction::Down));
+            events.push(KeyEvent::new(t + rng.random_range(60_000..140_000), key, KeyAction::Up));
+        }
+        events.sort_by_key(|e| e.time_us);
+        events
+    }
+
+    #[test]
+    fn a_replay_loop_longer_than_the_window_raises_a_replay_alert_with_its_period() {
+        let human = macrogen::recorded_presses(&recording(400, 11));
+        let spec = MacroSpec {
+            family: MacroFamily::ReplayLoop,
+            interval_ms: 0.0,
+            jitter_ms: 3.0,
+            tick_ms: 10.0,
+            hold: HoldModel::Recorded,
+            keys: Vec::new(),
+            loop_presses: 300,
+        };
+        let events = macrogen::generate(&spec, &human, 0, 700, &mut ChaCha8Rng::seed_from_u64(12));
+        let mut d = Detector::new(DetectorConfig::default()).unwrap();
+        let out = run(&mut d, &mut UserState::default(), &events);
+        let a = alerts(&out);
+        assert_eq!(a.len(), 1);
+        assert_eq!(a[0].reasons.names(), ["replay"]);
+        let f = &a[0].window.features;
+        assert_eq!(f.replay_period, 300.0);
+        assert!(f.replay_recurrences >= 3.0 && f.replay_error_ms < 5.0, "{f:?}");
+        // Nothing in the first loop: a replay cannot be told before it comes round.
+        let first_loop_end = events.iter().filter(|e| e.action == KeyAction::Down).nth(300).unwrap().time_us;
+        assert!(a[0].window.window_end_us > first_loop_end);
+    }
+
+    #[test]
+    fn human_like_typing_that_never_repeats_raises_no_replay() {
+        let mut d = Detector::new(DetectorConfig::default()).unwrap();
+        let out = run(&mut d, &mut UserState::default(), &recording(5_000, 13));
+        assert!(alerts(&out).is_empty());
+        assert!(out.iter().all(|o| !matches!(o, Output::Window(w) if w.features.replay_recurrences > 0.0)));
+    }
+
+    #[test]
+    fn the_memory_survives_idle_closes_and_a_pause_breaks_no_alert() {
+        // The loop, with the user idle for a minute half-way: the second loop still recurs.
+        let human = macrogen::recorded_presses(&recording(400, 14));
+        let spec = MacroSpec {
+            family: MacroFamily::ReplayLoop,
+            interval_ms: 0.0,
+            jitter_ms: 2.0,
+            tick_ms: 10.0,
+            hold: HoldModel::Recorded,
+            keys: vec![2, 3, 4],
+            loop_presses: 200,
+        };
+        let mut events = macrogen::generate(&spec, &human, 0, 500, &mut ChaCha8Rng::seed_from_u64(15));
+        let half = events[events.len() / 2].time_us;
+        for e in events.iter_mut().filter(|e| e.time_us > half) {
+            e.time_us += 60_000_000;
+        }
+        let mut d = Detector::new(DetectorConfig::default()).unwrap();
+        let mut state = UserState::default();
+        let out = run(&mut d, &mut state, &events);
+        assert!(out
+            .iter()
+            .any(|o| matches!(o, Output::IncidentClosed { .. }) || matches!(o, Output::Window(w) if w.partial)));
+        assert_eq!(alerts(&out).len(), 1);
+        assert!(alerts(&out)[0].reasons.contains(Rule::Replay));
+    }
+
+    #[test]
+    fn a_state_stored_before_the_memory_existed_still_decodes() {
+        let mut d = Detector::new(DetectorConfig::default()).unwrap();
+        let mut state = UserState::default();
+        run(&mut d, &mut state, &fixed_macro(120, 0));
+        let v1 = postcard::to_stdvec(&(&state.reorder, &state.scored.window, &state.scored.policy)).unwrap();
+        let upgraded = UserState::from(postcard::from_bytes::<UserStateV1>(&v1).unwrap());
+        assert_eq!(upgraded.reorder, state.reorder);
+        assert_eq!(upgraded.scored.window, state.scored.window);
+        assert_eq!(upgraded.scored.policy, state.scored.policy);
+        assert_eq!(upgraded.scored.memory, Default::default());
     }
 }

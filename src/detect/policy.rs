@@ -5,12 +5,36 @@
 //! suspicious and the user is not cooling down. The incident closes after `close_after_clean`
 //! clean windows in a row (or on an idle close long after its last suspicious window); a
 //! cool-down then keeps a flickering user from raising a storm of alerts.
+//!
+//! # Evidence that accumulates
+//!
+//! k-of-n only hears windows that cross the threshold on their own. A macro whose every window
+//! scores just below it (flights and holds sampled from a human's own distributions, say) is
+//! never confirmed, though its scores sit far above any human's. A one-sided CUSUM over the
+//! sequence model's per-window log-odds hears it: with `x` a window's log-odds over the
+//! operating threshold's (the score's logit, `SequenceScorer`),
+//!
+//! ```text
+//! S = max(0, S + clamp(x - reference, -clamp, clamp))     alert when S >= threshold
+//! ```
+//!
+//! `reference` sits between what humans' windows score and what such macros' windows score, so
+//! a human's increments are negative on average and S keeps returning to 0, while a macro's
+//! are positive and S climbs to the threshold in `threshold / clamp` windows at the fastest (the
+//! clamp keeps one extreme window from alerting alone: that remains k-of-n's call).
+//!
+//! False alarms: for independent increments with negative mean, the expected number of windows
+//! before a false alarm is at least `exp(theta * threshold)`, where `theta > 0` solves
+//! `E[exp(theta * X)] = 1` for the human increment `X` (Wald's identity; Lorden 1971). Windows
+//! overlap (a hop of 10 in 50 presses), so consecutive increments are correlated and the bound
+//! is a guide, not a guarantee: `models/EVAL.md` gives theta as measured on human windows of the
+//! validation split, and the largest S any held-out human reached.
 
 use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
-use super::rules::RuleSet;
+use super::rules::{Rule, RuleSet};
 
 /// Policy settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -26,12 +50,55 @@ pub struct PolicyConfig {
     pub close_after_clean: u32,
     /// After an incident closes, no new one opens for this long (event time), seconds.
     pub cooldown_s: u64,
+    /// The sequential test over the sequence model's windows.
+    pub evidence: EvidenceConfig,
 }
 
 impl Default for PolicyConfig {
     fn default() -> Self {
-        Self { threshold: 0.5, confirm_k: 2, confirm_n: 3, close_after_clean: 6, cooldown_s: 600 }
+        Self {
+            threshold: 0.5,
+            confirm_k: 2,
+            confirm_n: 3,
+            close_after_clean: 6,
+            cooldown_s: 600,
+            evidence: EvidenceConfig::default(),
+        }
     }
+}
+
+/// The CUSUM over the sequence model's per-window log-odds (module docs).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvidenceConfig {
+    /// Whether the test runs.
+    pub enabled: bool,
+    /// Log-odds over the operating threshold's that a window must beat to add evidence.
+    pub reference: f64,
+    /// Largest change one window makes, either way.
+    pub clamp: f64,
+    /// Evidence that opens an incident.
+    pub threshold: f64,
+}
+
+impl Default for EvidenceConfig {
+    fn default() -> Self {
+        Self { enabled: true, reference: -4.0, clamp: 2.0, threshold: 8.0 }
+    }
+}
+
+impl EvidenceConfig {
+    /// The evidence after a window with log-odds `x` (over the operating threshold's).
+    pub fn step(&self, evidence: f64, x: f64) -> f64 {
+        let x = if x.is_nan() { f64::NEG_INFINITY } else { x };
+        // Capped, so that after a long macro session the evidence drains in a few windows.
+        (evidence + (x - self.reference).clamp(-self.clamp, self.clamp)).clamp(0.0, 2.0 * self.threshold)
+    }
+}
+
+/// A score's log-odds: the model's log-odds over its operating threshold's.
+pub fn log_odds(score: f64) -> f64 {
+    (score / (1.0 - score)).ln()
 }
 
 /// What the policy decided for one window.
@@ -63,12 +130,29 @@ pub struct PolicyState {
     incident: Option<Incident>,
     cooldown_until_us: Option<i64>,
     alerts_raised: u64,
+    /// The CUSUM statistic over the sequence model's windows.
+    evidence: f64,
 }
 
 impl PolicyState {
-    /// Feeds the verdict for a window ending at `at_us`.
-    pub fn on_window(&mut self, cfg: &PolicyConfig, at_us: i64, score: f64, fired: RuleSet) -> Decision {
-        let suspicious = score >= cfg.threshold;
+    /// Feeds the verdict for a window ending at `at_us`: its combined score, the reasons that
+    /// fired, and the sequence model's score when a model scored it.
+    pub fn on_window(
+        &mut self,
+        cfg: &PolicyConfig,
+        at_us: i64,
+        score: f64,
+        fired: RuleSet,
+        model_score: Option<f64>,
+    ) -> Decision {
+        let mut fired = fired;
+        if let (true, Some(s)) = (cfg.evidence.enabled, model_score) {
+            self.evidence = cfg.evidence.step(self.evidence, log_odds(s));
+            if self.evidence >= cfg.evidence.threshold {
+                fired.insert(Rule::Accumulated);
+            }
+        }
+        let suspicious = score >= cfg.threshold || fired.contains(Rule::Accumulated);
         let fired = if suspicious { fired } else { RuleSet::EMPTY };
         if self.recent.len() == cfg.confirm_n.max(1) {
             self.recent.pop_front();
@@ -93,7 +177,7 @@ impl PolicyState {
             return Decision::Quiet;
         }
         let confirming = self.recent.iter().filter(|r| !r.is_empty()).count();
-        if confirming < cfg.confirm_k {
+        if confirming < cfg.confirm_k && !fired.contains(Rule::Accumulated) {
             return Decision::Quiet;
         }
         let reasons = self.recent.iter().fold(RuleSet::EMPTY, |acc, r| acc.union(*r));
@@ -117,6 +201,7 @@ impl PolicyState {
     fn close(&mut self, cfg: &PolicyConfig, at_us: i64) {
         self.incident = None;
         self.recent.clear();
+        self.evidence = 0.0;
         self.cooldown_until_us = Some(at_us.saturating_add(cooldown_us(cfg)));
     }
 
@@ -129,6 +214,11 @@ impl PolicyState {
     pub fn alerts_raised(&self) -> u64 {
         self.alerts_raised
     }
+
+    /// The sequential test's statistic now.
+    pub fn evidence(&self) -> f64 {
+        self.evidence
+    }
 }
 
 fn cooldown_us(cfg: &PolicyConfig) -> i64 {
@@ -138,7 +228,6 @@ fn cooldown_us(cfg: &PolicyConfig) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::detect::rules::Rule;
     use proptest::prelude::*;
 
     fn hist() -> RuleSet {
@@ -153,7 +242,7 @@ mod tests {
             .enumerate()
             .map(|(i, &s)| {
                 let (score, fired) = if s { (0.9, hist()) } else { (0.1, RuleSet::EMPTY) };
-                state.on_window(cfg, i as i64 * 1_000_000, score, fired)
+                state.on_window(cfg, i as i64 * 1_000_000, score, fired, None)
             })
             .collect()
     }
@@ -184,7 +273,7 @@ mod tests {
         assert_eq!(d[3], Decision::IncidentClosed);
         assert!(d[4..].iter().all(|d| *d == Decision::Quiet), "{d:?}");
         // After the cool-down a new incident may open.
-        assert!(matches!(st.on_window(&cfg, 14_000_000, 0.9, hist()), Decision::Alert(_)));
+        assert!(matches!(st.on_window(&cfg, 14_000_000, 0.9, hist(), None), Decision::Alert(_)));
         assert_eq!(st.alerts_raised(), 2);
     }
 
@@ -192,13 +281,82 @@ mod tests {
     fn idle_resets_confirmation_and_closes_stale_incidents() {
         let cfg = PolicyConfig { cooldown_s: 5, ..PolicyConfig::default() };
         let mut st = PolicyState::default();
-        st.on_window(&cfg, 0, 0.9, hist());
+        st.on_window(&cfg, 0, 0.9, hist(), None);
         assert_eq!(st.on_idle(&cfg, 1_000_000), Decision::Quiet);
         // The window before the idle gap no longer confirms.
-        assert_eq!(st.on_window(&cfg, 2_000_000, 0.9, hist()), Decision::Quiet);
-        assert!(matches!(st.on_window(&cfg, 3_000_000, 0.9, hist()), Decision::Alert(_)));
+        assert_eq!(st.on_window(&cfg, 2_000_000, 0.9, hist(), None), Decision::Quiet);
+        assert!(matches!(st.on_window(&cfg, 3_000_000, 0.9, hist(), None), Decision::Alert(_)));
         assert_eq!(st.on_idle(&cfg, 4_000_000), Decision::Quiet, "incident still fresh");
         assert_eq!(st.on_idle(&cfg, 9_000_000), Decision::IncidentClosed);
+    }
+
+    /// A model score with log-odds `x` over the threshold's.
+    fn model(x: f64) -> Option<f64> {
+        Some(1.0 / (1.0 + (-x).exp()))
+    }
+
+    fn feed_model(cfg: &PolicyConfig, st: &mut PolicyState, xs: &[f64]) -> Vec<Decision> {
+        let mut t = 0;
+        xs.iter()
+            .map(|&x| {
+                t += 1_000_000;
+                let s = model(x).unwrap();
+                let fired = if s >= 0.5 { lstm() } else { RuleSet::EMPTY };
+                st.on_window(cfg, t, s, fired, model(x))
+            })
+            .collect()
+    }
+
+    fn lstm() -> RuleSet {
+        let mut s = RuleSet::EMPTY;
+        s.insert(Rule::Lstm);
+        s
+    }
+
+    #[test]
+    fn weak_consistent_evidence_converges_to_one_alert() {
+        let cfg = PolicyConfig::default();
+        let mut st = PolicyState::default();
+        // Every window below the threshold (log-odds -1), each 3 above the reference: the
+        // clamp lets 2 through per window, so the fourth window reaches 8.
+        let d = feed_model(&cfg, &mut st, &[-1.0; 10]);
+        let alerts: Vec<usize> = (0..d.len()).filter(|&i| matches!(d[i], Decision::Alert(_))).collect();
+        assert_eq!(alerts, vec![3]);
+        let Decision::Alert(reasons) = d[3] else { unreachable!() };
+        assert_eq!(reasons.names(), vec!["accumulated"]);
+        // The incident stays open while the evidence stays up, and closes once it has drained.
+        assert!(st.incident().is_some());
+        let d = feed_model(&cfg, &mut st, &[-20.0; 15]);
+        assert!(d.contains(&Decision::IncidentClosed), "{d:?}");
+        assert_eq!(st.evidence(), 0.0);
+    }
+
+    #[test]
+    fn a_human_s_odd_windows_do_not_accumulate() {
+        let cfg = PolicyConfig::default();
+        let mut st = PolicyState::default();
+        // Mostly far below the reference, with an odd window near the threshold now and then.
+        let mut xs = Vec::new();
+        for i in 0..1000 {
+            xs.push(if i % 7 == 0 { -0.5 } else { -9.0 });
+        }
+        let d = feed_model(&cfg, &mut st, &xs);
+        assert!(d.iter().all(|d| *d == Decision::Quiet));
+        assert!(st.evidence() <= cfg.evidence.clamp);
+    }
+
+    #[test]
+    fn one_extreme_window_is_k_of_n_s_call_not_the_evidence_s() {
+        let cfg = PolicyConfig::default();
+        let mut st = PolicyState::default();
+        let d = feed_model(&cfg, &mut st, &[30.0, -9.0, -9.0]);
+        assert!(d.iter().all(|d| *d == Decision::Quiet));
+        assert!(!cfg.evidence.step(0.0, 1e9).is_nan() && cfg.evidence.step(0.0, f64::NAN) == 0.0);
+        // Without a model score the statistic never moves.
+        st.on_window(&cfg, 9_000_000, 0.1, RuleSet::EMPTY, None);
+        assert_eq!(st.evidence(), 0.0);
+        let off = PolicyConfig { evidence: EvidenceConfig { enabled: false, ..EvidenceConfig::default() }, ..cfg };
+        assert!(feed_model(&off, &mut PolicyState::default(), &[-1.0; 20]).iter().all(|d| *d == Decision::Quiet));
     }
 
     proptest! {

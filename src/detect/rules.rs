@@ -28,6 +28,8 @@ pub struct RuleConfig {
     pub tiny_hold_threshold: f64,
     /// `sequence_loop` fires when both the key and the timing period shares reach this.
     pub loop_threshold: f64,
+    /// `replay` fires when the user's memory holds this many recurrences at one period.
+    pub replay_recurrences: u16,
     /// Hold rules need a clock at least this fine (ms), for timestamps and for hold values:
     /// coarse clocks round holds to 0 or a single step, which says nothing about the hand.
     pub hold_rules_max_clock_ms: f64,
@@ -44,6 +46,7 @@ impl Default for RuleConfig {
             tiny_hold_threshold: 0.8,
             loop_threshold: 0.85,
             hold_rules_max_clock_ms: 4.0,
+            replay_recurrences: 3,
         }
     }
 }
@@ -64,24 +67,31 @@ pub enum Rule {
     SequenceLoop,
     /// The sequence model (LSTM) scored the window at or above its operating threshold.
     Lstm,
+    /// Runs of flights and holds recurred, each within a few ms, beyond the window: a replay.
+    Replay,
+    /// The sequence model's evidence over many windows, none alarming alone, reached the
+    /// sequential test's threshold (`detect::policy`).
+    Accumulated,
 }
 
 impl Rule {
     /// Every reason, in bit order.
-    pub const ALL: [Rule; 6] = [
+    pub const ALL: [Rule; 8] = [
         Rule::IntervalHistogram,
         Rule::IntervalRegular,
         Rule::HoldConstant,
         Rule::HoldTiny,
         Rule::SequenceLoop,
         Rule::Lstm,
+        Rule::Replay,
+        Rule::Accumulated,
     ];
 
     /// The scorer behind this reason: `histogram` for the timing rules over the
     /// inter-key-interval histogram and holds, `lstm` for the sequence model.
     pub fn scorer(self) -> &'static str {
         match self {
-            Rule::Lstm => "lstm",
+            Rule::Lstm | Rule::Accumulated => "lstm",
             _ => "histogram",
         }
     }
@@ -96,6 +106,8 @@ impl Rule {
             Rule::HoldTiny => &["tiny_hold_share"],
             Rule::SequenceLoop => &["key_period_share", "timing_period_share"],
             Rule::Lstm => &[],
+            Rule::Replay => &["replay_recurrences", "replay_period", "replay_error_ms"],
+            Rule::Accumulated => &[],
         }
     }
 
@@ -108,6 +120,8 @@ impl Rule {
             Rule::HoldTiny => "hold_tiny",
             Rule::SequenceLoop => "sequence_loop",
             Rule::Lstm => "lstm",
+            Rule::Replay => "replay",
+            Rule::Accumulated => "accumulated",
         }
     }
 
@@ -156,8 +170,12 @@ impl RuleSet {
 
     /// The scorers behind the set's reasons, each once: `histogram`, `lstm`.
     pub fn scorers(self) -> Vec<&'static str> {
-        let mut out: Vec<&'static str> = self.iter().map(Rule::scorer).collect();
-        out.dedup();
+        let mut out: Vec<&'static str> = Vec::new();
+        for scorer in self.iter().map(Rule::scorer) {
+            if !out.contains(&scorer) {
+                out.push(scorer);
+            }
+        }
         out
     }
 }
@@ -194,6 +212,10 @@ pub fn evaluate(f: &WindowFeatures, cfg: &RuleConfig) -> TimingScore {
         consider(Rule::HoldTiny, ramp_above(f.tiny_hold_share, cfg.tiny_hold_threshold, 0.2));
     }
     consider(Rule::SequenceLoop, ramp_above(f.key_period_share.min(f.timing_period_share), cfg.loop_threshold, 0.15));
+    // Each recurrence is a verified run of ten or more presses: half the threshold is already
+    // far from anything human, so the ramp reaches 1 at twice it.
+    let replay = f.replay_recurrences / f64::from(cfg.replay_recurrences.max(1));
+    consider(Rule::Replay, (0.5 * replay).min(1.0));
     out
 }
 

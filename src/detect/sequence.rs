@@ -93,7 +93,8 @@ pub trait SequenceScorer {
     fn steps(&self) -> usize;
     /// Scores `windows` windows laid out back to back in `inputs` (each
     /// `steps() * STEP_WIDTH` values from [`encode_window`]), appending one score in 0..1 per
-    /// window to `out`. 0.5 is the model's operating threshold.
+    /// window to `out`. 0.5 is the model's operating threshold, and a score's log-odds are the
+    /// model's log-odds over that threshold's (the policy adds them up across windows).
     fn score(&mut self, inputs: &[f32], windows: usize, out: &mut Vec<f32>) -> Result<(), SequenceError>;
 }
 

@@ -24,6 +24,10 @@ use crate::event::{KeyAction, KeyEvent};
 const TYPEMATIC_DELAY_MIN_US: i64 = 150_000;
 const TYPEMATIC_DELAY_MAX_US: i64 = 2_000_000;
 
+/// A key-up is matched to one of this many newest presses (keys roll over, a few at most): a
+/// press this far back has its final hold.
+pub const RELEASE_LOOKBACK: usize = 8;
+
 /// Hold time marker for a press whose key-up has not been seen.
 pub const HOLD_UNKNOWN: i32 = -1;
 
@@ -185,10 +189,26 @@ impl KeyWindow {
 
     fn release(&mut self, event: KeyEvent) {
         // Keys roll over (the next down before this up), so look back a few presses.
-        if let Some(p) = self.presses.iter_mut().rev().take(8).find(|p| p.key == event.key && p.hold_us == HOLD_UNKNOWN)
+        if let Some(p) = self
+            .presses
+            .iter_mut()
+            .rev()
+            .take(RELEASE_LOOKBACK)
+            .find(|p| p.key == event.key && p.hold_us == HOLD_UNKNOWN)
         {
             p.hold_us = clamp_hold(event.time_us.saturating_sub(p.down_us));
         }
+    }
+
+    /// The press that has just become final (no key-up can change its hold any more): the one
+    /// [`RELEASE_LOOKBACK`] presses behind the newest.
+    pub fn newly_settled(&self) -> Option<&Press> {
+        self.presses.len().checked_sub(RELEASE_LOOKBACK + 1).and_then(|i| self.presses.get(i))
+    }
+
+    /// The presses no later press has settled yet, oldest first (what a reset would lose).
+    pub fn unsettled(&self) -> impl Iterator<Item = &Press> {
+        self.presses.iter().skip(self.presses.len().saturating_sub(RELEASE_LOOKBACK))
     }
 
     /// Marks the window as scored now.
