@@ -865,18 +865,16 @@ mod tests {
         events
     }
 
+    /// A replay loop of `loop_presses` with `jitter_ms` of jitter, on `keys` (empty: recorded).
+    fn replay_loop(jitter_ms: f64, keys: Vec<u32>, loop_presses: usize) -> MacroSpec {
+        let (family, hold) = (MacroFamily::ReplayLoop, HoldModel::Recorded);
+        MacroSpec { family, interval_ms: 0.0, jitter_ms, tick_ms: 10.0, hold, keys, loop_presses }
+    }
+
     #[test]
     fn a_replay_loop_longer_than_the_window_raises_a_replay_alert_with_its_period() {
         let human = macrogen::recorded_presses(&recording(400, 11));
-        let spec = MacroSpec {
-            family: MacroFamily::ReplayLoop,
-            interval_ms: 0.0,
-            jitter_ms: 3.0,
-            tick_ms: 10.0,
-            hold: HoldModel::Recorded,
-            keys: Vec::new(),
-            loop_presses: 300,
-        };
+        let spec = replay_loop(3.0, Vec::new(), 300);
         let events = macrogen::generate(&spec, &human, 0, 700, &mut ChaCha8Rng::seed_from_u64(12));
         let mut d = Detector::new(DetectorConfig::default()).unwrap();
         let out = run(&mut d, &mut UserState::default(), &events);
@@ -903,15 +901,7 @@ mod tests {
     fn the_memory_survives_idle_closes_and_a_pause_breaks_no_alert() {
         // The loop, with the user idle for a minute half-way: the second loop still recurs.
         let human = macrogen::recorded_presses(&recording(400, 14));
-        let spec = MacroSpec {
-            family: MacroFamily::ReplayLoop,
-            interval_ms: 0.0,
-            jitter_ms: 2.0,
-            tick_ms: 10.0,
-            hold: HoldModel::Recorded,
-            keys: vec![2, 3, 4],
-            loop_presses: 200,
-        };
+        let spec = replay_loop(2.0, vec![2, 3, 4], 200);
         let mut events = macrogen::generate(&spec, &human, 0, 500, &mut ChaCha8Rng::seed_from_u64(15));
         let half = events[events.len() / 2].time_us;
         for e in events.iter_mut().filter(|e| e.time_us > half) {
