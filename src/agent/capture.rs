@@ -41,6 +41,8 @@ pub enum SourceItem {
     DeviceReady {
         /// A stable, content-free id of the device (vendor, product and name hashed).
         device_id: String,
+        /// Where its keys come from; `None` for a replayed file.
+        info: Option<DeviceInfo>,
     },
     /// The source has nothing more (end of a replay file).
     End,
@@ -110,6 +112,46 @@ pub fn is_keyboard(device: &evdev::Device) -> bool {
     })
 }
 
+/// evdev's `BUS_VIRTUAL` (linux/input.h): a device made in software.
+pub const BUS_VIRTUAL: u16 = 0x06;
+
+/// The input device behind the keys, as the batch reports it (`proto::DeviceInfo`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// evdev bus type.
+    pub bus_type: u16,
+    /// Made in software: `BUS_VIRTUAL`, or placed by the kernel under `/sys/devices/virtual`
+    /// (uinput devices are, whatever bus type their creator claims).
+    pub is_virtual: bool,
+    /// USB-style vendor id.
+    pub vendor: u16,
+    /// USB-style product id.
+    pub product: u16,
+    /// The content-free device id ([`device_id`]).
+    pub fingerprint: String,
+}
+
+/// What the agent reports of a device: its `input_id`, and the sysfs path the kernel gives its
+/// event node (`/sys/class/input/eventN/device`, resolved), if it could be read.
+pub fn device_info(bus_type: u16, vendor: u16, product: u16, sysfs: Option<&Path>, fingerprint: String) -> DeviceInfo {
+    let under_virtual = sysfs.is_some_and(|p| p.starts_with("/sys/devices/virtual"));
+    DeviceInfo { bus_type, is_virtual: bus_type == BUS_VIRTUAL || under_virtual, vendor, product, fingerprint }
+}
+
+/// The resolved sysfs device of an event node (`/dev/input/event3` ->
+/// `/sys/devices/.../input/input7`).
+fn sysfs_device(node: &Path) -> Option<PathBuf> {
+    let name = node.file_name()?;
+    std::fs::canonicalize(Path::new("/sys/class/input").join(name).join("device")).ok()
+}
+
+/// [`DeviceInfo`] of an open device read from `node`.
+pub fn info_of(device: &evdev::Device, node: Option<&Path>) -> DeviceInfo {
+    let id = device.input_id();
+    let sysfs = node.and_then(sysfs_device);
+    device_info(id.bus_type().0, id.vendor(), id.product(), sysfs.as_deref(), device_id(device))
+}
+
 /// A content-free id for a device: its bus, vendor, product and name hashed (device ids are
 /// visible to every consumer of the topic; hardware serials are not needed to tell devices apart).
 pub fn device_id(device: &evdev::Device) -> String {
@@ -130,12 +172,13 @@ pub enum DeviceChoice {
     AutoDetect,
 }
 
-fn open_device(choice: &DeviceChoice) -> io::Result<evdev::Device> {
+/// The device and the event node it was opened from.
+fn open_device(choice: &DeviceChoice) -> io::Result<(evdev::Device, PathBuf)> {
     match choice {
-        DeviceChoice::Path(p) => evdev::Device::open(p),
+        DeviceChoice::Path(p) => evdev::Device::open(p).map(|d| (d, p.clone())),
         DeviceChoice::AutoDetect => evdev::enumerate()
-            .map(|(_, d)| d)
-            .find(is_keyboard)
+            .find(|(_, d)| is_keyboard(d))
+            .map(|(path, d)| (d, path))
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no keyboard among /dev/input/event*")),
     }
 }
@@ -145,8 +188,8 @@ fn open_device(choice: &DeviceChoice) -> io::Result<evdev::Device> {
 pub fn run_evdev(choice: DeviceChoice, retry: Duration, tx: Sender<SourceItem>, stop: Arc<AtomicBool>) {
     let mut reported_lost = false;
     while !stop.load(Ordering::Relaxed) {
-        let mut device = match open_device(&choice) {
-            Ok(d) => d,
+        let (mut device, node) = match open_device(&choice) {
+            Ok(opened) => opened,
             Err(e) => {
                 if !reported_lost {
                     tracing::warn!(error = %e, "no keyboard to read: waiting for one");
@@ -159,7 +202,12 @@ pub fn run_evdev(choice: DeviceChoice, retry: Duration, tx: Sender<SourceItem>, 
                 continue;
             }
         };
-        if tx.send(SourceItem::DeviceReady { device_id: device_id(&device) }).is_err() {
+        let info = info_of(&device, Some(&node));
+        if info.is_virtual {
+            tracing::info!(bus = info.bus_type, "the keyboard is a virtual device");
+        }
+        let ready = SourceItem::DeviceReady { device_id: info.fingerprint.clone(), info: Some(info) };
+        if tx.send(ready).is_err() {
             return;
         }
         loop {
@@ -203,7 +251,7 @@ pub fn run_replay(path: &Path, user: Option<&str>, speed: f64, tx: Sender<Source
             return;
         }
     };
-    if tx.send(SourceItem::DeviceReady { device_id: "replay".to_owned() }).is_err() {
+    if tx.send(SourceItem::DeviceReady { device_id: "replay".to_owned(), info: None }).is_err() {
         return;
     }
     let started = Instant::now();
@@ -290,6 +338,20 @@ mod tests {
     }
 
     #[test]
+    fn virtual_devices_are_told_by_bus_or_by_where_the_kernel_put_them() {
+        let usb = Path::new("/sys/devices/pci0000:00/0000:00:14.0/usb1/1-2/1-2:1.0/0003:046D:C31C.0001/input/input7");
+        let uinput = Path::new("/sys/devices/virtual/input/input21");
+        let k = |bus, sysfs: Option<&Path>| device_info(bus, 0x046d, 0xc31c, sysfs, "kbd-x".into());
+        assert!(!k(0x03, Some(usb)).is_virtual, "a USB keyboard");
+        assert!(!k(0x11, None).is_virtual, "an i8042 keyboard, sysfs unreadable");
+        assert!(k(BUS_VIRTUAL, None).is_virtual, "BUS_VIRTUAL");
+        // uinput lets its creator claim any bus (ydotool claims USB); sysfs still says virtual.
+        assert!(k(0x03, Some(uinput)).is_virtual, "uinput claiming USB");
+        let info = k(0x05, Some(usb));
+        assert_eq!((info.bus_type, info.vendor, info.product, info.fingerprint.as_str()), (5, 0x046d, 0xc31c, "kbd-x"));
+    }
+
+    #[test]
     fn a_kernel_overflow_is_reported() {
         assert_eq!(map_input(0, 3, 0, at(0)), Mapped::Dropped);
     }
@@ -315,7 +377,7 @@ mod tests {
         let before = epoch_us(SystemTime::now());
         run_replay(&path, None, 0.0, tx, Arc::new(AtomicBool::new(false)));
         let items: Vec<SourceItem> = rx.iter().collect();
-        assert_eq!(items[0], SourceItem::DeviceReady { device_id: "replay".into() });
+        assert_eq!(items[0], SourceItem::DeviceReady { device_id: "replay".into(), info: None });
         assert_eq!(items.last(), Some(&SourceItem::End));
         let keys: Vec<CapturedKey> =
             items.iter().filter_map(|i| if let SourceItem::Key(k) = i { Some(*k) } else { None }).collect();

@@ -41,7 +41,9 @@ use self::spool::{Pushed, Spool, SpoolError};
 use crate::cutting::{CutRecord, RecordCutter, RecordShape};
 use crate::event::KeyEvent;
 use crate::keylog::MAX_ID_LEN;
-use crate::stream::records::encode_batch;
+use crate::proto;
+use crate::stream::records::batch_message;
+use prost::Message as _;
 
 /// Settings of `metronome agent` (`[agent]`). Every key is documented in `config/default.toml`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -171,14 +173,18 @@ struct Session {
     user_id: String,
     session_id: String,
     device_id: String,
+    /// The device the keys come from, sent with every batch.
+    device: Option<proto::DeviceInfo>,
     pseudonyms: KeyPseudonymizer,
     next_seq: u64,
 }
 
 impl Session {
     fn encode(&mut self, record: &CutRecord) -> Vec<u8> {
-        let payload =
-            encode_batch(&self.user_id, &self.device_id, &self.session_id, &record.events, Some(self.next_seq));
+        let mut batch =
+            batch_message(&self.user_id, &self.device_id, &self.session_id, &record.events, Some(self.next_seq));
+        batch.device = self.device.clone();
+        let payload = batch.encode_to_vec();
         self.next_seq += record.events.len() as u64;
         frame(self.user_id.as_bytes(), &payload)
     }
@@ -207,6 +213,7 @@ pub fn run(
         user_id: config.user_id.clone(),
         session_id: uuid::Uuid::new_v4().to_string(),
         device_id: String::new(),
+        device: None,
         pseudonyms: KeyPseudonymizer::new_session(),
         next_seq: 0,
     };
@@ -250,9 +257,16 @@ pub fn run(
                 summary.device_losses += 1;
                 store(cutter.finish(), &mut session, &mut spool, &mut summary)?;
             }
-            Ok(SourceItem::DeviceReady { device_id }) => {
+            Ok(SourceItem::DeviceReady { device_id, info }) => {
                 tracing::info!(device = %device_id, "capturing keys");
                 session.device_id = device_id;
+                session.device = info.map(|i| proto::DeviceInfo {
+                    bus_type: u32::from(i.bus_type),
+                    is_virtual: i.is_virtual,
+                    vendor: u32::from(i.vendor),
+                    product: u32::from(i.product),
+                    fingerprint: i.fingerprint,
+                });
             }
             Ok(SourceItem::End) | Err(RecvTimeoutError::Disconnected) => break,
             Ok(SourceItem::Failed(message)) => {
@@ -333,7 +347,6 @@ fn report(summary: &AgentSummary, shipper: &Shipper, spool: &Spool, sink: &Kafka
 mod tests {
     use super::*;
     use crate::event::KeyAction;
-    use crate::proto;
     use prost::Message;
 
     #[test]
@@ -342,6 +355,12 @@ mod tests {
             user_id: "u1".into(),
             session_id: "s-1".into(),
             device_id: "kbd-1".into(),
+            device: Some(proto::DeviceInfo {
+                bus_type: 6,
+                is_virtual: true,
+                fingerprint: "kbd-1".into(),
+                ..Default::default()
+            }),
             pseudonyms: KeyPseudonymizer::new_session(),
             next_seq: 0,
         };
@@ -360,6 +379,7 @@ mod tests {
                 (batch.user_id.as_str(), batch.device_id.as_str(), batch.session_id.as_str()),
                 ("u1", "kbd-1", "s-1")
             );
+            assert_eq!(batch.device, session.device, "every record says where its keys come from");
             seqs.extend(batch.events.iter().map(|e| e.seq));
         }
         assert_eq!(seqs, (0..6).collect::<Vec<u64>>());

@@ -98,11 +98,13 @@ pub struct WindowFeatures {
     pub replay_period: f64,
     /// Mean difference of the recurring runs' flights and holds, ms.
     pub replay_error_ms: f64,
+    /// 1 when the agent reported the keys' device as virtual (uinput), else 0.
+    pub virtual_device: f64,
 }
 
 impl WindowFeatures {
     /// Feature names, in [`Self::to_array`] order.
-    pub const NAMES: [&'static str; 24] = [
+    pub const NAMES: [&'static str; 25] = [
         "histogram_score",
         "histogram_peak_ms",
         "clock_resolution_ms",
@@ -127,10 +129,11 @@ impl WindowFeatures {
         "replay_recurrences",
         "replay_period",
         "replay_error_ms",
+        "virtual_device",
     ];
 
     /// The vector in [`Self::NAMES`] order.
-    pub fn to_array(&self) -> [f64; 24] {
+    pub fn to_array(&self) -> [f64; 25] {
         [
             self.histogram_score,
             self.histogram_peak_ms,
@@ -156,6 +159,7 @@ impl WindowFeatures {
             self.replay_recurrences,
             self.replay_period,
             self.replay_error_ms,
+            self.virtual_device,
         ]
     }
 }

@@ -122,6 +122,8 @@ struct ScoredState {
     window: window::KeyWindow,
     policy: PolicyState,
     memory: recurrence::RecurrenceMemory,
+    /// The agent's latest records came from a virtual input device.
+    virtual_source: bool,
 }
 
 /// A [`UserState`] as stored before the recurrence memory existed: the same fields, in order, so
@@ -135,12 +137,19 @@ pub struct UserStateV1 {
 
 impl From<UserStateV1> for UserState {
     fn from(v1: UserStateV1) -> Self {
-        let scored = ScoredState { window: v1.window, policy: v1.policy, memory: Default::default() };
+        let scored =
+            ScoredState { window: v1.window, policy: v1.policy, memory: Default::default(), virtual_source: false };
         UserState { reorder: v1.reorder, scored }
     }
 }
 
 impl UserState {
+    /// Where the events that follow come from: a virtual input device (uinput), as the agent
+    /// reports it, or not. Windows scored while it holds carry the `virtual_device` feature.
+    pub fn set_virtual_source(&mut self, is_virtual: bool) {
+        self.scored.virtual_source = is_virtual;
+    }
+
     /// Events dropped as late.
     pub fn late_events(&self) -> u64 {
         self.reorder.late_events()
@@ -535,6 +544,7 @@ impl Scoring<'_> {
         features.replay_recurrences = f64::from(replay.recurrences);
         features.replay_period = f64::from(replay.period);
         features.replay_error_ms = replay.error_ms;
+        features.virtual_device = f64::from(u8::from(state.virtual_source));
         let interval_histogram = features::interval_histogram(scratch, cfg.features.bin_ms);
         if let Some(steps) = batch.steps {
             sequence::encode_window(presses, steps, &mut batch.inputs);
@@ -928,5 +938,32 @@ mod tests {
         assert_eq!(upgraded.scored.window, state.scored.window);
         assert_eq!(upgraded.scored.policy, state.scored.policy);
         assert_eq!(upgraded.scored.memory, Default::default());
+    }
+
+    #[test]
+    fn keys_from_a_virtual_device_explain_an_alert_and_alert_alone_only_when_asked() {
+        let mut d = Detector::new(DetectorConfig::default()).unwrap();
+        let run_virtual = |d: &mut Detector, events: &[KeyEvent]| {
+            let mut state = UserState::default();
+            state.set_virtual_source(true);
+            run(d, &mut state, events)
+        };
+        let out = run_virtual(&mut d, &fixed_macro(100, 0));
+        let a = alerts(&out);
+        assert_eq!(a.len(), 1);
+        assert!(a[0].reasons.contains(Rule::VirtualDevice) && a[0].reasons.contains(Rule::IntervalHistogram));
+        assert_eq!(a[0].window.features.virtual_device, 1.0);
+        // Human-like typing through uinput (a key remapper, say): explained, never alerted.
+        let human = recording(300, 31);
+        assert!(alerts(&run_virtual(&mut d, &human)).is_empty());
+        // Unless the deployment asks for it.
+        let mut cfg = DetectorConfig::default();
+        cfg.rules.virtual_device_alerts = true;
+        let mut strict = Detector::new(cfg).unwrap();
+        let a = run_virtual(&mut strict, &human);
+        assert_eq!(alerts(&a).len(), 1);
+        assert_eq!(alerts(&a)[0].reasons.names(), ["virtual_device"]);
+        // The same typing from a real keyboard stays quiet under either configuration.
+        assert!(alerts(&run(&mut strict, &mut UserState::default(), &human)).is_empty());
     }
 }

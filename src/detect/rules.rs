@@ -3,7 +3,9 @@
 //! Each rule maps one feature (or a pair) to a sub-score in 0..1 with a linear ramp that crosses
 //! 0.5 exactly at the rule's threshold; the window's score is the largest sub-score. A rule
 //! *fires* when its sub-score reaches 0.5, so "which features fired" and "why the score is high"
-//! are the same statement.
+//! are the same statement. One exception: `virtual_device` is an explanation, not a score
+//! (unless `virtual_device_alerts` is set): it joins the reasons of a window other evidence made
+//! suspicious.
 
 use serde::{Deserialize, Serialize};
 
@@ -30,6 +32,10 @@ pub struct RuleConfig {
     pub loop_threshold: f64,
     /// `replay` fires when the user's memory holds this many recurrences at one period.
     pub replay_recurrences: u16,
+    /// Keys from a virtual device (uinput) make a window suspicious on their own. Off by default:
+    /// key remappers (keyd, kmonad), remote desktops and on-screen keyboards type through uinput
+    /// too, so by default `virtual_device` only explains an alert other evidence raised.
+    pub virtual_device_alerts: bool,
     /// Hold rules need a clock at least this fine (ms), for timestamps and for hold values:
     /// coarse clocks round holds to 0 or a single step, which says nothing about the hand.
     pub hold_rules_max_clock_ms: f64,
@@ -47,6 +53,7 @@ impl Default for RuleConfig {
             loop_threshold: 0.85,
             hold_rules_max_clock_ms: 4.0,
             replay_recurrences: 3,
+            virtual_device_alerts: false,
         }
     }
 }
@@ -72,11 +79,13 @@ pub enum Rule {
     /// The sequence model's evidence over many windows, none alarming alone, reached the
     /// sequential test's threshold (`detect::policy`).
     Accumulated,
+    /// The keys came from a virtual input device (uinput), as the agent reported it.
+    VirtualDevice,
 }
 
 impl Rule {
     /// Every reason, in bit order.
-    pub const ALL: [Rule; 8] = [
+    pub const ALL: [Rule; 9] = [
         Rule::IntervalHistogram,
         Rule::IntervalRegular,
         Rule::HoldConstant,
@@ -85,6 +94,7 @@ impl Rule {
         Rule::Lstm,
         Rule::Replay,
         Rule::Accumulated,
+        Rule::VirtualDevice,
     ];
 
     /// The scorer behind this reason: `histogram` for the timing rules over the
@@ -108,6 +118,7 @@ impl Rule {
             Rule::Lstm => &[],
             Rule::Replay => &["replay_recurrences", "replay_period", "replay_error_ms"],
             Rule::Accumulated => &[],
+            Rule::VirtualDevice => &["virtual_device"],
         }
     }
 
@@ -122,17 +133,20 @@ impl Rule {
             Rule::Lstm => "lstm",
             Rule::Replay => "replay",
             Rule::Accumulated => "accumulated",
+            Rule::VirtualDevice => "virtual_device",
         }
     }
 
-    fn bit(self) -> u8 {
-        1 << (self as u8)
+    fn bit(self) -> u16 {
+        1 << (self as u16)
     }
 }
 
 /// A set of rules, as a bit set.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct RuleSet(u8);
+// u16 since the ninth reason; postcard writes it as a varint, so a set stored as a u8 (all
+// below 128) reads back the same.
+pub struct RuleSet(u16);
 
 impl RuleSet {
     /// No rule.
@@ -192,6 +206,13 @@ pub struct TimingScore {
 /// Scores `f` against the rules.
 pub fn evaluate(f: &WindowFeatures, cfg: &RuleConfig) -> TimingScore {
     let mut out = TimingScore { score: 0.0, fired: RuleSet::EMPTY };
+    // An explanation first (it needs no rhythm): alone it raises the score only when asked to.
+    if f.virtual_device >= 1.0 {
+        out.fired.insert(Rule::VirtualDevice);
+        if cfg.virtual_device_alerts {
+            out.score = 1.0;
+        }
+    }
     if f.rhythm_intervals < cfg.min_intervals as f64 {
         return out;
     }
@@ -232,6 +253,21 @@ fn ramp_below(x: f64, threshold: f64, width: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rule_set_stored_as_one_byte_reads_back_the_same() {
+        let mut old = RuleSet::EMPTY;
+        for r in [Rule::IntervalHistogram, Rule::HoldTiny, Rule::Lstm] {
+            old.insert(r);
+        }
+        // Before the ninth reason the set was a u8, one raw byte in postcard.
+        let bytes = [old.0 as u8];
+        assert_eq!(postcard::from_bytes::<RuleSet>(&bytes).unwrap(), old);
+        let mut all = RuleSet::EMPTY;
+        Rule::ALL.iter().for_each(|r| all.insert(*r));
+        assert_eq!(postcard::from_bytes::<RuleSet>(&postcard::to_stdvec(&all).unwrap()).unwrap(), all);
+        assert_eq!(all.iter().count(), 9);
+    }
 
     fn human_like() -> WindowFeatures {
         WindowFeatures {

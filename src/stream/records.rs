@@ -91,6 +91,8 @@ pub struct UserEvents {
     pub user_id: String,
     /// The events, in capture order.
     pub events: Vec<KeyEvent>,
+    /// The agent reported a virtual input device (uinput) as their source.
+    pub virtual_device: bool,
 }
 
 /// Decodes and validates one record. Errors name a class only, never content.
@@ -122,7 +124,8 @@ pub fn decode_record(record: &InputRecord, max_events: usize) -> Result<UserEven
         };
         events.push(KeyEvent::new(e.event_time_us, e.key, action));
     }
-    Ok(UserEvents { user_id: batch.user_id, events })
+    let virtual_device = batch.device.is_some_and(|d| d.is_virtual);
+    Ok(UserEvents { user_id: batch.user_id, events, virtual_device })
 }
 
 /// Which topic an output record is for; the processor maps these to configured names.
@@ -227,6 +230,17 @@ pub fn encode_batch(
     events: &[KeyEvent],
     first_seq: Option<u64>,
 ) -> Vec<u8> {
+    batch_message(user_id, device_id, session_id, events, first_seq).encode_to_vec()
+}
+
+/// The `KeyEventBatch` [`encode_batch`] encodes, for senders that add to it (the agent's device).
+pub fn batch_message(
+    user_id: &str,
+    device_id: &str,
+    session_id: &str,
+    events: &[KeyEvent],
+    first_seq: Option<u64>,
+) -> proto::KeyEventBatch {
     proto::KeyEventBatch {
         user_id: user_id.to_owned(),
         device_id: device_id.to_owned(),
@@ -248,8 +262,8 @@ pub fn encode_batch(
                 } as i32,
             })
             .collect(),
+        device: None,
     }
-    .encode_to_vec()
 }
 
 #[cfg(test)]
@@ -273,6 +287,19 @@ mod tests {
         assert_eq!(got.user_id, "u1");
         let actions: Vec<_> = got.events.iter().map(|e| e.action).collect();
         assert_eq!(actions, [KeyAction::Down, KeyAction::Up, KeyAction::Repeat]);
+    }
+
+    #[test]
+    fn a_batch_says_whether_its_device_is_virtual() {
+        let plain = decode_record(&record("u1", vec![event(10, 1)]), 10).unwrap();
+        assert!(!plain.virtual_device, "no device info: files and older agents");
+        for is_virtual in [false, true] {
+            let device = Some(proto::DeviceInfo { bus_type: 6, is_virtual, ..Default::default() });
+            let batch =
+                proto::KeyEventBatch { user_id: "u1".into(), events: vec![event(10, 1)], device, ..Default::default() };
+            let r = InputRecord { offset: 1, key: Some(b"u1".to_vec()), payload: Some(batch.encode_to_vec()) };
+            assert_eq!(decode_record(&r, 10).unwrap().virtual_device, is_virtual);
+        }
     }
 
     #[test]

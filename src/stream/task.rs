@@ -306,6 +306,7 @@ impl<S: Store> Task<S> {
             match records::decode_record(record, ctx.settings.max_events_per_record) {
                 Ok(batch) => {
                     let slot = users.slot(&self.store, &batch.user_id)?;
+                    users.slots[slot].1.set_virtual_source(batch.virtual_device);
                     for event in batch.events {
                         ctx.detector.on_event(slot, &mut users.slots[slot].1, event, &mut scoring);
                         outcome.events += 1;
