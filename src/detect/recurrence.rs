@@ -465,4 +465,32 @@ mod tests {
         assert_eq!(mem.bytes(), 3 * 512 + 2 * 1024);
         assert_eq!(mem.evidence(&small).recurrences, 0);
     }
+
+    proptest::proptest! {
+        /// Whatever presses come (zero, huge or backward flights, unknown holds), the memory
+        /// stays within its bytes and its evidence within what it was fed.
+        #[test]
+        fn any_presses_keep_the_memory_bounded_and_its_evidence_sane(
+            presses in proptest::collection::vec((-10_000i64..3_000_000, -1i32..2_000_000), 0..2500),
+            small in proptest::prelude::any::<bool>(),
+        ) {
+            let cfg = if small {
+                RecurrenceConfig { memory_presses: 64, index_slots: 16, ..RecurrenceConfig::default() }
+            } else {
+                RecurrenceConfig::default()
+            };
+            proptest::prop_assert!(cfg.validate().is_ok());
+            let mut mem = RecurrenceMemory::default();
+            let mut t = 0i64;
+            for &(flight, hold) in &presses {
+                t = t.saturating_add(flight);
+                mem.push(&cfg, &Press { down_us: t, key: 1, hold_us: hold, repeats: 0 });
+            }
+            proptest::prop_assert!(mem.bytes() <= 3 * cfg.memory_presses + 2 * cfg.index_slots + TALLIES * 16);
+            let ev = mem.evidence(&cfg);
+            proptest::prop_assert!(usize::from(ev.recurrences) <= presses.len());
+            proptest::prop_assert!(ev.period as usize <= cfg.memory_presses);
+            proptest::prop_assert!(ev.error_ms <= cfg.mean_tolerance_ms);
+        }
+    }
 }
