@@ -15,6 +15,10 @@
 //! - [`MacroFamily::HumanIid`]: flights *and* holds drawn independently from one human's own,
 //!   on random letter keys: every marginal distribution is human.
 //!
+//!
+//! [`fleet`] makes one script run by many accounts: a [`FleetScript`] (one generated user's
+//! presses) played by each account from its own point, with its own start and jitter.
+//!
 //! Except for the replays and i.i.d. sampling, keys cycle through a short rotation (game skills) and holds are fixed or
 //! tiny, as macro tools make them. Everything is driven by a caller-seeded RNG, so a seed
 //! reproduces a data set exactly.
@@ -370,6 +374,90 @@ impl KeyTracker {
     }
 }
 
+/// One script that many accounts run: a fleet. The script is one generated macro user's presses
+/// (its flights, holds and keys); each account plays it from its own point in it, with its own
+/// start time and a few ms of its own jitter on every flight and hold, as copies of one tool
+/// with a "humanize" setting would.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetScript {
+    /// Flight before each press, microseconds (the first is the loop's wrap-around).
+    flights: Vec<i64>,
+    holds: Vec<i64>,
+    keys: Vec<u32>,
+}
+
+impl FleetScript {
+    /// The script of `script_presses` presses of `spec` (on `human`'s timing where the family
+    /// draws on a recording).
+    pub fn generate(spec: &MacroSpec, human: &[RecordedPress], script_presses: usize, rng: &mut impl Rng) -> Self {
+        let presses = recorded_presses(&generate(spec, human, 0, script_presses.max(2), rng));
+        let n = presses.len();
+        let flights = (0..n)
+            .map(|i| if i == 0 { 250_000 } else { (presses[i].down_us - presses[i - 1].down_us).max(1_000) })
+            .collect();
+        Self {
+            flights,
+            holds: presses.iter().map(|p| p.hold_us.max(1_000)).collect(),
+            keys: presses.iter().map(|p| p.key).collect(),
+        }
+    }
+
+    /// Presses in the script.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// True for a script without presses (never, from [`FleetScript::generate`]).
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// One account's run: `presses` presses from script press `phase` on, starting at
+    /// `start_us`, with uniform jitter of up to `jitter_us` on every flight and hold.
+    pub fn play(
+        &self,
+        start_us: i64,
+        phase: usize,
+        presses: usize,
+        jitter_us: i64,
+        rng: &mut impl Rng,
+    ) -> Vec<KeyEvent> {
+        let mut out = Vec::with_capacity(presses * 2);
+        let mut keys = KeyTracker::default();
+        let mut t = start_us;
+        for i in 0..presses {
+            let at = (phase + i) % self.len();
+            let hold = (self.holds[at] + rng.random_range(-jitter_us..=jitter_us)).max(1_000);
+            keys.press(&mut out, t, self.keys[at], hold);
+            let next = (at + 1) % self.len();
+            t += (self.flights[next] + rng.random_range(-jitter_us..=jitter_us)).max(1_000);
+        }
+        out.sort_by_key(|e| e.time_us);
+        out
+    }
+}
+
+/// A fleet of `accounts` accounts (5 to 10 in the evaluation) running one script: each starts
+/// within `spread_us` of `start_us` at a random point of the script, with 1-5 ms of jitter of its
+/// own. Returns each account's events.
+pub fn fleet(
+    script: &FleetScript,
+    accounts: usize,
+    start_us: i64,
+    spread_us: i64,
+    presses: usize,
+    rng: &mut impl Rng,
+) -> Vec<Vec<KeyEvent>> {
+    (0..accounts)
+        .map(|_| {
+            let start = start_us + rng.random_range(0..=spread_us.max(0));
+            let phase = rng.random_range(0..script.len().max(1));
+            let jitter_us = rng.random_range(1_000..=5_000);
+            script.play(start, phase, presses, jitter_us, rng)
+        })
+        .collect()
+}
+
 /// A human session with a macro switched on part-way: the human's events up to (not including)
 /// press `onset_press`, then `macro_presses` presses of `spec`. Returns the events and the
 /// macro's first down time.
@@ -567,5 +655,32 @@ mod tests {
         assert!(p.iter().all(|x| LETTER_KEYS.contains(&x.key)));
         let distinct: std::collections::HashSet<u32> = p.iter().map(|x| x.key).collect();
         assert!(distinct.len() > 20);
+    }
+
+    #[test]
+    fn a_fleet_plays_one_script_from_different_points_within_its_jitter() {
+        let mut rng = ChaCha8Rng::seed_from_u64(24);
+        let spec = MacroSpec::random(MacroFamily::HumanIid, &mut rng);
+        let script = FleetScript::generate(&spec, &human(), 300, &mut rng);
+        assert_eq!(script.len(), 300);
+        let accounts = fleet(&script, 6, 1_000_000, 60_000_000, 400, &mut rng);
+        assert_eq!(accounts.len(), 6);
+        let flights = |events: &[KeyEvent]| -> Vec<i64> {
+            let p = recorded_presses(events);
+            p.windows(2).map(|w| w[1].down_us - w[0].down_us).collect()
+        };
+        let runs: Vec<Vec<i64>> = accounts.iter().map(|a| flights(a)).collect();
+        assert!(runs.iter().all(|r| r.len() == 399));
+        // Each account's flights are the script's, shifted by its phase, each within 2 x 5 ms of
+        // every other account's at the same script position (the script loops after 300).
+        let script_flight = |at: usize| script.flights[at % script.len()];
+        for (a, run) in runs.iter().enumerate() {
+            let phase = (0..script.len())
+                .find(|&ph| run.iter().enumerate().all(|(i, f)| (f - script_flight(ph + i + 1)).abs() <= 5_000))
+                .unwrap_or_else(|| panic!("account {a} does not follow the script"));
+            assert!(phase < script.len());
+        }
+        // Not the same events: each account has its own start and jitter.
+        assert_ne!(accounts[0], accounts[1]);
     }
 }
