@@ -237,12 +237,8 @@ pub fn generate(
     } else if spec.family == MacroFamily::HumanIid && human.len() >= 20 {
         human_iid(human, start_us, presses, rng, &mut events);
     } else {
-        let human_holds: Vec<i64> = human.iter().map(|p| p.hold_us).filter(|&h| h > 0 && h < 1_000_000).collect();
-        let human_intervals: Vec<i64> = human
-            .windows(2)
-            .map(|w| w[1].down_us - w[0].down_us)
-            .filter(|&d| (20_000..1_500_000).contains(&d))
-            .collect();
+        let human_holds = recorded_holds(human);
+        let human_intervals = recorded_flights(human);
         let mut t = start_us;
         for i in 0..presses {
             let key = spec.keys[i % spec.keys.len().max(1)];
@@ -261,6 +257,16 @@ pub fn generate(
         events.sort_by_key(|e| e.time_us);
     }
     events
+}
+
+/// The recording's holds that samplers draw from (the plausible ones: under a second).
+fn recorded_holds(human: &[RecordedPress]) -> Vec<i64> {
+    human.iter().map(|p| p.hold_us).filter(|&h| h > 0 && h < 1_000_000).collect()
+}
+
+/// The recording's down-to-down flights that samplers draw from: rhythm, not pauses.
+fn recorded_flights(human: &[RecordedPress]) -> Vec<i64> {
+    human.windows(2).map(|w| w[1].down_us - w[0].down_us).filter(|&d| (20_000..1_500_000).contains(&d)).collect()
 }
 
 fn next_interval_us(spec: &MacroSpec, human_intervals: &[i64], rng: &mut impl Rng) -> i64 {
@@ -340,9 +346,7 @@ fn replay_loop(
 
 /// Flights and holds drawn independently from the recording's, on random letter keys.
 fn human_iid(human: &[RecordedPress], start_us: i64, presses: usize, rng: &mut impl Rng, out: &mut Vec<KeyEvent>) {
-    let holds: Vec<i64> = human.iter().map(|p| p.hold_us).filter(|&h| h > 0 && h < 1_000_000).collect();
-    let flights: Vec<i64> =
-        human.windows(2).map(|w| w[1].down_us - w[0].down_us).filter(|&d| (20_000..1_500_000).contains(&d)).collect();
+    let (holds, flights) = (recorded_holds(human), recorded_flights(human));
     let mut keys = KeyTracker::default();
     let mut t = start_us;
     for _ in 0..presses {

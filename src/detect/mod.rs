@@ -98,6 +98,10 @@ impl DetectorConfig {
             return fail("policy.threshold must be within 0..1");
         }
         self.recurrence.validate().map_err(InvalidConfig)?;
+        let e = &p.evidence;
+        if !(e.threshold > 0.0 && e.clamp > 0.0 && e.reference.is_finite() && e.threshold.is_finite()) {
+            return fail("policy.evidence needs a finite reference and positive clamp and threshold");
+        }
         if self.model_version.is_empty() {
             return fail("model_version must not be empty");
         }
@@ -857,6 +861,9 @@ mod tests {
         let mut cfg = DetectorConfig::default();
         cfg.window.min_presses = 80;
         assert!(Detector::new(cfg).is_err());
+        let mut cfg = DetectorConfig::default();
+        cfg.policy.evidence.threshold = -1.0;
+        assert!(Detector::new(cfg).is_err(), "a negative threshold would make the evidence's cap panic");
     }
 
     /// A human-like recording: letter keys, flights 80-400 ms, holds 60-140 ms.
@@ -908,23 +915,24 @@ mod tests {
     }
 
     #[test]
-    fn the_memory_survives_idle_closes_and_a_pause_breaks_no_alert() {
-        // The loop, with the user idle for a minute half-way: the second loop still recurs.
+    fn the_memory_outlives_an_idle_close() {
+        // A loop of 200 with the user idle for a minute after its 100th press, played 300 presses:
+        // the second round (presses 200-299) recurs against presses 0-99 only, all from before
+        // the idle close, so only a memory that outlived it can raise the alert.
         let human = macrogen::recorded_presses(&recording(400, 14));
         let spec = replay_loop(2.0, vec![2, 3, 4], 200);
-        let mut events = macrogen::generate(&spec, &human, 0, 500, &mut ChaCha8Rng::seed_from_u64(15));
-        let half = events[events.len() / 2].time_us;
-        for e in events.iter_mut().filter(|e| e.time_us > half) {
+        let mut events = macrogen::generate(&spec, &human, 0, 300, &mut ChaCha8Rng::seed_from_u64(15));
+        let gap_after = events.iter().filter(|e| e.action == KeyAction::Down).nth(100).unwrap().time_us;
+        for e in events.iter_mut().filter(|e| e.time_us > gap_after) {
             e.time_us += 60_000_000;
         }
         let mut d = Detector::new(DetectorConfig::default()).unwrap();
-        let mut state = UserState::default();
-        let out = run(&mut d, &mut state, &events);
-        assert!(out
-            .iter()
-            .any(|o| matches!(o, Output::IncidentClosed { .. }) || matches!(o, Output::Window(w) if w.partial)));
-        assert_eq!(alerts(&out).len(), 1);
-        assert!(alerts(&out)[0].reasons.contains(Rule::Replay));
+        let out = run(&mut d, &mut UserState::default(), &events);
+        assert!(out.iter().any(|o| matches!(o, Output::Window(w) if w.partial)), "the idle gap closed the window");
+        let a = alerts(&out);
+        assert_eq!(a.len(), 1);
+        assert!(a[0].reasons.contains(Rule::Replay));
+        assert_eq!(a[0].window.features.replay_period, 200.0);
     }
 
     #[test]

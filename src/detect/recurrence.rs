@@ -152,14 +152,8 @@ impl RecurrenceMemory {
             return;
         }
         self.fit(cfg);
-        let flight = match self.last_down_us {
-            Some(prev) => ms_code(press.down_us.saturating_sub(prev), cfg.pause_ms),
-            None => CODE_BREAK,
-        };
-        let hold = match press.hold() {
-            Some(h) => ms_code(i64::from(h), CODE_MAX),
-            None => CODE_UNKNOWN,
-        };
+        let flight = self.last_down_us.map_or(CODE_BREAK, |prev| flight_code(press.down_us.saturating_sub(prev), cfg));
+        let hold = press.hold().map_or(CODE_UNKNOWN, |h| ms(i64::from(h)).min(CODE_MAX));
         self.last_down_us = Some(press.down_us);
         let n = self.fed;
         self.write(cfg, n, flight, hold);
@@ -269,13 +263,14 @@ impl RecurrenceMemory {
             if f1 == CODE_BREAK || f0 == CODE_BREAK {
                 break;
             }
+            let holds_known = h1 != CODE_UNKNOWN && h0 != CODE_UNKNOWN;
             let df = f1.abs_diff(f0);
-            let dh = if h1 == CODE_UNKNOWN || h0 == CODE_UNKNOWN { 0 } else { h1.abs_diff(h0) };
+            let dh = if holds_known { h1.abs_diff(h0) } else { 0 };
             if df > cfg.tolerance_ms || dh > cfg.tolerance_ms {
                 break;
             }
             error_sum += u32::from(df) + u32::from(dh);
-            compared += if h1 == CODE_UNKNOWN || h0 == CODE_UNKNOWN { 1 } else { 2 };
+            compared += if holds_known { 2 } else { 1 };
             lo = lo.min(f1);
             hi = hi.max(f1);
             run += 1;
@@ -307,18 +302,18 @@ impl RecurrenceMemory {
     }
 }
 
-/// A duration in microseconds as a 12-bit millisecond code: rounded, capped at `cap`; durations
-/// over `cap` (pauses) are breaks when `cap` is the pause length.
-fn ms_code(us: i64, cap: u16) -> u16 {
-    let ms = us.max(0).saturating_add(500) / 1000;
-    if ms > i64::from(cap) {
-        if cap == CODE_MAX {
-            CODE_MAX
-        } else {
-            CODE_BREAK
-        }
+/// Microseconds as whole milliseconds (rounded), saturating at `u16::MAX`.
+fn ms(us: i64) -> u16 {
+    u16::try_from(us.max(0).saturating_add(500) / 1000).unwrap_or(u16::MAX)
+}
+
+/// A flight's code: its milliseconds, or a break when it is a pause.
+fn flight_code(us: i64, cfg: &RecurrenceConfig) -> u16 {
+    let ms = ms(us);
+    if ms > cfg.pause_ms {
+        CODE_BREAK
     } else {
-        ms as u16
+        ms
     }
 }
 
@@ -448,10 +443,11 @@ mod tests {
             mem.write(&cfg, n, f, h);
             assert_eq!(mem.read(&cfg, n), (f, h));
         }
-        assert_eq!(ms_code(1_499_600, 1500), 1500);
-        assert_eq!(ms_code(1_500_600, 1500), CODE_BREAK);
-        assert_eq!(ms_code(9_000_000, CODE_MAX), CODE_MAX);
-        assert_eq!(ms_code(-5, 1500), 0);
+        assert_eq!(flight_code(1_499_600, &cfg), 1500);
+        assert_eq!(flight_code(1_500_600, &cfg), CODE_BREAK);
+        assert_eq!(flight_code(i64::MAX, &cfg), CODE_BREAK);
+        assert_eq!(ms(9_000_000).min(CODE_MAX), CODE_MAX);
+        assert_eq!(ms(-5), 0);
     }
 
     #[test]
