@@ -8,8 +8,12 @@
 //! - `detector`: the full per-event path of the stream: reordering, repeat inference, window,
 //!   hold matching, and per scoring the robust histogram, all timing features, the rules and the
 //!   alert policy, and per press the long-horizon recurrence memory (`detect::recurrence`).
-//! - `detector_without_recurrence`: the same with the memory switched off, so that
-//!   `detector / detector_without_recurrence` is what the replay detection costs per event.
+//! - `detector_without_fleet`: the same without the fleet fingerprints (a hash of ten flights at
+//!   every settled press, one in four sent on), so `detector / detector_without_fleet` is
+//!   what fleet detection costs the processor per event.
+//! - `detector_without_recurrence`: the same with the memory (and so the fingerprints) switched
+//!   off, so that `detector_without_fleet / detector_without_recurrence` is what the replay
+//!   detection costs per event.
 
 use std::collections::VecDeque;
 use std::hint::black_box;
@@ -118,9 +122,14 @@ fn bench(c: &mut Criterion) {
     group.sample_size(20);
     group.bench_function("original_rule", |b| b.iter(|| black_box(original_rule(black_box(&events)))));
     let full = DetectorConfig::default();
-    let mut without = DetectorConfig::default();
+    let mut without_fleet = DetectorConfig::default();
+    without_fleet.fleet.enabled = false;
+    let mut without = without_fleet.clone();
     without.recurrence.enabled = false;
     group.bench_function("detector", |b| b.iter(|| black_box(detector(black_box(&events), &full))));
+    group.bench_function("detector_without_fleet", |b| {
+        b.iter(|| black_box(detector(black_box(&events), &without_fleet)))
+    });
     group.bench_function("detector_without_recurrence", |b| {
         b.iter(|| black_box(detector(black_box(&events), &without)))
     });

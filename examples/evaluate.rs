@@ -55,7 +55,7 @@ fn run_user(detector: &mut Detector, model: Option<&mut dyn SequenceScorer>, eve
                 o.scores.push((w.timing_score, w.lstm_score));
             }
             Output::Alert(a) => o.alerts.push((a.window.window_end_us, a.reasons)),
-            Output::IncidentClosed { .. } => {}
+            Output::IncidentClosed { .. } | Output::Fingerprint { .. } => {}
         }
     }
     o

@@ -31,7 +31,7 @@ use crate::proto;
 use crate::service::{run_processor, service_runtime, shutdown_on_signal};
 use crate::simulate::{self, Humans, SimulatedUser, SimulationPlan, Truth};
 use crate::stream::alerts::{alert_json, follow_until};
-use crate::stream::config::{Guarantee, USER_STATE_STORE};
+use crate::stream::config::{Guarantee, FLEET_CANDIDATES, FLEET_FINGERPRINTS, USER_STATE_STORE};
 use crate::stream::publish::{self, Pace, RecordShape};
 
 /// Partitions of the embedded cluster's topics.
@@ -196,6 +196,10 @@ pub fn run(mut config: Config, opts: DemoOptions, out: Arc<Mutex<dyn Write + Sen
                 (stream.dlq_topic.clone(), DEMO_PARTITIONS),
                 (stream.changelog_topic(USER_STATE_STORE), DEMO_PARTITIONS),
                 (stream.instances_topic(), 1),
+                (stream.repartition_topic(FLEET_FINGERPRINTS), DEMO_PARTITIONS),
+                (stream.changelog_topic(FLEET_FINGERPRINTS), DEMO_PARTITIONS),
+                (stream.repartition_topic(FLEET_CANDIDATES), 1),
+                (stream.changelog_topic(FLEET_CANDIDATES), 1),
             ];
             for (topic, partitions) in topics {
                 cluster.create_topic(&topic, partitions, 1).map_err(|e| format!("embedded kafka: {topic}: {e}"))?;

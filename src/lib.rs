@@ -8,6 +8,9 @@
 //!                                                      +--> [keys.alerts]   (one transaction
 //!                                                      +--> [keys.dlq]       per task per batch
 //!                                                      +--> [<app>-user-state-changelog] + offsets)
+//!                                                      +--> [<app>-fleet-fingerprints-repartition]
+//!  fleet stages: users per fingerprint --> [<app>-fleet-candidates-repartition]
+//!                --> links and fleets --> [keys.alerts] (`fleet` alerts naming every account)
 //!  [keys.alerts] --> sink: one PostgreSQL transaction per batch (alerts + offsets) --> alerts
 //!  keylog CSV --> `metronome score` ----------- the same detect core ----> JSON lines
 //!  [keys.events] --> `metronome archive` (nightly) --> object store: files + manifest

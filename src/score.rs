@@ -182,6 +182,8 @@ fn write_outputs(
             Output::IncidentClosed { at_us } => {
                 write_line(out, &ClosedLine { kind: "incident_closed", user_id: user, event_time_us: *at_us })?;
             }
+            // Fleets are decided across users, by the fleet stages of the stream.
+            Output::Fingerprint { .. } => {}
         }
     }
     Ok(())

@@ -15,6 +15,7 @@ use crate::http::{AlertDb, ApiState, BrokerProbe, HttpConfig, Readiness, UserApi
 use crate::lstm::{LstmModel, ReloadingModel};
 use crate::sink::{PgTarget, PostgresSink};
 use crate::stream::directory::DirectoryReader;
+use crate::stream::stages::FleetStages;
 use crate::stream::{Processor, RunSummary, Shutdown};
 
 /// The runtime of the long-running commands: one worker (the processor has its own threads).
@@ -127,6 +128,15 @@ pub async fn run_processor(
     let kafka = config.kafka.clone();
     let instances_topic = config.stream.instances_topic();
     let host = config.stream.instance_name();
+    let stages = if config.detector.fleet.enabled {
+        let fleet = config.detector.fleet.clone();
+        let stages =
+            FleetStages::new(config.stream.clone(), config.kafka.clone(), fleet, &config.detector.model_version)
+                .map_err(|e| e.to_string())?;
+        Some(stages)
+    } else {
+        None
+    };
     let processor =
         Processor::new(config.stream, config.kafka, detector, idle, model, reload).map_err(|e| e.to_string())?;
     let (status, queries) = (processor.status(), processor.queries());
@@ -163,12 +173,29 @@ pub async fn run_processor(
             result
         })
     });
+    let stages = stages.map(|stages| {
+        let stop = shutdown.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = stages.run(&stop);
+            // The fleet stages failing stops the instance: its partitions then move elsewhere.
+            stop.trigger();
+            result
+        })
+    });
     let for_processor = shutdown.clone();
     let processed = tokio::task::spawn_blocking(move || processor.run(&for_processor))
         .await
         .map_err(|e| format!("processor thread failed: {e}"));
-    // The processor stopped (asked to, or failed): the sink and the server stop with it.
+    // The processor stopped (asked to, or failed): the stages, the sink and the server stop with it.
     shutdown.trigger();
+    let staged = match stages {
+        Some(stages) => match stages.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(format!("fleet stages: {e}")),
+            Err(e) => Err(format!("fleet stages thread failed: {e}")),
+        },
+        None => Ok(()),
+    };
     let _ = stop_http.send(());
     if let Some((server, _)) = server {
         let _ = server.await;
@@ -180,5 +207,6 @@ pub async fn run_processor(
             Err(e) => eprintln!("metronome: postgres sink task failed: {e}"),
         }
     }
-    processed?.map_err(|e| e.to_string())
+    let summary = processed?.map_err(|e| e.to_string())?;
+    staged.map(|()| summary)
 }

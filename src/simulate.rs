@@ -12,6 +12,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::event::{KeyAction, KeyEvent};
 use crate::humanmodel::Typist;
 use crate::macrogen::{self, MacroFamily, MacroSpec};
+use rand::seq::SliceRandom;
 
 /// What to simulate.
 #[derive(Debug, Clone, PartialEq)]
@@ -135,9 +136,13 @@ pub fn simulate(plan: &SimulationPlan, humans: Humans<'_>) -> Result<Vec<Simulat
     if macro_users > 0 && plan.families.is_empty() {
         return Err(PlanError::NoFamilies);
     }
+    // Each user its own recording while there are enough: two accounts replaying one recording
+    // type identically, which is what a fleet is (`detect::fleet`), not two humans.
+    let mut order: Vec<usize> = (0..usable.len()).collect();
+    order.shuffle(&mut rng);
     let mut out = Vec::with_capacity(plan.users);
     for i in 0..plan.users {
-        let recording = shifted(usable[rng.random_range(0..usable.len())], plan.start_us);
+        let recording = shifted(usable[order[i % order.len()]], plan.start_us);
         if i < macro_users {
             let family = plan.families[i % plan.families.len()];
             let spec = MacroSpec::random(family, &mut rng);

@@ -37,6 +37,7 @@ fn alert(i: i64, user: &str) -> proto::Alert {
         scorers: vec!["histogram".into()],
         timing_score: 0.95,
         interval_histogram: Some(proto::IntervalHistogram { bin_ms: 10.0, counts: vec![1, 0, 48] }),
+        fleet: None,
     }
 }
 

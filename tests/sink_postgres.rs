@@ -36,6 +36,14 @@ fn alert(i: usize) -> proto::Alert {
         scorers: vec!["histogram".into()],
         timing_score: 0.9,
         interval_histogram: Some(proto::IntervalHistogram { bin_ms: 10.0, counts: vec![0, 3, 45] }),
+        // Every fifth alert is a fleet's, naming three accounts.
+        fleet: (i % 5 == 0).then(|| proto::FleetEvidence {
+            fleet_id: format!("fleet-{i}"),
+            accounts: vec![format!("user-{}", i % 7), "x".into(), "y".into()],
+            new_accounts: vec!["y".into()],
+            links: 3,
+            fingerprints: 4,
+        }),
     }
 }
 
@@ -170,6 +178,13 @@ fn a_crash_between_insert_and_commit_loses_and_repeats_nothing() {
     assert_offsets_at_end(|q| db.sql(q), &broker);
     let row = db.sql("SELECT user_id, score, lstm_score, scorers[1], features->'interval_cv'->>'fired' FROM alerts WHERE alert_id = 'alert-0002'");
     assert_eq!(row, "user-2|0.9|0.7|histogram|true");
+    let fleet = db.sql(
+        "SELECT fleet->>'fleet_id', fleet->'accounts'->>2, fleet->>'links' FROM alerts WHERE alert_id = 'alert-0005'",
+    );
+    assert_eq!(fleet, "fleet-5|y|3", "a fleet alert keeps its accounts");
+    let fleets = db.sql("SELECT count(*) FROM alerts WHERE fleet -> 'accounts' ? 'x'");
+    assert_eq!(fleets, (N.div_ceil(5)).to_string(), "fleet alerts are found by any account they name");
+    assert_eq!(db.sql("SELECT count(*) FROM alerts WHERE fleet IS NULL AND alert_id = 'alert-0002'"), "1");
 }
 
 #[test]

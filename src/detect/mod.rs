@@ -14,6 +14,7 @@
 //! - [`recurrence`]: the user's last thousands of presses, and the timing runs that recur in
 //!   them (replays longer than a window).
 //! - [`policy`]: k-of-n confirmation, incidents, cool-down.
+//! - [`fleet`]: timing fingerprints, the users that share them, and the fleets they form.
 //!
 //! Per event: reorder -> window (press / release / repeat) -> when due: features -> rules,
 //! and the window encoded into the poll's [`ScoringBatch`]. Per poll ([`Detector::finish`]): the
@@ -21,6 +22,7 @@
 //! [`Output`]s, in event order per user.
 
 pub mod features;
+pub mod fleet;
 pub mod histogram;
 pub mod ordering;
 pub mod policy;
@@ -33,11 +35,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::event::KeyEvent;
 pub use features::{FeatureConfig, WindowFeatures};
+pub use fleet::FleetConfig;
 pub use ordering::Admission;
 pub use policy::{Decision, EvidenceConfig, PolicyConfig, PolicyState};
 pub use recurrence::{RecurrenceConfig, ReplayEvidence};
 pub use rules::{Rule, RuleConfig, RuleSet};
 pub use sequence::{SequenceError, SequenceScorer};
+use window::Press;
 pub use window::WindowConfig;
 
 /// Everything the detector is configured with.
@@ -56,6 +60,9 @@ pub struct DetectorConfig {
     pub policy: PolicyConfig,
     /// The long-horizon memory behind the `replay` rule.
     pub recurrence: RecurrenceConfig,
+    /// Fleet fingerprints and the fleet stages' decisions.
+    #[serde(default)]
+    pub fleet: FleetConfig,
 }
 
 impl Default for DetectorConfig {
@@ -67,6 +74,7 @@ impl Default for DetectorConfig {
             rules: RuleConfig::default(),
             policy: PolicyConfig::default(),
             recurrence: RecurrenceConfig::default(),
+            fleet: FleetConfig::default(),
         }
     }
 }
@@ -98,6 +106,7 @@ impl DetectorConfig {
             return fail("policy.threshold must be within 0..1");
         }
         self.recurrence.validate().map_err(InvalidConfig)?;
+        self.fleet.validate(&self.recurrence).map_err(InvalidConfig)?;
         let e = &p.evidence;
         if !(e.threshold > 0.0 && e.clamp > 0.0 && e.reference.is_finite() && e.threshold.is_finite()) {
             return fail("policy.evidence needs a finite reference and positive clamp and threshold");
@@ -264,6 +273,13 @@ pub enum Output {
         /// When the incident closed.
         at_us: i64,
     },
+    /// A run of the user's timing is a fleet fingerprint (for the fleet stages).
+    Fingerprint {
+        /// The fingerprint.
+        fingerprint: u64,
+        /// Event time of the press that ended the run.
+        at_us: i64,
+    },
 }
 
 /// Namespace for alert ids (UUID v5), fixed forever so replays reproduce ids.
@@ -321,6 +337,7 @@ struct Pending {
 enum PendingAction {
     Window(WindowReport),
     Idle { at_us: i64 },
+    Fingerprint { fingerprint: u64, at_us: i64 },
 }
 
 impl ScoringBatch {
@@ -398,8 +415,9 @@ impl Detector {
         let mut scoring = Scoring { cfg: &self.cfg, scratch: &mut self.scratch, slot, batch };
         state.reorder.flush(|e| scoring.apply(&mut state.scored, e));
         let scored = &mut state.scored;
-        for press in scored.window.unsettled() {
-            scored.memory.push(&self.cfg.recurrence, press);
+        let unsettled: Vec<Press> = scored.window.unsettled().copied().collect();
+        for press in &unsettled {
+            scoring.remember(scored, press);
         }
         if scored.window.unscored_presses() > 0 && scored.window.len() >= self.cfg.window.min_presses {
             scoring.score(scored, true);
@@ -452,6 +470,9 @@ impl Detector {
         for Pending { slot, action } in batch.pending.drain(..) {
             let Some(user) = users.get_mut(slot) else { continue };
             match action {
+                PendingAction::Fingerprint { fingerprint, at_us } => {
+                    out.push((slot, Output::Fingerprint { fingerprint, at_us }));
+                }
                 PendingAction::Idle { at_us } => {
                     if user.state().scored.policy.on_idle(policy_cfg, at_us) == Decision::IncidentClosed {
                         out.push((slot, Output::IncidentClosed { at_us }));
@@ -528,12 +549,23 @@ impl Scoring<'_> {
     fn apply(&mut self, state: &mut ScoredState, event: KeyEvent) {
         let applied = state.window.apply(&self.cfg.window, event);
         if matches!(applied, window::Applied::Press | window::Applied::PressDue) {
-            if let Some(settled) = state.window.newly_settled() {
-                state.memory.push(&self.cfg.recurrence, settled);
+            if let Some(settled) = state.window.newly_settled().copied() {
+                self.remember(state, &settled);
             }
         }
         if applied == window::Applied::PressDue {
             self.score(state, false);
+        }
+    }
+
+    /// Feeds a settled press to the recurrence memory, and queues the fingerprint of the run it
+    /// ends if that run is one.
+    fn remember(&mut self, state: &mut ScoredState, press: &Press) {
+        state.memory.push(&self.cfg.recurrence, press);
+        let fingerprint = fleet::fingerprint(&state.memory, &self.cfg.recurrence, &self.cfg.fleet);
+        if let Some(fingerprint) = fingerprint {
+            let action = PendingAction::Fingerprint { fingerprint, at_us: press.down_us };
+            self.batch.pending.push(Pending { slot: self.slot, action });
         }
     }
 

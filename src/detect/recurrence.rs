@@ -188,6 +188,24 @@ impl RecurrenceMemory {
             .unwrap_or_default()
     }
 
+    /// The flights (ms) before the latest `out.len()` presses, newest first, into `out`; false
+    /// when fewer presses are remembered or a pause breaks them (the fleet fingerprint reads it).
+    pub fn latest_flights(&self, cfg: &RecurrenceConfig, out: &mut [u16]) -> bool {
+        let len = out.len();
+        if !cfg.enabled || len == 0 || len > cfg.memory_presses || (self.fed as usize) < len {
+            return false;
+        }
+        let newest = self.fed.wrapping_sub(1);
+        for (back, slot) in out.iter_mut().enumerate() {
+            let (flight, _) = self.read(cfg, newest - back as u32);
+            if flight == CODE_BREAK {
+                return false;
+            }
+            *slot = flight;
+        }
+        true
+    }
+
     /// Bytes the memory holds (what it adds to the user's state).
     pub fn bytes(&self) -> usize {
         self.ring.len() + self.index.len() + self.tallies.len() * std::mem::size_of::<Tally>()

@@ -81,11 +81,14 @@ pub enum Rule {
     Accumulated,
     /// The keys came from a virtual input device (uinput), as the agent reported it.
     VirtualDevice,
+    /// The account's timing fingerprints are shared with other accounts': one script run by
+    /// many (`detect::fleet`). Decided across users by the fleet stages, never per window.
+    Fleet,
 }
 
 impl Rule {
     /// Every reason, in bit order.
-    pub const ALL: [Rule; 9] = [
+    pub const ALL: [Rule; 10] = [
         Rule::IntervalHistogram,
         Rule::IntervalRegular,
         Rule::HoldConstant,
@@ -95,13 +98,16 @@ impl Rule {
         Rule::Replay,
         Rule::Accumulated,
         Rule::VirtualDevice,
+        Rule::Fleet,
     ];
 
     /// The scorer behind this reason: `histogram` for the timing rules over the
-    /// inter-key-interval histogram and holds, `lstm` for the sequence model.
+    /// inter-key-interval histogram and holds, `lstm` for the sequence model, `fleet` for the
+    /// fleet stages.
     pub fn scorer(self) -> &'static str {
         match self {
             Rule::Lstm | Rule::Accumulated => "lstm",
+            Rule::Fleet => "fleet",
             _ => "histogram",
         }
     }
@@ -119,6 +125,7 @@ impl Rule {
             Rule::Replay => &["replay_recurrences", "replay_period", "replay_error_ms"],
             Rule::Accumulated => &[],
             Rule::VirtualDevice => &["virtual_device"],
+            Rule::Fleet => &[],
         }
     }
 
@@ -134,6 +141,7 @@ impl Rule {
             Rule::Replay => "replay",
             Rule::Accumulated => "accumulated",
             Rule::VirtualDevice => "virtual_device",
+            Rule::Fleet => "fleet",
         }
     }
 
@@ -266,7 +274,7 @@ mod tests {
         let mut all = RuleSet::EMPTY;
         Rule::ALL.iter().for_each(|r| all.insert(*r));
         assert_eq!(postcard::from_bytes::<RuleSet>(&postcard::to_stdvec(&all).unwrap()).unwrap(), all);
-        assert_eq!(all.iter().count(), 9);
+        assert_eq!(all.iter().count(), Rule::ALL.len());
     }
 
     fn human_like() -> WindowFeatures {

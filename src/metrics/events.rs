@@ -46,6 +46,28 @@ pub struct BatchCommitted<'a> {
     pub alerts: &'a [AlertCommitted],
 }
 
+/// A fleet stage's batch committed: its fleet alerts and set-aside records count now.
+#[derive(Debug)]
+pub struct FleetStageCommitted<'a> {
+    /// Fleet alerts committed.
+    pub alerts: u64,
+    /// Set-aside records' error classes.
+    pub dead_letters: &'a [&'static str],
+}
+
+impl InternalEvent for FleetStageCommitted<'_> {
+    fn emit(self) {
+        let m = metrics();
+        m.transactions.with_label_values(&["committed"]).inc();
+        if self.alerts > 0 {
+            m.alerts.with_label_values(&["fleet"]).inc_by(self.alerts);
+        }
+        for class in self.dead_letters {
+            m.dead_letters.with_label_values(&[class]).inc();
+        }
+    }
+}
+
 impl InternalEvent for BatchCommitted<'_> {
     fn emit(self) {
         let m = metrics();

@@ -149,8 +149,8 @@ pub async fn write_batch(
         .prepare(
             "INSERT INTO alerts (alert_id, user_id, window_start, window_end, detected_at, score, timing_score,
                                  histogram_score, lstm_score, scorers, reasons, model_version, features,
-                                 source_topic, source_partition, source_offset, interval_histogram)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
+                                 source_topic, source_partition, source_offset, interval_histogram, fleet)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)
              ON CONFLICT (alert_id) DO NOTHING",
         )
         .await?;
@@ -170,7 +170,8 @@ pub async fn write_batch(
             SinkRecord::Alert { alert, .. } => {
                 let features = alerts::features_json(&alert.features);
                 let histogram = alert.interval_histogram.as_ref().map(alerts::histogram_json);
-                let params: [&(dyn ToSql + Sync); 17] = [
+                let fleet = alert.fleet.as_ref().map(alerts::fleet_json);
+                let params: [&(dyn ToSql + Sync); 18] = [
                     &alert.alert_id,
                     &alert.user_id,
                     &time_of(alert.window_start_us),
@@ -188,6 +189,7 @@ pub async fn write_batch(
                     &partition,
                     &offset,
                     &histogram,
+                    &fleet,
                 ];
                 if tx.execute(&insert_alert, &params).await? == 1 {
                     summary.written += 1;
@@ -242,7 +244,7 @@ pub async fn query_alerts(
         .query(
             "SELECT alert_id, user_id, window_start, window_end, detected_at, score, timing_score, histogram_score,
                     lstm_score, scorers, reasons, model_version, features, source_partition, source_offset,
-                    interval_histogram
+                    interval_histogram, fleet
              FROM alerts
              WHERE ($1::timestamptz IS NULL OR detected_at >= $1) AND ($2::text IS NULL OR user_id = $2)
              ORDER BY detected_at DESC, alert_id
@@ -271,6 +273,7 @@ pub async fn query_alerts(
                 "partition": r.get::<_, i32>(13),
                 "offset": r.get::<_, i64>(14),
                 "interval_histogram": r.get::<_, Option<serde_json::Value>>(15),
+                "fleet": r.get::<_, Option<serde_json::Value>>(16),
             })
         })
         .collect())

@@ -23,6 +23,17 @@ pub fn histogram_json(h: &proto::IntervalHistogram) -> serde_json::Value {
     serde_json::json!({"bin_ms": h.bin_ms, "counts": h.counts})
 }
 
+/// A fleet alert's evidence as JSON (the Protobuf message's field names).
+pub fn fleet_json(f: &proto::FleetEvidence) -> serde_json::Value {
+    serde_json::json!({
+        "fleet_id": f.fleet_id,
+        "accounts": f.accounts,
+        "new_accounts": f.new_accounts,
+        "links": f.links,
+        "fingerprints": f.fingerprints,
+    })
+}
+
 /// An alert as a JSON object (the same field names as the Protobuf message).
 pub fn alert_json(a: &proto::Alert) -> serde_json::Value {
     let features = features_json(&a.features);
@@ -41,6 +52,7 @@ pub fn alert_json(a: &proto::Alert) -> serde_json::Value {
         "detected_at_us": a.detected_at_us,
         "features": features,
         "interval_histogram": a.interval_histogram.as_ref().map(histogram_json),
+        "fleet": a.fleet.as_ref().map(fleet_json),
     })
 }
 

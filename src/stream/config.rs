@@ -115,11 +115,36 @@ pub enum Guarantee {
 /// The store every task keeps: per-user detector state (window, histogram inputs, incident,
 /// late-event watermark).
 pub const USER_STATE_STORE: &str = "user-state";
+/// The fleet fingerprints stage: its repartition topic and its store (users per fingerprint).
+pub const FLEET_FINGERPRINTS: &str = "fleet-fingerprints";
+/// The fleet decision stage: its repartition topic and its store (links and fleets).
+pub const FLEET_CANDIDATES: &str = "fleet-candidates";
 
 impl StreamConfig {
     /// The compacted changelog topic of `store`: `<application-id>-<store>-changelog`.
     pub fn changelog_topic(&self, store: &str) -> String {
         format!("{}-{store}-changelog", self.application_id)
+    }
+
+    /// The repartition topic of stage `name`: `<application-id>-<name>-repartition`, as Kafka
+    /// Streams names them.
+    pub fn repartition_topic(&self, name: &str) -> String {
+        format!("{}-{name}-repartition", self.application_id)
+    }
+
+    /// The consumer group of the fleet stages.
+    pub fn fleet_group(&self) -> String {
+        format!("{}-fleet", self.application_id)
+    }
+
+    /// The transactional id of the task consuming `topic`'s `partition` (a fleet stage's).
+    pub fn stage_transactional_id(&self, topic: &str, partition: i32) -> String {
+        format!("{}-{topic}-{partition}", self.application_id)
+    }
+
+    /// The RocksDB directory of the task consuming `topic`'s `partition` (a fleet stage's).
+    pub fn stage_dir(&self, topic: &str, partition: i32) -> PathBuf {
+        self.state_dir.join(&self.application_id).join(format!("{topic}-{partition}"))
     }
 
     /// The compacted topic where instances announce their partitions and HTTP addresses.

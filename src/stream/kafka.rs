@@ -22,7 +22,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, Prod
 use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::config::{Guarantee, StreamConfig, USER_STATE_STORE};
+use super::config::{Guarantee, StreamConfig, FLEET_CANDIDATES, FLEET_FINGERPRINTS, USER_STATE_STORE};
 use super::records::{OutRecord, OutTopic};
 use super::task::{self, Checkpoint, ProducerError, TaskError};
 use crate::metrics::events::{ConsumerLagObserved, InternalEvent};
@@ -105,7 +105,19 @@ impl Clients {
 
     /// The group consumer of the input topic.
     pub fn consumer(&self, log: Arc<RebalanceLog>) -> Result<BaseConsumer<GroupContext>, KafkaEdgeError> {
-        let mut config = self.base("consumer");
+        self.group_consumer("consumer", &self.cfg.application_id, &self.cfg.input_topic, log)
+    }
+
+    /// A group consumer in `group` (its lag gauge follows `lag_topic`), as the processor's
+    /// stages consume: read_committed, offsets committed in transactions only.
+    pub fn group_consumer(
+        &self,
+        role: &str,
+        group: &str,
+        lag_topic: &str,
+        log: Arc<RebalanceLog>,
+    ) -> Result<BaseConsumer<GroupContext>, KafkaEdgeError> {
+        let mut config = self.base(role);
         if !self.properties.contains_key("fetch.queue.backoff.ms") {
             // The processor drains its fetch queue a batch at a time. Once the queue had filled,
             // librdkafka's default (1 s) kept it from fetching again while the batch was
@@ -113,7 +125,7 @@ impl Clients {
             config.set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS);
         }
         config
-            .set("group.id", &self.cfg.application_id)
+            .set("group.id", group)
             .set("partition.assignment.strategy", "cooperative-sticky")
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
@@ -123,7 +135,7 @@ impl Clients {
             .set("enable.partition.eof", "true")
             // Statistics feed the consumer-lag gauge.
             .set("statistics.interval.ms", self.properties.get("statistics.interval.ms").map_or("5000", String::as_str))
-            .create_with_context(GroupContext { log, input_topic: self.cfg.input_topic.clone() })
+            .create_with_context(GroupContext { log, input_topic: lag_topic.to_owned() })
             .map_err(|e| KafkaEdgeError::Config(e.to_string()))
     }
 
@@ -135,7 +147,23 @@ impl Clients {
         partition: i32,
         consumer: &Arc<BaseConsumer<GroupContext>>,
     ) -> Result<TxProducer, KafkaEdgeError> {
-        let changelog = self.cfg.changelog_topic(USER_STATE_STORE);
+        let topics = TaskTopics {
+            input: self.cfg.input_topic.clone(),
+            partition,
+            changelog: self.cfg.changelog_topic(USER_STATE_STORE),
+            transactional_id: self.cfg.transactional_id(partition),
+        };
+        self.producer_for(topics, consumer)
+    }
+
+    /// The producer of a task that consumes `topics.input`'s partition and keeps its store's
+    /// changelog in `topics.changelog` (the fleet stages' tasks, the processor's own).
+    pub fn producer_for(
+        &self,
+        topics: TaskTopics,
+        consumer: &Arc<BaseConsumer<GroupContext>>,
+    ) -> Result<TxProducer, KafkaEdgeError> {
+        let TaskTopics { input, partition, changelog, transactional_id } = topics;
         let tracker =
             DeliveryTracker { changelog: changelog.clone(), max_offset: AtomicI64::new(-1), failed: AtomicU64::new(0) };
         let mut config = self.base(&format!("task-{partition}"));
@@ -143,7 +171,7 @@ impl Clients {
         let mode = match self.cfg.guarantee {
             Guarantee::ExactlyOnce => {
                 config
-                    .set("transactional.id", self.cfg.transactional_id(partition))
+                    .set("transactional.id", transactional_id)
                     .set("transaction.timeout.ms", self.cfg.transaction_timeout_ms.to_string());
                 Mode::Transactional
             }
@@ -158,10 +186,12 @@ impl Clients {
             mode,
             producer,
             partition,
-            input_topic: self.cfg.input_topic.clone(),
+            input_topic: input,
             alerts_topic: self.cfg.alerts_topic.clone(),
             dlq_topic: self.cfg.dlq_topic.clone(),
             changelog_topic: changelog,
+            fingerprints_topic: self.cfg.repartition_topic(FLEET_FINGERPRINTS),
+            candidates_topic: self.cfg.repartition_topic(FLEET_CANDIDATES),
             group: None,
         })
     }
@@ -227,7 +257,29 @@ impl Clients {
         if cfg.create_topics && self.partitions(&instances)?.is_none() {
             self.create([(instances.as_str(), 1, true)].into_iter())?;
         }
+        // The fleet stages: fingerprints repartitioned like the input, candidates onto one
+        // partition (fleets are decided over all accounts), each stage's store co-partitioned
+        // with the topic it consumes.
+        for (name, partitions) in [(FLEET_FINGERPRINTS, input), (FLEET_CANDIDATES, 1)] {
+            self.ensure_stage_topics(&cfg.repartition_topic(name), &cfg.changelog_topic(name), partitions)?;
+        }
         Ok(input)
+    }
+
+    fn ensure_stage_topics(&self, repartition: &str, changelog: &str, partitions: i32) -> Result<(), KafkaEdgeError> {
+        for (topic, compacted) in [(repartition, false), (changelog, true)] {
+            match self.partitions(topic)? {
+                Some(n) if n == partitions => {}
+                Some(n) => {
+                    return Err(KafkaEdgeError::Topics(format!(
+                        "{topic} has {n} partitions, the stage needs {partitions}"
+                    )))
+                }
+                None if self.cfg.create_topics => self.create([(topic, partitions, compacted)].into_iter())?,
+                None => return Err(KafkaEdgeError::Topics(format!("topic {topic} does not exist"))),
+            }
+        }
+        Ok(())
     }
 
     fn create<'t>(&self, topics: impl Iterator<Item = (&'t str, i32, bool)>) -> Result<(), KafkaEdgeError> {
@@ -259,16 +311,18 @@ impl Clients {
         Ok(())
     }
 
-    /// The committed position of the group on input `partition`, `None` if it never committed.
+    /// The committed position of `consumer`'s group on `topic`'s `partition`, `None` if it never
+    /// committed.
     pub fn committed(
         &self,
         consumer: &BaseConsumer<GroupContext>,
+        topic: &str,
         partition: i32,
     ) -> Result<Option<i64>, KafkaEdgeError> {
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&self.cfg.input_topic, partition);
+        tpl.add_partition(topic, partition);
         let committed = consumer.committed_offsets(tpl, BROKER_TIMEOUT).map_err(broker("reading committed offsets"))?;
-        Ok(committed.find_partition(&self.cfg.input_topic, partition).and_then(|e| match e.offset() {
+        Ok(committed.find_partition(topic, partition).and_then(|e| match e.offset() {
             Offset::Offset(o) => Some(o),
             _ => None,
         }))
@@ -280,12 +334,13 @@ impl Clients {
     /// and the new changelog position; `progress` hears `(replayed, approximate total)`.
     pub fn restore<S: Store>(
         &self,
+        changelog: &str,
         partition: i32,
         store: &mut S,
         from: i64,
         mut progress: impl FnMut(u64, u64),
     ) -> Result<(u64, i64), KafkaEdgeError> {
-        let topic = self.cfg.changelog_topic(USER_STATE_STORE);
+        let topic = changelog.to_owned();
         let consumer = self.plain_consumer("restore")?;
         // A leader moving (a broker's death) fails the look-up for a moment: asked again every
         // 200 ms for as long as a stall would take.
@@ -366,10 +421,10 @@ pub fn write_checkpoint<S: Store>(store: &mut S, checkpoint: Checkpoint) -> Resu
 /// A partition assignment change, as the consumer's callbacks report it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RebalanceEvent {
-    /// Partitions added to this process.
-    Assigned(Vec<i32>),
+    /// Partitions added to this process, with their topics.
+    Assigned(Vec<(String, i32)>),
     /// Partitions taken away (before they go: their tasks must stop now).
-    Revoked(Vec<i32>),
+    Revoked(Vec<(String, i32)>),
 }
 
 /// Rebalance events waiting for the processing loop.
@@ -393,8 +448,8 @@ pub struct GroupContext {
     input_topic: String,
 }
 
-fn partitions_of(tpl: &TopicPartitionList) -> Vec<i32> {
-    tpl.elements().iter().map(|e| e.partition()).collect()
+fn partitions_of(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
+    tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect()
 }
 
 impl ClientContext for GroupContext {
@@ -467,6 +522,19 @@ enum Mode {
     AtLeastOnce(Arc<BaseConsumer<GroupContext>>),
 }
 
+/// Where a task reads and keeps its state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskTopics {
+    /// The topic the task consumes.
+    pub input: String,
+    /// Its partition (also the changelog partition).
+    pub partition: i32,
+    /// The changelog of the task's store.
+    pub changelog: String,
+    /// One per task, so a task that moves fences its old producer.
+    pub transactional_id: String,
+}
+
 /// A task's producer: transactional under exactly-once.
 pub struct TxProducer {
     mode: Mode,
@@ -476,6 +544,8 @@ pub struct TxProducer {
     alerts_topic: String,
     dlq_topic: String,
     changelog_topic: String,
+    fingerprints_topic: String,
+    candidates_topic: String,
     group: Option<ConsumerGroupMetadata>,
 }
 
@@ -528,14 +598,19 @@ impl task::TaskProducer for TxProducer {
             OutTopic::Alerts => &self.alerts_topic,
             OutTopic::DeadLetters => &self.dlq_topic,
             OutTopic::Changelog => &self.changelog_topic,
+            OutTopic::Fingerprints => &self.fingerprints_topic,
+            OutTopic::FleetCandidates => &self.candidates_topic,
         };
         let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
         for (name, value) in &record.headers {
             headers = headers.insert(Header { key: name, value: Some(value) });
         }
         let mut r: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).headers(headers);
-        if record.topic == OutTopic::Changelog {
-            r = r.partition(self.partition);
+        match record.topic {
+            OutTopic::Changelog => r = r.partition(self.partition),
+            OutTopic::FleetCandidates => r = r.partition(0),
+            // Keyed topics: the partitioner's hash of the key, the same for every producer.
+            OutTopic::Alerts | OutTopic::DeadLetters | OutTopic::Fingerprints => {}
         }
         if let Some(k) = &record.key {
             r = r.key(k.as_slice());

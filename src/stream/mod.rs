@@ -23,6 +23,9 @@
 //! - [`status`]: task phases for readiness.
 //! - [`query`]: interactive user queries, answered by the loop from the owning task.
 //! - [`directory`]: which instance owns which partition, announced on a compacted topic.
+//! - [`recovery`]: a task's store made consistent with the committed position (restore).
+//! - [`fleet`]: the fleet stages' tasks (users per fingerprint; links and fleets).
+//! - [`stages`]: the fleet stages' loop, beside the processor in `metronome process`.
 //!
 //! # Consistency
 //! A task's store is written only after its transaction commits, in one atomic batch with a
@@ -34,11 +37,14 @@
 pub mod alerts;
 pub mod config;
 pub mod directory;
+pub mod fleet;
 pub mod kafka;
 pub mod processor;
 pub mod publish;
 pub mod query;
 pub mod records;
+pub mod recovery;
+pub mod stages;
 pub mod status;
 pub mod task;
 

@@ -18,8 +18,9 @@ use super::directory::Announcer;
 use super::kafka::{self, Clients, GroupContext, KafkaEdgeError, RebalanceEvent, RebalanceLog, TxProducer};
 use super::query::{self, Lookup, UserQueries, UserView};
 use super::records::InputRecord;
+use super::recovery;
 use super::status::{Status, TaskPhase};
-use super::task::{self, BatchContext, BatchOutcome, BatchSettings, Checkpoint, ProducerError, Task, TaskError};
+use super::task::{BatchContext, BatchOutcome, BatchSettings, ProducerError, Task, TaskError};
 use crate::detect::{Detector, SequenceScorer};
 use crate::lstm::{Reload, ReloadingModel};
 use crate::metrics::events::{
@@ -418,7 +419,7 @@ impl Processor {
         for event in log.drain() {
             match event {
                 RebalanceEvent::Revoked(partitions) => {
-                    for p in partitions {
+                    for (_, p) in partitions {
                         if let Some(assigned) = tasks.remove(&p) {
                             // Records collected but not committed are redelivered to the new owner.
                             close_task(p, assigned, &self.status);
@@ -426,7 +427,7 @@ impl Processor {
                     }
                 }
                 RebalanceEvent::Assigned(partitions) => {
-                    for p in partitions {
+                    for (_, p) in partitions {
                         if tasks.contains_key(&p) {
                             continue;
                         }
@@ -452,38 +453,26 @@ impl Processor {
         // First: this aborts whatever transaction a previous owner left open, so the committed
         // offsets and the changelog's committed end below cannot move under us.
         let producer = self.clients.task_producer(partition, consumer)?;
-        let committed = self.clients.committed(consumer, partition)?;
-        let dir = cfg.task_dir(partition);
-        let task_err = |source: TaskError| ProcessError::Task { partition, source };
-        let mut store = RocksStore::open(&dir, &self.resources).map_err(|e| task_err(e.into()))?;
-        let mut checkpoint = task::read_checkpoint(&store).map_err(task_err)?;
-        let ahead = match (checkpoint.input_offset, committed) {
-            (Some(local), Some(kafka)) => local > kafka,
-            (Some(_), None) => true,
-            _ => false,
-        };
-        if ahead {
-            // The store claims input the group never committed: it cannot be trusted at all.
-            tracing::warn!(
-                partition,
-                "local state is ahead of the committed position; rebuilding it from the changelog"
-            );
-            drop(store);
-            RocksStore::destroy(&dir).map_err(|e| task_err(e.into()))?;
-            store = RocksStore::open(&dir, &self.resources).map_err(|e| task_err(e.into()))?;
-            checkpoint = Checkpoint::EMPTY;
-        }
-        let from = checkpoint.changelog_offset;
+        let committed = self.clients.committed(consumer, &cfg.input_topic, partition)?;
         let status = Arc::clone(&self.status);
         let started = Instant::now();
-        let (replayed, position) = self.clients.restore(partition, &mut store, from, |replayed, total| {
-            status.set(partition, TaskPhase::Restoring { replayed, total });
-            tracing::info!(partition, replayed, total, "restoring state from the changelog");
-        })?;
+        let changelog = cfg.changelog_topic(super::config::USER_STATE_STORE);
+        let recovered = recovery::recover(
+            &self.clients,
+            &self.resources,
+            &cfg.task_dir(partition),
+            &changelog,
+            partition,
+            committed,
+            |replayed, total| {
+                status.set(partition, TaskPhase::Restoring { replayed, total });
+                tracing::info!(partition, replayed, total, "restoring state from the changelog");
+            },
+        )?;
+        let (store, replayed) = (recovered.store, recovered.replayed);
         summary.restored += replayed;
         StateRestored { records: replayed }.emit();
-        let checkpoint = Checkpoint { input_offset: committed, changelog_offset: position };
-        kafka::write_checkpoint(&mut store, checkpoint).map_err(task_err)?;
+        let task_err = |source: TaskError| ProcessError::Task { partition, source };
         let task = Task::open(partition, store, Instant::now()).map_err(task_err)?;
         tracing::info!(
             partition,

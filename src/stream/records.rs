@@ -4,6 +4,7 @@
 
 use prost::Message;
 
+use crate::detect::fleet::{Candidate, FingerprintSeen, FleetReport};
 use crate::detect::{AlertReport, Rule, WindowFeatures};
 use crate::event::{KeyAction, KeyEvent};
 use crate::keylog::{MAX_EVENT_TIME_US, MAX_ID_LEN};
@@ -40,11 +41,13 @@ pub enum DeadLetterClass {
     AbsurdTimestamp,
     /// An event whose action is not down, up or repeat.
     InvalidAction,
+    /// A record of a fleet stage's internal topic that does not decode.
+    FleetRecord,
 }
 
 impl DeadLetterClass {
     /// Every class, for metrics that want to pre-register labels.
-    pub const ALL: [DeadLetterClass; 8] = [
+    pub const ALL: [DeadLetterClass; 9] = [
         DeadLetterClass::EmptyPayload,
         DeadLetterClass::Decode,
         DeadLetterClass::InvalidUser,
@@ -53,6 +56,7 @@ impl DeadLetterClass {
         DeadLetterClass::OversizeBatch,
         DeadLetterClass::AbsurdTimestamp,
         DeadLetterClass::InvalidAction,
+        DeadLetterClass::FleetRecord,
     ];
 
     /// The stable name used in headers, logs and metrics.
@@ -66,6 +70,7 @@ impl DeadLetterClass {
             DeadLetterClass::OversizeBatch => "oversize_batch",
             DeadLetterClass::AbsurdTimestamp => "absurd_timestamp",
             DeadLetterClass::InvalidAction => "invalid_action",
+            DeadLetterClass::FleetRecord => "fleet_record",
         }
     }
 
@@ -80,6 +85,7 @@ impl DeadLetterClass {
             DeadLetterClass::OversizeBatch => "batch carries more events than allowed",
             DeadLetterClass::AbsurdTimestamp => "an event time is outside 1970..2100",
             DeadLetterClass::InvalidAction => "an event action is not down, up or repeat",
+            DeadLetterClass::FleetRecord => "a fleet stage record does not decode",
         }
     }
 }
@@ -137,6 +143,10 @@ pub enum OutTopic {
     DeadLetters,
     /// The task's state changelog, on the task's own partition.
     Changelog,
+    /// The fleet fingerprints' repartition topic, partitioned by the record key.
+    Fingerprints,
+    /// The fleet candidates' repartition topic (one partition: fleets are decided globally).
+    FleetCandidates,
 }
 
 /// A record a task wants produced inside its transaction.
@@ -210,6 +220,89 @@ pub fn alert_message(user_id: &str, alert: &AlertReport, detected_at_us: i64) ->
             bin_ms: w.interval_histogram.bin_ms,
             counts: w.interval_histogram.counts.clone(),
         }),
+        fleet: None,
+    }
+}
+
+/// Version byte in front of the fleet stages' record values.
+const FLEET_RECORD_FORMAT: u8 = 1;
+/// The key of every fleet candidate (one partition decides all fleets).
+pub const FLEET_CANDIDATE_KEY: &[u8] = b"fleets";
+
+fn fleet_value<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    let mut out = vec![FLEET_RECORD_FORMAT];
+    out.extend(postcard::to_stdvec(value).expect("fleet records always serialize"));
+    out
+}
+
+fn fleet_value_of<T: serde::de::DeserializeOwned>(record: &InputRecord) -> Result<T, DeadLetterClass> {
+    match record.payload.as_deref().and_then(<[u8]>::split_first) {
+        Some((&FLEET_RECORD_FORMAT, body)) => postcard::from_bytes(body).map_err(|_| DeadLetterClass::FleetRecord),
+        _ => Err(DeadLetterClass::FleetRecord),
+    }
+}
+
+/// The record that sends `user`'s `fingerprint` to the stage that counts its users, keyed (and
+/// so partitioned) by the fingerprint.
+pub fn fingerprint_record(fingerprint: u64, user: &str, at_us: i64) -> OutRecord {
+    OutRecord {
+        topic: OutTopic::Fingerprints,
+        key: Some(fingerprint.to_be_bytes().to_vec()),
+        value: Some(fleet_value(&FingerprintSeen { user: user.to_owned(), at_us })),
+        headers: Vec::new(),
+    }
+}
+
+/// Reads a fingerprint record back.
+pub fn decode_fingerprint(record: &InputRecord) -> Result<(u64, FingerprintSeen), DeadLetterClass> {
+    let key: [u8; 8] = record.key.as_deref().and_then(|k| k.try_into().ok()).ok_or(DeadLetterClass::FleetRecord)?;
+    let seen: FingerprintSeen = fleet_value_of(record)?;
+    if seen.user.is_empty() || seen.user.len() > MAX_ID_LEN {
+        return Err(DeadLetterClass::FleetRecord);
+    }
+    Ok((u64::from_be_bytes(key), seen))
+}
+
+/// The record that sends a candidate to the stage that decides fleets.
+pub fn candidate_record(candidate: &Candidate) -> OutRecord {
+    OutRecord {
+        topic: OutTopic::FleetCandidates,
+        key: Some(FLEET_CANDIDATE_KEY.to_vec()),
+        value: Some(fleet_value(candidate)),
+        headers: Vec::new(),
+    }
+}
+
+/// Reads a candidate record back.
+pub fn decode_candidate(record: &InputRecord) -> Result<Candidate, DeadLetterClass> {
+    let candidate: Candidate = fleet_value_of(record)?;
+    if candidate.users.iter().any(|u| u.is_empty() || u.len() > MAX_ID_LEN) {
+        return Err(DeadLetterClass::FleetRecord);
+    }
+    Ok(candidate)
+}
+
+/// The wire form of a fleet alert: the fleet's first account as its user, the span of the
+/// sharing as its window, scorer and reason `fleet`.
+pub fn fleet_alert_message(report: &FleetReport, model_version: &str, detected_at_us: i64) -> proto::Alert {
+    proto::Alert {
+        alert_id: report.fleet_id.to_string(),
+        user_id: report.accounts.first().cloned().unwrap_or_default(),
+        window_start_us: report.first_us,
+        window_end_us: report.last_us,
+        score: 1.0,
+        reasons: vec![Rule::Fleet.name().to_owned()],
+        model_version: model_version.to_owned(),
+        detected_at_us,
+        scorers: vec![Rule::Fleet.scorer().to_owned()],
+        fleet: Some(proto::FleetEvidence {
+            fleet_id: report.fleet_id.to_string(),
+            accounts: report.accounts.clone(),
+            new_accounts: report.new_accounts.clone(),
+            links: report.links,
+            fingerprints: report.fingerprints,
+        }),
+        ..Default::default()
     }
 }
 

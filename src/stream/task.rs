@@ -113,6 +113,8 @@ pub struct BatchOutcome {
     pub alerts: u64,
     /// Users whose windows were closed by idleness.
     pub idle_closed: u64,
+    /// Fleet fingerprints sent to the fleet stages.
+    pub fingerprints: u64,
     /// Whether anything was committed.
     pub committed: bool,
     /// The sequence model's failure, if it failed (windows then decided on timing alone).
@@ -379,6 +381,11 @@ impl<S: Store> Task<S> {
                     outcome.alerts += 1;
                 }
                 Output::IncidentClosed { .. } => {}
+                Output::Fingerprint { fingerprint, at_us } => {
+                    let user = &users.slots[*slot].0;
+                    out.push(records::fingerprint_record(*fingerprint, user, *at_us));
+                    outcome.fingerprints += 1;
+                }
             }
         }
         let mut writes = WriteBatch::new();
@@ -477,22 +484,26 @@ impl<S: Store> Task<S> {
         out: &[OutRecord],
         next_offset: Option<i64>,
     ) -> Result<Option<i64>, TaskError> {
-        producer.begin()?;
-        let committed = out.iter().try_for_each(|r| producer.send(r)).and_then(|()| match next_offset {
-            Some(offset) => producer.commit(offset),
-            // Nothing consumed yet and nothing to commit as a position: an idle-only batch of a
-            // task that never saw a record cannot exist, but stay correct if it does.
-            None => producer.commit(0),
-        });
-        match committed {
-            Ok(end) => Ok(end),
-            Err(e) => {
-                // The transaction's fate is the error's; a failed abort adds nothing useful.
-                let _ = producer.abort();
-                Err(e.into())
-            }
-        }
+        // Nothing consumed yet and nothing to commit as a position: an idle-only batch of a task
+        // that never saw a record cannot exist, but stay correct if it does.
+        transact(producer, out, next_offset.unwrap_or(0))
     }
+}
+
+/// Sends `out` in one transaction that commits the input position `next_offset`; aborts on
+/// any failure. Returns the changelog end, as [`TaskProducer::commit`] does.
+pub fn transact<P: TaskProducer>(
+    producer: &mut P,
+    out: &[OutRecord],
+    next_offset: i64,
+) -> Result<Option<i64>, TaskError> {
+    producer.begin()?;
+    let committed = out.iter().try_for_each(|r| producer.send(r)).and_then(|()| producer.commit(next_offset));
+    committed.map_err(|e| {
+        // The transaction's fate is the error's; a failed abort adds nothing useful.
+        let _ = producer.abort();
+        e.into()
+    })
 }
 
 /// The users a batch touches: `(user, state)` slots the detector addresses by index.
@@ -529,22 +540,19 @@ fn finish(
     }
 }
 
+/// The in-memory twin of the Kafka transaction, for the tasks' tests.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::detect::DetectorConfig;
-    use crate::event::{KeyAction, KeyEvent};
-    use crate::proto;
-    use metronome_state::MemoryStore;
+pub(crate) mod twin {
+    use super::{OutRecord, OutTopic, ProducerError, TaskProducer};
 
     /// The in-memory twin of a transactional producer: keeps committed records, drops aborted.
     #[derive(Default)]
-    struct MemoryProducer {
-        open: Option<Vec<OutRecord>>,
-        committed: Vec<OutRecord>,
-        positions: Vec<i64>,
-        fail_next_commit: bool,
-        changelog_len: i64,
+    pub struct MemoryProducer {
+        pub open: Option<Vec<OutRecord>>,
+        pub committed: Vec<OutRecord>,
+        pub positions: Vec<i64>,
+        pub fail_next_commit: bool,
+        pub changelog_len: i64,
     }
 
     impl TaskProducer for MemoryProducer {
@@ -573,6 +581,17 @@ mod tests {
             Ok(())
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::detect::DetectorConfig;
+    use crate::event::{KeyAction, KeyEvent};
+    use crate::proto;
+    use metronome_state::MemoryStore;
+
+    use super::twin::MemoryProducer;
 
     fn macro_records(user: &str, first_offset: i64, presses: usize) -> Vec<InputRecord> {
         let mut events = Vec::new();

@@ -334,6 +334,22 @@ impl Broker {
         }
     }
 
+    /// Waits until `group` has committed every record of `topic`, a topic written in
+    /// transactions: its end offsets count the commit markers, the group's positions do not.
+    pub fn wait_records_committed(&self, group: &str, topic: &str) {
+        let mut ends: BTreeMap<i32, i64> = BTreeMap::new();
+        for r in self.read_all(topic) {
+            let end = ends.entry(r.partition).or_insert(0);
+            *end = (*end).max(r.offset + 1);
+        }
+        let consumer = self.offsets_reader(group);
+        let deadline = Instant::now() + PATIENCE;
+        while !fully_committed(&consumer, topic, &ends) {
+            assert!(Instant::now() < deadline, "group {group} did not commit the records of {topic} in time");
+            std::thread::sleep(Duration::from_millis(100)); // polling interval of a condition
+        }
+    }
+
     /// Whether `group` has committed every partition of `topic` up to its end offset now.
     pub fn is_fully_committed(&self, group: &str, topic: &str) -> bool {
         fully_committed(&self.offsets_reader(group), topic, &self.end_offsets(topic))

@@ -1,0 +1,161 @@
+//! Fleet detection on real humans and generated fleets: the figures in `docs/detection.md`.
+//!
+//! ```text
+//! cargo run --release --example fleets -- [--split train|validation|test] [--fleets N]
+//!     [--presses P] [--seed S] [--config FILE] [HUMAN_KEYLOG ...]
+//! ```
+//! Every human of the split and every fleet account runs through the detector (its fingerprints
+//! only), then all sightings go through the fleet stages' logic at once (`fleets_offline`).
+//! Scripts are drawn from training-split recordings. Humans are aligned to start together, the harshest case: everyone typing within the same
+//! window. Each fleet is 5-10 accounts playing one script of a family from their own points with 1-5 ms of their own jitter,
+//! starting within ten minutes of each other. A fleet account is caught when a fleet report
+//! names it; a human is a false alarm when any report names them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+use metronome::config::Config;
+use metronome::dataset::Split;
+use metronome::detect::fleet::{fleets_offline, FingerprintSeen};
+use metronome::detect::{Detector, Output};
+use metronome::event::KeyEvent;
+use metronome::keylog::KeylogReader;
+use metronome::macrogen::{self, FleetScript, MacroFamily, MacroSpec};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Fleet detection figures.
+#[derive(Debug, clap::Parser)]
+struct Args {
+    /// Which humans to evaluate against.
+    #[arg(long, value_enum, default_value = "test")]
+    split: Split,
+    /// Fleets per family.
+    #[arg(long, default_value_t = 40)]
+    fleets: usize,
+    /// Presses each fleet account plays.
+    #[arg(long, default_value_t = 600)]
+    presses: usize,
+    /// RNG seed.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Detector configuration layered over the defaults.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Human keylogs (default: both Aalto files in ../shared/data).
+    files: Vec<PathBuf>,
+}
+
+/// The fingerprints `events` produce for `user`, their times shifted by `shift_us`.
+fn sightings(detector: &mut Detector, user: &str, events: &[KeyEvent], shift_us: i64) -> Vec<(u64, FingerprintSeen)> {
+    let outputs = detector.score_recording(user, events, None).expect("no model, no model error");
+    outputs
+        .into_iter()
+        .filter_map(|o| match o {
+            Output::Fingerprint { fingerprint, at_us } => {
+                Some((fingerprint, FingerprintSeen { user: user.to_owned(), at_us: at_us + shift_us }))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+const FAMILIES: [MacroFamily; 8] = MacroFamily::ALL;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let Args { split, fleets, presses, seed, config, mut files } = clap::Parser::parse();
+    if files.is_empty() {
+        files = ["aalto-a-train.csv.gz", "aalto-b-train.csv.gz"]
+            .iter()
+            .map(|f| PathBuf::from("../shared/data").join(f))
+            .collect();
+    }
+    let cfg = Config::load(config.as_deref())?;
+    let fleet_cfg = cfg.detector.fleet.clone();
+    let mut detector = Detector::new(cfg.detector)?;
+    // Scripts come from the training split's recordings, so no evaluated human is a script's
+    // source (a replay of someone's recording shares their timing by construction).
+    let (mut humans, mut sources): (BTreeMap<String, Vec<KeyEvent>>, BTreeMap<String, Vec<KeyEvent>>) =
+        (BTreeMap::new(), BTreeMap::new());
+    for f in &files {
+        for r in KeylogReader::open(f)? {
+            let r = r?;
+            match Split::of(&r.user_id) {
+                s if s == split => humans.entry(r.user_id).or_default().push(r.event),
+                Split::Train => sources.entry(r.user_id).or_default().push(r.event),
+                _ => {}
+            }
+        }
+    }
+    const START: i64 = 1_700_000_000_000_000;
+    let mut all = Vec::new();
+    let mut human_fingerprints = 0usize;
+    for (user, events) in &humans {
+        let first = events.iter().map(|e| e.time_us).min().unwrap_or(0);
+        let mut s = sightings(&mut detector, &format!("human-{user}"), events, START - first);
+        human_fingerprints += s.len();
+        all.append(&mut s);
+    }
+    let humans_only = fleets_offline(&fleet_cfg, &mut all.clone());
+    let human_named: BTreeSet<String> = humans_only.iter().flat_map(|r| r.accounts.iter().cloned()).collect();
+
+    let recordings: Vec<&Vec<KeyEvent>> = sources.values().collect();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut accounts_of: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    let mut fleet_sizes = Vec::new();
+    for family in FAMILIES {
+        for f in 0..fleets {
+            let rec = macrogen::recorded_presses(recordings[rng.random_range(0..recordings.len())]);
+            let spec = MacroSpec::random(family, &mut rng);
+            let script = FleetScript::generate(&spec, &rec, rng.random_range(200..=1000), &mut rng);
+            let size = rng.random_range(5..=10);
+            fleet_sizes.push(size);
+            let start = START + rng.random_range(0..3_600_000_000);
+            let played = macrogen::fleet(&script, size, start, 600_000_000, presses, &mut rng);
+            for (a, events) in played.iter().enumerate() {
+                let user = format!("fleet-{}-{f}-{a}", family.name());
+                all.append(&mut sightings(&mut detector, &user, events, 0));
+                accounts_of.entry(family.name()).or_default().push(user);
+            }
+        }
+    }
+    let reports = fleets_offline(&fleet_cfg, &mut all);
+    let named: BTreeSet<String> = reports.iter().flat_map(|r| r.accounts.iter().cloned()).collect();
+    let humans_named_with_fleets = named.iter().filter(|u| u.starts_with("human-")).count();
+
+    println!("Split `{}`, seed {seed}, {presses} presses per fleet account.\n", split.name());
+    println!(
+        "Humans: {} users aligned to start together, {human_fingerprints} fingerprints; named in a fleet: {} alone, {humans_named_with_fleets} with the fleets mixed in.\n",
+        humans.len(),
+        human_named.len(),
+    );
+    println!("| fleet script family | fleets | accounts | accounts named | share |");
+    println!("|---|---|---|---|---|");
+    let (mut total, mut caught) = (0, 0);
+    for (family, accounts) in &accounts_of {
+        let n = accounts.iter().filter(|a| named.contains(*a)).count();
+        total += accounts.len();
+        caught += n;
+        println!(
+            "| {} | {fleets} | {} | {n} | {:.1} % |",
+            family,
+            accounts.len(),
+            100.0 * n as f64 / accounts.len().max(1) as f64
+        );
+    }
+    println!(
+        "| all | {} | {total} | {caught} | {:.1} % |",
+        fleets * FAMILIES.len(),
+        100.0 * caught as f64 / total.max(1) as f64
+    );
+    let mixed = reports
+        .iter()
+        .filter(|r| {
+            let prefixes: BTreeSet<String> =
+                r.accounts.iter().map(|a| a.rsplit_once('-').map_or(a.clone(), |(p, _)| p.to_owned())).collect();
+            prefixes.len() > 1
+        })
+        .count();
+    println!("\n{} fleet reports; {mixed} name accounts of more than one fleet (or a human).", reports.len());
+    Ok(())
+}
