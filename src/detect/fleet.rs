@@ -189,14 +189,14 @@ impl FingerprintUsers {
 }
 
 /// Most distinct fingerprints kept per link (enough to tell how strong it is).
-const FINGERPRINTS_PER_LINK: usize = 16;
+pub const FINGERPRINTS_PER_LINK: usize = 16;
 
 /// Two accounts' shared fingerprints.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Link {
     /// Distinct fingerprints both produced, at most [`FINGERPRINTS_PER_LINK`].
     pub fingerprints: Vec<u64>,
-    /// Event time of the first and latest sharing.
+    /// Event time of the first sharing.
     pub first_us: i64,
     /// Event time of the latest sharing.
     pub last_us: i64,
@@ -235,7 +235,7 @@ pub struct FleetReport {
     pub links: u32,
     /// Distinct fingerprints the links share.
     pub fingerprints: u32,
-    /// Event time of the first and latest sharing.
+    /// Event time of the first sharing.
     pub first_us: i64,
     /// Event time of the latest sharing.
     pub last_us: i64,
