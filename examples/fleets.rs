@@ -39,6 +39,10 @@ struct Args {
     /// RNG seed.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Every account's jitter on every flight and hold, +- ms (default: 1-5 ms, drawn per
+    /// account), for the sweep of a fleet built to pass the quanta.
+    #[arg(long)]
+    jitter_ms: Option<i64>,
     /// Detector configuration layered over the defaults.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -63,7 +67,7 @@ fn sightings(detector: &mut Detector, user: &str, events: &[KeyEvent], shift_us:
 const FAMILIES: [MacroFamily; 8] = MacroFamily::ALL;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let Args { split, fleets, presses, seed, config, mut files } = clap::Parser::parse();
+    let Args { split, fleets, presses, seed, jitter_ms, config, mut files } = clap::Parser::parse();
     if files.is_empty() {
         files = ["aalto-a-train.csv.gz", "aalto-b-train.csv.gz"]
             .iter()
@@ -111,7 +115,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let size = rng.random_range(5..=10);
             fleet_sizes.push(size);
             let start = START + rng.random_range(0..3_600_000_000);
-            let played = macrogen::fleet(&script, size, start, 600_000_000, presses, &mut rng);
+            let played = match jitter_ms {
+                None => macrogen::fleet(&script, size, start, 600_000_000, presses, &mut rng),
+                Some(ms) => (0..size)
+                    .map(|_| {
+                        let (at, phase) =
+                            (start + rng.random_range(0..=600_000_000), rng.random_range(0..script.len()));
+                        script.play(at, phase, presses, ms * 1000, &mut rng)
+                    })
+                    .collect(),
+            };
             for (a, events) in played.iter().enumerate() {
                 let user = format!("fleet-{}-{f}-{a}", family.name());
                 all.append(&mut sightings(&mut detector, &user, events, 0));
@@ -123,7 +136,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let named: BTreeSet<String> = reports.iter().flat_map(|r| r.accounts.iter().cloned()).collect();
     let humans_named_with_fleets = named.iter().filter(|u| u.starts_with("human-")).count();
 
-    println!("Split `{}`, seed {seed}, {presses} presses per fleet account.\n", split.name());
+    let jitter = jitter_ms.map_or("1-5 ms per account".to_owned(), |ms| format!("+-{ms} ms"));
+    println!("Split `{}`, seed {seed}, {presses} presses per fleet account, jitter {jitter}.\n", split.name());
     println!(
         "Humans: {} users aligned to start together, {human_fingerprints} fingerprints; named in a fleet: {} alone, {humans_named_with_fleets} with the fleets mixed in.\n",
         humans.len(),

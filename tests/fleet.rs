@@ -68,7 +68,7 @@ fn six_accounts_on_one_script_give_one_fleet_alert_and_a_restart_restores_the_fi
     let mut rng = ChaCha8Rng::seed_from_u64(18);
     let spec = MacroSpec::random(MacroFamily::HumanIid, &mut rng);
     let script = FleetScript::generate(&spec, &macrogen::recorded_presses(&source), 400, &mut rng);
-    let now_us = 1_800_000_000_000_000;
+    let now_us = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64;
     let start_us = now_us - 600_000_000;
     let played = macrogen::fleet(&script, 6, start_us, 60_000_000, 600, &mut rng);
     let six: Vec<String> = (1..=6).map(|i| format!("fleet-account-{i}")).collect();

@@ -4,10 +4,12 @@
 //! Three pure steps, each owned by one stage of the stream (`stream::fleet` wires them):
 //! 1. **Fingerprints**, per user: at some presses (anchors, chosen by the content itself so
 //!    every account of a fleet picks the same script positions), the hash of the last
-//!    `flights` flights quantised to `quantum_ms` ([`fingerprint`]). Perfectly regular runs
-//!    (range under `min_range_ms`) are left to the timing rules.
+//!    `flights` flights quantised to `quantum_ms` ([`fingerprint`]). Regular runs (range under
+//!    `min_range_ms`, or fewer than `min_distinct_quanta` values) are left to the timing rules:
+//!    a jittered interval rounds to a few values that steady human stretches share.
 //! 2. **Users per fingerprint**, per fingerprint ([`FingerprintUsers`]): the distinct users that
-//!    produced it within `window_s` of event time. Once `min_accounts` share one, the stage
+//!    produced it within `window_s` (of the time sightings carry: in the stream the processor's
+//!    clock, since an agent's clock is its user's to forge). Once `min_accounts` share one, the stage
 //!    emits a [`Candidate`].
 //! 3. **Fleets**, over all candidates ([`FleetGraph`]): two accounts are linked once they share
 //!    `min_shared` distinct fingerprints; linked accounts form a fleet when there are
@@ -39,9 +41,12 @@ pub struct FleetConfig {
     pub quantum_ms: u16,
     /// Runs whose flights span less than this are regular, left to the timing rules, ms.
     pub min_range_ms: u16,
+    /// Distinct quantised flights a run needs: runs of few values (a jittered constant
+    /// interval) are shared by chance with humans' steadier stretches; the timing rules' call.
+    pub min_distinct_quanta: usize,
     /// One run in this many (by its hash) is a fingerprint.
     pub anchor_one_in: u32,
-    /// Event-time horizon within which sharing counts, seconds.
+    /// Horizon within which sharing counts, seconds (of the sightings' time).
     pub window_s: u64,
     /// Accounts that make a fleet.
     pub min_accounts: usize,
@@ -60,6 +65,7 @@ impl Default for FleetConfig {
             flights: 10,
             quantum_ms: 20,
             min_range_ms: 30,
+            min_distinct_quanta: 4,
             anchor_one_in: 4,
             window_s: 900,
             min_accounts: 3,
@@ -79,6 +85,9 @@ impl FleetConfig {
         if !(4..=MAX_FLIGHTS).contains(&self.flights) || self.flights > recurrence.memory_presses {
             return Err("fleet.flights must be between 4 and 64 (and within recurrence.memory_presses)".into());
         }
+        if self.min_distinct_quanta > self.flights {
+            return Err("fleet.min_distinct_quanta must be at most fleet.flights".into());
+        }
         if self.quantum_ms == 0 || self.anchor_one_in == 0 || self.window_s == 0 {
             return Err("fleet.quantum_ms, anchor_one_in and window_s must be positive".into());
         }
@@ -97,7 +106,7 @@ impl FleetConfig {
 }
 
 /// Most flights one fingerprint hashes.
-const MAX_FLIGHTS: usize = 64;
+pub const MAX_FLIGHTS: usize = 64;
 
 /// The fingerprint of the run ending at the memory's latest press, when that run is an anchor.
 pub fn fingerprint(memory: &RecurrenceMemory, recurrence: &RecurrenceConfig, cfg: &FleetConfig) -> Option<u64> {
@@ -110,10 +119,17 @@ pub fn fingerprint(memory: &RecurrenceMemory, recurrence: &RecurrenceConfig, cfg
     if hi - lo < cfg.min_range_ms {
         return None;
     }
+    let mut quanta = [0u16; MAX_FLIGHTS];
+    let quanta = &mut quanta[..scratch.len()];
+    for (q, &flight) in quanta.iter_mut().zip(scratch.iter().rev()) {
+        *q = (flight + cfg.quantum_ms / 2) / cfg.quantum_ms;
+    }
+    if distinct(quanta) < cfg.min_distinct_quanta {
+        return None;
+    }
     // FNV-1a, 64 bits, over the quantised flights oldest first.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &flight in scratch.iter().rev() {
-        let q = (flight + cfg.quantum_ms / 2) / cfg.quantum_ms;
+    for &q in quanta.iter() {
         for byte in q.to_le_bytes() {
             h = (h ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
         }
@@ -121,19 +137,24 @@ pub fn fingerprint(memory: &RecurrenceMemory, recurrence: &RecurrenceConfig, cfg
     (h % u64::from(cfg.anchor_one_in) == 0).then_some(h)
 }
 
+/// Distinct values among a handful (at most [`MAX_FLIGHTS`]), without allocating.
+fn distinct(values: &[u16]) -> usize {
+    values.iter().enumerate().filter(|(i, v)| !values[..*i].contains(v)).count()
+}
+
 /// A fingerprint some user produced: what the first stage sends to the second.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FingerprintSeen {
     /// Who produced it.
     pub user: String,
-    /// Event time of the press that ended the run.
+    /// When: the processor's clock in the stream (event time offline).
     pub at_us: i64,
 }
 
 /// The users that produced one fingerprint recently (the second stage's state per fingerprint).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FingerprintUsers {
-    /// `(user, latest event time)`, at most `max_users_per_fingerprint`.
+    /// `(user, time of their latest sighting)`, at most `max_users_per_fingerprint`.
     users: Vec<(String, i64)>,
 }
 
@@ -144,7 +165,7 @@ pub struct Candidate {
     pub fingerprint: u64,
     /// Every user that produced it within the window, sorted.
     pub users: Vec<String>,
-    /// Event time of the latest sighting.
+    /// Time of the latest sighting.
     pub at_us: i64,
 }
 
@@ -474,6 +495,9 @@ mod tests {
     fn regular_runs_pauses_and_short_memories_have_no_fingerprint() {
         let c = cfg();
         assert_eq!(fp(&[100; 12], &c), None, "regular runs are the timing rules'");
+        let steady = [100, 120, 140, 120, 100, 120, 140, 120, 100, 120, 140];
+        assert_eq!(fp(&steady, &c), None, "three values only: a jittered interval, not a script");
+        assert!(fp(&steady, &FleetConfig { min_distinct_quanta: 3, ..c.clone() }).is_some());
         assert_eq!(fp(&[130, 250, 90, 170], &c), None, "too few presses");
         assert_eq!(fp(&[130, 250, 90, 170, 330, 110, 3_000, 150, 270, 190, 230], &c), None, "a pause inside");
         let off = FleetConfig { enabled: false, ..c };

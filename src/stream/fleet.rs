@@ -86,16 +86,11 @@ pub struct StageTask<S> {
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    let mut out = vec![VALUE_FORMAT];
-    out.extend(postcard::to_stdvec(value).expect("stage state always serializes"));
-    out
+    records::versioned(VALUE_FORMAT, value)
 }
 
 fn decode<T: DeserializeOwned>(bytes: &[u8], what: &'static str) -> Result<T, TaskError> {
-    match bytes.split_first() {
-        Some((&VALUE_FORMAT, body)) => postcard::from_bytes(body).map_err(|_| TaskError::CorruptState(what)),
-        _ => Err(TaskError::CorruptState(what)),
-    }
+    records::unversioned(VALUE_FORMAT, bytes).ok_or(TaskError::CorruptState(what))
 }
 
 fn fingerprint_key(fingerprint: u64) -> Vec<u8> {
@@ -205,14 +200,7 @@ impl<S: Store> StageTask<S> {
             if records.is_empty() && out.is_empty() && writes.is_empty() {
                 return Ok(false);
             }
-            let end = task::transact(producer, &out, next_offset)?;
-            let checkpoint = Checkpoint {
-                input_offset: Some(next_offset),
-                changelog_offset: end.unwrap_or(self.checkpoint.changelog_offset),
-            };
-            task::put_checkpoint(&mut writes, checkpoint);
-            self.store.write(&writes)?;
-            self.checkpoint = checkpoint;
+            self.commit(producer, &out, writes, next_offset)?;
             Ok(true)
         });
         match committed {
@@ -263,10 +251,10 @@ impl<S: Store> StageTask<S> {
             }
         }
         for (fingerprint, users) in &touched {
-            changelog_put(out, writes, fingerprint_key(*fingerprint), encode(users));
+            task::put_logged(out, writes, fingerprint_key(*fingerprint), encode(users));
         }
         if self.stream_time_us != start_time {
-            changelog_put(out, writes, STREAM_TIME_KEY.to_vec(), encode(&self.stream_time_us));
+            task::put_logged(out, writes, STREAM_TIME_KEY.to_vec(), encode(&self.stream_time_us));
         }
         Ok(())
     }
@@ -300,13 +288,13 @@ impl<S: Store> StageTask<S> {
         }
         for change in self.graph.take_changes() {
             match change {
-                GraphChange::Link(a, b, Some(link)) => changelog_put(out, writes, link_key(&a, &b), encode(&link)),
-                GraphChange::Link(a, b, None) => changelog_delete(out, writes, link_key(&a, &b)),
-                GraphChange::Member(m, Some(member)) => changelog_put(out, writes, member_key(&m), encode(&member)),
-                GraphChange::Member(m, None) => changelog_delete(out, writes, member_key(&m)),
+                GraphChange::Link(a, b, Some(link)) => task::put_logged(out, writes, link_key(&a, &b), encode(&link)),
+                GraphChange::Link(a, b, None) => task::delete_logged(out, writes, link_key(&a, &b)),
+                GraphChange::Member(m, Some(member)) => task::put_logged(out, writes, member_key(&m), encode(&member)),
+                GraphChange::Member(m, None) => task::delete_logged(out, writes, member_key(&m)),
                 GraphChange::StreamTime(t) => {
                     self.stream_time_us = t;
-                    changelog_put(out, writes, STREAM_TIME_KEY.to_vec(), encode(&t));
+                    task::put_logged(out, writes, STREAM_TIME_KEY.to_vec(), encode(&t));
                 }
             }
         }
@@ -325,38 +313,37 @@ impl<S: Store> StageTask<S> {
         for (key, value) in self.store.scan_prefix(&[NS_FINGERPRINT])? {
             let users: FingerprintUsers = decode(&value, "fingerprint users")?;
             if users.newest_us().is_none_or(|t| t < horizon) {
-                changelog_delete(&mut out, &mut writes, key);
+                task::delete_logged(&mut out, &mut writes, key);
             }
         }
         if out.is_empty() {
             return Ok(0);
         }
-        let end = task::transact(producer, &out, position)?;
+        let expired = out.len() as u64;
+        self.commit(producer, &out, writes, position)?;
+        self.store.compact()?;
+        Ok(expired)
+    }
+
+    /// Commits `out` with the input position `next_offset`, then writes `writes` and the new
+    /// checkpoint to the store.
+    fn commit<P: TaskProducer>(
+        &mut self,
+        producer: &mut P,
+        out: &[OutRecord],
+        mut writes: WriteBatch,
+        next_offset: i64,
+    ) -> Result<(), TaskError> {
+        let end = task::transact(producer, out, next_offset)?;
         let checkpoint = Checkpoint {
-            input_offset: Some(position),
+            input_offset: Some(next_offset),
             changelog_offset: end.unwrap_or(self.checkpoint.changelog_offset),
         };
         task::put_checkpoint(&mut writes, checkpoint);
         self.store.write(&writes)?;
         self.checkpoint = checkpoint;
-        self.store.compact()?;
-        Ok(out.len() as u64)
+        Ok(())
     }
-}
-
-fn changelog_put(out: &mut Vec<OutRecord>, writes: &mut WriteBatch, key: Vec<u8>, value: Vec<u8>) {
-    out.push(OutRecord {
-        topic: OutTopic::Changelog,
-        key: Some(key.clone()),
-        value: Some(value.clone()),
-        headers: Vec::new(),
-    });
-    writes.put(key, value);
-}
-
-fn changelog_delete(out: &mut Vec<OutRecord>, writes: &mut WriteBatch, key: Vec<u8>) {
-    out.push(OutRecord { topic: OutTopic::Changelog, key: Some(key.clone()), value: None, headers: Vec::new() });
-    writes.delete(key);
 }
 
 #[cfg(test)]

@@ -229,17 +229,33 @@ const FLEET_RECORD_FORMAT: u8 = 1;
 /// The key of every fleet candidate (one partition decides all fleets).
 pub const FLEET_CANDIDATE_KEY: &[u8] = b"fleets";
 
-fn fleet_value<T: serde::Serialize>(value: &T) -> Vec<u8> {
-    let mut out = vec![FLEET_RECORD_FORMAT];
-    out.extend(postcard::to_stdvec(value).expect("fleet records always serialize"));
+/// `value` as postcard behind a format byte: how stored states and internal records are kept,
+/// so a later format can be told from this one.
+pub fn versioned<T: serde::Serialize>(format: u8, value: &T) -> Vec<u8> {
+    let mut out = vec![format];
+    out.extend(postcard::to_stdvec(value).expect("plain data always serializes"));
     out
 }
 
-fn fleet_value_of<T: serde::de::DeserializeOwned>(record: &InputRecord) -> Result<T, DeadLetterClass> {
-    match record.payload.as_deref().and_then(<[u8]>::split_first) {
-        Some((&FLEET_RECORD_FORMAT, body)) => postcard::from_bytes(body).map_err(|_| DeadLetterClass::FleetRecord),
-        _ => Err(DeadLetterClass::FleetRecord),
+/// Reads what [`versioned`] wrote with `format`; `None` for another format or bad bytes.
+pub fn unversioned<T: serde::de::DeserializeOwned>(format: u8, bytes: &[u8]) -> Option<T> {
+    match bytes.split_first() {
+        Some((&f, body)) if f == format => postcard::from_bytes(body).ok(),
+        _ => None,
     }
+}
+
+fn fleet_value<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    versioned(FLEET_RECORD_FORMAT, value)
+}
+
+fn fleet_value_of<T: serde::de::DeserializeOwned>(record: &InputRecord) -> Result<T, DeadLetterClass> {
+    record.payload.as_deref().and_then(|p| unversioned(FLEET_RECORD_FORMAT, p)).ok_or(DeadLetterClass::FleetRecord)
+}
+
+/// A changelog record: `value` put under `key`, or a tombstone for `None`.
+pub fn changelog_record(key: Vec<u8>, value: Option<Vec<u8>>) -> OutRecord {
+    OutRecord { topic: OutTopic::Changelog, key: Some(key), value, headers: Vec::new() }
 }
 
 /// The record that sends `user`'s `fingerprint` to the stage that counts its users, keyed (and

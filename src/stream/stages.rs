@@ -54,6 +54,8 @@ struct Assigned {
 /// The fleet stages of one instance.
 pub struct FleetStages {
     clients: Clients,
+    /// The repartition topics the two stages consume, in [`Stage`] order.
+    topics: [String; 2],
     fleet: FleetConfig,
     model_version: String,
     resources: RocksResources,
@@ -69,15 +71,21 @@ impl FleetStages {
     ) -> Result<Self, ProcessError> {
         cfg.validate().map_err(ProcessError::Config)?;
         let resources = RocksResources::new(cfg.rocksdb.clone());
-        Ok(Self { clients: Clients::new(cfg, properties), fleet, model_version: model_version.to_owned(), resources })
+        let topics = [cfg.repartition_topic(FLEET_FINGERPRINTS), cfg.repartition_topic(FLEET_CANDIDATES)];
+        Ok(Self {
+            clients: Clients::new(cfg, properties),
+            topics,
+            fleet,
+            model_version: model_version.to_owned(),
+            resources,
+        })
     }
 
-    fn topic_of(&self, stage: Stage) -> String {
-        let cfg = self.clients.stream();
-        cfg.repartition_topic(match stage {
-            Stage::Fingerprints => FLEET_FINGERPRINTS,
-            Stage::Fleets => FLEET_CANDIDATES,
-        })
+    fn topic_of(&self, stage: Stage) -> &str {
+        match stage {
+            Stage::Fingerprints => &self.topics[0],
+            Stage::Fleets => &self.topics[1],
+        }
     }
 
     fn stage_of(&self, topic: &str) -> Option<Stage> {
@@ -89,16 +97,16 @@ impl FleetStages {
         let cfg = self.clients.stream().clone();
         // The processor creates them too; whichever thread comes first does.
         self.clients.ensure_topics()?;
-        let (fingerprints, candidates) = (self.topic_of(Stage::Fingerprints), self.topic_of(Stage::Fleets));
+        let [fingerprints, candidates] = &self.topics;
         let log = Arc::new(RebalanceLog::default());
         let consumer = Arc::new(self.clients.group_consumer(
             "fleet-consumer",
             &cfg.fleet_group(),
-            &fingerprints,
+            fingerprints,
             Arc::clone(&log),
         )?);
         consumer
-            .subscribe(&[&fingerprints, &candidates])
+            .subscribe(&[fingerprints.as_str(), candidates.as_str()])
             .map_err(|error| KafkaEdgeError::Broker { what: "subscribing to the fleet stages", error })?;
         tracing::info!(group = %cfg.fleet_group(), "fleet stages starting");
         let mut tasks: BTreeMap<(Stage, i32), Assigned> = BTreeMap::new();
@@ -276,7 +284,7 @@ impl FleetStages {
             }
             let records = std::mem::take(&mut assigned.pending);
             let topic = self.topic_of(stage);
-            let ctx = self.context(&topic);
+            let ctx = self.context(topic);
             assigned.producer.set_group(consumer.group_metadata());
             match assigned.task.run_batch(&ctx, &records, &mut assigned.producer) {
                 Ok(outcome) => record_outcome(partition, &outcome, summary),
@@ -285,7 +293,7 @@ impl FleetStages {
                     tracing::warn!(partition, ?stage, %reason, "fleet stage transaction aborted; rewinding");
                     let offset = assigned.task.checkpoint().input_offset.map_or(Offset::Beginning, Offset::Offset);
                     consumer
-                        .seek(&topic, partition, offset, kafka::BROKER_TIMEOUT)
+                        .seek(topic, partition, offset, kafka::BROKER_TIMEOUT)
                         .map_err(|error| KafkaEdgeError::Broker { what: "rewinding a fleet stage", error })?;
                 }
                 Err(source) => return Err(ProcessError::Task { partition, source }),
@@ -300,8 +308,7 @@ impl FleetStages {
         tasks: &mut BTreeMap<(Stage, i32), Assigned>,
     ) -> Result<(), ProcessError> {
         for (&(stage, partition), assigned) in tasks.iter_mut().filter(|((s, _), _)| *s == Stage::Fingerprints) {
-            let topic = self.topic_of(stage);
-            let ctx = self.context(&topic);
+            let ctx = self.context(self.topic_of(stage));
             assigned.producer.set_group(consumer.group_metadata());
             match assigned.task.expire(&ctx, &mut assigned.producer) {
                 Ok(n) if n > 0 => tracing::info!(partition, expired = n, "fleet fingerprints expired"),

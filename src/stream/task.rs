@@ -188,9 +188,7 @@ fn user_of_key(key: &[u8]) -> Option<&str> {
 
 /// Serializes a user's state for the store and the changelog.
 pub fn encode_state(state: &UserState) -> Vec<u8> {
-    let mut out = vec![STATE_FORMAT];
-    out.extend(postcard::to_stdvec(state).expect("user state always serializes"));
-    out
+    records::versioned(STATE_FORMAT, state)
 }
 
 /// Reads a stored user state.
@@ -381,9 +379,11 @@ impl<S: Store> Task<S> {
                     outcome.alerts += 1;
                 }
                 Output::IncidentClosed { .. } => {}
-                Output::Fingerprint { fingerprint, at_us } => {
+                // Stamped with the processor's clock, not the event's: the agent's clock is the
+                // user's, and accounts that forge theirs apart must still meet in the window.
+                Output::Fingerprint { fingerprint, .. } => {
                     let user = &users.slots[*slot].0;
-                    out.push(records::fingerprint_record(*fingerprint, user, *at_us));
+                    out.push(records::fingerprint_record(*fingerprint, user, ctx.settings.now_us));
                     outcome.fingerprints += 1;
                 }
             }
@@ -392,13 +392,7 @@ impl<S: Store> Task<S> {
         for (user, state) in &users.slots {
             let key = user_key(user)?;
             let value = encode_state(state);
-            out.push(OutRecord {
-                topic: OutTopic::Changelog,
-                key: Some(key.clone()),
-                value: Some(value.clone()),
-                headers: Vec::new(),
-            });
-            writes.put(key, value);
+            put_logged(&mut out, &mut writes, key, value);
         }
 
         let next_offset = records.last().map(|r| r.offset + 1).or(self.checkpoint.input_offset);
@@ -448,15 +442,8 @@ impl<S: Store> Task<S> {
         let Some(position) = self.checkpoint.input_offset.filter(|_| !expired.is_empty()) else {
             return Ok(outcome);
         };
-        let tombstones: Vec<OutRecord> = expired
-            .iter()
-            .map(|(key, _)| OutRecord {
-                topic: OutTopic::Changelog,
-                key: Some(key.clone()),
-                value: None,
-                headers: Vec::new(),
-            })
-            .collect();
+        let tombstones: Vec<OutRecord> =
+            expired.iter().map(|(key, _)| records::changelog_record(key.clone(), None)).collect();
         let changelog_end = self.transact(producer, &tombstones, Some(position))?;
         let mut writes = WriteBatch::new();
         for (key, _) in &expired {
@@ -488,6 +475,18 @@ impl<S: Store> Task<S> {
         // that never saw a record cannot exist, but stay correct if it does.
         transact(producer, out, next_offset.unwrap_or(0))
     }
+}
+
+/// Puts `value` under `key` in both the store's batch and the changelog records.
+pub fn put_logged(out: &mut Vec<OutRecord>, writes: &mut WriteBatch, key: Vec<u8>, value: Vec<u8>) {
+    out.push(records::changelog_record(key.clone(), Some(value.clone())));
+    writes.put(key, value);
+}
+
+/// Deletes `key` from both the store's batch and the changelog (a tombstone).
+pub fn delete_logged(out: &mut Vec<OutRecord>, writes: &mut WriteBatch, key: Vec<u8>) {
+    out.push(records::changelog_record(key.clone(), None));
+    writes.delete(key);
 }
 
 /// Sends `out` in one transaction that commits the input position `next_offset`; aborts on
@@ -624,6 +623,57 @@ mod tests {
                 now_us: 0,
             },
         }
+    }
+
+    /// One script's presses (irregular flights, so it has fingerprints) as `user`'s records,
+    /// its event clock starting at `start_us`.
+    fn script_records(user: &str, start_us: i64, first_offset: i64) -> Vec<InputRecord> {
+        let mut events = Vec::new();
+        let mut t = start_us;
+        for i in 0..300i64 {
+            t += 80_000 + (i * 7_919 % 13) * 20_000;
+            events.push(KeyEvent::new(t, 30 + (i % 5) as u32, KeyAction::Down));
+            events.push(KeyEvent::new(t + 40_000, 30 + (i % 5) as u32, KeyAction::Up));
+        }
+        records::batches_for_user(user, "s", &events, 40)
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| InputRecord {
+                offset: first_offset + i as i64,
+                key: Some(user.as_bytes().to_vec()),
+                payload: Some(p),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn fingerprints_carry_the_processors_clock_so_forged_event_clocks_still_meet() {
+        let mut task = Task::open(0, MemoryStore::new(), Instant::now()).unwrap();
+        let mut producer = MemoryProducer::default();
+        let mut detector = Detector::new(DetectorConfig::default()).unwrap();
+        let mut c = ctx(&mut detector, Instant::now());
+        c.settings.now_us = 1_790_000_000_000_000;
+        // Two accounts play the same script, one with its clock set 30 years ahead.
+        let mut input = script_records("a", 1_700_000_000_000_000, 0);
+        let next = input.len() as i64;
+        input.extend(script_records("b", 2_650_000_000_000_000, next));
+        let outcome = task.run_batch(&mut c, &input, &mut producer).unwrap();
+        let seen: Vec<(u64, crate::detect::fleet::FingerprintSeen)> = producer
+            .committed
+            .iter()
+            .filter(|r| r.topic == OutTopic::Fingerprints)
+            .map(|r| {
+                let record = InputRecord { offset: 0, key: r.key.clone(), payload: r.value.clone() };
+                records::decode_fingerprint(&record).unwrap()
+            })
+            .collect();
+        assert_eq!(seen.len() as u64, outcome.fingerprints);
+        assert!(seen.len() > 20, "{}", seen.len());
+        assert!(seen.iter().all(|(_, s)| s.at_us == 1_790_000_000_000_000));
+        let of = |user: &str| -> std::collections::BTreeSet<u64> {
+            seen.iter().filter(|(_, s)| s.user == user).map(|(f, _)| *f).collect()
+        };
+        assert_eq!(of("a"), of("b"), "the same script, the same fingerprints");
     }
 
     fn alerts(p: &MemoryProducer) -> Vec<proto::Alert> {
