@@ -110,31 +110,33 @@ pub const MAX_FLIGHTS: usize = 64;
 
 /// The fingerprint of the run ending at the memory's latest press, when that run is an anchor.
 pub fn fingerprint(memory: &RecurrenceMemory, recurrence: &RecurrenceConfig, cfg: &FleetConfig) -> Option<u64> {
+    if !cfg.enabled {
+        return None;
+    }
     let mut flights = [0u16; MAX_FLIGHTS];
     let scratch = &mut flights[..cfg.flights.min(MAX_FLIGHTS)];
-    if !cfg.enabled || !memory.latest_flights(recurrence, scratch) {
+    if !memory.latest_flights(recurrence, scratch) {
         return None;
     }
-    let (lo, hi) = scratch.iter().fold((u16::MAX, 0), |(lo, hi), &f| (lo.min(f), hi.max(f)));
-    if hi - lo < cfg.min_range_ms {
-        return None;
-    }
+    // FNV-1a, 64 bits, over the quantised flights oldest first; the anchor test first, since it
+    // turns most runs away.
     let mut quanta = [0u16; MAX_FLIGHTS];
     let quanta = &mut quanta[..scratch.len()];
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for (q, &flight) in quanta.iter_mut().zip(scratch.iter().rev()) {
         *q = (flight + cfg.quantum_ms / 2) / cfg.quantum_ms;
-    }
-    if distinct(quanta) < cfg.min_distinct_quanta {
-        return None;
-    }
-    // FNV-1a, 64 bits, over the quantised flights oldest first.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &q in quanta.iter() {
         for byte in q.to_le_bytes() {
             h = (h ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
         }
     }
-    (h % u64::from(cfg.anchor_one_in) == 0).then_some(h)
+    if h % u64::from(cfg.anchor_one_in) != 0 {
+        return None;
+    }
+    let (lo, hi) = scratch.iter().fold((u16::MAX, 0), |(lo, hi), &f| (lo.min(f), hi.max(f)));
+    if hi - lo < cfg.min_range_ms || distinct(quanta) < cfg.min_distinct_quanta {
+        return None;
+    }
+    Some(h)
 }
 
 /// Distinct values among a handful (at most [`MAX_FLIGHTS`]), without allocating.

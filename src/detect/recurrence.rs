@@ -195,13 +195,15 @@ impl RecurrenceMemory {
         if !cfg.enabled || len == 0 || len > cfg.memory_presses || (self.fed as usize) < len {
             return false;
         }
-        let newest = self.fed.wrapping_sub(1);
-        for (back, slot) in out.iter_mut().enumerate() {
-            let (flight, _) = self.read(cfg, newest - back as u32);
+        // One division for the run, then the slots backwards (this runs at every press).
+        let mut at = self.fed.wrapping_sub(1) as usize % cfg.memory_presses;
+        for slot in out.iter_mut() {
+            let (flight, _) = self.read_slot(at);
             if flight == CODE_BREAK {
                 return false;
             }
             *slot = flight;
+            at = at.checked_sub(1).unwrap_or(cfg.memory_presses - 1);
         }
         true
     }
@@ -228,7 +230,12 @@ impl RecurrenceMemory {
 
     /// (flight, hold) codes of press number `n`, which must still be in the ring.
     fn read(&self, cfg: &RecurrenceConfig, n: u32) -> (u16, u16) {
-        let at = (n as usize % cfg.memory_presses) * 3;
+        self.read_slot(n as usize % cfg.memory_presses)
+    }
+
+    /// (flight, hold) codes in ring slot `slot`.
+    fn read_slot(&self, slot: usize) -> (u16, u16) {
+        let at = slot * 3;
         let (a, b, c) = (u16::from(self.ring[at]), u16::from(self.ring[at + 1]), u16::from(self.ring[at + 2]));
         ((a << 4) | (b >> 4), ((b & 0xF) << 8) | c)
     }
