@@ -164,8 +164,6 @@ impl Clients {
         consumer: &Arc<BaseConsumer<GroupContext>>,
     ) -> Result<TxProducer, KafkaEdgeError> {
         let TaskTopics { input, partition, changelog, transactional_id } = topics;
-        let tracker =
-            DeliveryTracker { changelog: changelog.clone(), max_offset: AtomicI64::new(-1), failed: AtomicU64::new(0) };
         let mut config = self.base(&format!("task-{partition}"));
         config.set("enable.idempotence", "true").set("linger.ms", "5").set("queue.buffering.max.messages", "1000000");
         let mode = match self.cfg.guarantee {
@@ -177,14 +175,11 @@ impl Clients {
             }
             Guarantee::AtLeastOnce => Mode::AtLeastOnce(Arc::clone(consumer)),
         };
-        let producer: BaseProducer<DeliveryTracker> =
-            config.create_with_context(tracker).map_err(|e| KafkaEdgeError::Config(e.to_string()))?;
-        if matches!(mode, Mode::Transactional) {
-            producer.init_transactions(BROKER_TIMEOUT).map_err(broker("initialising the task's transactions"))?;
-        }
+        let producer = create_task_producer(&config, &changelog, &mode)?;
         Ok(TxProducer {
             mode,
             producer,
+            config,
             partition,
             input_topic: input,
             alerts_topic: self.cfg.alerts_topic.clone(),
@@ -538,7 +533,10 @@ pub struct TaskTopics {
 /// A task's producer: transactional under exactly-once.
 pub struct TxProducer {
     mode: Mode,
-    producer: BaseProducer<DeliveryTracker>,
+    /// Shared with the thread of a transactional call in flight (see [`TxProducer::guarded`]).
+    producer: Arc<BaseProducer<DeliveryTracker>>,
+    /// What the producer was created from, to replace a wedged one.
+    config: ClientConfig,
     partition: i32,
     input_topic: String,
     alerts_topic: String,
@@ -548,6 +546,30 @@ pub struct TxProducer {
     candidates_topic: String,
     group: Option<ConsumerGroupMetadata>,
 }
+
+/// Creates a task's producer (and, under exactly-once, initialises its transactions: this fences
+/// any earlier producer of the same transactional id and aborts its open transaction).
+fn create_task_producer(
+    config: &ClientConfig,
+    changelog: &str,
+    mode: &Mode,
+) -> Result<Arc<BaseProducer<DeliveryTracker>>, KafkaEdgeError> {
+    let tracker =
+        DeliveryTracker { changelog: changelog.to_owned(), max_offset: AtomicI64::new(-1), failed: AtomicU64::new(0) };
+    let producer: BaseProducer<DeliveryTracker> =
+        config.create_with_context(tracker).map_err(|e| KafkaEdgeError::Config(e.to_string()))?;
+    if matches!(mode, Mode::Transactional) {
+        producer.init_transactions(BROKER_TIMEOUT).map_err(broker("initialising the task's transactions"))?;
+    }
+    Ok(Arc::new(producer))
+}
+
+/// How long a transactional call may run past its own timeout before its producer counts as
+/// wedged. librdkafka does not always honour the timeout: a group coordinator that died (and was
+/// dropped from the metadata) leaves `send_offsets_to_transaction` waiting for ever
+/// (librdkafka #5456 and #5511, open in 2.12), which stalled a partition's transactions until
+/// the process was killed.
+pub const WEDGED_AFTER: Duration = Duration::from_secs(BROKER_TIMEOUT.as_secs() + 10);
 
 fn txn_error(e: KafkaError) -> ProducerError {
     match &e {
@@ -571,6 +593,40 @@ impl TxProducer {
                     self.producer.poll(Duration::from_millis(1));
                 }
                 Err(e) => return Err(txn_error(e)),
+            }
+        }
+    }
+
+    /// Runs a blocking transactional call on a thread of its own and waits for it at most
+    /// [`WEDGED_AFTER`]. A call that has not returned by then is left to its thread with the
+    /// producer it holds, and a new producer with the same transactional id takes over: its
+    /// initialisation fences the old one, whose open transaction the coordinator aborts, and the
+    /// caller hears an abortable error, so the task rewinds to its checkpoint as after any abort.
+    fn guarded(
+        &mut self,
+        what: &'static str,
+        call: impl FnOnce(&BaseProducer<DeliveryTracker>) -> Result<(), KafkaError> + Send + 'static,
+    ) -> Result<(), ProducerError> {
+        let (done, result) = std::sync::mpsc::sync_channel(1);
+        let producer = Arc::clone(&self.producer);
+        std::thread::Builder::new()
+            .name("txn-call".into())
+            .spawn(move || {
+                let _ = done.send(call(&producer));
+            })
+            .map_err(|e| ProducerError::Abortable(format!("{what}: cannot start its thread: {e}")))?;
+        match result.recv_timeout(WEDGED_AFTER) {
+            Ok(outcome) => outcome.map_err(txn_error),
+            Err(_) => {
+                tracing::error!(
+                    partition = self.partition,
+                    what,
+                    waited_s = WEDGED_AFTER.as_secs(),
+                    "a transactional call outlived its timeout (librdkafka #5456); replacing the producer"
+                );
+                self.producer = create_task_producer(&self.config, &self.changelog_topic, &self.mode)
+                    .map_err(|e| ProducerError::Fatal(format!("replacing a wedged producer: {e}")))?;
+                Err(ProducerError::Abortable(format!("{what}: wedged past its timeout; producer replaced")))
             }
         }
     }
@@ -637,13 +693,16 @@ impl task::TaskProducer for TxProducer {
             .map_err(txn_error)?;
         match &self.mode {
             Mode::Transactional => {
+                // Taken: the call's thread owns it (set_group refreshes it before every batch).
                 let group = self
                     .group
-                    .as_ref()
+                    .take()
                     .ok_or_else(|| ProducerError::Abortable("no consumer group metadata yet".into()))?;
                 self.flush_promptly()?;
-                self.producer.send_offsets_to_transaction(&offsets, group, BROKER_TIMEOUT).map_err(txn_error)?;
-                self.producer.commit_transaction(BROKER_TIMEOUT).map_err(txn_error)?;
+                self.guarded("committing a transaction", move |p| {
+                    p.send_offsets_to_transaction(&offsets, &group, BROKER_TIMEOUT)?;
+                    p.commit_transaction(BROKER_TIMEOUT)
+                })?;
                 if self.producer.context().failed.load(Ordering::Relaxed) > 0 {
                     // The broker accepted the commit, so this cannot happen; refuse to guess.
                     return Err(ProducerError::Fatal("a record failed delivery in a committed transaction".into()));
@@ -666,7 +725,7 @@ impl task::TaskProducer for TxProducer {
 
     fn abort(&mut self) -> Result<(), ProducerError> {
         match self.mode {
-            Mode::Transactional => self.producer.abort_transaction(BROKER_TIMEOUT).map_err(txn_error),
+            Mode::Transactional => self.guarded("aborting a transaction", |p| p.abort_transaction(BROKER_TIMEOUT)),
             // Sent records stay sent: the repeated batch sends them again (at least once).
             Mode::AtLeastOnce(_) => Ok(()),
         }
