@@ -14,6 +14,10 @@
 //! - `detector_without_recurrence`: the same with the memory (and so the fingerprints) switched
 //!   off, so that `detector_without_fleet / detector_without_recurrence` is what the replay
 //!   detection costs per event.
+//! - `detector_without_dependence`: the full detector without the key-dependence test (sums of
+//!   log hold and flight into three key groups and two lag products per press, five statistics
+//!   per 300-press block), so `detector / detector_without_dependence` is what sampler
+//!   detection costs per event.
 
 use std::collections::VecDeque;
 use std::hint::black_box;
@@ -132,6 +136,11 @@ fn bench(c: &mut Criterion) {
     });
     group.bench_function("detector_without_recurrence", |b| {
         b.iter(|| black_box(detector(black_box(&events), &without)))
+    });
+    let mut without_dependence = DetectorConfig::default();
+    without_dependence.dependence.enabled = false;
+    group.bench_function("detector_without_dependence", |b| {
+        b.iter(|| black_box(detector(black_box(&events), &without_dependence)))
     });
     group.finish();
 }

@@ -207,10 +207,13 @@ impl MacroSpec {
     }
 
     /// Presses a user of this macro should be watched for when `presses` is the usual number: a
-    /// replay loop only repeats itself after a whole loop, so it gets two loops and a window more.
+    /// replay loop only repeats itself after a whole loop, so it gets two loops and a window more;
+    /// an i.i.d. sampler shows nothing before the key-dependence test's first verdict (two blocks
+    /// of 300 presses by default), so it gets that and 100 more.
     pub fn presses_to_watch(&self, presses: usize) -> usize {
         match self.family {
             MacroFamily::ReplayLoop => presses.max(2 * self.loop_presses + 100),
+            MacroFamily::HumanIid => presses.max(700),
             _ => presses,
         }
     }

@@ -261,14 +261,16 @@ fn the_builtin_typing_model_types_like_people_and_its_macro_users_are_caught() {
         json_lines(&scored.get_output().stdout).iter().map(|r| r["user_id"].as_str().unwrap().to_owned()).collect();
     let humans: Vec<&String> = alerted.iter().filter(|u| u.starts_with("human-")).collect();
     assert!(humans.is_empty(), "built-in humans flagged: {humans:?}");
-    // Every macro user is caught but those of `human_iid` (flights and holds drawn one by one
-    // from a human's own, on random keys): the open gap of docs/detection.md, "Known blind
-    // spots". Users are assigned families in turn, so 2 of the 20 are of that family.
+    // Every macro user is caught but possibly those of `human_iid` (flights and holds drawn one
+    // by one from a human's own, on random keys): `keyless_timing` needs 600 presses, and these
+    // users are mixed, so their own typing first holds the session-wide horizon back
+    // (docs/detection.md, "Samplers"). Users get families in turn: 2 of the 20 are samplers.
     let missed: Vec<String> = (0..20)
         .map(|i| format!("macro-{}-{i}", macrogen::MacroFamily::ALL[i % macrogen::MacroFamily::ALL.len()].name()))
         .filter(|u| !alerted.contains(u))
         .collect();
-    assert_eq!(missed, ["macro-human_iid-7", "macro-human_iid-15"], "caught: {alerted:?}");
+    assert!(missed.iter().all(|u| u.starts_with("macro-human_iid-")), "missed {missed:?}; caught: {alerted:?}");
+    assert!(missed.len() < 2, "the key-dependence test caught neither sampler: {alerted:?}");
 }
 
 #[test]

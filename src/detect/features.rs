@@ -100,11 +100,16 @@ pub struct WindowFeatures {
     pub replay_error_ms: f64,
     /// 1 when the agent reported the keys' device as virtual (uinput), else 0.
     pub virtual_device: f64,
+    /// The user's key-dependence evidence ([`super::dependence`]): the weaker of its recent and
+    /// session-wide chi-squared, small for timing that ignores the keys (0 before a verdict).
+    pub key_dependence_chi2: f64,
+    /// Presses behind that verdict's recent horizon (0: no verdict yet).
+    pub key_dependence_presses: f64,
 }
 
 impl WindowFeatures {
     /// Feature names, in [`Self::to_array`] order.
-    pub const NAMES: [&'static str; 25] = [
+    pub const NAMES: [&'static str; 27] = [
         "histogram_score",
         "histogram_peak_ms",
         "clock_resolution_ms",
@@ -130,10 +135,12 @@ impl WindowFeatures {
         "replay_period",
         "replay_error_ms",
         "virtual_device",
+        "key_dependence_chi2",
+        "key_dependence_presses",
     ];
 
     /// The vector in [`Self::NAMES`] order.
-    pub fn to_array(&self) -> [f64; 25] {
+    pub fn to_array(&self) -> [f64; 27] {
         [
             self.histogram_score,
             self.histogram_peak_ms,
@@ -160,6 +167,8 @@ impl WindowFeatures {
             self.replay_period,
             self.replay_error_ms,
             self.virtual_device,
+            self.key_dependence_chi2,
+            self.key_dependence_presses,
         ]
     }
 }

@@ -13,6 +13,8 @@
 //! - [`sequence`]: the per-press encoding the LSTM reads, and the [`SequenceScorer`] seam.
 //! - [`recurrence`]: the user's last thousands of presses, and the timing runs that recur in
 //!   them (replays longer than a window).
+//! - [`dependence`]: whether the user's timing depends on keys and on the presses before, as a
+//!   person's does (samplers of a person's own timing do not).
 //! - [`policy`]: k-of-n confirmation, incidents, cool-down.
 //! - [`fleet`]: timing fingerprints, the users that share them, and the fleets they form.
 //!
@@ -21,6 +23,7 @@
 //! sequence model over every window of the batch at once -> combined score -> policy ->
 //! [`Output`]s, in event order per user.
 
+pub mod dependence;
 pub mod features;
 pub mod fleet;
 pub mod histogram;
@@ -34,6 +37,7 @@ pub mod window;
 use serde::{Deserialize, Serialize};
 
 use crate::event::KeyEvent;
+pub use dependence::DependenceConfig;
 pub use features::{FeatureConfig, WindowFeatures};
 pub use fleet::FleetConfig;
 pub use ordering::Admission;
@@ -63,6 +67,9 @@ pub struct DetectorConfig {
     /// Fleet fingerprints and the fleet stages' decisions.
     #[serde(default)]
     pub fleet: FleetConfig,
+    /// The key-dependence test behind the `keyless_timing` rule.
+    #[serde(default)]
+    pub dependence: DependenceConfig,
 }
 
 impl Default for DetectorConfig {
@@ -75,6 +82,7 @@ impl Default for DetectorConfig {
             policy: PolicyConfig::default(),
             recurrence: RecurrenceConfig::default(),
             fleet: FleetConfig::default(),
+            dependence: DependenceConfig::default(),
         }
     }
 }
@@ -107,6 +115,7 @@ impl DetectorConfig {
         }
         self.recurrence.validate().map_err(InvalidConfig)?;
         self.fleet.validate(&self.recurrence).map_err(InvalidConfig)?;
+        self.dependence.validate().map_err(InvalidConfig)?;
         let e = &p.evidence;
         if !(e.threshold > 0.0 && e.clamp > 0.0 && e.reference.is_finite() && e.threshold.is_finite()) {
             return fail("policy.evidence needs a finite reference and positive clamp and threshold");
@@ -137,6 +146,32 @@ struct ScoredState {
     memory: recurrence::RecurrenceMemory,
     /// The agent's latest records came from a virtual input device.
     virtual_source: bool,
+    /// The key-dependence test's sums and latest verdict.
+    dependence: dependence::KeyDependence,
+}
+
+/// A [`UserState`] as stored before the key-dependence test existed (format 2): the same
+/// fields, in order; it upgrades with the test starting afresh.
+#[derive(Debug, Deserialize)]
+pub struct UserStateV2 {
+    reorder: ordering::ReorderBuffer,
+    window: window::KeyWindow,
+    policy: PolicyState,
+    memory: recurrence::RecurrenceMemory,
+    virtual_source: bool,
+}
+
+impl From<UserStateV2> for UserState {
+    fn from(v2: UserStateV2) -> Self {
+        let scored = ScoredState {
+            window: v2.window,
+            policy: v2.policy,
+            memory: v2.memory,
+            virtual_source: v2.virtual_source,
+            dependence: Default::default(),
+        };
+        UserState { reorder: v2.reorder, scored }
+    }
 }
 
 /// A [`UserState`] as stored before the recurrence memory existed: the same fields, in order, so
@@ -150,8 +185,7 @@ pub struct UserStateV1 {
 
 impl From<UserStateV1> for UserState {
     fn from(v1: UserStateV1) -> Self {
-        let scored =
-            ScoredState { window: v1.window, policy: v1.policy, memory: Default::default(), virtual_source: false };
+        let scored = ScoredState { window: v1.window, policy: v1.policy, virtual_source: false, ..Default::default() };
         UserState { reorder: v1.reorder, scored }
     }
 }
@@ -423,6 +457,7 @@ impl Detector {
             scoring.score(scored, true);
         }
         scored.memory.break_run();
+        scored.dependence.break_chain();
         let at_us = state.reorder.newest_us().unwrap_or(0);
         scoring.batch.pending.push(Pending { slot, action: PendingAction::Idle { at_us } });
         scored.window.reset();
@@ -562,6 +597,9 @@ impl Scoring<'_> {
     /// ends if that run is one.
     fn remember(&mut self, state: &mut ScoredState, press: &Press) {
         state.memory.push(&self.cfg.recurrence, press);
+        if self.cfg.dependence.enabled {
+            state.dependence.push(&self.cfg.dependence, press);
+        }
         let fingerprint = fleet::fingerprint(&state.memory, &self.cfg.recurrence, &self.cfg.fleet);
         if let Some(fingerprint) = fingerprint {
             let action = PendingAction::Fingerprint { fingerprint, at_us: press.down_us };
@@ -581,6 +619,10 @@ impl Scoring<'_> {
         features.replay_period = f64::from(replay.period);
         features.replay_error_ms = replay.error_ms;
         features.virtual_device = f64::from(u8::from(state.virtual_source));
+        if let Some(verdict) = state.dependence.verdict() {
+            features.key_dependence_chi2 = f64::from(verdict.chi2());
+            features.key_dependence_presses = f64::from(verdict.presses);
+        }
         let interval_histogram = features::interval_histogram(scratch, cfg.features.bin_ms);
         if let Some(steps) = batch.steps {
             sequence::encode_window(presses, steps, &mut batch.inputs);
@@ -899,16 +941,18 @@ mod tests {
     }
 
     /// A human-like recording: letter keys, flights 80-400 ms, holds 60-140 ms.
+    /// Irregular typing whose holds and flights depend on the key, as a person's do.
     fn recording(presses: usize, seed: u64) -> Vec<KeyEvent> {
         use rand::Rng;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut events = Vec::new();
         let mut t = 0;
         for _ in 0..presses {
-            let key = rng.random_range(16..26);
-            t += rng.random_range(80_000..400_000);
+            let key: u32 = rng.random_range(16..26);
+            t += rng.random_range(80_000..400_000) + i64::from(key % 3) * 40_000;
             events.push(KeyEvent::new(t, key, KeyAction::Down));
-            events.push(KeyEvent::new(t + rng.random_range(60_000..140_000), key, KeyAction::Up));
+            let hold = 50_000 + i64::from(key - 16) * 8_000 + rng.random_range(0..60_000);
+            events.push(KeyEvent::new(t + hold, key, KeyAction::Up));
         }
         events.sort_by_key(|e| e.time_us);
         events
@@ -936,6 +980,26 @@ mod tests {
         // Nothing in the first loop: a replay cannot be told before it comes round.
         let first_loop_end = events.iter().filter(|e| e.action == KeyAction::Down).nth(300).unwrap().time_us;
         assert!(a[0].window.window_end_us > first_loop_end);
+    }
+
+    #[test]
+    fn a_sampler_of_a_persons_own_timing_raises_keyless_timing_and_the_person_does_not() {
+        let person = recording(1_200, 21);
+        let mut d = Detector::new(DetectorConfig::default()).unwrap();
+        let out = run(&mut d, &mut UserState::default(), &person);
+        assert!(alerts(&out).is_empty(), "the person");
+        let spec = MacroSpec::random(MacroFamily::HumanIid, &mut ChaCha8Rng::seed_from_u64(22));
+        let human = macrogen::recorded_presses(&person);
+        let sampler = macrogen::generate(&spec, &human, 0, 900, &mut ChaCha8Rng::seed_from_u64(23));
+        let out = run(&mut d, &mut UserState::default(), &sampler);
+        let a = alerts(&out);
+        assert_eq!(a.len(), 1, "the sampler");
+        assert!(a[0].reasons.names().contains(&"keyless_timing"), "{:?}", a[0].reasons.names());
+        let f = &a[0].window.features;
+        assert!(f.key_dependence_chi2 < 26.0 && f.key_dependence_presses == 600.0, "{f:?}");
+        // No verdict before two blocks: nothing can be told of the first 600 presses.
+        let block_end = sampler.iter().filter(|e| e.action == KeyAction::Down).nth(599).unwrap().time_us;
+        assert!(a[0].window.window_end_us >= block_end);
     }
 
     #[test]

@@ -32,6 +32,9 @@ pub struct RuleConfig {
     pub loop_threshold: f64,
     /// `replay` fires when the user's memory holds this many recurrences at one period.
     pub replay_recurrences: u16,
+    /// `keyless_timing` fires when the key-dependence chi-squared (eight degrees of freedom)
+    /// stays below this on both horizons: 26, its 99.9 % point under the null of a sampler.
+    pub key_dependence_chi2: f64,
     /// Keys from a virtual device (uinput) make a window suspicious on their own. Off by default:
     /// key remappers (keyd, kmonad), remote desktops and on-screen keyboards type through uinput
     /// too, so by default `virtual_device` only explains an alert other evidence raised.
@@ -53,6 +56,7 @@ impl Default for RuleConfig {
             loop_threshold: 0.85,
             hold_rules_max_clock_ms: 4.0,
             replay_recurrences: 3,
+            key_dependence_chi2: 26.0,
             virtual_device_alerts: false,
         }
     }
@@ -84,11 +88,14 @@ pub enum Rule {
     /// The account's timing fingerprints are shared with other accounts': one script run by
     /// many (`detect::fleet`). Decided across users by the fleet stages, never per window.
     Fleet,
+    /// Over hundreds of presses, holds and flights showed none of the dependence on keys and on
+    /// the previous press that a person's do (`detect::dependence`): a sampler.
+    KeylessTiming,
 }
 
 impl Rule {
     /// Every reason, in bit order.
-    pub const ALL: [Rule; 10] = [
+    pub const ALL: [Rule; 11] = [
         Rule::IntervalHistogram,
         Rule::IntervalRegular,
         Rule::HoldConstant,
@@ -99,6 +106,7 @@ impl Rule {
         Rule::Accumulated,
         Rule::VirtualDevice,
         Rule::Fleet,
+        Rule::KeylessTiming,
     ];
 
     /// The scorer behind this reason: `histogram` for the timing rules over the
@@ -126,6 +134,7 @@ impl Rule {
             Rule::Accumulated => &[],
             Rule::VirtualDevice => &["virtual_device"],
             Rule::Fleet => &[],
+            Rule::KeylessTiming => &["key_dependence_chi2", "key_dependence_presses"],
         }
     }
 
@@ -142,6 +151,7 @@ impl Rule {
             Rule::Accumulated => "accumulated",
             Rule::VirtualDevice => "virtual_device",
             Rule::Fleet => "fleet",
+            Rule::KeylessTiming => "keyless_timing",
         }
     }
 
@@ -245,6 +255,11 @@ pub fn evaluate(f: &WindowFeatures, cfg: &RuleConfig) -> TimingScore {
     // far from anything human, so the ramp reaches 1 at twice it.
     let replay = f.replay_recurrences / f64::from(cfg.replay_recurrences.max(1));
     consider(Rule::Replay, (0.5 * replay).min(1.0));
+    if f.key_dependence_presses > 0.0 {
+        // 0.5 at the threshold, 1 at no dependence at all.
+        let keyless = 1.0 - 0.5 * f.key_dependence_chi2 / cfg.key_dependence_chi2.max(f64::MIN_POSITIVE);
+        consider(Rule::KeylessTiming, keyless.clamp(0.0, 1.0));
+    }
     out
 }
 

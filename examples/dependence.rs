@@ -1,0 +1,175 @@
+//! The key-dependence test (`detect::dependence`) on real humans and on i.i.d. samplers of
+//! their own timing: the per-statistic z-scores behind `rules.key_dependence_z`.
+//!
+//! ```text
+//! cargo run --release --example dependence -- [--split train|validation|test] [--presses P]
+//!     [--block B] [HUMAN_KEYLOG ...]
+//! ```
+//! Humans are read whole; each sampler draws `--presses` presses from one human of the same
+//! split (`human_iid`, and for comparison other families that borrow human timing). A user's
+//! figure is their session's weakest verdict: the lowest, over verdicts, of the larger of the
+//! recent and the session-wide chi-squared, which is what `keyless_timing` compares with its
+//! threshold.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use metronome::dataset::Split;
+use metronome::detect::dependence::{DependenceConfig, DependenceZ, KeyDependence};
+use metronome::detect::window::Press;
+use metronome::event::KeyEvent;
+use metronome::keylog::KeylogReader;
+use metronome::macrogen::{self, MacroFamily, MacroSpec, RecordedPress};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+/// Key-dependence figures.
+#[derive(Debug, clap::Parser)]
+struct Args {
+    /// Which humans to read (and to build samplers from).
+    #[arg(long, value_enum, default_value = "train")]
+    split: Split,
+    /// Presses each sampler plays.
+    #[arg(long, default_value_t = 600)]
+    presses: usize,
+    /// Presses per block of the test.
+    #[arg(long, default_value_t = 300)]
+    block: u32,
+    /// Key groups.
+    #[arg(long, default_value_t = 32)]
+    buckets: u8,
+    /// Print the humans whose chi-squared stays below this.
+    #[arg(long)]
+    show_below: Option<f32>,
+    /// RNG seed.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Human keylogs (default: both Aalto files in ../shared/data).
+    files: Vec<PathBuf>,
+}
+
+/// The session's weakest verdict (its horizon with the larger chi-squared, as the rule reads it).
+fn weakest(cfg: &DependenceConfig, presses: &[RecordedPress]) -> Option<DependenceZ> {
+    let mut d = KeyDependence::default();
+    let mut worst: Option<DependenceZ> = None;
+    for p in presses {
+        let before = d.verdict();
+        let hold_us = i32::try_from(p.hold_us).unwrap_or(i32::MAX);
+        d.push(cfg, &Press { down_us: p.down_us, key: p.key, hold_us, repeats: 0 });
+        if let Some(v) = d.verdict().filter(|v| Some(*v) != before) {
+            let z = if v.z.chi2() >= v.session_z.chi2() { v.z } else { v.session_z };
+            if worst.is_none_or(|w| z.chi2() < w.chi2()) {
+                worst = Some(z);
+            }
+        }
+    }
+    worst
+}
+
+fn quantiles(label: &str, mut xs: Vec<f32>) {
+    if xs.is_empty() {
+        println!("| {label} | 0 | - | - | - | - | - |");
+        return;
+    }
+    xs.sort_by(f32::total_cmp);
+    let q = |p: f64| xs[((xs.len() - 1) as f64 * p).round() as usize];
+    println!(
+        "| {label} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+        xs.len(),
+        xs[0],
+        q(0.001),
+        q(0.01),
+        q(0.5),
+        q(0.99)
+    );
+}
+
+fn report(name: &str, zs: &[DependenceZ]) {
+    println!("\n{name}: lowest verdict per user\n");
+    println!("| statistic | users | min | p0.1 | p1 | median | p99 |");
+    println!("|---|---|---|---|---|---|---|");
+    quantiles("hold by key", zs.iter().map(|z| z.hold_by_key).collect());
+    quantiles("flight by key", zs.iter().map(|z| z.flight_by_key).collect());
+    quantiles("flight by key pair", zs.iter().map(|z| z.flight_by_pair).collect());
+    quantiles("flight drift", zs.iter().map(|z| z.flight_drift).collect());
+    quantiles("hold drift", zs.iter().map(|z| z.hold_drift).collect());
+    quantiles("flight pace", zs.iter().map(|z| z.flight_pace).collect());
+    quantiles("hold pace", zs.iter().map(|z| z.hold_pace).collect());
+    quantiles("hold then flight", zs.iter().map(|z| z.hold_flight).collect());
+    quantiles("chi2 (8 df)", zs.iter().map(DependenceZ::chi2).collect());
+    let five = |z: &DependenceZ| z.all()[..5].iter().map(|x| x * x).sum::<f32>();
+    quantiles("chi2 of the first five", zs.iter().map(five).collect());
+    println!("\nusers whose first-five chi2 stays below 20: {}", zs.iter().filter(|z| five(z) < 20.0).count());
+    let below: Vec<String> = [20.09f32, 24.0, 26.12, 30.0, 35.0]
+        .iter()
+        .map(|t| format!("{t}: {}", zs.iter().filter(|z| z.chi2() < *t).count()))
+        .collect();
+    println!("\nusers whose chi2 stays below t: {}", below.join(", "));
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let Args { split, presses, block, buckets, show_below, seed, mut files } = clap::Parser::parse();
+    if files.is_empty() {
+        files = ["aalto-a-train.csv.gz", "aalto-b-train.csv.gz"]
+            .iter()
+            .map(|f| PathBuf::from("../shared/data").join(f))
+            .collect();
+    }
+    let cfg = DependenceConfig { block_presses: block, buckets, ..DependenceConfig::default() };
+    let mut humans: BTreeMap<String, Vec<KeyEvent>> = BTreeMap::new();
+    for f in &files {
+        for r in KeylogReader::open(f)? {
+            let r = r?;
+            if Split::of(&r.user_id) == split {
+                humans.entry(r.user_id).or_default().push(r.event);
+            }
+        }
+    }
+    let recordings: Vec<Vec<RecordedPress>> = humans.values().map(|e| macrogen::recorded_presses(e)).collect();
+    let human_z: Vec<DependenceZ> = recordings.iter().filter_map(|r| weakest(&cfg, r)).collect();
+    println!(
+        "Split `{}`, block {block} presses (verdicts over {}), samplers of {presses} presses, seed {seed}.",
+        split.name(),
+        2 * block
+    );
+    println!("Humans: {} users, {} with a verdict.", recordings.len(), human_z.len());
+    report("Humans", &human_z);
+    if let Some(t) = show_below {
+        for r in &recordings {
+            let Some(z) = weakest(&cfg, r) else { continue };
+            if z.chi2() < t {
+                let keys: std::collections::BTreeSet<u32> = r.iter().map(|p| p.key).collect();
+                let mut holds: Vec<i64> = r.iter().map(|p| p.hold_us / 1000).collect();
+                holds.sort_unstable();
+                let mut flights: Vec<i64> = r.windows(2).map(|w| (w[1].down_us - w[0].down_us) / 1000).collect();
+                flights.sort_unstable();
+                println!(
+                    "weak human: {} presses, {} keys, hold median {} ms (p10 {}, p90 {}), flight median {} ms; {z:?}",
+                    r.len(),
+                    keys.len(),
+                    holds[holds.len() / 2],
+                    holds[holds.len() / 10],
+                    holds[holds.len() * 9 / 10],
+                    flights[flights.len() / 2]
+                );
+            }
+        }
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    for family in
+        [MacroFamily::HumanIid, MacroFamily::HumanReplay, MacroFamily::HumanSampled, MacroFamily::GaussianJitter]
+    {
+        let zs: Vec<DependenceZ> = recordings
+            .iter()
+            .filter(|r| r.len() >= 100)
+            .take(2_000)
+            .filter_map(|rec| {
+                let spec = MacroSpec::random(family, &mut rng);
+                let events = macrogen::generate(&spec, rec, 1_700_000_000_000_000, presses, &mut rng);
+                weakest(&cfg, &macrogen::recorded_presses(&events))
+            })
+            .collect();
+        report(family.name(), &zs);
+    }
+    Ok(())
+}

@@ -1,0 +1,615 @@
+//! Timing that ignores the keys: the mark of a sampler.
+//!
+//! A person's holds depend on the key (a little finger holds longer than an index finger), their
+//! flights on the key they lead to and on the pair of keys (a roll across hands is faster than
+//! one finger's jump), and their speed drifts or alternates (consecutive flights and holds
+//! correlate). A sampler that draws each flight and hold independently from a human's own
+//! recordings keeps every marginal distribution, so no window looks wrong; what it cannot keep
+//! is any of those dependences. This detector tests exactly that null hypothesis, "timing
+//! independent of keys and of the previous press":
+//!
+//! - hold by key: one-way analysis of variance of log holds across `buckets` key groups (a key's
+//!   group is a hash of its id, so no key list is kept);
+//! - flight by key, flight by key pair: the same for log flights, grouped by the key they lead
+//!   to and by (previous key, key);
+//! - drift: the lag-1 correlations of consecutive log flights and of consecutive log holds, and
+//!   of each flight and hold with the recent pace (moving averages of the ones before);
+//! - a hold against the flight that follows it (rollover: a key held long is overtaken).
+//!
+//! Under the null each statistic converts to a z-score that is standard normal whatever the
+//! human's distributions were (Paulson's approximation of F, Fisher's of the correlation), so
+//! their sum of squares is chi-squared with eight degrees of freedom. People show dependence far
+//! above chance; the `keyless_timing` rule fires when the sum stays below
+//! `rules.key_dependence_chi2` (26, the 99.9 % point: a sampler stays below it with
+//! probability 0.999 in theory, 0.9965 measured on samplers of real people). The
+//! recall on samplers is a property of the test, not of tuning; only the false-alarm rate on
+//! people is measured (`examples/dependence.rs`, `docs/detection.md`).
+//!
+//! Two horizons, both of which must look keyless: the last two blocks (`2 * block_presses`
+//! presses, a verdict at every block's end) and the whole session so far (halved past
+//! `session_presses`, so it keeps weighing the recent past). A person's session-wide evidence
+//! grows with every block they type, so a long session does not give a weak stretch more
+//! chances to raise an alert; the price is that a sampler switched on after a long stretch of
+//! the account's own typing is found only once it dominates the session.
+//!
+//! State: three blocks of sums per user (previous, filling, session), about 3.5 KiB with 32
+//! groups, whatever the user types; no key ids and no single press's timing are kept.
+
+use serde::{Deserialize, Serialize};
+
+use super::window::Press;
+
+/// Key-dependence test settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DependenceConfig {
+    /// Whether the test runs at all.
+    pub enabled: bool,
+    /// Presses per block; each verdict covers the last two blocks, and one comes per block.
+    pub block_presses: u32,
+    /// Key groups (a power of two, 2 to 64).
+    pub buckets: u8,
+    /// The session-wide sums are halved when they pass this many presses.
+    pub session_presses: u32,
+    /// Flights longer than this are pauses: no flight, and the drift chain breaks, ms.
+    pub pause_ms: u32,
+}
+
+impl Default for DependenceConfig {
+    fn default() -> Self {
+        Self { enabled: true, block_presses: 300, buckets: 32, session_presses: 12_000, pause_ms: 1500 }
+    }
+}
+
+impl DependenceConfig {
+    /// Checks the settings the state's layout depends on.
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.buckets.is_power_of_two() || !(2..=64).contains(&self.buckets) {
+            return Err("dependence.buckets must be a power of two between 2 and 64".to_owned());
+        }
+        if !(50..=10_000).contains(&self.block_presses) {
+            return Err("dependence.block_presses must be between 50 and 10000".to_owned());
+        }
+        if self.session_presses < 2 * self.block_presses {
+            return Err("dependence.session_presses must be at least two blocks".to_owned());
+        }
+        if self.pause_ms == 0 {
+            return Err("dependence.pause_ms must be positive".to_owned());
+        }
+        Ok(())
+    }
+}
+
+/// Logs are taken of milliseconds centred here, so that f32 sums keep their precision.
+const LN_CENTRE: f32 = 4.6; // ln(100 ms)
+
+fn log_ms(us: i64) -> f32 {
+    ((us as f32 / 1000.0).clamp(1.0, 5_000.0)).ln() - LN_CENTRE
+}
+
+/// Count, sum and sum of squares of one group.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+struct Moments {
+    n: u32,
+    sum: f32,
+    sumsq: f32,
+}
+
+impl Moments {
+    fn add(&mut self, x: f32) {
+        self.n += 1;
+        self.sum += x;
+        self.sumsq += x * x;
+    }
+
+    fn merge(self, o: Moments) -> Moments {
+        Moments { n: self.n + o.n, sum: self.sum + o.sum, sumsq: self.sumsq + o.sumsq }
+    }
+
+    /// Half the weight, the same mean and spread.
+    fn halve(&mut self) {
+        let keep = self.n / 2;
+        let ratio = if self.n == 0 { 0.0 } else { keep as f32 / self.n as f32 };
+        *self = Moments { n: keep, sum: self.sum * ratio, sumsq: self.sumsq * ratio };
+    }
+}
+
+/// Sums for the correlation of consecutive values.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+struct Lagged {
+    n: u32,
+    sa: f32,
+    sb: f32,
+    saa: f32,
+    sbb: f32,
+    sab: f32,
+}
+
+impl Lagged {
+    fn add(&mut self, a: f32, b: f32) {
+        self.n += 1;
+        self.sa += a;
+        self.sb += b;
+        self.saa += a * a;
+        self.sbb += b * b;
+        self.sab += a * b;
+    }
+
+    fn merge(self, o: Lagged) -> Lagged {
+        Lagged {
+            n: self.n + o.n,
+            sa: self.sa + o.sa,
+            sb: self.sb + o.sb,
+            saa: self.saa + o.saa,
+            sbb: self.sbb + o.sbb,
+            sab: self.sab + o.sab,
+        }
+    }
+
+    fn halve(&mut self) {
+        let keep = self.n / 2;
+        let r = if self.n == 0 { 0.0 } else { keep as f32 / self.n as f32 };
+        *self = Lagged {
+            n: keep,
+            sa: self.sa * r,
+            sb: self.sb * r,
+            saa: self.saa * r,
+            sbb: self.sbb * r,
+            sab: self.sab * r,
+        };
+    }
+
+    /// Fisher's z of the correlation: standard normal under independence.
+    fn z(&self) -> f64 {
+        if self.n < 10 {
+            return 0.0;
+        }
+        let n = f64::from(self.n);
+        let (sa, sb) = (f64::from(self.sa), f64::from(self.sb));
+        let cov = n * f64::from(self.sab) - sa * sb;
+        let va = n * f64::from(self.saa) - sa * sa;
+        let vb = n * f64::from(self.sbb) - sb * sb;
+        if va <= 1e-9 * n * n || vb <= 1e-9 * n * n {
+            return 0.0;
+        }
+        let r = (cov / (va * vb).sqrt()).clamp(-0.999_999, 0.999_999);
+        r.atanh() * (n - 3.0).sqrt()
+    }
+}
+
+/// The sums of one block of presses.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct Block {
+    presses: u32,
+    hold_by_key: Vec<Moments>,
+    flight_by_key: Vec<Moments>,
+    flight_by_pair: Vec<Moments>,
+    flight_drift: Lagged,
+    hold_drift: Lagged,
+    flight_pace: Lagged,
+    hold_pace: Lagged,
+    hold_flight: Lagged,
+}
+
+impl Block {
+    fn merge(&self, o: &Block) -> Block {
+        let groups = |a: &[Moments], b: &[Moments]| -> Vec<Moments> {
+            (0..a.len().max(b.len()))
+                .map(|i| a.get(i).copied().unwrap_or_default().merge(b.get(i).copied().unwrap_or_default()))
+                .collect()
+        };
+        Block {
+            presses: self.presses + o.presses,
+            hold_by_key: groups(&self.hold_by_key, &o.hold_by_key),
+            flight_by_key: groups(&self.flight_by_key, &o.flight_by_key),
+            flight_by_pair: groups(&self.flight_by_pair, &o.flight_by_pair),
+            flight_drift: self.flight_drift.merge(o.flight_drift),
+            hold_drift: self.hold_drift.merge(o.hold_drift),
+            flight_pace: self.flight_pace.merge(o.flight_pace),
+            hold_pace: self.hold_pace.merge(o.hold_pace),
+            hold_flight: self.hold_flight.merge(o.hold_flight),
+        }
+    }
+
+    fn halve(&mut self) {
+        self.presses /= 2;
+        for g in self.hold_by_key.iter_mut().chain(&mut self.flight_by_key).chain(&mut self.flight_by_pair) {
+            g.halve();
+        }
+        for l in [
+            &mut self.flight_drift,
+            &mut self.hold_drift,
+            &mut self.flight_pace,
+            &mut self.hold_pace,
+            &mut self.hold_flight,
+        ] {
+            l.halve();
+        }
+    }
+}
+
+/// The z-scores of one verdict: each standard normal if timing ignores the keys.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct DependenceZ {
+    /// Holds by key group.
+    pub hold_by_key: f32,
+    /// Flights by the group of the key they lead to.
+    pub flight_by_key: f32,
+    /// Flights by key-pair group.
+    pub flight_by_pair: f32,
+    /// Consecutive flights.
+    pub flight_drift: f32,
+    /// Consecutive holds.
+    pub hold_drift: f32,
+    /// Flights against the recent pace (a moving average of the flights before).
+    pub flight_pace: f32,
+    /// Holds against the recent holds.
+    pub hold_pace: f32,
+    /// A hold against the flight that follows it.
+    pub hold_flight: f32,
+}
+
+impl DependenceZ {
+    /// The sum of squares: chi-squared with [`STATISTICS`] degrees of freedom under the null, large for
+    /// a person.
+    pub fn chi2(&self) -> f32 {
+        self.all().iter().map(|z| z * z).sum()
+    }
+
+    /// The statistics, in field order.
+    pub fn all(&self) -> [f32; STATISTICS] {
+        [
+            self.hold_by_key,
+            self.flight_by_key,
+            self.flight_by_pair,
+            self.flight_drift,
+            self.hold_drift,
+            self.flight_pace,
+            self.hold_pace,
+            self.hold_flight,
+        ]
+    }
+}
+
+/// What the test last concluded, for the windows scored until the next one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct DependenceVerdict {
+    /// Presses the recent verdict covered (two blocks).
+    pub presses: u32,
+    /// The recent statistics.
+    pub z: DependenceZ,
+    /// Presses the session-wide sums weigh.
+    pub session_presses: u32,
+    /// The session-wide statistics.
+    pub session_z: DependenceZ,
+}
+
+impl DependenceVerdict {
+    /// The weaker evidence of the two horizons: keyless only if both are.
+    pub fn chi2(&self) -> f32 {
+        self.z.chi2().max(self.session_z.chi2())
+    }
+}
+
+/// One user's key-dependence test.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct KeyDependence {
+    previous: Block,
+    current: Block,
+    session: Block,
+    /// The last press: its key, down time and log hold (none after a pause or an auto-repeat).
+    last: Option<(u32, i64, Option<f32>)>,
+    /// The log flight into the last press, if it had one.
+    last_flight: Option<f32>,
+    /// Moving averages of log flights and log holds: the recent pace.
+    pace: Option<(f32, f32)>,
+    verdict: Option<DependenceVerdict>,
+}
+
+/// How many statistics a verdict has: the degrees of freedom of its chi-squared.
+pub const STATISTICS: usize = 8;
+/// The weight of the newest value in the recent pace (about the last ten presses).
+const PACE_WEIGHT: f32 = 0.2;
+
+fn group(key: u32, buckets: u8) -> usize {
+    // Fibonacci hashing: the top bits of a multiplicative hash.
+    (key.wrapping_mul(0x9E37_79B1) >> (32 - buckets.trailing_zeros())) as usize
+}
+
+fn pair_group(prev: u32, key: u32, buckets: u8) -> usize {
+    group(prev.wrapping_mul(0x85EB_CA6B) ^ key.rotate_left(16) ^ 0x27D4_EB2F, buckets)
+}
+
+impl KeyDependence {
+    /// The latest verdict, if a block has completed since enough presses were seen.
+    pub fn verdict(&self) -> Option<DependenceVerdict> {
+        self.verdict
+    }
+
+    /// Feeds one settled press.
+    pub fn push(&mut self, cfg: &DependenceConfig, press: &Press) {
+        let buckets = usize::from(cfg.buckets);
+        let block = &mut self.current;
+        if block.hold_by_key.len() != buckets {
+            block.hold_by_key.resize(buckets, Moments::default());
+            block.flight_by_key.resize(buckets, Moments::default());
+            block.flight_by_pair.resize(buckets, Moments::default());
+        }
+        // An auto-repeated press says nothing about the hand's timing; it breaks the chains.
+        let hold = press.hold().filter(|_| press.repeats == 0).map(|h| log_ms(i64::from(h)));
+        let flight = self
+            .last
+            .map(|(_, down, _)| press.down_us.saturating_sub(down))
+            .filter(|gap| *gap > 0 && *gap <= i64::from(cfg.pause_ms) * 1000)
+            .map(log_ms);
+        let (flight_pace, hold_pace) = self.pace.unwrap_or((0.0, 0.0));
+        let paced = self.pace.is_some();
+        if let Some(h) = hold {
+            block.hold_by_key[group(press.key, cfg.buckets)].add(h);
+            if let Some((_, _, Some(prev_h))) = self.last.filter(|_| flight.is_some()) {
+                block.hold_drift.add(prev_h, h);
+            }
+            if paced {
+                block.hold_pace.add(hold_pace, h);
+            }
+        }
+        if let (Some(f), Some((prev_key, _, prev_hold))) = (flight, self.last) {
+            block.flight_by_key[group(press.key, cfg.buckets)].add(f);
+            block.flight_by_pair[pair_group(prev_key, press.key, cfg.buckets)].add(f);
+            if let Some(prev_f) = self.last_flight {
+                block.flight_drift.add(prev_f, f);
+            }
+            if let Some(prev_h) = prev_hold {
+                block.hold_flight.add(prev_h, f);
+            }
+            if paced {
+                block.flight_pace.add(flight_pace, f);
+            }
+        }
+        // The pace moves after it was compared with: a value is never compared with itself.
+        let ema = |avg: f32, x: Option<f32>| x.map_or(avg, |x| if paced { avg + PACE_WEIGHT * (x - avg) } else { x });
+        if paced || (flight.is_some() && hold.is_some()) {
+            self.pace = Some((ema(flight_pace, flight), ema(hold_pace, hold)));
+        }
+        block.presses += 1;
+        self.last = Some((press.key, press.down_us, hold));
+        self.last_flight = flight;
+        if self.current.presses >= cfg.block_presses {
+            let done = std::mem::take(&mut self.current);
+            self.session = self.session.merge(&done);
+            if self.session.presses > cfg.session_presses {
+                self.session.halve();
+            }
+            if self.previous.presses > 0 {
+                let recent = self.previous.merge(&done);
+                self.verdict = Some(DependenceVerdict {
+                    presses: recent.presses,
+                    z: evaluate(&recent),
+                    session_presses: self.session.presses,
+                    session_z: evaluate(&self.session),
+                });
+            }
+            self.previous = done;
+        }
+    }
+
+    /// Forgets the chains (an idle close: the next press starts afresh), keeping the sums.
+    pub fn break_chain(&mut self) {
+        self.last = None;
+        self.last_flight = None;
+    }
+}
+
+fn evaluate(b: &Block) -> DependenceZ {
+    DependenceZ {
+        hold_by_key: anova_z(&b.hold_by_key) as f32,
+        flight_by_key: anova_z(&b.flight_by_key) as f32,
+        flight_by_pair: anova_z(&b.flight_by_pair) as f32,
+        flight_drift: b.flight_drift.z() as f32,
+        hold_drift: b.hold_drift.z() as f32,
+        flight_pace: b.flight_pace.z() as f32,
+        hold_pace: b.hold_pace.z() as f32,
+        hold_flight: b.hold_flight.z() as f32,
+    }
+}
+
+/// One-way analysis of variance across the groups with two values or more, as a z-score
+/// (Paulson's normal approximation of the F distribution): standard normal when the groups'
+/// means do not differ.
+fn anova_z(groups: &[Moments]) -> f64 {
+    let used = groups.iter().filter(|g| g.n >= 2);
+    let (k, n, sum) = used.clone().fold((0u32, 0u32, 0f64), |(k, n, s), g| (k + 1, n + g.n, s + f64::from(g.sum)));
+    if k < 2 || n <= k + 1 {
+        return 0.0;
+    }
+    let mean = sum / f64::from(n);
+    let (mut between, mut within) = (0f64, 0f64);
+    for g in used {
+        let (gn, gs) = (f64::from(g.n), f64::from(g.sum));
+        let gm = gs / gn;
+        between += gn * (gm - mean).powi(2);
+        within += (f64::from(g.sumsq) - gs * gm).max(0.0);
+    }
+    let (d1, d2) = (f64::from(k - 1), f64::from(n - k));
+    if within <= 1e-9 * f64::from(n) {
+        // No spread inside the groups (constant holds): nothing to compare, and the timing
+        // rules judge constancy.
+        return 0.0;
+    }
+    let f = (between / d1) / (within / d2);
+    paulson_z(f, d1, d2)
+}
+
+/// Paulson's approximation: z for an F(d1, d2) value.
+fn paulson_z(f: f64, d1: f64, d2: f64) -> f64 {
+    let (a, b) = (2.0 / (9.0 * d1), 2.0 / (9.0 * d2));
+    let c = f.cbrt();
+    ((1.0 - b) * c - (1.0 - a)) / (a + c * c * b).sqrt()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    fn press(down_us: i64, key: u32, hold_us: i32) -> Press {
+        Press { down_us, key, hold_us, repeats: 0 }
+    }
+
+    /// Presses whose holds and flights are drawn i.i.d. from skewed, bimodal distributions.
+    fn sampler(rng: &mut impl Rng, n: usize) -> Vec<Press> {
+        let mut t = 0i64;
+        (0..n)
+            .map(|_| {
+                let key = rng.random_range(16..50);
+                let hold = if rng.random_bool(0.3) {
+                    rng.random_range(40_000..60_000)
+                } else {
+                    rng.random_range(80_000..200_000)
+                };
+                t += if rng.random_bool(0.1) {
+                    rng.random_range(400_000..1_200_000)
+                } else {
+                    rng.random_range(60_000..250_000)
+                };
+                press(t, key, hold)
+            })
+            .collect()
+    }
+
+    fn verdict_of(presses: &[Press]) -> DependenceVerdict {
+        let cfg = DependenceConfig::default();
+        let mut d = KeyDependence::default();
+        for p in presses {
+            d.push(&cfg, p);
+        }
+        d.verdict().expect("two blocks seen")
+    }
+
+    #[test]
+    fn a_sampler_scores_like_chance_on_every_statistic() {
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let runs = 400;
+        let mut below = 0;
+        let mut zs = Vec::new();
+        for _ in 0..runs {
+            let v = verdict_of(&sampler(&mut rng, 600));
+            assert_eq!((v.presses, v.session_presses), (600, 600));
+            assert_eq!(v.z, v.session_z, "one session, one window");
+            zs.push(v.z.hold_by_key);
+            below += usize::from(v.chi2() < 26.0);
+        }
+        let mean = zs.iter().sum::<f32>() / runs as f32;
+        let var = zs.iter().map(|z| (z - mean).powi(2)).sum::<f32>() / runs as f32;
+        assert!(mean.abs() < 0.2 && (0.7..1.3).contains(&var), "hold-by-key z: mean {mean}, variance {var}");
+        // Chi-squared with 8 df stays below 26 with probability 0.999.
+        assert!(below >= runs * 99 / 100, "{below} of {runs}");
+    }
+
+    #[test]
+    fn holds_that_follow_the_key_are_found() {
+        let mut rng = ChaCha8Rng::seed_from_u64(8);
+        let mut t = 0;
+        let presses: Vec<Press> = (0..600)
+            .map(|_| {
+                let key = rng.random_range(16..50u32);
+                // Each key's own hold, plus noise twice as wide as the spread between keys.
+                let hold = 80_000 + (key as i32 % 7) * 6_000 + rng.random_range(-40_000..40_000);
+                t += rng.random_range(60_000..250_000);
+                press(t, key, hold)
+            })
+            .collect();
+        let v = verdict_of(&presses);
+        assert!(v.z.hold_by_key > 5.0, "{v:?}");
+        assert!(v.z.flight_drift.abs() < 4.0, "{v:?}");
+        assert!(v.chi2() > 25.0);
+    }
+
+    #[test]
+    fn flights_that_follow_the_key_and_drifting_speed_are_found() {
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let mut t = 0;
+        let presses: Vec<Press> = (0..600)
+            .map(|i| {
+                let key = rng.random_range(16..50u32);
+                // Slow and fast stretches of 50 presses; some keys are reached later.
+                let pace = if (i / 50) % 2 == 0 { 120_000 } else { 220_000 };
+                t += pace + i64::from(key % 3) * 20_000 + rng.random_range(-40_000..40_000);
+                press(t, key, 100_000 + rng.random_range(-20_000..20_000))
+            })
+            .collect();
+        let v = verdict_of(&presses);
+        assert!(v.z.flight_drift > 5.0 && v.z.flight_by_key > 3.0, "{v:?}");
+    }
+
+    #[test]
+    fn no_verdict_before_two_blocks_and_one_per_block_after() {
+        let cfg = DependenceConfig::default();
+        let mut rng = ChaCha8Rng::seed_from_u64(10);
+        let presses = sampler(&mut rng, 1200);
+        let mut d = KeyDependence::default();
+        let mut verdicts = 0;
+        for (i, p) in presses.iter().enumerate() {
+            let before = d.verdict();
+            d.push(&cfg, p);
+            if d.verdict() != before {
+                verdicts += 1;
+                assert_eq!((i + 1) % 300, 0, "verdicts come at block ends");
+            }
+            if i < 599 {
+                assert!(d.verdict().is_none());
+            }
+        }
+        assert_eq!(verdicts, 3);
+        assert_eq!(d.verdict().map(|v| (v.presses, v.session_presses)), Some((600, 1200)));
+    }
+
+    #[test]
+    fn a_persons_session_keeps_a_sampler_stretch_from_alerting_until_it_dominates() {
+        let cfg = DependenceConfig::default();
+        let mut rng = ChaCha8Rng::seed_from_u64(12);
+        let mut d = KeyDependence::default();
+        let mut t = 0;
+        // 1,200 presses whose holds follow the key, then a sampler.
+        for _ in 0..1200 {
+            let key = rng.random_range(16..50u32);
+            t += rng.random_range(60_000..250_000);
+            d.push(&cfg, &press(t, key, 60_000 + (key as i32 % 5) * 15_000 + rng.random_range(-20_000..20_000)));
+        }
+        for p in sampler(&mut rng, 600) {
+            d.push(&cfg, &press(t + p.down_us, p.key, p.hold_us));
+        }
+        let v = d.verdict().unwrap();
+        assert!(v.z.chi2() < 26.0, "the recent window is the sampler's: {v:?}");
+        assert!(v.session_z.chi2() > 26.0, "the session still shows the person: {v:?}");
+    }
+
+    #[test]
+    fn constant_holds_and_pauses_give_no_false_evidence() {
+        let mut t = 0;
+        let presses: Vec<Press> = (0..600)
+            .map(|i| {
+                t += if i % 20 == 0 { 3_000_000 } else { 100_000 };
+                press(t, 16 + i as u32 % 5, 30_000)
+            })
+            .collect();
+        let v = verdict_of(&presses);
+        assert_eq!(v.z.hold_by_key, 0.0);
+        assert!(v.chi2().is_finite());
+    }
+
+    #[test]
+    fn the_session_sums_are_halved_so_state_stays_small_and_bounded() {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let cfg = DependenceConfig::default();
+        let mut d = KeyDependence::default();
+        for p in sampler(&mut rng, 30_000) {
+            d.push(&cfg, &p);
+        }
+        let v = d.verdict().unwrap();
+        assert!(v.session_presses <= cfg.session_presses && v.session_presses > cfg.session_presses / 2, "{v:?}");
+        let bytes = postcard::to_allocvec(&d).unwrap().len();
+        assert!(bytes < 4_000, "{bytes} bytes");
+    }
+}
