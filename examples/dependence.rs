@@ -6,22 +6,23 @@
 //!     [--block B] [HUMAN_KEYLOG ...]
 //! ```
 //! Humans are read whole; each sampler draws `--presses` presses from one human of the same
-//! split (`human_iid`, and for comparison other families that borrow human timing). A user's
+//! split (`human_iid`, other families that borrow human timing, and a sampler built to pass
+//! this test: whole recorded presses drawn at random, each with its key's own hold and
+//! flight). Beside the rule's chi-squared it prints two alternatives that were measured and
+//! set aside: the sum without its two largest terms, and the drift statistics alone. A user's
 //! figure is their session's weakest verdict: the lowest, over verdicts, of the larger of the
 //! recent and the session-wide chi-squared, which is what `keyless_timing` compares with its
 //! threshold.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use metronome::dataset::Split;
-use metronome::detect::dependence::{DependenceConfig, DependenceZ, KeyDependence};
+use metronome::dataset::{self, Split};
+use metronome::detect::dependence::{DependenceConfig, DependenceZ, KeyDependence, STATISTICS};
 use metronome::detect::window::Press;
-use metronome::event::KeyEvent;
-use metronome::keylog::KeylogReader;
 use metronome::macrogen::{self, MacroFamily, MacroSpec, RecordedPress};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use rand_distr::StandardNormal;
 
 /// Key-dependence figures.
 #[derive(Debug, clap::Parser)]
@@ -46,6 +47,31 @@ struct Args {
     seed: u64,
     /// Human keylogs (default: both Aalto files in ../shared/data).
     files: Vec<PathBuf>,
+}
+
+/// The sum of squares without the two largest: what a sampler forging one or two dependences
+/// still lacks.
+fn trimmed(z: &DependenceZ) -> f32 {
+    trimmed_sum(z.all())
+}
+
+fn trimmed_sum(z: [f32; STATISTICS]) -> f32 {
+    let mut sq = z.map(|x| x * x);
+    sq.sort_by(f32::total_cmp);
+    sq[..STATISTICS - 2].iter().sum()
+}
+
+/// A sampler that keeps the keys' own timing: each press is a random recorded press (its key,
+/// its hold and the flight into it), so holds and flights follow their keys as the person's do.
+fn key_conditioned(rec: &[RecordedPress], presses: usize, rng: &mut impl rand::Rng) -> Vec<RecordedPress> {
+    let mut t = 1_700_000_000_000_000;
+    (0..presses)
+        .map(|_| {
+            let j = rng.random_range(1..rec.len());
+            t += (rec[j].down_us - rec[j - 1].down_us).clamp(1_000, 1_500_000);
+            RecordedPress { down_us: t, key: rec[j].key, hold_us: rec[j].hold_us }
+        })
+        .collect()
 }
 
 /// The session's weakest verdict (its horizon with the larger chi-squared, as the rule reads it).
@@ -105,26 +131,27 @@ fn report(name: &str, zs: &[DependenceZ]) {
         .map(|t| format!("{t}: {}", zs.iter().filter(|z| z.chi2() < *t).count()))
         .collect();
     println!("\nusers whose chi2 stays below t: {}", below.join(", "));
+    let drifts = |z: &DependenceZ| z.all()[3..].iter().map(|x| x * x).sum::<f32>();
+    quantiles("chi2 of the five drifts", zs.iter().map(drifts).collect());
+    println!(
+        "users whose five-drift chi2 stays below 20.5 (its 99.9 % point): {}",
+        zs.iter().filter(|z| drifts(z) < 20.5).count()
+    );
+    quantiles("chi2 without the two largest", zs.iter().map(trimmed).collect());
+    let below: Vec<String> = [8.0f32, 10.0, 12.0, 15.0]
+        .iter()
+        .map(|t| format!("{t}: {}", zs.iter().filter(|z| trimmed(z) < *t).count()))
+        .collect();
+    println!("users whose trimmed chi2 stays below t: {}", below.join(", "));
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let Args { split, presses, block, buckets, show_below, seed, mut files } = clap::Parser::parse();
     if files.is_empty() {
-        files = ["aalto-a-train.csv.gz", "aalto-b-train.csv.gz"]
-            .iter()
-            .map(|f| PathBuf::from("../shared/data").join(f))
-            .collect();
+        files = dataset::default_keylogs();
     }
     let cfg = DependenceConfig { block_presses: block, buckets, ..DependenceConfig::default() };
-    let mut humans: BTreeMap<String, Vec<KeyEvent>> = BTreeMap::new();
-    for f in &files {
-        for r in KeylogReader::open(f)? {
-            let r = r?;
-            if Split::of(&r.user_id) == split {
-                humans.entry(r.user_id).or_default().push(r.event);
-            }
-        }
-    }
+    let humans = dataset::humans_by_split(&files)?.remove(&split).unwrap_or_default();
     let recordings: Vec<Vec<RecordedPress>> = humans.values().map(|e| macrogen::recorded_presses(e)).collect();
     let human_z: Vec<DependenceZ> = recordings.iter().filter_map(|r| weakest(&cfg, r)).collect();
     println!(
@@ -171,5 +198,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .collect();
         report(family.name(), &zs);
     }
+    let zs: Vec<DependenceZ> = recordings
+        .iter()
+        .filter(|r| r.len() >= 100)
+        .take(2_000)
+        .filter_map(|rec| weakest(&cfg, &key_conditioned(rec, presses, &mut rng)))
+        .collect();
+    report("key-conditioned sampler", &zs);
+    // The trimmed sum's null: eight independent standard normals.
+    let mut null: Vec<f32> = (0..200_000)
+        .map(|_| trimmed_sum(std::array::from_fn(|_| rand_distr::Distribution::sample(&StandardNormal, &mut rng))))
+        .collect();
+    null.sort_by(f32::total_cmp);
+    println!("\ntrimmed sum under the null: 99 % point {:.2}, 99.9 % point {:.2}", null[198_000], null[199_800]);
     Ok(())
 }

@@ -15,15 +15,13 @@
 //! `--windows-csv FILE` also writes every window's scores (`group,user,timing,lstm_log_odds`)
 //! for tuning the policy's sequential test offline; it never reads the test split's labels back.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use metronome::config::{Config, ModelSource};
-use metronome::dataset::{MacroUser, Split};
+use metronome::dataset::{self, MacroUser, Split};
 use metronome::detect::histogram::naive_bin_share;
 use metronome::detect::{Detector, Output, RuleSet, SequenceScorer};
 use metronome::event::{KeyAction, KeyEvent};
-use metronome::keylog::KeylogReader;
 use metronome::lstm::LstmModel;
 use metronome::macrogen::MacroFamily;
 use rand::{Rng, SeedableRng};
@@ -174,10 +172,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let Args { split, per_family, seed, config, model, windows_csv, mut files } = clap::Parser::parse();
     let mut csv = WindowsCsv::create(windows_csv.as_deref())?;
     if files.is_empty() {
-        files = ["aalto-a-train.csv.gz", "aalto-b-train.csv.gz"]
-            .iter()
-            .map(|f| PathBuf::from("../shared/data").join(f))
-            .collect();
+        files = dataset::default_keylogs();
     }
     let mut cfg = Config::load(config.as_deref())?;
     if let Some(m) = model {
@@ -197,15 +192,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         (timing, combined)
     };
 
-    let mut humans: BTreeMap<String, Vec<KeyEvent>> = BTreeMap::new();
-    for f in &files {
-        for r in KeylogReader::open(f)? {
-            let r = r?;
-            if Split::of(&r.user_id) == split {
-                humans.entry(r.user_id).or_default().push(r.event);
-            }
-        }
-    }
+    let humans = dataset::humans_by_split(&files)?.remove(&split).unwrap_or_default();
     println!("Split `{}`, model `{model_name}`, seed {seed}.\n", split.name());
 
     // Humans.

@@ -25,7 +25,6 @@ use metronome::dataset::{self, EncodedWindow, MacroUser, Split};
 use metronome::detect::sequence::{STEP_FEATURES, STEP_WIDTH};
 use metronome::detect::{Detector, DetectorConfig};
 use metronome::event::KeyEvent;
-use metronome::keylog::KeylogReader;
 use metronome::macrogen::MacroFamily;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -97,22 +96,9 @@ fn spread<T>(windows: &[T], k: usize) -> impl Iterator<Item = &T> {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Args = clap::Parser::parse();
-    let files = if args.files.is_empty() {
-        ["aalto-a-train.csv.gz", "aalto-b-train.csv.gz"]
-            .iter()
-            .map(|f| PathBuf::from("../shared/data").join(f))
-            .collect()
-    } else {
-        args.files.clone()
-    };
+    let files = if args.files.is_empty() { dataset::default_keylogs() } else { args.files.clone() };
     std::fs::create_dir_all(&args.out)?;
-    let mut humans: BTreeMap<Split, BTreeMap<String, Vec<KeyEvent>>> = BTreeMap::new();
-    for f in &files {
-        for r in KeylogReader::open(f)? {
-            let r = r?;
-            humans.entry(Split::of(&r.user_id)).or_default().entry(r.user_id).or_default().push(r.event);
-        }
-    }
+    let mut humans = dataset::humans_by_split(&files)?;
     let mut detector = Detector::new(DetectorConfig::default())?;
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
     let k = args.windows_per_user;

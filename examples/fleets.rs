@@ -15,11 +15,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use metronome::config::Config;
-use metronome::dataset::Split;
+use metronome::dataset::{self, Split};
 use metronome::detect::fleet::{fleets_offline, FingerprintSeen};
 use metronome::detect::{Detector, Output};
 use metronome::event::KeyEvent;
-use metronome::keylog::KeylogReader;
 use metronome::macrogen::{self, FleetScript, MacroFamily, MacroSpec};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -69,28 +68,16 @@ const FAMILIES: [MacroFamily; 8] = MacroFamily::ALL;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let Args { split, fleets, presses, seed, jitter_ms, config, mut files } = clap::Parser::parse();
     if files.is_empty() {
-        files = ["aalto-a-train.csv.gz", "aalto-b-train.csv.gz"]
-            .iter()
-            .map(|f| PathBuf::from("../shared/data").join(f))
-            .collect();
+        files = dataset::default_keylogs();
     }
     let cfg = Config::load(config.as_deref())?;
     let fleet_cfg = cfg.detector.fleet.clone();
     let mut detector = Detector::new(cfg.detector)?;
     // Scripts come from the training split's recordings, so no evaluated human is a script's
     // source (a replay of someone's recording shares their timing by construction).
-    let (mut humans, mut sources): (BTreeMap<String, Vec<KeyEvent>>, BTreeMap<String, Vec<KeyEvent>>) =
-        (BTreeMap::new(), BTreeMap::new());
-    for f in &files {
-        for r in KeylogReader::open(f)? {
-            let r = r?;
-            match Split::of(&r.user_id) {
-                s if s == split => humans.entry(r.user_id).or_default().push(r.event),
-                Split::Train => sources.entry(r.user_id).or_default().push(r.event),
-                _ => {}
-            }
-        }
-    }
+    let mut by_split = dataset::humans_by_split(&files)?;
+    let humans = by_split.remove(&split).unwrap_or_default();
+    let sources = by_split.remove(&Split::Train).unwrap_or_default();
     const START: i64 = 1_700_000_000_000_000;
     let mut all = Vec::new();
     let mut human_fingerprints = 0usize;

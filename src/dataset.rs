@@ -7,15 +7,19 @@
 //! timing rules were tuned on) is split 4:1 into train and validation.
 //!
 //! # Layout
-//! - [`Split`] / [`Split::of`]: the user splits.
+//! - [`Split`] / [`Split::of`]: the user splits; [`humans_by_split`] reads recordings into them.
 //! - [`MacroUser`]: one generated macro user (or mixed session) with its ground truth.
 //! - [`encoded_windows`]: a recording through the detector, every window encoded as the LSTM
 //!   reads it, with its timing score and time span.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 use rand::Rng;
 
 use crate::detect::{Detector, Output, ScoringBatch, UserState};
 use crate::event::{KeyAction, KeyEvent};
+use crate::keylog::{KeylogError, KeylogReader};
 use crate::macrogen::{self, HoldModel, MacroFamily, MacroSpec};
 
 /// Which part of the data a user belongs to.
@@ -53,6 +57,25 @@ impl Split {
             Split::Test => "test",
         }
     }
+}
+
+/// The recordings the evaluation tools read when given none: both Aalto files in
+/// `../shared/data` (never committed; see its README).
+pub fn default_keylogs() -> Vec<PathBuf> {
+    ["aalto-a-train.csv.gz", "aalto-b-train.csv.gz"].iter().map(|f| PathBuf::from("../shared/data").join(f)).collect()
+}
+
+/// Every user of `files`, by split and then by id, each user's events in file order (a user in
+/// several files keeps them all).
+pub fn humans_by_split(files: &[PathBuf]) -> Result<BTreeMap<Split, BTreeMap<String, Vec<KeyEvent>>>, KeylogError> {
+    let mut humans: BTreeMap<Split, BTreeMap<String, Vec<KeyEvent>>> = BTreeMap::new();
+    for f in files {
+        for r in KeylogReader::open(f)? {
+            let r = r?;
+            humans.entry(Split::of(&r.user_id)).or_default().entry(r.user_id).or_default().push(r.event);
+        }
+    }
+    Ok(humans)
 }
 
 /// A generated macro user and the truth about it.

@@ -32,8 +32,8 @@
 //! chances to raise an alert; the price is that a sampler switched on after a long stretch of
 //! the account's own typing is found only once it dominates the session.
 //!
-//! State: three blocks of sums per user (previous, filling, session), about 3.5 KiB with 32
-//! groups, whatever the user types; no key ids and no single press's timing are kept.
+//! State: three blocks of sums per user (previous, filling, session), 2,252 bytes with 32
+//! groups after 30,000 presses (postcard), whatever the user types; no key ids and no single press's timing are kept.
 
 use serde::{Deserialize, Serialize};
 

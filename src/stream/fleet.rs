@@ -230,8 +230,7 @@ impl<S: Store> StageTask<S> {
             let (fingerprint, seen) = match records::decode_fingerprint(record) {
                 Ok(decoded) => decoded,
                 Err(class) => {
-                    outcome.dead_letters.push(class);
-                    out.push(records::dead_letter(record, class, ctx.source_topic, self.partition));
+                    self.set_aside(ctx, record, class, out, outcome);
                     continue;
                 }
             };
@@ -259,6 +258,19 @@ impl<S: Store> StageTask<S> {
         Ok(())
     }
 
+    /// Sends a record that does not decode to the dead-letter topic with its class.
+    fn set_aside(
+        &self,
+        ctx: &StageContext<'_>,
+        record: &InputRecord,
+        class: DeadLetterClass,
+        out: &mut Vec<OutRecord>,
+        outcome: &mut StageOutcome,
+    ) {
+        outcome.dead_letters.push(class);
+        out.push(records::dead_letter(record, class, ctx.source_topic, self.partition));
+    }
+
     fn decide_fleets(
         &mut self,
         ctx: &StageContext<'_>,
@@ -270,10 +282,7 @@ impl<S: Store> StageTask<S> {
         for record in records {
             match records::decode_candidate(record) {
                 Ok(candidate) => self.graph.observe(&candidate),
-                Err(class) => {
-                    outcome.dead_letters.push(class);
-                    out.push(records::dead_letter(record, class, ctx.source_topic, self.partition));
-                }
+                Err(class) => self.set_aside(ctx, record, class, out, outcome),
             }
         }
         for report in self.graph.decide(ctx.cfg, ctx.now_us) {

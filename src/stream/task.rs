@@ -599,14 +599,9 @@ mod tests {
 
     use super::twin::MemoryProducer;
 
-    fn macro_records(user: &str, first_offset: i64, presses: usize) -> Vec<InputRecord> {
-        let mut events = Vec::new();
-        for i in 0..presses as i64 {
-            let t = 1_700_000_000_000_000 + i * 100_000;
-            events.push(KeyEvent::new(t, 30 + (i % 4) as u32, KeyAction::Down));
-            events.push(KeyEvent::new(t + 30_000, 30 + (i % 4) as u32, KeyAction::Up));
-        }
-        records::batches_for_user(user, "s", &events, 40)
+    /// `events` as `user`'s records of 40 events each, from `first_offset` on.
+    fn records_of(user: &str, events: &[KeyEvent], first_offset: i64) -> Vec<InputRecord> {
+        records::batches_for_user(user, "s", events, 40)
             .into_iter()
             .enumerate()
             .map(|(i, p)| InputRecord {
@@ -615,6 +610,16 @@ mod tests {
                 payload: Some(p),
             })
             .collect()
+    }
+
+    fn macro_records(user: &str, first_offset: i64, presses: usize) -> Vec<InputRecord> {
+        let mut events = Vec::new();
+        for i in 0..presses as i64 {
+            let t = 1_700_000_000_000_000 + i * 100_000;
+            events.push(KeyEvent::new(t, 30 + (i % 4) as u32, KeyAction::Down));
+            events.push(KeyEvent::new(t + 30_000, 30 + (i % 4) as u32, KeyAction::Up));
+        }
+        records_of(user, &events, first_offset)
     }
 
     fn ctx<'a>(detector: &'a mut Detector, now: Instant) -> BatchContext<'a> {
@@ -642,15 +647,7 @@ mod tests {
             events.push(KeyEvent::new(t, 30 + (i % 5) as u32, KeyAction::Down));
             events.push(KeyEvent::new(t + 40_000, 30 + (i % 5) as u32, KeyAction::Up));
         }
-        records::batches_for_user(user, "s", &events, 40)
-            .into_iter()
-            .enumerate()
-            .map(|(i, p)| InputRecord {
-                offset: first_offset + i as i64,
-                key: Some(user.as_bytes().to_vec()),
-                payload: Some(p),
-            })
-            .collect()
+        records_of(user, &events, first_offset)
     }
 
     #[test]
