@@ -64,6 +64,21 @@ fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> 
     c
 }
 
+/// Every scorer's series exists from the start at 0, so a dashboard's `rate()` and an
+/// alerting rule see the first alert as an increase rather than a series appearing.
+fn alerts_by_scorer(registry: &Registry) -> IntCounterVec {
+    let c = counter_vec(
+        registry,
+        "metronome_alerts_total",
+        "Alerts committed, by scorer behind them (histogram, lstm, fleet).",
+        &["scorer"],
+    );
+    for scorer in ["histogram", "lstm", "fleet"] {
+        c.with_label_values(&[scorer]);
+    }
+    c
+}
+
 fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
     registry.register(Box::new(g.clone())).expect("metric registered once");
@@ -133,7 +148,7 @@ impl Metrics {
                 &["scorer"],
                 linear_buckets(0.1, 0.1, 10).expect("valid buckets"),
             ),
-            alerts: counter_vec(&r, "metronome_alerts_total", "Alerts committed, by scorer behind them (histogram, lstm).", &["scorer"]),
+            alerts: alerts_by_scorer(&r),
             dead_letters: counter_vec(
                 &r,
                 "metronome_dead_letters_total",
