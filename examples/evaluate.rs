@@ -301,6 +301,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("\n## Mixed sessions (human, then a macro from a random family)\n");
     let (mut caught, mut caught_timing, mut before_onset, mut delays, mut delays_timing) =
         (0, 0, 0, Vec::new(), Vec::new());
+    // Family -> (sessions, presses from onset to alert of those caught).
+    let mut by_family: std::collections::BTreeMap<&str, (usize, Vec<usize>)> = Default::default();
     for _ in 0..per_family {
         let rec = recordings[rng.random_range(0..recordings.len())];
         let family = MacroFamily::ALL[rng.random_range(0..MacroFamily::ALL.len())];
@@ -315,9 +317,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .count()
         };
         before_onset += usize::from(combined.alerts.iter().any(|(at, _)| *at < m.onset_us));
+        let family_row = by_family.entry(family.name()).or_default();
+        family_row.0 += 1;
         if let Some(at) = after(&combined) {
             caught += 1;
             delays.push(presses_to(at));
+            family_row.1.push(presses_to(at));
         }
         if let Some(at) = after(&timing) {
             caught_timing += 1;
@@ -336,5 +341,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         pct(caught_timing, per_family),
         median(delays_timing)
     );
+    println!("\n| macro family (timing + LSTM) | caught after onset | median presses from onset to alert |");
+    println!("|---|---|---|");
+    for (family, (sessions, delays)) in by_family {
+        println!("| {family} | {}/{sessions} | {} |", delays.len(), median(delays));
+    }
     Ok(())
 }

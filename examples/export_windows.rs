@@ -12,7 +12,7 @@
 //! Humans give label 0. Macro users (every family one window can show,
 //! `MacroFamily::window_visible`; a third with humanized holds) give label 1.
 //! Mixed sessions (human, then a macro) give 0 before the onset and 1 once at least 30 % of a
-//! window's presses are the macro's; windows in between are left out as ambiguous. Each user
+//! window's presses are the macro's (`--mixed-macro-share`); windows in between are left out as ambiguous. Each user
 //! contributes at most K windows, evenly spread, so heavy typists do not dominate; validation
 //! humans keep every window, since the operating threshold is chosen above all of them.
 
@@ -41,6 +41,14 @@ struct Args {
     /// Mixed sessions per split.
     #[arg(long, default_value_t = 3000)]
     mixed: usize,
+    /// Share of a mixed window's presses the macro must have made for the window to be labelled
+    /// a macro's (windows above 0 and below it are left out as ambiguous).
+    #[arg(long, default_value_t = 0.3)]
+    mixed_macro_share: f64,
+    /// Window-visible families to leave out of the export (repeatable), e.g. to measure what
+    /// training on one costs the others.
+    #[arg(long, value_parser = parse_family)]
+    leave_out: Vec<MacroFamily>,
     /// Windows kept per human user at most (half as many per macro user).
     #[arg(long, default_value_t = 20)]
     windows_per_user: usize,
@@ -88,6 +96,10 @@ impl SplitWriter {
     }
 }
 
+fn parse_family(name: &str) -> Result<MacroFamily, String> {
+    MacroFamily::ALL.into_iter().find(|f| f.name() == name).ok_or_else(|| format!("no macro family `{name}`"))
+}
+
 /// At most `k` of `windows`, evenly spread.
 fn spread<T>(windows: &[T], k: usize) -> impl Iterator<Item = &T> {
     let stride = windows.len().div_ceil(k.max(1)).max(1);
@@ -117,7 +129,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             user += 1;
         }
-        let families: Vec<MacroFamily> = MacroFamily::ALL.into_iter().filter(|f| f.window_visible()).collect();
+        let families: Vec<MacroFamily> =
+            MacroFamily::ALL.into_iter().filter(|f| f.window_visible() && !args.leave_out.contains(f)).collect();
         for &family in &families {
             for i in 0..args.per_family {
                 let rec = recordings[rng.random_range(0..recordings.len())];
@@ -139,7 +152,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let share = m.macro_share(w.start_us, w.end_us);
                 let label = if share == 0.0 {
                     0
-                } else if share >= 0.3 {
+                } else if share >= args.mixed_macro_share {
                     1
                 } else {
                     continue;
@@ -161,6 +174,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "step_features": STEP_FEATURES,
         "per_family": args.per_family,
         "mixed": args.mixed,
+        "mixed_macro_share": args.mixed_macro_share,
+        "left_out": args.leave_out.iter().map(|f| f.name()).collect::<Vec<_>>(),
         "windows_per_user": k,
         "seed": args.seed,
         "files": files,

@@ -6,7 +6,7 @@
 //! ```
 //! Every human of the split and every fleet account runs through the detector (its fingerprints
 //! only), then all sightings go through the fleet stages' logic at once (`fleets_offline`).
-//! Scripts are drawn from training-split recordings. Humans are aligned to start together, the harshest case: everyone typing within the same
+//! Scripts are drawn from training-split recordings (validation's when the training split is evaluated). Humans are aligned to start together, the harshest case: everyone typing within the same
 //! window. Each fleet is 5-10 accounts playing one script of a family from their own points with 1-5 ms of their own jitter,
 //! starting within ten minutes of each other. A fleet account is caught when a fleet report
 //! names it; a human is a false alarm when any report names them.
@@ -73,11 +73,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cfg = Config::load(config.as_deref())?;
     let fleet_cfg = cfg.detector.fleet.clone();
     let mut detector = Detector::new(cfg.detector)?;
-    // Scripts come from the training split's recordings, so no evaluated human is a script's
-    // source (a replay of someone's recording shares their timing by construction).
+    // Scripts come from another split's recordings (the training split's, or validation's when
+    // tuning on training), so no evaluated human is a script's source (a replay of someone's
+    // recording shares their timing by construction).
     let mut by_split = dataset::humans_by_split(&files)?;
     let humans = by_split.remove(&split).unwrap_or_default();
-    let sources = by_split.remove(&Split::Train).unwrap_or_default();
+    let source_split = if split == Split::Train { Split::Validation } else { Split::Train };
+    let sources = by_split.remove(&source_split).unwrap_or_default();
     const START: i64 = 1_700_000_000_000_000;
     let mut all = Vec::new();
     let mut human_fingerprints = 0usize;
