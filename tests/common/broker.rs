@@ -60,8 +60,32 @@ pub fn java() -> PathBuf {
     }
 }
 
-/// A loopback port nothing listens on now.
+/// A loopback port nothing listens on now, below the kernel's ephemeral range. A port the kernel
+/// hands out for `:0` is in that range, and between its release here and a broker's bind the
+/// kernel may give it to any outgoing connection as its local port (a broker once failed to
+/// start on "Address already in use" that way); ports below the range are only ever bound on
+/// purpose. Tried at random, so concurrent test processes seldom try the same one.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static CALLS: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u32, ephemeral_start.clamp(10_001, 65_535));
+    let mut seed = rand_suffix()
+        ^ std::process::id().rotate_left(16)
+        ^ CALLS.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9);
+    for _ in 0..1000 {
+        // xorshift: a few independent draws from the seed.
+        seed ^= seed << 13;
+        seed ^= seed >> 17;
+        seed ^= seed << 5;
+        let port = (low + seed % (high - low)) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 

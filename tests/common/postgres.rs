@@ -4,7 +4,6 @@
 //! without PostgreSQL the tests fail, saying what is missing.
 #![allow(dead_code)]
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -238,7 +237,7 @@ impl PrivateCluster {
             .output()
             .unwrap();
         assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = super::broker::free_port();
         let mut cluster = Self { dir, port, running: false, tls };
         cluster.resume();
         psql(&cluster.admin_url(), "CREATE DATABASE metronome");
