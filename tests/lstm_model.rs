@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use metronome::detect::sequence::STEP_WIDTH;
 use metronome::detect::SequenceScorer;
+use metronome::lstm::stream::StreamModel;
 use metronome::lstm::{LstmModel, ModelError, Reload, ReloadingModel, SHIPPED_MANIFEST_PATH};
 use serde::Deserialize;
 
@@ -222,5 +223,74 @@ fn empty_and_mismatched_batches_are_errors_not_panics() {
     let weird = vec![f32::NAN; steps * STEP_WIDTH];
     if model.score(&weird, 1, &mut out).is_ok() {
         assert!(out.iter().all(|s| (0.0..=1.0).contains(s)));
+    }
+}
+
+#[derive(Deserialize)]
+struct StreamVectors {
+    model: String,
+    step_width: usize,
+    sequences: Vec<StreamSequence>,
+}
+
+#[derive(Deserialize)]
+struct StreamSequence {
+    kind: String,
+    steps: Vec<f32>,
+    log_odds: Vec<f32>,
+}
+
+fn stream_vectors() -> StreamVectors {
+    let path = metronome::lstm::stream::SHIPPED_STREAM_MANIFEST_PATH.replace(".json", ".vectors.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// Steps `sequences` press by press, all of them in each call, from zero states.
+fn stream_log_odds(model: &mut StreamModel, sequences: &[&StreamSequence]) -> Vec<Vec<f32>> {
+    let hidden = model.hidden();
+    let (mut h, mut c) = (vec![0.0; sequences.len() * hidden], vec![0.0; sequences.len() * hidden]);
+    let presses = sequences[0].log_odds.len();
+    let mut out = vec![Vec::new(); sequences.len()];
+    for t in 0..presses {
+        let steps: Vec<f32> =
+            sequences.iter().flat_map(|s| s.steps[t * STEP_WIDTH..(t + 1) * STEP_WIDTH].iter().copied()).collect();
+        for (k, v) in model.advance(&steps, &mut h, &mut c).unwrap().into_iter().enumerate() {
+            out[k].push(v);
+        }
+    }
+    out
+}
+
+#[test]
+fn the_streaming_model_agrees_with_pytorch_press_by_press_whoever_shares_the_call() {
+    let mut model = StreamModel::embedded().unwrap();
+    let vectors = stream_vectors();
+    assert_eq!(vectors.model, model.id());
+    assert_eq!(vectors.step_width, STEP_WIDTH);
+    let all: Vec<&StreamSequence> = vectors.sequences.iter().collect();
+    assert!(all.iter().any(|s| s.kind == "human") && all.iter().any(|s| s.kind == "mixed"));
+    let together = stream_log_odds(&mut model, &all);
+    for (k, seq) in all.iter().enumerate() {
+        let worst = together[k].iter().zip(&seq.log_odds).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(worst < 1e-4, "{} sequence: tract and PyTorch differ by {worst}", seq.kind);
+        // The same bits alone as in company: a user's evidence cannot depend on who shared a poll.
+        assert_eq!(stream_log_odds(&mut model, &[seq])[0], together[k], "{} sequence alone", seq.kind);
+    }
+}
+
+#[test]
+fn a_streaming_model_whose_file_was_changed_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let shipped = Path::new(metronome::lstm::stream::SHIPPED_STREAM_MANIFEST_PATH);
+    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(shipped).unwrap()).unwrap();
+    let file = manifest["file"].as_str().unwrap();
+    let mut onnx = std::fs::read(shipped.parent().unwrap().join(file)).unwrap();
+    let last = onnx.len() - 1;
+    onnx[last] ^= 1;
+    std::fs::write(dir.path().join(file), onnx).unwrap();
+    std::fs::write(dir.path().join("m.json"), manifest.to_string()).unwrap();
+    match StreamModel::load(&dir.path().join("m.json")) {
+        Err(ModelError::ChecksumMismatch { .. }) => {}
+        other => panic!("a changed model file must be refused, got {other:?}"),
     }
 }

@@ -19,9 +19,12 @@
 //! - [`LstmModel`]: a loaded, verified, planned model.
 //! - [`ReloadingModel`]: a model that follows its manifest file.
 //! - [`EMBEDDED_MANIFEST`] / [`LstmModel::embedded`]: the shipped model, compiled in.
+//! - [`stream`]: the per-press model, carried from press to press.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+pub mod stream;
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -31,9 +34,9 @@ use crate::detect::sequence::{STEP_FEATURES, STEP_WIDTH};
 use crate::detect::{SequenceError, SequenceScorer};
 
 /// The shipped model's manifest, compiled into the binary.
-pub const EMBEDDED_MANIFEST: &str = include_str!("../models/keystroke-lstm-1.0.0.json");
+pub const EMBEDDED_MANIFEST: &str = include_str!("../../models/keystroke-lstm-1.0.0.json");
 /// The shipped model's ONNX file, compiled into the binary.
-pub const EMBEDDED_ONNX: &[u8] = include_bytes!("../models/keystroke-lstm-1.0.0.onnx");
+pub const EMBEDDED_ONNX: &[u8] = include_bytes!("../../models/keystroke-lstm-1.0.0.onnx");
 /// Where the shipped manifest lives in the repository (for error messages and tests).
 pub const SHIPPED_MANIFEST_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/keystroke-lstm-1.0.0.json");
 
@@ -133,29 +136,48 @@ impl Manifest {
     }
 
     fn check(&self) -> Result<(), ModelError> {
+        check_inputs(&self.id(), &self.input, &self.scaling)?;
         let fail = |problem: String| Err(ModelError::Incompatible { model: self.id(), problem });
-        if self.input.step_features != STEP_FEATURES {
-            return fail(format!(
-                "it reads step features {:?}, this build encodes {:?}",
-                self.input.step_features, STEP_FEATURES
-            ));
-        }
-        if self.scaling.mean.len() != STEP_WIDTH || self.scaling.std.len() != STEP_WIDTH {
-            return fail(format!("scaling must have {STEP_WIDTH} values per list"));
-        }
-        if self.scaling.std.iter().any(|s| !s.is_finite() || *s <= 0.0)
-            || self.scaling.mean.iter().any(|m| !m.is_finite())
-        {
-            return fail("scaling values must be finite, std positive".to_owned());
-        }
         if !(self.threshold > 0.0 && self.threshold < 1.0) {
             return fail("threshold must be within (0, 1)".to_owned());
         }
-        if self.input.steps == 0 || self.input.steps > 1024 || self.input.hidden == 0 || self.input.hidden > 4096 {
-            return fail("steps and hidden size out of range".to_owned());
+        if self.input.steps == 0 || self.input.steps > 1024 {
+            return fail("steps out of range".to_owned());
         }
         Ok(())
     }
+}
+
+/// What every model this build runs must agree on: the step features it encodes, a scaling
+/// value per feature, a sane hidden size.
+fn check_inputs(model: &str, input: &InputSpec, scaling: &Scaling) -> Result<(), ModelError> {
+    let fail = |problem: String| Err(ModelError::Incompatible { model: model.to_owned(), problem });
+    if input.step_features != STEP_FEATURES {
+        return fail(format!(
+            "it reads step features {:?}, this build encodes {:?}",
+            input.step_features, STEP_FEATURES
+        ));
+    }
+    if scaling.mean.len() != STEP_WIDTH || scaling.std.len() != STEP_WIDTH {
+        return fail(format!("scaling must have {STEP_WIDTH} values per list"));
+    }
+    if scaling.std.iter().any(|s| !s.is_finite() || *s <= 0.0) || scaling.mean.iter().any(|m| !m.is_finite()) {
+        return fail("scaling values must be finite, std positive".to_owned());
+    }
+    if input.hidden == 0 || input.hidden > 4096 {
+        return fail("hidden size out of range".to_owned());
+    }
+    Ok(())
+}
+
+/// Refuses an ONNX file whose sha256 is not the manifest's: a half-copied or tampered model
+/// must never score anyone.
+fn verify_checksum(onnx: &[u8], expected: &str, onnx_path: &Path) -> Result<(), ModelError> {
+    let actual = hex::encode(Sha256::digest(onnx));
+    if actual.eq_ignore_ascii_case(expected.trim()) {
+        return Ok(());
+    }
+    Err(ModelError::ChecksumMismatch { path: onnx_path.to_owned(), expected: expected.to_owned(), actual })
 }
 
 type Plan = TypedRunnableModel<TypedModel>;
@@ -208,18 +230,11 @@ impl LstmModel {
     }
 
     fn from_parts(manifest: Manifest, onnx: &[u8], onnx_path: &Path) -> Result<Self, ModelError> {
-        let actual = hex::encode(Sha256::digest(onnx));
-        if !actual.eq_ignore_ascii_case(manifest.sha256.trim()) {
-            return Err(ModelError::ChecksumMismatch {
-                path: onnx_path.to_owned(),
-                expected: manifest.sha256.clone(),
-                actual,
-            });
-        }
+        verify_checksum(onnx, &manifest.sha256, onnx_path)?;
         manifest.check()?;
         let id = manifest.id();
         // Planned now, so a graph tract cannot run is refused at load.
-        let plan = plan(&manifest, onnx, BATCH_WINDOWS, manifest.input.steps)
+        let plan = plan(onnx, manifest.input.hidden, BATCH_WINDOWS, manifest.input.steps)
             .map_err(|e| ModelError::Runtime { model: id.clone(), message: format!("{e:#}") })?;
         Ok(Self { manifest: Arc::new(manifest), id, onnx: onnx.into(), plan: Arc::new(plan), scratch: Vec::new() })
     }
@@ -310,7 +325,7 @@ impl CarriedStateLstm {
 impl LstmModel {
     /// The carried-state runner for `steps` new steps per call (the hop) and `batch` users.
     pub fn carried(&self, steps: usize, batch: usize) -> Result<CarriedStateLstm, ModelError> {
-        let plan = plan(&self.manifest, &self.onnx, batch, steps)
+        let plan = plan(&self.onnx, self.manifest.input.hidden, batch, steps)
             .map_err(|e| ModelError::Runtime { model: self.id.clone(), message: format!("{e:#}") })?;
         Ok(CarriedStateLstm { plan, steps, hidden: self.manifest.input.hidden })
     }
@@ -320,14 +335,14 @@ fn read_manifest(path: &Path) -> Result<Vec<u8>, ModelError> {
     std::fs::read(path).map_err(|source| ModelError::Io { path: path.to_owned(), source })
 }
 
-/// Plans the graph for `steps` steps and a batch of `batch` windows.
-fn plan(manifest: &Manifest, onnx: &[u8], batch: usize, steps: usize) -> TractResult<Plan> {
+/// Plans the graph for `steps` steps and a batch of `batch` sequences of a model with `hidden`
+/// units.
+fn plan(onnx: &[u8], hidden: usize, batch: usize, steps: usize) -> TractResult<Plan> {
     let mut model = tract_onnx::onnx()
         .with_ignore_output_shapes(true)
         .with_ignore_output_types(true)
         .model_for_read(&mut &onnx[..])?;
     let batch = TDim::from(batch);
-    let hidden = manifest.input.hidden;
     let f32_fact = |dims: [TDim; 3]| InferenceFact::dt_shape(f32::datum_type(), dims.to_vec());
     model.set_input_fact(0, f32_fact([steps.into(), batch.clone(), STEP_WIDTH.into()]))?;
     model.set_input_fact(1, f32_fact([1.into(), batch.clone(), hidden.into()]))?;
