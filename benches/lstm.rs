@@ -10,7 +10,9 @@
 //!   worst case: an idle user closed alone) and `128` is one full chunk (a busy stream).
 //! - `lstm/carried/64`: the same weights fed only the hop's 10 new steps from a carried hidden
 //!   state (the alternative design); throughput in windows (each window = 10 events).
-//! - `score/{timing,timing_lstm}`: `score_records` over a 1,000,000-event keylog file (real
+//! - `lstm/press/{1,64}`: the per-press model (`lstm::stream`) stepping 1 or 64 users by one
+//!   press from their carried states; throughput in presses.
+//! - `score/{timing,timing_lstm,timing_lstm_press}`: `score_records` over a 1,000,000-event keylog file (real
 //!   human typing from ../shared/data, repeated as needed); throughput in events. The
 //!   timing-only run is the baseline the model's cost is read against.
 //!
@@ -26,6 +28,7 @@ use metronome::dataset::{self};
 use metronome::detect::sequence::STEP_WIDTH;
 use metronome::detect::{Detector, DetectorConfig, SequenceScorer};
 use metronome::keylog::KeylogReader;
+use metronome::lstm::stream::StreamModel;
 use metronome::lstm::{LstmModel, BATCH_WINDOWS};
 use metronome::score::{self, BadRows, OutputSelection};
 
@@ -103,6 +106,18 @@ fn bench(c: &mut Criterion) {
     group.bench_function("carried/64", |b| {
         b.iter(|| black_box(carried.advance(black_box(&hop_inputs), 64, &mut h, &mut c_state).unwrap()[0]))
     });
+    // The per-press model: one press for each of 64 users (a full planned chunk), and for one
+    // user alone (padded to the same chunk: the cost a lone user's press pays).
+    let mut press = StreamModel::embedded().unwrap();
+    let press_hidden = press.hidden();
+    for users in [1usize, 64] {
+        let steps = vec![0.1f32; users * STEP_WIDTH];
+        let (mut h, mut c_state) = (vec![0.0f32; users * press_hidden], vec![0.0f32; users * press_hidden]);
+        group.throughput(Throughput::Elements(users as u64));
+        group.bench_function(format!("press/{users}"), |b| {
+            b.iter(|| black_box(press.advance(black_box(&steps), &mut h, &mut c_state).unwrap()[0]))
+        });
+    }
     group.finish();
 
     let dir = tempfile::tempdir().unwrap();
@@ -110,13 +125,17 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("score");
     group.throughput(Throughput::Elements(EVENTS as u64));
     group.sample_size(10);
-    for with_model in [false, true] {
-        let name = if with_model { "timing_lstm" } else { "timing" };
+    let mut with_press = model.clone().with_press_model(press.clone());
+    for name in ["timing", "timing_lstm", "timing_lstm_press"] {
         group.bench_function(name, |b| {
             b.iter(|| {
                 let mut detector = Detector::new(DetectorConfig::default()).unwrap();
                 let reader = KeylogReader::open(&file).unwrap();
-                let m = if with_model { Some(&mut model as &mut dyn SequenceScorer) } else { None };
+                let m: Option<&mut dyn SequenceScorer> = match name {
+                    "timing" => None,
+                    "timing_lstm" => Some(&mut model),
+                    _ => Some(&mut with_press),
+                };
                 let summary = score::score_records(
                     &mut detector,
                     m,

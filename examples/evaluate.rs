@@ -5,6 +5,10 @@
 //! cargo run --release --example evaluate -- [--split train|validation|test] [--per-family N]
 //!     [--seed S] [--config FILE] [--model embedded|none|MANIFEST] [HUMAN_KEYLOG ...]
 //! ```
+//! The per-press model runs beside the window model as `model.press_manifest` says (set it to
+//! `none` in `--config` to measure the window model alone).
+//! ```text
+//! ```
 //! Users are split as `metronome::dataset::Split` says: figures are reported on `test`, users
 //! no training or tuning saw. Every user runs twice, with the timing rules alone and with the
 //! configured model combined, so the table shows what the LSTM adds. A human is flagged when any
@@ -184,7 +188,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ModelSource::Manifest(p) => Some(LstmModel::load(&p)?),
         ModelSource::None => None,
     };
-    let model_name = lstm.as_ref().map_or("none".to_owned(), |m| m.manifest().id());
+    if let Some(window_model) = lstm.take() {
+        lstm = Some(match metronome::service::load_press_model(&cfg)? {
+            Some(press) => window_model.with_press_model(press),
+            None => window_model,
+        });
+    }
+    let model_name = lstm.as_ref().map_or("none".to_owned(), |m| match m.press_model() {
+        Some(press) => format!("{} + {}", m.manifest().id(), press.id()),
+        None => m.manifest().id(),
+    });
     let mut detector = Detector::new(cfg.detector)?;
     let mut both = |detector: &mut Detector, events: &[KeyEvent]| {
         let timing = run_user(detector, None, events);

@@ -90,11 +90,14 @@ pub struct ModelConfig {
     pub manifest: String,
     /// How often a running processor checks the manifest file for a new version, seconds.
     pub reload_check_s: u64,
+    /// The per-press model beside the window model: `embedded`, `none` or a manifest path
+    /// (`models/keystroke-stream-<version>.json`). It runs only with a window model.
+    pub press_manifest: String,
 }
 
 impl Default for ModelConfig {
     fn default() -> Self {
-        Self { manifest: "embedded".to_owned(), reload_check_s: 10 }
+        Self { manifest: "embedded".to_owned(), reload_check_s: 10, press_manifest: "embedded".to_owned() }
     }
 }
 
@@ -112,7 +115,18 @@ pub enum ModelSource {
 impl ModelConfig {
     /// The source named by `manifest`.
     pub fn source(&self) -> ModelSource {
-        match self.manifest.trim() {
+        ModelSource::named(&self.manifest)
+    }
+
+    /// The source named by `press_manifest`.
+    pub fn press_source(&self) -> ModelSource {
+        ModelSource::named(&self.press_manifest)
+    }
+}
+
+impl ModelSource {
+    fn named(value: &str) -> Self {
+        match value.trim() {
             "embedded" => ModelSource::Embedded,
             "none" | "" => ModelSource::None,
             path => ModelSource::Manifest(path.into()),

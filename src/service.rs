@@ -12,6 +12,7 @@ use std::time::Duration;
 use crate::config::{Config, ModelSource};
 use crate::detect::Detector;
 use crate::http::{AlertDb, ApiState, BrokerProbe, HttpConfig, Readiness, UserApi};
+use crate::lstm::stream::StreamModel;
 use crate::lstm::{LstmModel, ReloadingModel};
 use crate::sink::{PgTarget, PostgresSink};
 use crate::stream::directory::DirectoryReader;
@@ -65,11 +66,27 @@ pub fn postgres_sink(config: &Config) -> Result<PostgresSink, String> {
     .map_err(|e| e.to_string())
 }
 
-/// The LSTM `model.manifest` names, loaded once (`None`: timing rules only).
+/// The LSTM `model.manifest` names, loaded once, with the per-press model
+/// `model.press_manifest` names beside it (`None`: timing rules only).
 pub fn load_model(config: &Config) -> Result<Option<LstmModel>, String> {
-    Ok(match config.model.source() {
+    let Some(model) = (match config.model.source() {
         ModelSource::Embedded => Some(LstmModel::embedded().map_err(|e| e.to_string())?),
         ModelSource::Manifest(path) => Some(LstmModel::load(&path).map_err(|e| e.to_string())?),
+        ModelSource::None => None,
+    }) else {
+        return Ok(None);
+    };
+    Ok(Some(match load_press_model(config)? {
+        Some(press) => model.with_press_model(press),
+        None => model,
+    }))
+}
+
+/// The per-press model `model.press_manifest` names (`None`: none).
+pub fn load_press_model(config: &Config) -> Result<Option<StreamModel>, String> {
+    Ok(match config.model.press_source() {
+        ModelSource::Embedded => Some(StreamModel::embedded().map_err(|e| e.to_string())?),
+        ModelSource::Manifest(path) => Some(StreamModel::load(&path).map_err(|e| e.to_string())?),
         ModelSource::None => None,
     })
 }
@@ -117,7 +134,13 @@ pub async fn run_processor(
 ) -> Result<RunSummary, String> {
     let detector = Detector::new(config.detector.clone()).map_err(|e| e.to_string())?;
     let model = match config.model.source() {
-        ModelSource::Manifest(path) => Some(ReloadingModel::load(&path).map_err(|e| e.to_string())?),
+        ModelSource::Manifest(path) => {
+            let reloading = ReloadingModel::load(&path).map_err(|e| e.to_string())?;
+            Some(match load_press_model(&config)? {
+                Some(press) => reloading.with_press_model(press),
+                None => reloading,
+            })
+        }
         _ => load_model(&config)?.map(ReloadingModel::fixed),
     };
     let sink = if config.postgres.sink_in_process { Some(postgres_sink(&config)?) } else { None };

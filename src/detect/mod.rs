@@ -34,6 +34,8 @@ pub mod rules;
 pub mod sequence;
 pub mod window;
 
+use std::collections::HashMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::event::KeyEvent;
@@ -44,7 +46,7 @@ pub use ordering::Admission;
 pub use policy::{Decision, EvidenceConfig, PolicyConfig, PolicyState};
 pub use recurrence::{RecurrenceConfig, ReplayEvidence};
 pub use rules::{Rule, RuleConfig, RuleSet};
-pub use sequence::{SequenceError, SequenceScorer};
+pub use sequence::{PressPolicy, PressScorer, SequenceError, SequenceScorer};
 use window::Press;
 pub use window::WindowConfig;
 
@@ -148,6 +150,52 @@ struct ScoredState {
     virtual_source: bool,
     /// The key-dependence test's sums and latest verdict.
     dependence: dependence::KeyDependence,
+    /// The per-press model's carried state and evidence.
+    press: PressState,
+}
+
+/// What the per-press model carries for one user from one press to the next: its LSTM state
+/// and the CUSUM over its log-odds. Empty until the model first steps the user, and reset when
+/// a model of another size takes over.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct PressState {
+    h: Vec<f32>,
+    c: Vec<f32>,
+    evidence: f32,
+}
+
+impl PressState {
+    fn fit(&mut self, hidden: usize) {
+        if self.h.len() != hidden || self.c.len() != hidden {
+            *self = PressState { h: vec![0.0; hidden], c: vec![0.0; hidden], evidence: 0.0 };
+        }
+    }
+}
+
+/// A [`UserState`] as stored before the per-press model existed (format 3): the same fields,
+/// in order; it upgrades with the model starting from a zero state.
+#[derive(Debug, Deserialize)]
+pub struct UserStateV3 {
+    reorder: ordering::ReorderBuffer,
+    window: window::KeyWindow,
+    policy: PolicyState,
+    memory: recurrence::RecurrenceMemory,
+    virtual_source: bool,
+    dependence: dependence::KeyDependence,
+}
+
+impl From<UserStateV3> for UserState {
+    fn from(v3: UserStateV3) -> Self {
+        let scored = ScoredState {
+            window: v3.window,
+            policy: v3.policy,
+            memory: v3.memory,
+            virtual_source: v3.virtual_source,
+            dependence: v3.dependence,
+            press: PressState::default(),
+        };
+        UserState { reorder: v3.reorder, scored }
+    }
 }
 
 /// A [`UserState`] as stored before the key-dependence test existed (format 2): the same
@@ -169,6 +217,7 @@ impl From<UserStateV2> for UserState {
             memory: v2.memory,
             virtual_source: v2.virtual_source,
             dependence: Default::default(),
+            press: PressState::default(),
         };
         UserState { reorder: v2.reorder, scored }
     }
@@ -356,6 +405,10 @@ pub struct ScoringBatch {
     /// event, so it is counted rather than recomputed.
     windows: usize,
     scores: Vec<f32>,
+    /// One step per `PendingAction::Press`, in order, for the per-press model.
+    press_inputs: Vec<f32>,
+    /// The per-press model's log-odds for them, once it ran.
+    press_logits: Vec<f32>,
 }
 
 #[derive(Debug)]
@@ -370,8 +423,19 @@ struct Pending {
 #[derive(Debug)]
 enum PendingAction {
     Window(WindowReport),
-    Idle { at_us: i64 },
-    Fingerprint { fingerprint: u64, at_us: i64 },
+    Idle {
+        at_us: i64,
+    },
+    Fingerprint {
+        fingerprint: u64,
+        at_us: i64,
+    },
+    /// A press was followed: its step waits in `press_inputs`. Times are the newest press's and
+    /// the window's first, for an alert the per-press evidence raises here.
+    Press {
+        at_us: i64,
+        window_start_us: i64,
+    },
 }
 
 impl ScoringBatch {
@@ -400,6 +464,8 @@ impl ScoringBatch {
         self.pending.clear();
         self.inputs.clear();
         self.windows = 0;
+        self.press_inputs.clear();
+        self.press_logits.clear();
     }
 }
 
@@ -474,10 +540,11 @@ impl Detector {
         model: Option<&mut dyn SequenceScorer>,
         out: &mut Vec<(usize, Output)>,
     ) -> Result<(), SequenceError> {
+        let mut model = model;
         let mut result = Ok(());
         let mut lstm_version = None;
         batch.scores.clear();
-        if let Some(model) = model {
+        if let Some(model) = model.as_mut() {
             if batch.windows > 0 {
                 result = match batch.steps {
                     Some(steps) if steps == model.steps() => {
@@ -496,15 +563,55 @@ impl Detector {
                 lstm_version = Some(model.version().to_owned());
             }
         }
+        let mut press_policy = None;
+        if let Some(press) = model.as_mut().and_then(|m| m.press_scorer()) {
+            match run_press_model(batch, users, press) {
+                Ok(()) => {
+                    press_policy = Some(press.policy());
+                    if let Some(v) = &mut lstm_version {
+                        *v = format!("{v}+{}", press.version());
+                    }
+                }
+                Err(e) => {
+                    batch.press_logits.clear();
+                    result = result.and(Err(e));
+                }
+            }
+        }
         let model_version = match &lstm_version {
             Some(v) => format!("{}+{v}", self.cfg.model_version),
             None => self.cfg.model_version.clone(),
         };
         let policy_cfg = &self.cfg.policy;
         let mut next_score = batch.scores.iter().map(|s| f64::from(*s).clamp(0.0, 1.0));
+        let mut next_logit = batch.press_logits.iter().copied();
         for Pending { slot, action } in batch.pending.drain(..) {
-            let Some(user) = users.get_mut(slot) else { continue };
+            let Some(user) = users.get_mut(slot) else {
+                if matches!(action, PendingAction::Press { .. }) {
+                    next_logit.next();
+                }
+                continue;
+            };
             match action {
+                PendingAction::Press { at_us, window_start_us } => {
+                    let (Some(policy), Some(logit)) = (press_policy, next_logit.next()) else { continue };
+                    let state = &mut user.state().scored;
+                    state.press.evidence = policy.step(state.press.evidence, logit);
+                    if state.press.evidence < policy.threshold {
+                        continue;
+                    }
+                    // The evidence starts again: a later incident needs evidence of its own.
+                    state.press.evidence = 0.0;
+                    if let Decision::Alert(reasons) = state.policy.on_press_evidence(at_us) {
+                        let report = press_report(window_start_us, at_us, logit);
+                        let id = alert_id(user.user_id(), window_start_us, at_us, &model_version);
+                        let model_version = model_version.clone();
+                        out.push((
+                            slot,
+                            Output::Alert(AlertReport { alert_id: id, window: report, reasons, model_version }),
+                        ));
+                    }
+                }
                 PendingAction::Fingerprint { fingerprint, at_us } => {
                     out.push((slot, Output::Fingerprint { fingerprint, at_us }));
                 }
@@ -571,6 +678,83 @@ impl Detector {
     }
 }
 
+/// Steps every user of the batch through the per-press model, in rounds: round `k` holds the
+/// `k`-th queued press of every user, so each user's presses run in order from their carried
+/// state and no call holds two presses of one user. Fills `batch.press_logits`, one per
+/// queued press (NaN for a user no longer in `users`).
+fn run_press_model<U: UserSlot>(
+    batch: &mut ScoringBatch,
+    users: &mut [U],
+    model: &mut dyn PressScorer,
+) -> Result<(), SequenceError> {
+    let hidden = model.hidden();
+    let slots: Vec<usize> =
+        batch.pending.iter().filter(|p| matches!(p.action, PendingAction::Press { .. })).map(|p| p.slot).collect();
+    batch.press_logits.clear();
+    batch.press_logits.resize(slots.len(), f32::NAN);
+    if batch.press_inputs.len() != slots.len() * sequence::STEP_WIDTH {
+        return Err(SequenceError("press steps and queued presses disagree".to_owned()));
+    }
+    let mut rounds: Vec<Vec<usize>> = Vec::new();
+    let mut presses_of: HashMap<usize, usize> = HashMap::new();
+    for (i, slot) in slots.iter().enumerate().filter(|(_, s)| **s < users.len()) {
+        let k = presses_of.entry(*slot).or_default();
+        if rounds.len() <= *k {
+            rounds.push(Vec::new());
+        }
+        rounds[*k].push(i);
+        *k += 1;
+    }
+    let (mut steps, mut h, mut c, mut logits) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for round in &rounds {
+        steps.clear();
+        h.clear();
+        c.clear();
+        logits.clear();
+        for &i in round {
+            steps.extend_from_slice(&batch.press_inputs[i * sequence::STEP_WIDTH..(i + 1) * sequence::STEP_WIDTH]);
+            let press = &mut users[slots[i]].state().scored.press;
+            press.fit(hidden);
+            h.extend_from_slice(&press.h);
+            c.extend_from_slice(&press.c);
+        }
+        model.advance(&steps, &mut h, &mut c, &mut logits)?;
+        if logits.len() != round.len() || h.len() != round.len() * hidden || c.len() != round.len() * hidden {
+            return Err(SequenceError("the per-press model returned the wrong number of values".to_owned()));
+        }
+        for (k, &i) in round.iter().enumerate() {
+            let press = &mut users[slots[i]].state().scored.press;
+            press.h.copy_from_slice(&h[k * hidden..(k + 1) * hidden]);
+            press.c.copy_from_slice(&c[k * hidden..(k + 1) * hidden]);
+            batch.press_logits[i] = logits[k];
+        }
+    }
+    Ok(())
+}
+
+/// The window an alert from the per-press evidence names: the window's presses up to the one
+/// that tipped it. Its features are not computed (the window was not scored at that press), so
+/// they are zeros and its histogram empty; `press_lstm` is its reason and the press's
+/// probability its score.
+fn press_report(window_start_us: i64, at_us: i64, logit: f32) -> WindowReport {
+    let p = 1.0 / (1.0 + (-f64::from(logit)).exp());
+    let mut fired = RuleSet::EMPTY;
+    fired.insert(Rule::PressLstm);
+    WindowReport {
+        window_start_us,
+        window_end_us: at_us,
+        score: p,
+        timing_score: 0.0,
+        histogram_score: 0.0,
+        lstm_score: Some(p),
+        features: WindowFeatures::default(),
+        interval_histogram: histogram::IntervalHistogram::default(),
+        fired,
+        suspicious: true,
+        partial: false,
+    }
+}
+
 /// What scoring borrows from the detector and the caller, for one user.
 struct Scoring<'a> {
     cfg: &'a DetectorConfig,
@@ -587,10 +771,23 @@ impl Scoring<'_> {
             if let Some(settled) = state.window.newly_settled().copied() {
                 self.remember(state, &settled);
             }
+            self.queue_followed_press(state);
         }
         if applied == window::Applied::PressDue {
             self.score(state, false);
         }
+    }
+
+    /// Queues the step of the press the newest one followed, for the per-press model (when a
+    /// model will run: the batch reads steps).
+    fn queue_followed_press(&mut self, state: &mut ScoredState) {
+        let presses = state.window.presses();
+        if self.batch.steps.is_none() || !sequence::encode_followed(presses, &mut self.batch.press_inputs) {
+            return;
+        }
+        let (Some(first), Some(last)) = (presses.first(), presses.last()) else { return };
+        let action = PendingAction::Press { at_us: last.down_us, window_start_us: first.down_us };
+        self.batch.pending.push(Pending { slot: self.slot, action });
     }
 
     /// Feeds a settled press to the recurrence memory, and queues the fingerprint of the run it
@@ -704,6 +901,154 @@ mod tests {
             out.extend(std::iter::repeat_n(self.score, windows));
             Ok(())
         }
+    }
+
+    /// A window model (every window 0.001: never suspicious, no evidence) with a per-press twin beside it. The
+    /// twin carries a press count in `h[0]` and sums flights in `c[0]`, and gives log-odds
+    /// `10` once a user's count reaches `from_press`, else `-10`, so its evidence depends on the
+    /// state carried from call to call.
+    struct PressTwin {
+        window: FixedModel,
+        from_press: f32,
+        calls: usize,
+    }
+
+    impl SequenceScorer for PressTwin {
+        fn version(&self) -> &str {
+            self.window.version()
+        }
+        fn steps(&self) -> usize {
+            self.window.steps()
+        }
+        fn score(&mut self, inputs: &[f32], windows: usize, out: &mut Vec<f32>) -> Result<(), SequenceError> {
+            self.window.score(inputs, windows, out)
+        }
+        fn press_scorer(&mut self) -> Option<&mut dyn PressScorer> {
+            Some(self)
+        }
+    }
+
+    impl PressScorer for PressTwin {
+        fn version(&self) -> &str {
+            "press-twin-1"
+        }
+        fn hidden(&self) -> usize {
+            2
+        }
+        fn policy(&self) -> PressPolicy {
+            PressPolicy { reference: 3.0, clamp: 2.0, threshold: 7.0 }
+        }
+        fn advance(
+            &mut self,
+            steps: &[f32],
+            h: &mut [f32],
+            c: &mut [f32],
+            out: &mut Vec<f32>,
+        ) -> Result<(), SequenceError> {
+            self.calls += 1;
+            for (i, step) in steps.chunks_exact(sequence::STEP_WIDTH).enumerate() {
+                h[2 * i] += 1.0;
+                c[2 * i] += step[1];
+                out.push(if h[2 * i] >= self.from_press { 10.0 } else { -10.0 });
+            }
+            Ok(())
+        }
+    }
+
+    fn press_twin(from_press: f32) -> PressTwin {
+        PressTwin { window: FixedModel { score: 0.001, steps: 50, calls: 0 }, from_press, calls: 0 }
+    }
+
+    /// `events` through the detector with `model`, `finish`ing after every `per_batch` events
+    /// (as polls would), from and into `state`.
+    fn run_batched(
+        d: &mut Detector,
+        state: &mut UserState,
+        events: &[KeyEvent],
+        model: &mut dyn SequenceScorer,
+        per_batch: usize,
+    ) -> Vec<Output> {
+        let mut users = [("u1".to_owned(), std::mem::take(state))];
+        let mut out = Vec::new();
+        for chunk in events.chunks(per_batch) {
+            let mut batch = ScoringBatch::new(Some(model.steps()));
+            for e in chunk {
+                d.on_event(0, &mut users[0].1, *e, &mut batch);
+            }
+            d.finish(&mut batch, &mut users, Some(&mut *model), &mut out).unwrap();
+        }
+        *state = std::mem::take(&mut users[0].1);
+        out.into_iter().map(|(_, o)| o).collect()
+    }
+
+    #[test]
+    fn per_press_evidence_alerts_at_the_press_that_tips_it_without_a_confirming_window() {
+        let mut d = Detector::new(DetectorConfig::default()).unwrap();
+        let mut state = UserState::default();
+        let mut model = press_twin(40.0);
+        let events = human_like(120);
+        let out = run_batched(&mut d, &mut state, &events, &mut model, events.len());
+        let a = alerts(&out);
+        assert_eq!(a.len(), 1, "one incident");
+        assert_eq!(a[0].reasons.names(), ["press_lstm"]);
+        assert_eq!(a[0].reasons.scorers(), ["lstm"]);
+        assert_eq!(a[0].model_version, "timing-1+fixed-1+press-twin-1");
+        // Presses are stepped from the fourth on (the third is the first followed press), so
+        // the 40th stepped press is the 42nd; it and the three after it add 2 each (clamp):
+        // 8 >= 7 at the 4th, the press 45 came down at.
+        let downs: Vec<i64> = events.iter().filter(|e| e.action == KeyAction::Down).map(|e| e.time_us).collect();
+        assert_eq!(a[0].window.window_end_us, downs[45]);
+        assert!(state.policy().incident().is_some());
+        // Every window stayed under the threshold: no window raised it.
+        assert!(out.iter().all(|o| !matches!(o, Output::Window(w) if w.suspicious)));
+    }
+
+    #[test]
+    fn per_press_state_carries_across_polls_and_alerts_do_not_depend_on_them() {
+        let events = human_like(300);
+        let mut d = Detector::new(DetectorConfig::default()).unwrap();
+        let (mut whole, mut polled) = (UserState::default(), UserState::default());
+        let (mut m1, mut m2) = (press_twin(150.0), press_twin(150.0));
+        let a = run_batched(&mut d, &mut whole, &events, &mut m1, events.len());
+        let b = run_batched(&mut d, &mut polled, &events, &mut m2, 7);
+        assert_eq!(alerts(&a), alerts(&b));
+        assert_eq!(alerts(&a).len(), 1);
+        assert_eq!(whole.scored.press, polled.scored.press, "the same carried state");
+        // Presses 4-299 were stepped: the newest is still held for reordering (no close here).
+        assert_eq!(m1.calls, 296, "one call per press of the one user, however they were polled");
+        assert_eq!(whole.scored.press.h[0], 296.0, "the twin counted every stepped press in h");
+    }
+
+    #[test]
+    fn without_a_per_press_model_no_press_is_queued() {
+        let mut d = Detector::new(DetectorConfig::default()).unwrap();
+        let mut state = UserState::default();
+        let mut model = FixedModel { score: 0.001, steps: 50, calls: 0 };
+        let out = run_batched(&mut d, &mut state, &human_like(120), &mut model, 1000);
+        assert!(alerts(&out).is_empty());
+        assert_eq!(state.scored.press, PressState::default());
+    }
+
+    #[test]
+    fn a_state_stored_before_the_press_model_existed_still_decodes() {
+        let mut d = Detector::new(DetectorConfig::default()).unwrap();
+        let mut state = UserState::default();
+        run_batched(&mut d, &mut state, &human_like(120), &mut press_twin(1000.0), 1000);
+        let sc = &state.scored;
+        let v3 = postcard::to_stdvec(&(
+            &state.reorder,
+            &sc.window,
+            &sc.policy,
+            &sc.memory,
+            sc.virtual_source,
+            &sc.dependence,
+        ))
+        .unwrap();
+        let upgraded = UserState::from(postcard::from_bytes::<UserStateV3>(&v3).unwrap());
+        assert_eq!(upgraded.scored.window, sc.window);
+        assert_eq!(upgraded.scored.dependence, sc.dependence);
+        assert_eq!(upgraded.scored.press, PressState::default());
+        assert_ne!(sc.press, PressState::default());
     }
 
     fn human_like(presses: usize) -> Vec<KeyEvent> {

@@ -186,6 +186,25 @@ impl PolicyState {
         Decision::Alert(reasons)
     }
 
+    /// The per-press model's evidence crossed its threshold at the press at `at_us`. That
+    /// evidence accumulated over presses already, so it needs no confirming window: an incident
+    /// opens unless one is open (which it keeps open) or the user is cooling down after one.
+    pub fn on_press_evidence(&mut self, at_us: i64) -> Decision {
+        if let Some(incident) = &mut self.incident {
+            incident.last_suspicious_us = at_us;
+            incident.clean_streak = 0;
+            return Decision::Quiet;
+        }
+        if self.cooldown_until_us.is_some_and(|until| at_us < until) {
+            return Decision::Quiet;
+        }
+        self.incident = Some(Incident { opened_us: at_us, last_suspicious_us: at_us, clean_streak: 0 });
+        self.alerts_raised += 1;
+        let mut reasons = RuleSet::EMPTY;
+        reasons.insert(Rule::PressLstm);
+        Decision::Alert(reasons)
+    }
+
     /// The user went idle at `now_us`: recent windows stop counting towards confirmation, and an
     /// incident whose last suspicious window is a cool-down old closes.
     pub fn on_idle(&mut self, cfg: &PolicyConfig, now_us: i64) -> Decision {

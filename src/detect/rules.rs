@@ -91,11 +91,14 @@ pub enum Rule {
     /// Over hundreds of presses, holds and flights showed none of the dependence on keys and on
     /// the previous press that a person's do (`detect::dependence`): a sampler.
     KeylessTiming,
+    /// The per-press model's evidence (a CUSUM over its log-odds, `lstm::stream`) crossed its
+    /// threshold: raised at that press, with no window to confirm it.
+    PressLstm,
 }
 
 impl Rule {
     /// Every reason, in bit order.
-    pub const ALL: [Rule; 11] = [
+    pub const ALL: [Rule; 12] = [
         Rule::IntervalHistogram,
         Rule::IntervalRegular,
         Rule::HoldConstant,
@@ -107,6 +110,7 @@ impl Rule {
         Rule::VirtualDevice,
         Rule::Fleet,
         Rule::KeylessTiming,
+        Rule::PressLstm,
     ];
 
     /// The scorer behind this reason: `histogram` for the timing rules over the
@@ -114,7 +118,7 @@ impl Rule {
     /// fleet stages.
     pub fn scorer(self) -> &'static str {
         match self {
-            Rule::Lstm | Rule::Accumulated => "lstm",
+            Rule::Lstm | Rule::Accumulated | Rule::PressLstm => "lstm",
             Rule::Fleet => "fleet",
             _ => "histogram",
         }
@@ -135,6 +139,7 @@ impl Rule {
             Rule::VirtualDevice => &["virtual_device"],
             Rule::Fleet => &[],
             Rule::KeylessTiming => &["key_dependence_chi2", "key_dependence_presses"],
+            Rule::PressLstm => &[],
         }
     }
 
@@ -152,6 +157,7 @@ impl Rule {
             Rule::VirtualDevice => "virtual_device",
             Rule::Fleet => "fleet",
             Rule::KeylessTiming => "keyless_timing",
+            Rule::PressLstm => "press_lstm",
         }
     }
 

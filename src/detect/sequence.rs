@@ -17,7 +17,9 @@
 //! # Layout
 //! - [`STEP_FEATURES`]: names, in order, as the manifest lists them.
 //! - [`encode_window`]: presses to `steps x STEP_FEATURES.len()` floats.
-//! - [`SequenceScorer`]: the seam a model implements; the core never sees the runtime.
+//! - [`encode_followed`]: one press's step, for a per-press model.
+//! - [`SequenceScorer`], [`PressScorer`]: the seams models implement; the core never sees the
+//!   runtime.
 
 use super::window::Press;
 
@@ -48,36 +50,58 @@ fn log_ms(us: i64) -> f32 {
 /// (`steps * STEP_WIDTH` values, oldest step first).
 pub fn encode_window(presses: &[Press], steps: usize, out: &mut Vec<f32>) {
     let used = &presses[presses.len().saturating_sub(steps)..];
-    let start = out.len();
-    out.resize(start + (steps - used.len()) * STEP_WIDTH, 0.0);
-    for (i, p) in used.iter().enumerate() {
-        let flight = if i > 0 { log_ms(p.down_us.saturating_sub(used[i - 1].down_us)) } else { 0.0 };
-        let (log_hold, hold_known) = match p.hold() {
-            Some(h) => (log_ms(i64::from(h)), 1.0),
-            None => (0.0, 0.0),
-        };
-        let same_as_previous = i > 0 && used[i - 1].key == p.key;
-        // Steps back to this key's previous occurrence: short for a rotation or a loop.
-        let previous = used[..i].iter().rposition(|q| q.key == p.key);
-        let (recurrence, echo) = match previous {
-            Some(j) if j > 0 && i > 0 => {
-                let then = log_ms(used[j].down_us.saturating_sub(used[j - 1].down_us));
-                (1.0 / (i - j) as f32, flight - then)
-            }
-            Some(j) => (1.0 / (i - j) as f32, 0.0),
-            None => (0.0, 0.0),
-        };
-        out.extend_from_slice(&[
-            1.0,
-            flight,
-            log_hold,
-            hold_known,
-            f32::from(u8::from(same_as_previous)),
-            recurrence,
-            echo,
-            f32::from(p.repeats).ln_1p(),
-        ]);
+    out.resize(out.len() + (steps - used.len()) * STEP_WIDTH, 0.0);
+    for i in 0..used.len() {
+        out.extend_from_slice(&encode_step(used, i));
     }
+}
+
+/// Presses of context a per-press step is encoded with (the window model's step count).
+pub const PRESS_CONTEXT: usize = 50;
+
+/// Appends the step of the press the newest one has just followed (the second newest of
+/// `presses`), encoded with the presses before it in the last [`PRESS_CONTEXT`], to `out`;
+/// false, appending nothing, while fewer than four presses are there. This is the step a
+/// window scored at this moment holds for that press, so the per-press model reads what
+/// `examples/export_presses.rs` trained it on.
+pub fn encode_followed(presses: &[Press], out: &mut Vec<f32>) -> bool {
+    if presses.len() < 4 {
+        return false;
+    }
+    let used = &presses[presses.len().saturating_sub(PRESS_CONTEXT)..];
+    out.extend_from_slice(&encode_step(used, used.len() - 2));
+    true
+}
+
+/// The step of `used[i]`, from it and the presses before it in `used`.
+fn encode_step(used: &[Press], i: usize) -> [f32; STEP_WIDTH] {
+    let p = &used[i];
+    let flight = if i > 0 { log_ms(p.down_us.saturating_sub(used[i - 1].down_us)) } else { 0.0 };
+    let (log_hold, hold_known) = match p.hold() {
+        Some(h) => (log_ms(i64::from(h)), 1.0),
+        None => (0.0, 0.0),
+    };
+    let same_as_previous = i > 0 && used[i - 1].key == p.key;
+    // Steps back to this key's previous occurrence: short for a rotation or a loop.
+    let previous = used[..i].iter().rposition(|q| q.key == p.key);
+    let (recurrence, echo) = match previous {
+        Some(j) if j > 0 && i > 0 => {
+            let then = log_ms(used[j].down_us.saturating_sub(used[j - 1].down_us));
+            (1.0 / (i - j) as f32, flight - then)
+        }
+        Some(j) => (1.0 / (i - j) as f32, 0.0),
+        None => (0.0, 0.0),
+    };
+    [
+        1.0,
+        flight,
+        log_hold,
+        hold_known,
+        f32::from(u8::from(same_as_previous)),
+        recurrence,
+        echo,
+        f32::from(p.repeats).ln_1p(),
+    ]
 }
 
 /// Why a sequence model could not score a batch.
@@ -96,6 +120,47 @@ pub trait SequenceScorer {
     /// window to `out`. 0.5 is the model's operating threshold, and a score's log-odds are the
     /// model's log-odds over that threshold's (the policy adds them up across windows).
     fn score(&mut self, inputs: &[f32], windows: usize, out: &mut Vec<f32>) -> Result<(), SequenceError>;
+    /// The per-press model that runs beside this window model, if there is one.
+    fn press_scorer(&mut self) -> Option<&mut dyn PressScorer> {
+        None
+    }
+}
+
+/// A model that reads one press at a time from a state each user carries (`h` and `c`), giving
+/// a log-odds per press; its policy is a CUSUM over them.
+pub trait PressScorer {
+    /// Identifies the model in alerts and alert ids.
+    fn version(&self) -> &str;
+    /// Floats in one user's `h` (and in their `c`).
+    fn hidden(&self) -> usize;
+    /// The CUSUM it was tuned with.
+    fn policy(&self) -> PressPolicy;
+    /// Advances `n` users by one press each: `steps` their steps back to back (from
+    /// [`encode_followed`]), `h` and `c` their states (`n * hidden()` each, replaced by the new
+    /// ones); appends each user's log-odds to `out`. A user's numbers may not depend on who
+    /// else is in the call.
+    fn advance(&mut self, steps: &[f32], h: &mut [f32], c: &mut [f32], out: &mut Vec<f32>)
+        -> Result<(), SequenceError>;
+}
+
+/// A one-sided CUSUM over per-press log-odds: `S = max(0, S + clamp(x - reference))`, an
+/// incident once `S >= threshold`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PressPolicy {
+    /// Log-odds a press must beat to add evidence.
+    pub reference: f32,
+    /// The most one press moves the evidence, either way.
+    pub clamp: f32,
+    /// Evidence that opens an incident.
+    pub threshold: f32,
+}
+
+impl PressPolicy {
+    /// The evidence after a press of log-odds `x`.
+    pub fn step(&self, evidence: f32, x: f32) -> f32 {
+        let x = if x.is_finite() { x } else { self.reference };
+        (evidence + (x - self.reference).clamp(-self.clamp, self.clamp)).max(0.0)
+    }
 }
 
 #[cfg(test)]

@@ -31,7 +31,7 @@ use sha2::{Digest, Sha256};
 use tract_onnx::prelude::*;
 
 use crate::detect::sequence::{STEP_FEATURES, STEP_WIDTH};
-use crate::detect::{SequenceError, SequenceScorer};
+use crate::detect::{PressScorer, SequenceError, SequenceScorer};
 
 /// The shipped model's manifest, compiled into the binary.
 pub const EMBEDDED_MANIFEST: &str = include_str!("../../models/keystroke-lstm-1.0.0.json");
@@ -204,6 +204,8 @@ pub struct LstmModel {
     plan: Arc<Plan>,
     /// Reused `[steps, batch, features]` input buffer.
     scratch: Vec<f32>,
+    /// The per-press model that runs beside this one, if any ([`LstmModel::with_press_model`]).
+    press: Option<stream::StreamModel>,
 }
 
 impl LstmModel {
@@ -236,12 +238,31 @@ impl LstmModel {
         // Planned now, so a graph tract cannot run is refused at load.
         let plan = plan(onnx, manifest.input.hidden, BATCH_WINDOWS, manifest.input.steps)
             .map_err(|e| ModelError::Runtime { model: id.clone(), message: format!("{e:#}") })?;
-        Ok(Self { manifest: Arc::new(manifest), id, onnx: onnx.into(), plan: Arc::new(plan), scratch: Vec::new() })
+        Ok(Self {
+            manifest: Arc::new(manifest),
+            id,
+            onnx: onnx.into(),
+            plan: Arc::new(plan),
+            scratch: Vec::new(),
+            press: None,
+        })
     }
 
     /// The manifest.
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
+    }
+
+    /// This window model with a per-press model beside it: every press then steps the user's
+    /// carried state, and its evidence can raise `press_lstm` alerts (`lstm::stream`).
+    pub fn with_press_model(mut self, press: stream::StreamModel) -> Self {
+        self.press = Some(press);
+        self
+    }
+
+    /// The per-press model beside this one, if any.
+    pub fn press_model(&self) -> Option<&stream::StreamModel> {
+        self.press.as_ref()
     }
 
     /// Raw probabilities for `windows` encoded windows (before the threshold mapping).
@@ -364,6 +385,10 @@ impl SequenceScorer for LstmModel {
         out.extend(probs.into_iter().map(|p| self.calibrate(p)));
         Ok(())
     }
+
+    fn press_scorer(&mut self) -> Option<&mut dyn PressScorer> {
+        self.press.as_mut().map(|m| m as &mut dyn PressScorer)
+    }
 }
 
 /// A model that follows its manifest file: [`ReloadingModel::reload_if_changed`] loads a new
@@ -404,6 +429,12 @@ impl ReloadingModel {
         Self { path: None, current: model, seen: Vec::new() }
     }
 
+    /// With a per-press model beside whichever version scores (kept across reloads).
+    pub fn with_press_model(mut self, press: stream::StreamModel) -> Self {
+        self.current.press = Some(press);
+        self
+    }
+
     /// The model scoring now.
     pub fn current(&self) -> &LstmModel {
         &self.current
@@ -419,7 +450,9 @@ impl ReloadingModel {
         if text == self.seen {
             return Ok(Reload::Unchanged);
         }
-        let next = LstmModel::from_manifest_bytes(path, &text)?;
+        let mut next = LstmModel::from_manifest_bytes(path, &text)?;
+        // The per-press model is not part of the manifest followed: it stays.
+        next.press = self.current.press.take();
         self.seen = text;
         let from = std::mem::replace(&mut self.current, next).id;
         Ok(Reload::Loaded { from, to: self.current.id.clone() })
@@ -437,5 +470,9 @@ impl SequenceScorer for ReloadingModel {
 
     fn score(&mut self, inputs: &[f32], windows: usize, out: &mut Vec<f32>) -> Result<(), SequenceError> {
         self.current.score(inputs, windows, out)
+    }
+
+    fn press_scorer(&mut self) -> Option<&mut dyn PressScorer> {
+        self.current.press_scorer()
     }
 }

@@ -23,14 +23,15 @@ use tract_onnx::prelude::*;
 
 use super::{check_inputs, plan, read_manifest, verify_checksum, InputSpec, ModelError, Plan, Scaling};
 use crate::detect::sequence::STEP_WIDTH;
+use crate::detect::{PressPolicy, PressScorer, SequenceError};
 
 /// The shipped streaming model's manifest, compiled into the binary.
-pub const EMBEDDED_STREAM_MANIFEST: &str = include_str!("../../models/keystroke-stream-0.1.0.json");
+pub const EMBEDDED_STREAM_MANIFEST: &str = include_str!("../../models/keystroke-stream-0.2.0.json");
 /// The shipped streaming model's ONNX file, compiled into the binary.
-pub const EMBEDDED_STREAM_ONNX: &[u8] = include_bytes!("../../models/keystroke-stream-0.1.0.onnx");
+pub const EMBEDDED_STREAM_ONNX: &[u8] = include_bytes!("../../models/keystroke-stream-0.2.0.onnx");
 /// Where the shipped streaming manifest lives in the repository.
 pub const SHIPPED_STREAM_MANIFEST_PATH: &str =
-    concat!(env!("CARGO_MANIFEST_DIR"), "/models/keystroke-stream-0.1.0.json");
+    concat!(env!("CARGO_MANIFEST_DIR"), "/models/keystroke-stream-0.2.0.json");
 
 /// Users stepped per planned call (the last chunk padded with empty rows).
 pub const STREAM_BATCH: usize = 64;
@@ -187,5 +188,32 @@ impl StreamModel {
         h.copy_from_slice(&out[1].as_slice::<f32>()?[..h.len()]);
         c.copy_from_slice(&out[2].as_slice::<f32>()?[..c.len()]);
         Ok(out[0].as_slice::<f32>()?.to_vec())
+    }
+}
+
+impl PressScorer for StreamModel {
+    fn version(&self) -> &str {
+        &self.id
+    }
+
+    fn hidden(&self) -> usize {
+        self.manifest.input.hidden
+    }
+
+    fn policy(&self) -> PressPolicy {
+        let StreamPolicy { reference, clamp, threshold } = self.manifest.policy;
+        PressPolicy { reference, clamp, threshold }
+    }
+
+    fn advance(
+        &mut self,
+        steps: &[f32],
+        h: &mut [f32],
+        c: &mut [f32],
+        out: &mut Vec<f32>,
+    ) -> Result<(), SequenceError> {
+        let logits = StreamModel::advance(self, steps, h, c).map_err(|e| SequenceError(format!("{e:#}")))?;
+        out.extend_from_slice(&logits);
+        Ok(())
     }
 }

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use super::query::{RecentScores, ScoreSample};
 use super::records::{self, DeadLetterClass, InputRecord, OutRecord, OutTopic};
 use crate::detect::{
-    Detector, Output, ScoringBatch, SequenceError, SequenceScorer, UserState, UserStateV1, UserStateV2,
+    Detector, Output, ScoringBatch, SequenceError, SequenceScorer, UserState, UserStateV1, UserStateV2, UserStateV3,
 };
 use crate::metrics::events::WindowScores;
 
@@ -33,9 +33,10 @@ pub const NS_USER_STATE: u8 = 0x01;
 /// Where the checkpoint lives.
 const CHECKPOINT_KEY: &[u8] = &[NS_META, b'c', b'k', b'p', b't'];
 /// Version byte in front of every stored user state: 2 added the recurrence memory, 3 the
-/// key-dependence test.
-const STATE_FORMAT: u8 = 3;
+/// key-dependence test, 4 the per-press model's carried state.
+const STATE_FORMAT: u8 = 4;
 /// The formats before it, still read (a rolling upgrade restores them from the changelog).
+const STATE_FORMAT_V3: u8 = 3;
 const STATE_FORMAT_V2: u8 = 2;
 const STATE_FORMAT_V1: u8 = 1;
 /// Windows queued before the model runs over them at once.
@@ -199,6 +200,9 @@ pub fn encode_state(state: &UserState) -> Vec<u8> {
 pub fn decode_state(bytes: &[u8]) -> Result<UserState, TaskError> {
     match bytes.split_first() {
         Some((&STATE_FORMAT, body)) => postcard::from_bytes(body).map_err(|_| TaskError::CorruptState("user state")),
+        Some((&STATE_FORMAT_V3, body)) => postcard::from_bytes::<UserStateV3>(body)
+            .map(UserState::from)
+            .map_err(|_| TaskError::CorruptState("user state")),
         Some((&STATE_FORMAT_V2, body)) => postcard::from_bytes::<UserStateV2>(body)
             .map(UserState::from)
             .map_err(|_| TaskError::CorruptState("user state")),
