@@ -5,6 +5,7 @@
 //!                                                      | per-user state in RocksDB
 //!                                                      | detect: window -> features -> rules
 //!                                                      |         -> LSTM -> policy
+//!                                                      |         press -> per-press LSTM -> CUSUM
 //!                                                      +--> [keys.alerts]   (one transaction
 //!                                                      +--> [keys.dlq]       per task per batch
 //!                                                      +--> [<app>-user-state-changelog] + offsets)
@@ -34,7 +35,8 @@
 //! - [`score`]: offline scoring of a keylog file, JSON lines out.
 //! - [`simulate`]: replayed humans plus macro users, with ground truth.
 //! - [`proto`]: the Protobuf wire format (`proto/`).
-//! - [`lstm`]: the LSTM window scorer (tract-onnx), its manifest and hot reload.
+//! - [`lstm`]: the LSTM window scorer (tract-onnx), its manifest and hot reload; `lstm::stream`
+//!   the per-press model with its carried state.
 //! - [`stream`]: `metronome process`, the Kafka processor: tasks, RocksDB state, changelogs,
 //!   exactly-once transactions, dead letters.
 //! - [`sink`]: the PostgreSQL sink of the alert topic, exactly once (`metronome sink-postgres`,
