@@ -4,8 +4,8 @@
 //! A window model needs a third to half of its 50 presses from a macro before it stands out
 //! (`docs/detection.md`, "How fast a window detector can be after an onset"); this one reads
 //! every settled press as it comes and its policy (a CUSUM over the log-odds, parameters in the
-//! manifest) can alert 15-20 presses after an onset (validation, `docs/detection.md`). Trained by `models/train_stream.py` on
-//! sessions `examples/export_presses.rs` writes.
+//! manifest) alerts 15-20 presses after an onset (validation split, `docs/detection.md`, "Per
+//! press"). Trained by `models/train_stream.py` on sessions `examples/export_presses.rs` writes.
 //!
 //! Like the window model, every call runs a plan for one fixed batch size ([`STREAM_BATCH`]),
 //! padding the last chunk, so a user's log-odds do not depend on who else shared the call.
