@@ -23,22 +23,16 @@ fn http_get(addr: &str, path: &str) -> String {
 
 /// The alerts counter reaches the alert shown. The demo's broker (librdkafka's mock cluster)
 /// shows an alert before the processor's commit returns and counts it, so this waits for the
-/// count, within a bound.
+/// count, within the tests' patience.
 fn assert_alerts_counted(addr: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let body = http_get(addr, "/metrics");
-        let counted: f64 = body
+    common::wait_until("the alert shown to be counted in /metrics", || {
+        let counted: f64 = http_get(addr, "/metrics")
             .lines()
             .filter(|l| l.starts_with("metronome_alerts_total{"))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum();
-        if counted >= 1.0 {
-            return;
-        }
-        assert!(Instant::now() < deadline, "no alert counted in /metrics 20 s after one was shown:\n{body}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        counted >= 1.0
+    });
 }
 
 /// Seconds since the demo started, from a line `[   7.4s] ALERT ...`.

@@ -216,18 +216,13 @@ impl LstmModel {
 
     /// Loads a model from manifest contents read from `path` (the ONNX file is beside it).
     fn from_manifest_bytes(path: &Path, text: &[u8]) -> Result<Self, ModelError> {
-        let manifest: Manifest =
-            serde_json::from_slice(text).map_err(|source| ModelError::Manifest { path: path.to_owned(), source })?;
-        let onnx_path = path.parent().unwrap_or(Path::new(".")).join(&manifest.file);
-        let onnx = std::fs::read(&onnx_path).map_err(|source| ModelError::Io { path: onnx_path.clone(), source })?;
+        let (manifest, onnx, onnx_path) = manifest_and_onnx(path, text, |m: &Manifest| &m.file)?;
         Self::from_parts(manifest, &onnx, &onnx_path)
     }
 
     /// The shipped model compiled into the binary (verified like any other).
     pub fn embedded() -> Result<Self, ModelError> {
-        let path = PathBuf::from(SHIPPED_MANIFEST_PATH);
-        let manifest: Manifest =
-            serde_json::from_str(EMBEDDED_MANIFEST).map_err(|source| ModelError::Manifest { path, source })?;
+        let manifest = parse_embedded(EMBEDDED_MANIFEST, SHIPPED_MANIFEST_PATH)?;
         Self::from_parts(manifest, EMBEDDED_ONNX, Path::new("<embedded model>"))
     }
 
@@ -350,6 +345,24 @@ impl LstmModel {
             .map_err(|e| ModelError::Runtime { model: self.id.clone(), message: format!("{e:#}") })?;
         Ok(CarriedStateLstm { plan, steps, hidden: self.manifest.input.hidden })
     }
+}
+
+/// A manifest parsed from `text` (read from `path`) and the ONNX file it names, beside it.
+fn manifest_and_onnx<M: serde::de::DeserializeOwned>(
+    path: &Path,
+    text: &[u8],
+    file_of: impl Fn(&M) -> &str,
+) -> Result<(M, Vec<u8>, PathBuf), ModelError> {
+    let manifest: M =
+        serde_json::from_slice(text).map_err(|source| ModelError::Manifest { path: path.to_owned(), source })?;
+    let onnx_path = path.parent().unwrap_or(Path::new(".")).join(file_of(&manifest));
+    let onnx = std::fs::read(&onnx_path).map_err(|source| ModelError::Io { path: onnx_path.clone(), source })?;
+    Ok((manifest, onnx, onnx_path))
+}
+
+/// A manifest compiled into the binary; errors name the repository file it came from.
+fn parse_embedded<M: serde::de::DeserializeOwned>(text: &str, shipped_path: &str) -> Result<M, ModelError> {
+    serde_json::from_str(text).map_err(|source| ModelError::Manifest { path: PathBuf::from(shipped_path), source })
 }
 
 fn read_manifest(path: &Path) -> Result<Vec<u8>, ModelError> {

@@ -15,13 +15,16 @@
 //! - [`StreamModel`]: a loaded, verified, planned model; [`StreamModel::advance`] steps users.
 //! - [`StreamModel::embedded`]: the shipped model, compiled in.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use serde::Deserialize;
 use tract_onnx::prelude::*;
 
-use super::{check_inputs, plan, read_manifest, verify_checksum, InputSpec, ModelError, Plan, Scaling};
+use super::{
+    check_inputs, manifest_and_onnx, parse_embedded, plan, read_manifest, verify_checksum, InputSpec, ModelError, Plan,
+    Scaling,
+};
 use crate::detect::sequence::STEP_WIDTH;
 use crate::detect::{PressPolicy, PressScorer, SequenceError};
 
@@ -104,18 +107,13 @@ impl StreamModel {
     /// Loads the manifest at `path` and the ONNX file it names.
     pub fn load(path: &Path) -> Result<Self, ModelError> {
         let text = read_manifest(path)?;
-        let manifest: StreamManifest =
-            serde_json::from_slice(&text).map_err(|source| ModelError::Manifest { path: path.to_owned(), source })?;
-        let onnx_path = path.parent().unwrap_or(Path::new(".")).join(&manifest.file);
-        let onnx = std::fs::read(&onnx_path).map_err(|source| ModelError::Io { path: onnx_path.clone(), source })?;
+        let (manifest, onnx, onnx_path) = manifest_and_onnx(path, &text, |m: &StreamManifest| &m.file)?;
         Self::from_parts(manifest, &onnx, &onnx_path)
     }
 
     /// The shipped streaming model compiled into the binary (verified like any other).
     pub fn embedded() -> Result<Self, ModelError> {
-        let path = PathBuf::from(SHIPPED_STREAM_MANIFEST_PATH);
-        let manifest: StreamManifest =
-            serde_json::from_str(EMBEDDED_STREAM_MANIFEST).map_err(|source| ModelError::Manifest { path, source })?;
+        let manifest = parse_embedded(EMBEDDED_STREAM_MANIFEST, SHIPPED_STREAM_MANIFEST_PATH)?;
         Self::from_parts(manifest, EMBEDDED_STREAM_ONNX, Path::new("<embedded streaming model>"))
     }
 
