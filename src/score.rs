@@ -85,7 +85,7 @@ pub fn score_records(
     on_model_error: impl FnMut(&SequenceError),
 ) -> Result<ScoreSummary, ScoreError> {
     let mut run = Run {
-        batch: ScoringBatch::new(model.as_ref().map(|m| m.steps())),
+        batch: ScoringBatch::for_model(model.as_deref()),
         detector,
         model,
         users: Vec::new(),

@@ -405,6 +405,8 @@ pub struct ScoringBatch {
     /// event, so it is counted rather than recomputed.
     windows: usize,
     scores: Vec<f32>,
+    /// Whether presses are queued for a per-press model.
+    presses: bool,
     /// One step per `PendingAction::Press`, in order, for the per-press model.
     press_inputs: Vec<f32>,
     /// The per-press model's log-odds for them, once it ran.
@@ -443,6 +445,13 @@ impl ScoringBatch {
     /// alone (`None`).
     pub fn new(steps: Option<usize>) -> Self {
         Self { steps, ..Self::default() }
+    }
+
+    /// A batch for `model` (`None`: the timing rules alone): its windows encoded for it, and
+    /// presses queued only when a per-press model runs beside it.
+    pub fn for_model(model: Option<&dyn SequenceScorer>) -> Self {
+        let presses = model.is_some_and(|m| m.reads_presses());
+        Self { steps: model.map(|m| m.steps()), presses, ..Self::default() }
     }
 
     /// Windows waiting for [`Detector::finish`].
@@ -667,7 +676,7 @@ impl Detector {
         model: Option<&mut dyn SequenceScorer>,
     ) -> Result<Vec<Output>, SequenceError> {
         let mut users = [(user.to_owned(), UserState::default())];
-        let mut batch = ScoringBatch::new(model.as_ref().map(|m| m.steps()));
+        let mut batch = ScoringBatch::for_model(model.as_deref());
         for e in events {
             self.on_event(0, &mut users[0].1, *e, &mut batch);
         }
@@ -778,11 +787,14 @@ impl Scoring<'_> {
         }
     }
 
-    /// Queues the step of the press the newest one followed, for the per-press model (when a
-    /// model will run: the batch reads steps).
+    /// Queues the step of the press the newest one followed, for the per-press model (when one
+    /// will run).
     fn queue_followed_press(&mut self, state: &mut ScoredState) {
+        if !self.batch.presses {
+            return;
+        }
         let presses = state.window.presses();
-        if self.batch.steps.is_none() || !sequence::encode_followed(presses, &mut self.batch.press_inputs) {
+        if !sequence::encode_followed(presses, &mut self.batch.press_inputs) {
             return;
         }
         let (Some(first), Some(last)) = (presses.first(), presses.last()) else { return };
@@ -923,6 +935,9 @@ mod tests {
         fn score(&mut self, inputs: &[f32], windows: usize, out: &mut Vec<f32>) -> Result<(), SequenceError> {
             self.window.score(inputs, windows, out)
         }
+        fn reads_presses(&self) -> bool {
+            true
+        }
         fn press_scorer(&mut self) -> Option<&mut dyn PressScorer> {
             Some(self)
         }
@@ -971,7 +986,7 @@ mod tests {
         let mut users = [("u1".to_owned(), std::mem::take(state))];
         let mut out = Vec::new();
         for chunk in events.chunks(per_batch) {
-            let mut batch = ScoringBatch::new(Some(model.steps()));
+            let mut batch = ScoringBatch::for_model(Some(&*model));
             for e in chunk {
                 d.on_event(0, &mut users[0].1, *e, &mut batch);
             }
@@ -1022,11 +1037,22 @@ mod tests {
     #[test]
     fn without_a_per_press_model_no_press_is_queued() {
         let mut d = Detector::new(DetectorConfig::default()).unwrap();
-        let mut state = UserState::default();
-        let mut model = FixedModel { score: 0.001, steps: 50, calls: 0 };
-        let out = run_batched(&mut d, &mut state, &human_like(120), &mut model, 1000);
-        assert!(alerts(&out).is_empty());
-        assert_eq!(state.scored.press, PressState::default());
+        let mut users = [("u1".to_owned(), UserState::default())];
+        let model = FixedModel { score: 0.001, steps: 50, calls: 0 };
+        let mut batch = ScoringBatch::for_model(Some(&model));
+        for e in human_like(120) {
+            d.on_event(0, &mut users[0].1, e, &mut batch);
+        }
+        assert!(batch.windows() > 0);
+        assert!(batch.press_inputs.is_empty());
+        assert!(!batch.pending.iter().any(|p| matches!(p.action, PendingAction::Press { .. })));
+        // With one beside it, every followed press is (a fresh user: the same events again).
+        let mut users = [("u2".to_owned(), UserState::default())];
+        let mut batch = ScoringBatch::for_model(Some(&press_twin(1.0)));
+        for e in human_like(120) {
+            d.on_event(0, &mut users[0].1, e, &mut batch);
+        }
+        assert!(batch.pending.iter().any(|p| matches!(p.action, PendingAction::Press { .. })));
     }
 
     #[test]

@@ -120,6 +120,10 @@ pub trait SequenceScorer {
     /// window to `out`. 0.5 is the model's operating threshold, and a score's log-odds are the
     /// model's log-odds over that threshold's (the policy adds them up across windows).
     fn score(&mut self, inputs: &[f32], windows: usize, out: &mut Vec<f32>) -> Result<(), SequenceError>;
+    /// Whether a per-press model runs beside this window model (batches then queue presses).
+    fn reads_presses(&self) -> bool {
+        false
+    }
     /// The per-press model that runs beside this window model, if there is one.
     fn press_scorer(&mut self) -> Option<&mut dyn PressScorer> {
         None

@@ -399,6 +399,10 @@ impl SequenceScorer for LstmModel {
         Ok(())
     }
 
+    fn reads_presses(&self) -> bool {
+        self.press.is_some()
+    }
+
     fn press_scorer(&mut self) -> Option<&mut dyn PressScorer> {
         self.press.as_mut().map(|m| m as &mut dyn PressScorer)
     }
@@ -483,6 +487,10 @@ impl SequenceScorer for ReloadingModel {
 
     fn score(&mut self, inputs: &[f32], windows: usize, out: &mut Vec<f32>) -> Result<(), SequenceError> {
         self.current.score(inputs, windows, out)
+    }
+
+    fn reads_presses(&self) -> bool {
+        self.current.reads_presses()
     }
 
     fn press_scorer(&mut self) -> Option<&mut dyn PressScorer> {

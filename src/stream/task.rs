@@ -309,7 +309,7 @@ impl<S: Store> Task<S> {
         let mut outcome = BatchOutcome { records: records.len() as u64, ..BatchOutcome::default() };
         let mut users = Users { slots: Vec::new(), index: HashMap::new() };
         let mut out: Vec<OutRecord> = Vec::new();
-        let mut scoring = ScoringBatch::new(ctx.model.as_ref().map(|m| m.steps()));
+        let mut scoring = ScoringBatch::for_model(ctx.model.as_deref());
         let mut outputs: Vec<(usize, Output)> = Vec::new();
         let mut samples: Vec<(usize, ScoreSample)> = Vec::new();
 
