@@ -108,6 +108,15 @@ fn median(mut v: Vec<usize>) -> String {
     v.get(v.len() / 2).map_or("-".to_owned(), |d| d.to_string())
 }
 
+/// "first quartile-third quartile" of `v`.
+fn quartiles(mut v: Vec<usize>) -> String {
+    v.sort_unstable();
+    match (v.get(v.len() / 4), v.get(3 * v.len() / 4)) {
+        (Some(a), Some(b)) => format!("{a}-{b}"),
+        _ => "-".to_owned(),
+    }
+}
+
 fn pct(n: usize, of: usize) -> f64 {
     100.0 * n as f64 / of.max(1) as f64
 }
@@ -345,19 +354,29 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("| scorer | caught after onset | alerts before onset | median presses from onset to alert |");
     println!("|---|---|---|---|");
     println!(
-        "| timing + LSTM | {caught}/{per_family} ({:.1} %) | {before_onset} | {} |",
+        "| timing + LSTM | {caught}/{per_family} ({:.1} %) | {before_onset} | {} (quartiles {}, within 20: {}) |",
         pct(caught, per_family),
-        median(delays)
+        median(delays.clone()),
+        quartiles(delays.clone()),
+        delays.iter().filter(|&&d| d <= 20).count()
     );
     println!(
         "| timing rules alone | {caught_timing}/{per_family} ({:.1} %) | - | {} |",
         pct(caught_timing, per_family),
         median(delays_timing)
     );
-    println!("\n| macro family (timing + LSTM) | caught after onset | median presses from onset to alert |");
-    println!("|---|---|---|");
+    println!(
+        "\n| macro family (timing + LSTM) | caught after onset | median presses from onset to alert | quartiles | within 20 |"
+    );
+    println!("|---|---|---|---|---|");
     for (family, (sessions, delays)) in by_family {
-        println!("| {family} | {}/{sessions} | {} |", delays.len(), median(delays));
+        let within = delays.iter().filter(|&&d| d <= 20).count();
+        println!(
+            "| {family} | {}/{sessions} | {} | {} | {within} |",
+            delays.len(),
+            median(delays.clone()),
+            quartiles(delays)
+        );
     }
     Ok(())
 }

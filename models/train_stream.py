@@ -38,8 +38,8 @@ import torch
 from torch import nn
 
 NAME = "keystroke-stream"
-VERSION = "0.2.0"
-HIDDEN = 32
+VERSION = "0.3.0"
+HIDDEN = 48
 WIDTH = 8
 
 
@@ -342,7 +342,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=Path("models/data-presses"))
     ap.add_argument("--out", type=Path, default=Path("models"))
-    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--epochs", type=int, default=16)
     ap.add_argument("--hidden", type=int, default=HIDDEN)
     ap.add_argument("--warm", type=int, default=6, help="presses after an onset left out of the loss")
     ap.add_argument("--crop", type=int, default=600, help="longest stretch of a human session per batch")

@@ -87,7 +87,7 @@ fn score_flags_the_macro_users_and_only_them() {
         assert!(!alert[field].is_null(), "alert lacks {field}");
     }
     assert!(!alert["reasons"].as_array().unwrap().is_empty());
-    assert_eq!(alert["model_version"], "timing-1+keystroke-lstm-1.0.0+keystroke-stream-0.2.0");
+    assert_eq!(alert["model_version"], "timing-1+keystroke-lstm-1.0.0+keystroke-stream-0.3.0");
     let scorers: Vec<&str> = alert["scorers"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
     assert!(!scorers.is_empty() && scorers.iter().all(|s| ["histogram", "lstm"].contains(s)), "{scorers:?}");
 }

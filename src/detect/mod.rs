@@ -438,6 +438,9 @@ enum PendingAction {
         at_us: i64,
         window_start_us: i64,
     },
+    /// The window at the press where the replay evidence became conclusive: timing only, for
+    /// the policy at once (`Scoring::queue_replay`).
+    Replay(WindowReport),
 }
 
 impl ScoringBatch {
@@ -611,7 +614,7 @@ impl Detector {
                     }
                     // The evidence starts again: a later incident needs evidence of its own.
                     state.press.evidence = 0.0;
-                    if let Decision::Alert(reasons) = state.policy.on_press_evidence(at_us) {
+                    if let Decision::Alert(reasons) = state.policy.on_conclusive(at_us, press_reasons()) {
                         let report = press_report(window_start_us, at_us, logit);
                         let id = alert_id(user.user_id(), window_start_us, at_us, &model_version);
                         let model_version = model_version.clone();
@@ -623,6 +626,19 @@ impl Detector {
                 }
                 PendingAction::Fingerprint { fingerprint, at_us } => {
                     out.push((slot, Output::Fingerprint { fingerprint, at_us }));
+                }
+                PendingAction::Replay(mut report) => {
+                    report.suspicious = true;
+                    let end_us = report.window_end_us;
+                    let policy = &mut user.state().scored.policy;
+                    if let Decision::Alert(reasons) = policy.on_conclusive(end_us, report.fired) {
+                        let id = alert_id(user.user_id(), report.window_start_us, end_us, &model_version);
+                        let model_version = model_version.clone();
+                        out.push((
+                            slot,
+                            Output::Alert(AlertReport { alert_id: id, window: report, reasons, model_version }),
+                        ));
+                    }
                 }
                 PendingAction::Idle { at_us } => {
                     if user.state().scored.policy.on_idle(policy_cfg, at_us) == Decision::IncidentClosed {
@@ -747,8 +763,7 @@ fn run_press_model<U: UserSlot>(
 /// probability its score.
 fn press_report(window_start_us: i64, at_us: i64, logit: f32) -> WindowReport {
     let p = 1.0 / (1.0 + (-f64::from(logit)).exp());
-    let mut fired = RuleSet::EMPTY;
-    fired.insert(Rule::PressLstm);
+    let fired = press_reasons();
     WindowReport {
         window_start_us,
         window_end_us: at_us,
@@ -762,6 +777,13 @@ fn press_report(window_start_us: i64, at_us: i64, logit: f32) -> WindowReport {
         suspicious: true,
         partial: false,
     }
+}
+
+/// The reasons of an alert the per-press model's evidence raises.
+fn press_reasons() -> RuleSet {
+    let mut fired = RuleSet::EMPTY;
+    fired.insert(Rule::PressLstm);
+    fired
 }
 
 /// What scoring borrows from the detector and the caller, for one user.
@@ -803,9 +825,16 @@ impl Scoring<'_> {
     }
 
     /// Feeds a settled press to the recurrence memory, and queues the fingerprint of the run it
-    /// ends if that run is one.
+    /// ends if that run is one, and the window at once if the replay evidence just became
+    /// conclusive.
     fn remember(&mut self, state: &mut ScoredState, press: &Press) {
+        let before = state.memory.evidence(&self.cfg.recurrence).recurrences;
         state.memory.push(&self.cfg.recurrence, press);
+        let after = state.memory.evidence(&self.cfg.recurrence).recurrences;
+        let needed = self.cfg.rules.replay_recurrences.max(1);
+        if before < needed && after >= needed {
+            self.queue_replay(state);
+        }
         if self.cfg.dependence.enabled {
             state.dependence.push(&self.cfg.dependence, press);
         }
@@ -816,11 +845,37 @@ impl Scoring<'_> {
         }
     }
 
+    /// The memory's recurrences just reached the replay rule's count, at the newest press: the
+    /// window up to it goes to the policy now, not at the next hop, and needs no confirming
+    /// window (each recurrence is a verified run, and the count is already their accumulation).
+    /// Its timing is scored as any window's; the window model does not score it.
+    fn queue_replay(&mut self, state: &mut ScoredState) {
+        let Some(report) = Self::timing_report(self.cfg, self.scratch, state, true) else { return };
+        if report.fired.contains(Rule::Replay) {
+            self.batch.pending.push(Pending { slot: self.slot, action: PendingAction::Replay(report) });
+        }
+    }
+
     /// Scores the window's timing now and queues it for the sequence model and the policy.
     fn score(&mut self, state: &mut ScoredState, partial: bool) {
-        let Self { cfg, scratch, slot, batch } = self;
+        let Some(report) = Self::timing_report(self.cfg, self.scratch, state, partial) else { return };
+        if let Some(steps) = self.batch.steps {
+            sequence::encode_window(state.window.presses(), steps, &mut self.batch.inputs);
+        }
+        self.batch.windows += 1;
+        state.window.mark_scored();
+        self.batch.pending.push(Pending { slot: self.slot, action: PendingAction::Window(report) });
+    }
+
+    /// The window's features and timing verdict, from its presses and the user's memories.
+    fn timing_report(
+        cfg: &DetectorConfig,
+        scratch: &mut features::Scratch,
+        state: &mut ScoredState,
+        partial: bool,
+    ) -> Option<WindowReport> {
         let presses = state.window.presses();
-        let (Some(first), Some(last)) = (presses.first(), presses.last()) else { return };
+        let (first, last) = (presses.first()?, presses.last()?);
         let (window_start_us, window_end_us) = (first.down_us, last.down_us);
         let mut features = features::extract(presses, &cfg.features, scratch);
         let replay = state.memory.evidence(&cfg.recurrence);
@@ -833,13 +888,8 @@ impl Scoring<'_> {
             features.key_dependence_presses = f64::from(verdict.presses);
         }
         let interval_histogram = features::interval_histogram(scratch, cfg.features.bin_ms);
-        if let Some(steps) = batch.steps {
-            sequence::encode_window(presses, steps, &mut batch.inputs);
-        }
-        batch.windows += 1;
-        state.window.mark_scored();
         let timing = rules::evaluate(&features, &cfg.rules);
-        let report = WindowReport {
+        Some(WindowReport {
             window_start_us,
             window_end_us,
             score: timing.score,
@@ -851,8 +901,7 @@ impl Scoring<'_> {
             fired: timing.fired,
             suspicious: false,
             partial,
-        };
-        batch.pending.push(Pending { slot: *slot, action: PendingAction::Window(report) });
+        })
     }
 }
 
@@ -1347,7 +1396,8 @@ mod tests {
         assert_eq!(a[0].reasons.names(), ["replay"]);
         let f = &a[0].window.features;
         assert_eq!(f.replay_period, 300.0);
-        assert!(f.replay_recurrences >= 3.0 && f.replay_error_ms < 5.0, "{f:?}");
+        // Raised at the press the third recurrence was found, not at a later confirming window.
+        assert!(f.replay_recurrences == 3.0 && f.replay_error_ms < 5.0, "{f:?}");
         // Nothing in the first loop: a replay cannot be told before it comes round.
         let first_loop_end = events.iter().filter(|e| e.action == KeyAction::Down).nth(300).unwrap().time_us;
         assert!(a[0].window.window_end_us > first_loop_end);

@@ -29,6 +29,14 @@
 //! overlap (a hop of 10 in 50 presses), so consecutive increments are correlated and the bound
 //! is a guide, not a guarantee: `models/EVAL.md` gives theta as measured on human windows of the
 //! validation split, and the largest S any held-out human reached.
+//!
+//! # Evidence that is conclusive on its own
+//!
+//! Two kinds of evidence accumulate before the policy sees them and so open an incident at the
+//! press they cross, without a confirming window ([`PolicyState::on_conclusive`]): the
+//! per-press model's CUSUM (`press_lstm`), and the recurrence memory's count of verified runs
+//! that repeat at one period (`replay`, at `rules.replay_recurrences`). Waiting for a second
+//! window would only add 10 to 20 presses to what they already counted.
 
 use std::collections::VecDeque;
 
@@ -186,10 +194,11 @@ impl PolicyState {
         Decision::Alert(reasons)
     }
 
-    /// The per-press model's evidence crossed its threshold at the press at `at_us`. That
-    /// evidence accumulated over presses already, so it needs no confirming window: an incident
-    /// opens unless one is open (which it keeps open) or the user is cooling down after one.
-    pub fn on_press_evidence(&mut self, at_us: i64) -> Decision {
+    /// Evidence that accumulated on its own crossed its threshold at `at_us`: the per-press
+    /// model's CUSUM, or recurrences of a replayed run counted to the replay rule's number. It
+    /// needs no confirming window: an incident opens, its alert giving `reasons`, unless one is
+    /// open (which it keeps open) or the user is cooling down after one.
+    pub fn on_conclusive(&mut self, at_us: i64, reasons: RuleSet) -> Decision {
         if let Some(incident) = &mut self.incident {
             incident.last_suspicious_us = at_us;
             incident.clean_streak = 0;
@@ -200,8 +209,6 @@ impl PolicyState {
         }
         self.incident = Some(Incident { opened_us: at_us, last_suspicious_us: at_us, clean_streak: 0 });
         self.alerts_raised += 1;
-        let mut reasons = RuleSet::EMPTY;
-        reasons.insert(Rule::PressLstm);
         Decision::Alert(reasons)
     }
 
