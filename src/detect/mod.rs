@@ -850,7 +850,7 @@ impl Scoring<'_> {
     /// window (each recurrence is a verified run, and the count is already their accumulation).
     /// Its timing is scored as any window's; the window model does not score it.
     fn queue_replay(&mut self, state: &mut ScoredState) {
-        let Some(report) = Self::timing_report(self.cfg, self.scratch, state, true) else { return };
+        let Some(report) = Self::timing_report(self.cfg, self.scratch, state, false) else { return };
         if report.fired.contains(Rule::Replay) {
             self.batch.pending.push(Pending { slot: self.slot, action: PendingAction::Replay(report) });
         }
@@ -1421,6 +1421,23 @@ mod tests {
         // No verdict before two blocks: nothing can be told of the first 600 presses.
         let block_end = sampler.iter().filter(|e| e.action == KeyAction::Down).nth(599).unwrap().time_us;
         assert!(a[0].window.window_end_us >= block_end);
+    }
+
+    #[test]
+    fn records_resent_after_a_restart_do_not_make_a_person_a_replay() {
+        // An agent that restarts resends what it had not seen acknowledged: the same events, with
+        // their own times, once the stream has moved on. They must not read as a replayed run.
+        let person = recording(600, 16);
+        let mut d = Detector::new(DetectorConfig::default()).unwrap();
+        let mut state = UserState::default();
+        let first = run(&mut d, &mut state, &person[..800]);
+        let resent = run(&mut d, &mut state, &person[400..]);
+        assert!(alerts(&first).is_empty() && alerts(&resent).is_empty());
+        let replay_seen =
+            |out: &[Output]| out.iter().any(|o| matches!(o, Output::Window(w) if w.features.replay_recurrences > 0.0));
+        assert!(!replay_seen(&first) && !replay_seen(&resent));
+        // What protects the person: events behind the user's watermark are dropped as late.
+        assert!(state.late_events() >= 300, "{}", state.late_events());
     }
 
     #[test]
