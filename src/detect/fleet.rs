@@ -4,9 +4,11 @@
 //! Three pure steps, each owned by one stage of the stream (`stream::fleet` wires them):
 //! 1. **Fingerprints**, per user: at some presses (anchors, chosen by the content itself so
 //!    every account of a fleet picks the same script positions), the hash of the last
-//!    `flights` flights quantised to `quantum_ms` ([`fingerprint`]). Regular runs (range under
-//!    `min_range_ms`, or fewer than `min_distinct_quanta` values) are left to the timing rules:
-//!    a jittered interval rounds to a few values that steady human stretches share.
+//!    `flights` flights rounded at the first of the [`Resolution`]s (20 ms, then 10 ms) that does
+//!    not call the run regular ([`fingerprint`]). Regular runs (a narrow range, few distinct
+//!    values, or mostly one value) are left to the timing rules: they round to a few values that
+//!    steady human stretches and other scripts of the same interval share. 10 ms reaches
+//!    jittered intervals too narrow for 20 ms; 20 ms tolerates more jitter between accounts.
 //! 2. **Users per fingerprint**, per fingerprint ([`FingerprintUsers`]): the distinct users that
 //!    produced it within `window_s` (of the time sightings carry: in the stream the processor's
 //!    clock, since an agent's clock is its user's to forge). Once `min_accounts` share one, the stage
@@ -37,13 +39,10 @@ pub struct FleetConfig {
     pub enabled: bool,
     /// Flights hashed into one fingerprint.
     pub flights: usize,
-    /// Quantum the flights are rounded to, ms.
-    pub quantum_ms: u16,
-    /// Runs whose flights span less than this are regular, left to the timing rules, ms.
-    pub min_range_ms: u16,
-    /// Distinct quantised flights a run needs: runs of few values (a jittered constant
-    /// interval) are shared by chance with humans' steadier stretches; the timing rules' call.
-    pub min_distinct_quanta: usize,
+    /// How runs are rounded and which are too regular to share, tried in order: a run gets the
+    /// fingerprint of the first resolution that does not call it regular, so one coincidence
+    /// between two humans never counts as two shared fingerprints.
+    pub resolutions: Vec<Resolution>,
     /// One run in this many (by its hash) is a fingerprint.
     pub anchor_one_in: u32,
     /// Horizon within which sharing counts, seconds (of the sightings' time).
@@ -63,9 +62,13 @@ impl Default for FleetConfig {
         Self {
             enabled: true,
             flights: 10,
-            quantum_ms: 20,
-            min_range_ms: 30,
-            min_distinct_quanta: 4,
+            resolutions: vec![
+                // Scripts whose flights spread widely: robust to a few ms of jitter per account.
+                Resolution { quantum_ms: 20, min_range_ms: 30, min_distinct_quanta: 4, max_repeated_quanta: 10 },
+                // A jittered interval too narrow for 20 ms (a few values there, which steady
+                // human stretches share), but not a constant or a timer's ticks.
+                Resolution { quantum_ms: 10, min_range_ms: 20, min_distinct_quanta: 3, max_repeated_quanta: 6 },
+            ],
             anchor_one_in: 4,
             window_s: 900,
             min_accounts: 3,
@@ -76,6 +79,49 @@ impl Default for FleetConfig {
     }
 }
 
+/// One way of rounding runs into fingerprints (`[[detector.fleet.resolutions]]`), with the rule
+/// that turns regular runs away: those are shared by chance with humans' steady stretches (and
+/// with other scripts of the same interval), and the timing rules catch them per account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resolution {
+    /// Quantum the flights are rounded to, ms.
+    pub quantum_ms: u16,
+    /// Runs whose flights span less than this are regular, ms.
+    pub min_range_ms: u16,
+    /// Distinct rounded flights a run needs.
+    pub min_distinct_quanta: usize,
+    /// Most flights of a run that may round to one value: a run mostly of one value (a timer's
+    /// tick with an occasional extra tick) is regular however wide it spans.
+    pub max_repeated_quanta: usize,
+}
+
+impl Resolution {
+    /// Whether a run of these flights (sorted) is regular at this resolution.
+    fn is_regular(&self, sorted_flights: &[u16]) -> bool {
+        let (Some(&lo), Some(&hi)) = (sorted_flights.first(), sorted_flights.last()) else { return true };
+        if hi - lo < self.min_range_ms {
+            return true;
+        }
+        // Rounding keeps the order, so equal values are neighbours.
+        let (mut distinct, mut longest, mut current, mut previous) = (0, 0, 0, None);
+        for q in sorted_flights.iter().map(|&f| round(f, self.quantum_ms)) {
+            if previous == Some(q) {
+                current += 1;
+            } else {
+                distinct += 1;
+                current = 1;
+                previous = Some(q);
+            }
+            longest = longest.max(current);
+        }
+        distinct < self.min_distinct_quanta || longest > self.max_repeated_quanta
+    }
+}
+
+/// Most resolutions a configuration may list.
+pub const MAX_RESOLUTIONS: usize = 4;
+
 impl FleetConfig {
     /// Checks what the stages depend on.
     pub fn validate(&self, recurrence: &RecurrenceConfig) -> Result<(), String> {
@@ -85,11 +131,19 @@ impl FleetConfig {
         if !(4..=MAX_FLIGHTS).contains(&self.flights) || self.flights > recurrence.memory_presses {
             return Err("fleet.flights must be between 4 and 64 (and within recurrence.memory_presses)".into());
         }
-        if self.min_distinct_quanta > self.flights {
-            return Err("fleet.min_distinct_quanta must be at most fleet.flights".into());
+        if self.enabled && !(1..=MAX_RESOLUTIONS).contains(&self.resolutions.len()) {
+            return Err(format!("fleet.resolutions must list 1 to {MAX_RESOLUTIONS} resolutions"));
         }
-        if self.quantum_ms == 0 || self.anchor_one_in == 0 || self.window_s == 0 {
-            return Err("fleet.quantum_ms, anchor_one_in and window_s must be positive".into());
+        for r in &self.resolutions {
+            if r.quantum_ms == 0 {
+                return Err("fleet.resolutions: quantum_ms must be positive".into());
+            }
+            if r.min_distinct_quanta > self.flights || r.max_repeated_quanta == 0 {
+                return Err("fleet.resolutions: min_distinct_quanta must be at most fleet.flights and max_repeated_quanta positive".into());
+            }
+        }
+        if self.anchor_one_in == 0 || self.window_s == 0 {
+            return Err("fleet.anchor_one_in and window_s must be positive".into());
         }
         if self.min_accounts < 2 || self.min_shared == 0 {
             return Err("fleet needs min_accounts >= 2 and min_shared >= 1".into());
@@ -108,40 +162,50 @@ impl FleetConfig {
 /// Most flights one fingerprint hashes.
 pub const MAX_FLIGHTS: usize = 64;
 
-/// The fingerprint of the run ending at the memory's latest press, when that run is an anchor.
+/// The fingerprint of the run ending at the memory's latest press, when that run is an anchor:
+/// at the first resolution that does not call the run regular (none if all do).
 pub fn fingerprint(memory: &RecurrenceMemory, recurrence: &RecurrenceConfig, cfg: &FleetConfig) -> Option<u64> {
     if !cfg.enabled {
         return None;
     }
     let mut flights = [0u16; MAX_FLIGHTS];
-    let scratch = &mut flights[..cfg.flights.min(MAX_FLIGHTS)];
-    if !memory.latest_flights(recurrence, scratch) {
+    let flights = &mut flights[..cfg.flights.min(MAX_FLIGHTS)];
+    if !memory.latest_flights(recurrence, flights) {
         return None;
     }
-    // FNV-1a, 64 bits, over the quantised flights oldest first; the anchor test first, since it
-    // turns most runs away.
-    let mut quanta = [0u16; MAX_FLIGHTS];
-    let quanta = &mut quanta[..scratch.len()];
+    flights.reverse();
+    // This runs at every settled press: the hashes first (most runs are no resolution's anchor),
+    // then the regularity of the run, from its flights sorted once.
+    let mut hashes = [0u64; MAX_RESOLUTIONS];
+    let hashes = &mut hashes[..cfg.resolutions.len().min(MAX_RESOLUTIONS)];
+    for (h, resolution) in hashes.iter_mut().zip(&cfg.resolutions) {
+        *h = fnv1a(resolution.quantum_ms, flights);
+    }
+    let is_anchor = |h: u64| h % u64::from(cfg.anchor_one_in) == 0;
+    if !hashes.iter().any(|&h| is_anchor(h)) {
+        return None;
+    }
+    flights.sort_unstable();
+    let (h, _) = hashes.iter().zip(&cfg.resolutions).find(|(_, r)| !r.is_regular(flights))?;
+    is_anchor(*h).then_some(*h)
+}
+
+/// FNV-1a, 64 bits, over the quantum (so resolutions never share a hash) and the flights
+/// rounded to it, oldest first.
+fn fnv1a(quantum_ms: u16, flights: &[u16]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for (q, &flight) in quanta.iter_mut().zip(scratch.iter().rev()) {
-        *q = (flight + cfg.quantum_ms / 2) / cfg.quantum_ms;
-        for byte in q.to_le_bytes() {
+    let quanta = flights.iter().map(|&f| round(f, quantum_ms));
+    for value in std::iter::once(quantum_ms).chain(quanta) {
+        for byte in value.to_le_bytes() {
             h = (h ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
         }
     }
-    if h % u64::from(cfg.anchor_one_in) != 0 {
-        return None;
-    }
-    let (lo, hi) = scratch.iter().fold((u16::MAX, 0), |(lo, hi), &f| (lo.min(f), hi.max(f)));
-    if hi - lo < cfg.min_range_ms || distinct(quanta) < cfg.min_distinct_quanta {
-        return None;
-    }
-    Some(h)
+    h
 }
 
-/// Distinct values among a handful (at most [`MAX_FLIGHTS`]), without allocating.
-fn distinct(values: &[u16]) -> usize {
-    values.iter().enumerate().filter(|(i, v)| !values[..*i].contains(v)).count()
+/// A flight rounded to the nearest multiple of `quantum_ms` (as a count of quanta).
+fn round(flight_ms: u16, quantum_ms: u16) -> u16 {
+    (flight_ms + quantum_ms / 2) / quantum_ms
 }
 
 /// A fingerprint some user produced: what the first stage sends to the second.
@@ -497,13 +561,26 @@ mod tests {
     fn regular_runs_pauses_and_short_memories_have_no_fingerprint() {
         let c = cfg();
         assert_eq!(fp(&[100; 12], &c), None, "regular runs are the timing rules'");
-        let steady = [100, 120, 140, 120, 100, 120, 140, 120, 100, 120, 140];
-        assert_eq!(fp(&steady, &c), None, "three values only: a jittered interval, not a script");
-        assert!(fp(&steady, &FleetConfig { min_distinct_quanta: 3, ..c.clone() }).is_some());
+        let timer = [94, 94, 94, 125, 94, 94, 93, 94, 125, 94, 95];
+        assert_eq!(fp(&timer, &c), None, "a timer's tick with an extra tick now and then");
         assert_eq!(fp(&[130, 250, 90, 170], &c), None, "too few presses");
         assert_eq!(fp(&[130, 250, 90, 170, 330, 110, 3_000, 150, 270, 190, 230], &c), None, "a pause inside");
         let off = FleetConfig { enabled: false, ..c };
         assert_eq!(fp(&[130, 250, 90, 170, 330, 110, 210, 150, 270, 190, 230], &off), None);
+    }
+
+    #[test]
+    fn a_narrow_jittered_interval_is_fingerprinted_at_the_fine_resolution_only() {
+        let c = cfg();
+        let narrow = [100, 120, 140, 120, 100, 130, 140, 110, 100, 120, 140];
+        let coarse_only = FleetConfig { resolutions: c.resolutions[..1].to_vec(), ..c.clone() };
+        assert_eq!(fp(&narrow, &coarse_only), None, "three values at 20 ms: shared with steady humans");
+        let fine = fp(&narrow, &c).expect("five values at 10 ms");
+        let jittered: Vec<i64> = narrow.iter().enumerate().map(|(i, f)| f + if i % 2 == 0 { 2 } else { -2 }).collect();
+        assert_eq!(fp(&jittered, &c), Some(fine), "a few ms of an account's own jitter");
+        let fine_only = FleetConfig { resolutions: c.resolutions[1..].to_vec(), ..c.clone() };
+        let wide = [140, 260, 100, 180, 320, 120, 220, 160, 280, 200, 240];
+        assert_ne!(fp(&wide, &c), fp(&wide, &fine_only), "a run is fingerprinted at one resolution, the first");
     }
 
     #[test]
