@@ -45,6 +45,9 @@ struct Args {
     /// Detector configuration layered over the defaults.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Also list the accounts of every report that names more than one fleet (or a human).
+    #[arg(long)]
+    list_mixed: bool,
     /// Human keylogs (default: both Aalto files in ../shared/data).
     files: Vec<PathBuf>,
 }
@@ -71,7 +74,7 @@ const FAMILIES: [MacroFamily; 8] = MacroFamily::ALL;
 const REGULAR: [MacroFamily; 2] = [MacroFamily::Fixed, MacroFamily::OsTick];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let Args { split, fleets, presses, seed, jitter_ms, config, mut files } = clap::Parser::parse();
+    let Args { split, fleets, presses, seed, jitter_ms, config, list_mixed, mut files } = clap::Parser::parse();
     if files.is_empty() {
         files = dataset::default_keylogs();
     }
@@ -167,14 +170,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         fleets * FAMILIES.len(),
         100.0 * caught as f64 / total.max(1) as f64
     );
-    let mixed = reports
-        .iter()
-        .filter(|r| {
-            let prefixes: BTreeSet<String> =
-                r.accounts.iter().map(|a| a.rsplit_once('-').map_or(a.clone(), |(p, _)| p.to_owned())).collect();
-            prefixes.len() > 1
-        })
-        .count();
+    let fleet_of = |account: &String| account.rsplit_once('-').map_or(account.clone(), |(p, _)| p.to_owned());
+    let mixed: Vec<_> =
+        reports.iter().filter(|r| r.accounts.iter().map(fleet_of).collect::<BTreeSet<_>>().len() > 1).collect();
+    if list_mixed {
+        for r in &mixed {
+            println!("mixed report: {} (new: {})", r.accounts.join(" "), r.new_accounts.join(" "));
+        }
+    }
+    let mixed = mixed.len();
     println!("\n{} fleet reports; {mixed} name accounts of more than one fleet (or a human).", reports.len());
     Ok(())
 }

@@ -51,6 +51,9 @@ pub struct FleetConfig {
     pub min_accounts: usize,
     /// Distinct shared fingerprints that link two accounts.
     pub min_shared: usize,
+    /// Linked accounts each account of a fleet needs inside it: one link alone (a coincidence
+    /// with any one of a fleet's many runs) does not pull an account in.
+    pub min_links: usize,
     /// Processing time without a new account before a fleet is reported, seconds.
     pub settle_s: u64,
     /// Users remembered per fingerprint (a fingerprint shared by more is a fleet anyway).
@@ -73,6 +76,7 @@ impl Default for FleetConfig {
             window_s: 900,
             min_accounts: 3,
             min_shared: 2,
+            min_links: 2,
             settle_s: 30,
             max_users_per_fingerprint: 32,
         }
@@ -147,6 +151,9 @@ impl FleetConfig {
         }
         if self.min_accounts < 2 || self.min_shared == 0 {
             return Err("fleet needs min_accounts >= 2 and min_shared >= 1".into());
+        }
+        if self.min_links == 0 || self.min_links >= self.min_accounts {
+            return Err("fleet.min_links must be between 1 and min_accounts - 1".into());
         }
         if self.max_users_per_fingerprint < self.min_accounts || self.max_users_per_fingerprint > 1024 {
             return Err("fleet.max_users_per_fingerprint must be between min_accounts and 1024".into());
@@ -444,8 +451,28 @@ impl FleetGraph {
     }
 
     /// Connected components of the strong links with at least `min_accounts` accounts, each
-    /// sorted, in order of their smallest account.
+    /// sorted, in order of their smallest account; among accounts with at least `min_links`
+    /// strong links to others that have as many (a k-core), so a fleet is a group in which every
+    /// account shares the script with several others.
     fn groups(&self, cfg: &FleetConfig) -> Vec<Vec<String>> {
+        let mut strong: Vec<(&String, &String)> = self
+            .links
+            .iter()
+            .filter(|(_, link)| link.fingerprints.len() >= cfg.min_shared)
+            .map(|((a, b), _)| (a, b))
+            .collect();
+        loop {
+            let mut degree: BTreeMap<&String, usize> = BTreeMap::new();
+            for (a, b) in &strong {
+                *degree.entry(a).or_default() += 1;
+                *degree.entry(b).or_default() += 1;
+            }
+            let before = strong.len();
+            strong.retain(|(a, b)| degree[a] >= cfg.min_links && degree[b] >= cfg.min_links);
+            if strong.len() == before {
+                break;
+            }
+        }
         let mut parent: BTreeMap<&String, &String> = BTreeMap::new();
         fn root<'a>(parent: &mut BTreeMap<&'a String, &'a String>, x: &'a String) -> &'a String {
             let mut r = x;
@@ -458,10 +485,7 @@ impl FleetGraph {
             parent.insert(x, r);
             r
         }
-        for ((a, b), link) in &self.links {
-            if link.fingerprints.len() < cfg.min_shared {
-                continue;
-            }
+        for (a, b) in strong {
             parent.entry(a).or_insert(a);
             parent.entry(b).or_insert(b);
             let (ra, rb) = (root(&mut parent, a), root(&mut parent, b));
@@ -655,14 +679,38 @@ mod tests {
         assert_eq!(r.new_accounts, r.accounts);
         assert_eq!((r.first_us, r.last_us, r.fingerprints), (10 * S, 13 * S, 4));
         assert!(g.decide(&c, 500 * S).is_empty(), "reported once");
-        g.observe(&candidate(5, &["a", "g", "h"], 14));
-        g.observe(&candidate(6, &["a", "g"], 15));
+        g.observe(&candidate(5, &["a", "b", "g", "h"], 14));
+        g.observe(&candidate(6, &["a", "b", "g"], 15));
         assert!(g.decide(&c, 501 * S).is_empty());
         let grown = g.decide(&c, 520 * S);
         assert_eq!(grown.len(), 1);
         assert_eq!(grown[0].new_accounts, ["g"], "h shares only one fingerprint");
         assert_eq!(grown[0].accounts.len(), 7);
         assert_ne!(grown[0].fleet_id, r.fleet_id);
+    }
+
+    #[test]
+    fn an_account_linked_to_one_member_only_is_not_pulled_into_the_fleet() {
+        let c = cfg();
+        let mut g = FleetGraph::default();
+        g.observe(&candidate(1, &["a", "b", "c", "d"], 10));
+        g.observe(&candidate(2, &["a", "b", "c", "d"], 11));
+        // A person whose two runs happen to match one account's, each shared with others too.
+        g.observe(&candidate(3, &["a", "b", "person"], 12));
+        g.observe(&candidate(4, &["a", "c", "person"], 13));
+        assert!(g.decide(&c, 100 * S).is_empty(), "not settled");
+        let reports = g.decide(&c, 115 * S);
+        assert_eq!(reports.len(), 1);
+        assert_eq!(reports[0].accounts, ["a", "b", "c", "d"], "linked to a alone (b and c once each)");
+        let one_link = FleetConfig { min_links: 1, ..c.clone() };
+        let mut g = FleetGraph::default();
+        for (i, users) in [["a", "b", "c", "d"], ["a", "b", "c", "d"]].iter().enumerate() {
+            g.observe(&candidate(i as u64 + 1, users, 10 + i as i64));
+        }
+        g.observe(&candidate(3, &["a", "b", "person"], 12));
+        g.observe(&candidate(4, &["a", "c", "person"], 13));
+        g.decide(&one_link, 100 * S);
+        assert_eq!(g.decide(&one_link, 115 * S)[0].accounts.len(), 5, "one link is enough without the rule");
     }
 
     #[test]
