@@ -87,7 +87,7 @@ fn score_flags_the_macro_users_and_only_them() {
         assert!(!alert[field].is_null(), "alert lacks {field}");
     }
     assert!(!alert["reasons"].as_array().unwrap().is_empty());
-    assert_eq!(alert["model_version"], "timing-1+keystroke-lstm-1.0.0+keystroke-stream-0.3.0");
+    assert_eq!(alert["model_version"], "timing-1+keystroke-lstm-1.0.0", "the per-press model is opt-in");
     let scorers: Vec<&str> = alert["scorers"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
     assert!(!scorers.is_empty() && scorers.iter().all(|s| ["histogram", "lstm"].contains(s)), "{scorers:?}");
 }
@@ -226,6 +226,25 @@ fn bad_command_lines_get_one_line_and_a_non_zero_exit() {
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("confirm_k"), "{stderr}");
+}
+
+#[test]
+fn the_per_press_model_is_switched_on_by_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = simulate(dir.path(), &["--mixed"]);
+    let out = metronome()
+        .env("METRONOME_MODEL__PRESS_MANIFEST", "embedded")
+        .args(["score", "--input"])
+        .arg(&sim)
+        .assert()
+        .success();
+    let records = json_lines(&out.get_output().stdout);
+    let alerts: Vec<&Value> = records.iter().filter(|r| r["kind"] == "alert").collect();
+    assert!(!alerts.is_empty());
+    assert!(alerts.iter().all(|a| a["user_id"].as_str().unwrap().starts_with("macro-")));
+    for alert in alerts {
+        assert_eq!(alert["model_version"], "timing-1+keystroke-lstm-1.0.0+keystroke-stream-0.3.0");
+    }
 }
 
 #[test]
