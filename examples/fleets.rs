@@ -142,34 +142,30 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     println!("| fleet script family | fleets | accounts | accounts named | share |");
     println!("|---|---|---|---|---|");
-    let (mut total, mut caught) = (0, 0);
-    for (family, accounts) in &accounts_of {
-        let n = accounts.iter().filter(|a| named.contains(*a)).count();
-        total += accounts.len();
-        caught += n;
+    // Per family: (accounts, named, a regular script's); rows, then the two sums.
+    let regular_names: Vec<&str> = REGULAR.iter().map(|f| f.name()).collect();
+    let counts: Vec<(&str, usize, usize, bool)> = accounts_of
+        .iter()
+        .map(|(family, accounts)| {
+            let n = accounts.iter().filter(|a| named.contains(*a)).count();
+            (*family, accounts.len(), n, regular_names.contains(family))
+        })
+        .collect();
+    for (family, accounts, n, _) in &counts {
+        println!("| {family} | {fleets} | {accounts} | {n} | {:.1} % |", 100.0 * *n as f64 / (*accounts).max(1) as f64);
+    }
+    let sum =
+        |keep: &dyn Fn(bool) -> bool| counts.iter().filter(|c| keep(c.3)).fold((0, 0), |(t, n), c| (t + c.1, n + c.2));
+    for (label, (total, caught), families) in [
+        ("all but fixed and os_tick", sum(&|regular| !regular), FAMILIES.len() - REGULAR.len()),
+        ("all", sum(&|_| true), FAMILIES.len()),
+    ] {
         println!(
-            "| {} | {fleets} | {} | {n} | {:.1} % |",
-            family,
-            accounts.len(),
-            100.0 * n as f64 / accounts.len().max(1) as f64
+            "| {label} | {} | {total} | {caught} | {:.1} % |",
+            fleets * families,
+            100.0 * caught as f64 / total.max(1) as f64
         );
     }
-    let (mut structured_total, mut structured_caught) = (0, 0);
-    for family in FAMILIES.iter().filter(|f| !REGULAR.contains(f)) {
-        let accounts = accounts_of.get(family.name()).map_or(&[][..], |a| a.as_slice());
-        structured_total += accounts.len();
-        structured_caught += accounts.iter().filter(|a| named.contains(*a)).count();
-    }
-    println!(
-        "| all but fixed and os_tick | {} | {structured_total} | {structured_caught} | {:.1} % |",
-        fleets * (FAMILIES.len() - REGULAR.len()),
-        100.0 * structured_caught as f64 / structured_total.max(1) as f64
-    );
-    println!(
-        "| all | {} | {total} | {caught} | {:.1} % |",
-        fleets * FAMILIES.len(),
-        100.0 * caught as f64 / total.max(1) as f64
-    );
     let fleet_of = |account: &String| account.rsplit_once('-').map_or(account.clone(), |(p, _)| p.to_owned());
     let mixed: Vec<_> =
         reports.iter().filter(|r| r.accounts.iter().map(fleet_of).collect::<BTreeSet<_>>().len() > 1).collect();

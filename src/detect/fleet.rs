@@ -15,9 +15,10 @@
 //!    emits a [`Candidate`].
 //! 3. **Fleets**, over all candidates ([`FleetGraph`]): two accounts are linked once they share
 //!    `min_shared` distinct fingerprints; linked accounts form a fleet when there are
-//!    `min_accounts` of them, each linked to `min_links` others of it. A fleet is reported once it has settled (no account joined for
-//!    `settle_s` of processing time), naming every account; an account that joins later is
-//!    reported in a new alert that names the whole fleet again with the newcomers marked.
+//!    `min_accounts` of them, each linked to `min_links` others of it. A fleet is reported once
+//!    it has settled (no account joined for `settle_s` of processing time), naming every
+//!    account; an account that joins later is reported in a new alert that names the whole
+//!    fleet again with the newcomers marked.
 //!
 //! # Why humans do not form fleets
 //! Over the whole human data set (11,155 users, all time, no time window), runs of 12 flights
