@@ -231,7 +231,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         flagged_timing += usize::from(!timing.alerts.is_empty());
         if !combined.alerts.is_empty() {
             let reasons = combined.alerts.iter().fold(RuleSet::EMPTY, |a, (_, r)| a.union(*r));
-            flagged.push((user.clone(), reasons.names()));
+            flagged.push((format!("{user} (#{n})"), reasons.names()));
         }
     }
     println!("## Humans\n");
@@ -241,7 +241,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("| timing rules alone | {flagged_timing} | {:.3} % |", pct(flagged_timing, humans.len()));
     println!("| timing + LSTM (shipped) | {} | {:.3} % |", flagged.len(), pct(flagged.len(), humans.len()));
     println!("| original rule (10 ms bins, at {threshold}) | {original} | {:.3} % |", pct(original, humans.len()));
-    for (u, r) in flagged.iter().take(15) {
+    for (u, r) in flagged.iter().take(40) {
         eprintln!("flagged human {u}: {r:?}");
     }
 

@@ -24,6 +24,8 @@ ap.add_argument("--threads", type=int, default=1)
 ap.add_argument("--hidden", type=int, default=ts.HIDDEN)
 ap.add_argument("--epochs", type=int, default=16)
 ap.add_argument("--human-weight", type=float, default=3.0)
+ap.add_argument("--export", type=Path, help="also write the fold's model with the shipped policy here, "
+                "for the Rust detector (`METRONOME_MODEL__PRESS_MANIFEST`) on the held-out people")
 cli = ap.parse_args()
 fold = cli.fold
 torch.set_num_threads(cli.threads)
@@ -49,10 +51,14 @@ mean, std = ts.fit_scaling(fit.x)
 args = argparse.Namespace(epochs=cli.epochs, hidden=cli.hidden, warm=6, crop=600, tbptt=100,
                           human_weight=cli.human_weight, seed=1)
 model = ts.train(fit, ((fit.x - mean) / std).astype(np.float32), args)
+shipped = json.loads((Path(__file__).resolve().parent / "keystroke-stream-0.3.0.json").read_text())["policy"]
+if cli.export:
+    export_args = argparse.Namespace(**vars(args), data=Path("models/data-presses"))
+    ts.export(model, cli.export, mean, std, shipped, {"fold": fold, "held_out": "training users of this parity"},
+              ts.Sessions(Path("models/data-presses"), "validation"), export_args, len(fit.x))
 lo = ts.log_odds(model, held, ((held.x - mean) / std).astype(np.float32))
 fit_h = Subset(tr, np.flatnonzero((users % 2 != fold) & (tr.kind == "human")))
 lo_fit = ts.log_odds(model, fit_h, ((fit_h.x - mean) / std).astype(np.float32))
-shipped = json.loads((Path(__file__).resolve().parent / "keystroke-stream-0.3.0.json").read_text())["policy"]
 for name, l in [("held-out", lo), ("fitted", lo_fit)]:
     peaks = np.array([p.max(initial=0.0) for p in ts.cusum_paths(l, shipped["reference"], shipped["clamp"])])
     xs = np.concatenate(l)

@@ -244,6 +244,9 @@ fn the_per_press_model_is_switched_on_by_configuration() {
     assert!(alerts.iter().all(|a| a["user_id"].as_str().unwrap().starts_with("macro-")));
     for alert in alerts {
         assert_eq!(alert["model_version"], "timing-1+keystroke-lstm-1.0.0+keystroke-stream-0.3.0");
+        // Its evidence alerts only beside a suspicious window's reasons (policy.press_needs_window).
+        let reasons: Vec<&str> = alert["reasons"].as_array().unwrap().iter().map(|r| r.as_str().unwrap()).collect();
+        assert!(reasons != ["press_lstm"], "{reasons:?}");
     }
 }
 

@@ -612,9 +612,14 @@ impl Detector {
                     if state.press.evidence < policy.threshold {
                         continue;
                     }
+                    let Some(decision) = state.policy.on_press_evidence(policy_cfg, at_us, press_reasons()) else {
+                        // Held for a window's word; capped, so it drains soon once the model stops.
+                        state.press.evidence = state.press.evidence.min(2.0 * policy.threshold);
+                        continue;
+                    };
                     // The evidence starts again: a later incident needs evidence of its own.
                     state.press.evidence = 0.0;
-                    if let Decision::Alert(reasons) = state.policy.on_conclusive(at_us, press_reasons()) {
+                    if let Decision::Alert(reasons) = decision {
                         let report = press_report(window_start_us, at_us, logit);
                         let id = alert_id(user.user_id(), window_start_us, at_us, &model_version);
                         let model_version = model_version.clone();
@@ -655,8 +660,16 @@ impl Detector {
                     }
                     report.suspicious = report.score >= policy_cfg.threshold;
                     let end_us = report.window_end_us;
-                    let policy = &mut user.state().scored.policy;
-                    match policy.on_window(policy_cfg, end_us, report.score, report.fired, report.lstm_score) {
+                    let state = &mut user.state().scored;
+                    let mut decision =
+                        state.policy.on_window(policy_cfg, end_us, report.score, report.fired, report.lstm_score);
+                    // Per-press evidence held for a window's word gets it from this one.
+                    let held = press_policy.is_some_and(|p| state.press.evidence >= p.threshold);
+                    if decision == Decision::Quiet && held && report.suspicious {
+                        state.press.evidence = 0.0;
+                        decision = state.policy.on_conclusive(end_us, press_reasons().union(report.fired));
+                    }
+                    match decision {
                         Decision::Quiet => out.push((slot, Output::Window(report))),
                         Decision::IncidentClosed => {
                             out.push((slot, Output::Window(report)));
@@ -1045,9 +1058,48 @@ mod tests {
         out.into_iter().map(|(_, o)| o).collect()
     }
 
+    /// A detector whose per-press evidence is conclusive alone (`press_needs_window = false`).
+    fn press_alone() -> Detector {
+        let mut cfg = DetectorConfig::default();
+        cfg.policy.press_needs_window = false;
+        Detector::new(cfg).unwrap()
+    }
+
+    #[test]
+    fn per_press_evidence_alone_does_not_alert_by_default() {
+        let mut d = Detector::new(DetectorConfig::default()).unwrap();
+        let mut state = UserState::default();
+        let out = run_batched(&mut d, &mut state, &human_like(300), &mut press_twin(40.0), 300);
+        assert!(alerts(&out).is_empty(), "no window was suspicious, so the evidence never alerts");
+        // It is held, capped at twice the threshold, so it drains soon once the model stops.
+        assert_eq!(state.scored.press.evidence, 14.0);
+    }
+
+    #[test]
+    fn per_press_evidence_with_a_suspicious_window_alerts_before_k_of_n_would() {
+        let mut d = Detector::new(DetectorConfig::default()).unwrap();
+        let mut state = UserState::default();
+        // Every window suspicious to the window model: k-of-n alone opens at the second window
+        // (press 40); the press evidence, over its threshold from press 25, needs only the first.
+        let mut model = press_twin(20.0);
+        model.window.score = 0.9;
+        let events = human_like(120);
+        let out = run_batched(&mut d, &mut state, &events, &mut model, events.len());
+        let a = alerts(&out);
+        assert_eq!(a.len(), 1, "one incident");
+        assert_eq!(a[0].reasons.names(), ["lstm", "press_lstm"], "the press evidence and the window it waited for");
+        let downs: Vec<i64> = events.iter().filter(|e| e.action == KeyAction::Down).map(|e| e.time_us).collect();
+        let first_window = out.iter().find_map(|o| match o {
+            Output::Window(w) => Some(w.window_end_us),
+            _ => None,
+        });
+        assert_eq!(first_window, Some(downs[29]));
+        assert_eq!(a[0].window.window_end_us, downs[29], "at the first window, not k-of-n's second");
+    }
+
     #[test]
     fn per_press_evidence_alerts_at_the_press_that_tips_it_without_a_confirming_window() {
-        let mut d = Detector::new(DetectorConfig::default()).unwrap();
+        let mut d = press_alone();
         let mut state = UserState::default();
         let mut model = press_twin(40.0);
         let events = human_like(120);
@@ -1070,7 +1122,7 @@ mod tests {
     #[test]
     fn per_press_state_carries_across_polls_and_alerts_do_not_depend_on_them() {
         let events = human_like(300);
-        let mut d = Detector::new(DetectorConfig::default()).unwrap();
+        let mut d = press_alone();
         let (mut whole, mut polled) = (UserState::default(), UserState::default());
         let (mut m1, mut m2) = (press_twin(150.0), press_twin(150.0));
         let a = run_batched(&mut d, &mut whole, &events, &mut m1, events.len());

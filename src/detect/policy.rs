@@ -37,6 +37,14 @@
 //! per-press model's CUSUM (`press_lstm`), and the recurrence memory's count of verified runs
 //! that repeat at one period (`replay`, at `rules.replay_recurrences`). Waiting for a second
 //! window would only add 10 to 20 presses to what they already counted.
+//!
+//! The per-press model's evidence is one model's word, though, and on people it never saw it
+//! has a tail (about 1 in 1,000 reach its threshold, `models/out_of_fold.py`) that the window
+//! scorers do not share. With `press_needs_window` (the default) it therefore opens an incident
+//! only when one of the last `confirm_n` windows was suspicious on its own
+//! ([`PolicyState::on_press_evidence`]): it stands for one of k-of-n's windows, so an alert
+//! needs two scorers' agreement, and until such a window comes the evidence waits (the next
+//! suspicious window then opens the incident at once).
 
 use std::collections::VecDeque;
 
@@ -60,6 +68,10 @@ pub struct PolicyConfig {
     pub cooldown_s: u64,
     /// The sequential test over the sequence model's windows.
     pub evidence: EvidenceConfig,
+    /// Whether the per-press model's evidence needs a suspicious window among the last
+    /// `confirm_n` to open an incident: it then stands for one of k-of-n's windows, not for all
+    /// of them, so one model's error alone never alerts (module docs).
+    pub press_needs_window: bool,
 }
 
 impl Default for PolicyConfig {
@@ -71,6 +83,7 @@ impl Default for PolicyConfig {
             close_after_clean: 6,
             cooldown_s: 600,
             evidence: EvidenceConfig::default(),
+            press_needs_window: true,
         }
     }
 }
@@ -212,6 +225,18 @@ impl PolicyState {
         Decision::Alert(reasons)
     }
 
+    /// The per-press model's evidence crossed its threshold at `at_us`. With
+    /// `press_needs_window`, it opens an incident only when one of the recent windows was
+    /// suspicious, and the alert names that window's reasons too; `None` says the evidence
+    /// waits for such a window (the caller keeps it).
+    pub fn on_press_evidence(&mut self, cfg: &PolicyConfig, at_us: i64, reasons: RuleSet) -> Option<Decision> {
+        let windows = self.recent.iter().fold(RuleSet::EMPTY, |acc, r| acc.union(*r));
+        if cfg.press_needs_window && windows.is_empty() && self.incident.is_none() {
+            return None;
+        }
+        Some(self.on_conclusive(at_us, reasons.union(windows)))
+    }
+
     /// The user went idle at `now_us`: recent windows stop counting towards confirmation, and an
     /// incident whose last suspicious window is a cool-down old closes.
     pub fn on_idle(&mut self, cfg: &PolicyConfig, now_us: i64) -> Decision {
@@ -271,6 +296,30 @@ mod tests {
                 state.on_window(cfg, i as i64 * 1_000_000, score, fired, None)
             })
             .collect()
+    }
+
+    fn press() -> RuleSet {
+        let mut s = RuleSet::EMPTY;
+        s.insert(Rule::PressLstm);
+        s
+    }
+
+    #[test]
+    fn press_evidence_stands_for_one_window_of_k_of_n_not_for_all() {
+        let cfg = PolicyConfig::default();
+        let mut st = PolicyState::default();
+        run(&cfg, &mut st, &[false, false, false]);
+        assert_eq!(st.on_press_evidence(&cfg, 3_500_000, press()), None, "no suspicious window: it waits");
+        assert_eq!(run(&cfg, &mut st, &[true]), [Decision::Quiet], "one window alone is not enough either");
+        let both = press().union(hist());
+        assert_eq!(st.on_press_evidence(&cfg, 4_500_000, press()), Some(Decision::Alert(both)));
+        // Once the window has left the last confirm_n, it waits again (after the incident).
+        let mut st = PolicyState::default();
+        run(&cfg, &mut st, &[true, false, false, false]);
+        assert_eq!(st.on_press_evidence(&cfg, 4_500_000, press()), None);
+        // Conclusive alone when so configured.
+        let alone = PolicyConfig { press_needs_window: false, ..PolicyConfig::default() };
+        assert_eq!(st.on_press_evidence(&alone, 4_500_000, press()), Some(Decision::Alert(press())));
     }
 
     #[test]
