@@ -369,6 +369,42 @@ fn bad_records_go_to_the_dead_letter_topic_and_the_rest_flows() {
     assert!(!log.contains("garbage") && !log.contains("bad-user"), "no record content in logs:\n{log}");
 }
 
+#[test]
+fn one_event_stamped_a_year_ahead_blinds_no_one() {
+    let s = Scenario::new("clock", 12, 16);
+    // The player sets their clock a year ahead for one event, after each user's first record:
+    // unbounded, the user's watermark would sit there and every later event be late.
+    let now_us = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64;
+    let year_ahead = now_us + 365 * 86_400 * 1_000_000;
+    let mut records = Vec::new();
+    for (user, events) in &s.users {
+        let stray = metronome::proto::KeyEventBatch {
+            user_id: user.clone(),
+            events: vec![metronome::proto::KeyEvent {
+                event_time_us: year_ahead,
+                key: 30,
+                action: 1,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+        .encode_to_vec();
+        for (i, payload) in batches_for_user(user, "s", events, 40).into_iter().enumerate() {
+            records.push((user.as_bytes().to_vec(), payload));
+            if i == 0 {
+                records.push((user.as_bytes().to_vec(), stray.clone()));
+            }
+        }
+    }
+    s.broker.produce("events", &records);
+    let mut p = s.start("a");
+    s.assert_exactly_expected();
+    assert!(s.broker.read_all("dlq").is_empty(), "the stray events are dropped and counted, not dead-lettered");
+    assert!(p.terminate().success());
+    let log = p.log();
+    assert!(log.contains("event times too far from the reference clock"), "{log}");
+}
+
 fn committed_total(s: &Scenario) -> i64 {
     use rdkafka::consumer::BaseConsumer;
     let consumer: BaseConsumer = s.broker.config().set("group.id", &s.app).create().unwrap();

@@ -99,7 +99,12 @@ impl ArchivedDay {
                             Ok(record) => record,
                             Err(e) => return vec![Err(archive_error(read.get(), &BacktestError::Format(e)))],
                         };
-                        let input = InputRecord { offset: record.offset, key: record.key, payload: record.value };
+                        let input = InputRecord {
+                            offset: record.offset,
+                            key: record.key,
+                            payload: record.value,
+                            ..InputRecord::default()
+                        };
                         match decode_record(&input, max_events_per_record) {
                             Ok(batch) => batch
                                 .events

@@ -40,6 +40,10 @@ pub struct BatchCommitted<'a> {
     pub events: u64,
     /// Dead-lettered records' error classes.
     pub dead_letters: &'a [&'static str],
+    /// Records whose event times were shifted to their append time.
+    pub rebased_records: u64,
+    /// Events dropped as out of bounds.
+    pub out_of_bounds_events: u64,
     /// Scores of the windows scored.
     pub windows: &'a [WindowScores],
     /// Alerts committed.
@@ -81,6 +85,8 @@ impl InternalEvent for BatchCommitted<'_> {
         for class in self.dead_letters {
             m.dead_letters.with_label_values(&[class]).inc();
         }
+        m.records_rebased.inc_by(self.rebased_records);
+        m.events_out_of_bounds.inc_by(self.out_of_bounds_events);
         let by_scorer = |name: &str| m.window_scores.with_label_values(&[name]);
         let (combined, timing, histogram, lstm) =
             (by_scorer("combined"), by_scorer("timing"), by_scorer("histogram"), by_scorer("lstm"));

@@ -30,6 +30,18 @@ pub struct StreamConfig {
     pub max_batch_bytes: usize,
     /// Most events one input record may carry; more goes to the dead-letter topic.
     pub max_events_per_record: usize,
+    /// Most an event's time may lead its record's reference (the broker's append time, else
+    /// the processor's clock), seconds: one stray future stamp blinds a user for at most this
+    /// (`stream::timebound`).
+    pub max_event_lead_s: u64,
+    /// Most an event's time may lag its record's broker append time, seconds; records further
+    /// behind are shifted to it, keeping their intervals.
+    pub max_event_lag_s: u64,
+    /// Create the input topic with `message.timestamp.type=LogAppendTime`, so that each record
+    /// carries the broker's clock and event times are bounded both ways. Off by default
+    /// because replaying a recorded keylog into the topic (tests, demos, backfills) then reads
+    /// as a clock far behind; a deployment of agents should have it (`k8s/base/config.toml`).
+    pub input_log_append_time: bool,
     /// Threads that work the tasks' batches side by side (tasks are independent: one partition
     /// each); 0: one per available core.
     pub task_threads: usize,
@@ -55,6 +67,14 @@ pub struct StreamConfig {
     pub rocksdb: RocksOptions,
 }
 
+impl StreamConfig {
+    /// The bounds on event times (`stream::timebound`).
+    pub fn time_bounds(&self) -> super::timebound::TimeBounds {
+        let us = |s: u64| i64::try_from(s).unwrap_or(i64::MAX).saturating_mul(1_000_000);
+        super::timebound::TimeBounds { lead_us: us(self.max_event_lead_s), lag_us: us(self.max_event_lag_s) }
+    }
+}
+
 impl Default for StreamConfig {
     fn default() -> Self {
         Self {
@@ -68,6 +88,9 @@ impl Default for StreamConfig {
             max_batch_records: 50_000,
             max_batch_bytes: 32 << 20,
             max_events_per_record: 10_000,
+            max_event_lead_s: 120,
+            max_event_lag_s: 300,
+            input_log_append_time: false,
             task_threads: 0,
             create_topics: true,
             topic_partitions: 8,
@@ -220,6 +243,12 @@ impl StreamConfig {
             return Err("stream.commit_interval_ms, max_batch_records, max_batch_bytes and max_events_per_record \
                         must be positive"
                 .into());
+        }
+        if self.max_event_lead_s == 0
+            || self.max_event_lag_s == 0
+            || self.max_event_lead_s.max(self.max_event_lag_s) > 86_400
+        {
+            return Err("stream.max_event_lead_s and max_event_lag_s must be 1 to 86400 seconds".into());
         }
         if self.topic_partitions < 1 || self.replication_factor < 1 {
             return Err("stream.topic_partitions and replication_factor must be at least 1".into());

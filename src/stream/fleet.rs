@@ -377,7 +377,12 @@ mod tests {
         records
             .iter()
             .enumerate()
-            .map(|(i, r)| InputRecord { offset: first_offset + i as i64, key: r.key.clone(), payload: r.value.clone() })
+            .map(|(i, r)| InputRecord {
+                offset: first_offset + i as i64,
+                key: r.key.clone(),
+                payload: r.value.clone(),
+                ..InputRecord::default()
+            })
             .collect()
     }
 
@@ -521,7 +526,7 @@ mod tests {
         let c = cfg();
         let mut t = StageTask::open(Stage::Fleets, 0, MemoryStore::new()).unwrap();
         let mut p = MemoryProducer::default();
-        let bad = InputRecord { offset: 0, key: None, payload: Some(vec![1, 0xff, 0xff]) };
+        let bad = InputRecord { payload: Some(vec![1, 0xff, 0xff]), ..InputRecord::default() };
         let outcome = t.run_batch(&ctx(&c, 1), &[bad], &mut p).unwrap();
         assert_eq!(outcome.dead_letters, [DeadLetterClass::FleetRecord]);
         assert_eq!(p.positions, [1]);

@@ -23,7 +23,7 @@ use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::config::{Guarantee, StreamConfig, FLEET_CANDIDATES, FLEET_FINGERPRINTS, USER_STATE_STORE};
-use super::records::{OutRecord, OutTopic};
+use super::records::{InputRecord, OutRecord, OutTopic, RecordTime};
 use super::task::{self, Checkpoint, ProducerError, TaskError};
 use crate::metrics::events::{ConsumerLagObserved, InternalEvent};
 
@@ -232,7 +232,11 @@ impl Clients {
                     Err(e) => Some(Err(e)),
                 })
                 .collect::<Result<_, _>>()?;
-            self.create(missing.iter().map(|t| (*t, cfg.topic_partitions, false)))?;
+            let kind = |t: &str| match t == cfg.input_topic && cfg.input_log_append_time {
+                true => TopicKind::AppendTime,
+                false => TopicKind::Plain,
+            };
+            self.create(missing.iter().map(|t| (*t, cfg.topic_partitions, kind(t))))?;
         }
         let input = self
             .partitions(&cfg.input_topic)?
@@ -245,12 +249,14 @@ impl Clients {
                     cfg.input_topic
                 )))
             }
-            None if cfg.create_topics => self.create([(changelog.as_str(), input, true)].into_iter())?,
+            None if cfg.create_topics => {
+                self.create([(changelog.as_str(), input, TopicKind::Compacted)].into_iter())?
+            }
             None => return Err(KafkaEdgeError::Topics(format!("changelog topic {changelog} does not exist"))),
         }
         let instances = cfg.instances_topic();
         if cfg.create_topics && self.partitions(&instances)?.is_none() {
-            self.create([(instances.as_str(), 1, true)].into_iter())?;
+            self.create([(instances.as_str(), 1, TopicKind::Compacted)].into_iter())?;
         }
         // The fleet stages: fingerprints repartitioned like the input, candidates onto one
         // partition (fleets are decided over all accounts), each stage's store co-partitioned
@@ -262,7 +268,7 @@ impl Clients {
     }
 
     fn ensure_stage_topics(&self, repartition: &str, changelog: &str, partitions: i32) -> Result<(), KafkaEdgeError> {
-        for (topic, compacted) in [(repartition, false), (changelog, true)] {
+        for (topic, kind) in [(repartition, TopicKind::Plain), (changelog, TopicKind::Compacted)] {
             match self.partitions(topic)? {
                 Some(n) if n == partitions => {}
                 Some(n) => {
@@ -270,22 +276,22 @@ impl Clients {
                         "{topic} has {n} partitions, the stage needs {partitions}"
                     )))
                 }
-                None if self.cfg.create_topics => self.create([(topic, partitions, compacted)].into_iter())?,
+                None if self.cfg.create_topics => self.create([(topic, partitions, kind)].into_iter())?,
                 None => return Err(KafkaEdgeError::Topics(format!("topic {topic} does not exist"))),
             }
         }
         Ok(())
     }
 
-    fn create<'t>(&self, topics: impl Iterator<Item = (&'t str, i32, bool)>) -> Result<(), KafkaEdgeError> {
+    fn create<'t>(&self, topics: impl Iterator<Item = (&'t str, i32, TopicKind)>) -> Result<(), KafkaEdgeError> {
         let replication = self.cfg.replication_factor;
         let new: Vec<NewTopic<'t>> = topics
-            .map(|(name, partitions, compacted)| {
+            .map(|(name, partitions, kind)| {
                 let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(replication));
-                if compacted {
-                    topic.set("cleanup.policy", "compact")
-                } else {
-                    topic
+                match kind {
+                    TopicKind::Plain => topic,
+                    TopicKind::Compacted => topic.set("cleanup.policy", "compact"),
+                    TopicKind::AppendTime => topic.set("message.timestamp.type", "LogAppendTime"),
                 }
             })
             .collect();
@@ -403,6 +409,27 @@ impl Clients {
         progress(replayed, total);
         Ok((replayed, position))
     }
+}
+
+/// How a topic this process creates is configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TopicKind {
+    /// Broker defaults.
+    Plain,
+    /// `cleanup.policy=compact` (changelogs, the instance directory).
+    Compacted,
+    /// `message.timestamp.type=LogAppendTime`: records carry the broker's clock (the input).
+    AppendTime,
+}
+
+/// A consumed message as a task's input: its offset, key, payload and timestamp.
+pub fn input_record<M: Message>(m: &M) -> InputRecord {
+    let time = match m.timestamp() {
+        rdkafka::Timestamp::LogAppendTime(ms) => RecordTime::LogAppend { ms },
+        rdkafka::Timestamp::CreateTime(ms) => RecordTime::Create { ms },
+        rdkafka::Timestamp::NotAvailable => RecordTime::Unknown,
+    };
+    InputRecord { offset: m.offset(), key: m.key().map(<[u8]>::to_vec), payload: m.payload().map(<[u8]>::to_vec), time }
 }
 
 /// Writes the checkpoint a restore ends with.

@@ -5,6 +5,7 @@
 //!                                                                              |
 //!      per partition: Task { RocksDB store, checkpoint, open users }  <--------+
 //!        records -> decode/validate --bad--> dead letter ----------------+
+//!                -> event times bounded against the broker's append time
 //!                -> detect::Detector (+ LSTM) -> alerts -----------------+  one Kafka transaction
 //!                -> changed user states -> changelog (same partition) ---+  per task per batch,
 //!                -> input position --------------------------------------+  with the offsets
@@ -15,6 +16,7 @@
 //! - [`alerts`]: following the alert topic (committed alerts as JSON).
 //! - [`config`]: `[stream]` settings and the `[kafka]` passthrough.
 //! - [`records`]: pure input validation, dead letters and alert messages.
+//! - [`timebound`]: pure bounds on event times against a clock the player does not own.
 //! - [`task`]: one partition's state and its exactly-once batch cycle, over the
 //!   [`task::TaskProducer`] seam (an in-memory twin tests it).
 //! - [`kafka`]: rdkafka clients: consumer, transactional producers, topic set-up, restore.
@@ -47,6 +49,7 @@ pub mod recovery;
 pub mod stages;
 pub mod status;
 pub mod task;
+pub mod timebound;
 
 pub use config::StreamConfig;
 pub use processor::{ProcessError, Processor, RunSummary, Shutdown};

@@ -215,14 +215,7 @@ impl Processor {
                 }
                 let message = consumer.poll(left.min(Duration::from_millis(50)));
                 let record = match message {
-                    Some(Ok(m)) => Some((
-                        m.partition(),
-                        InputRecord {
-                            offset: m.offset(),
-                            key: m.key().map(<[u8]>::to_vec),
-                            payload: m.payload().map(<[u8]>::to_vec),
-                        },
-                    )),
+                    Some(Ok(m)) => Some((m.partition(), kafka::input_record(&m))),
                     Some(Err(KafkaError::PartitionEOF(partition))) => {
                         if let Some(a) = tasks.get_mut(&partition) {
                             a.at_end = true;
@@ -501,6 +494,7 @@ impl Processor {
             idle_timeout: self.idle_timeout,
             close_idle: check_idle,
             max_events_per_record: cfg.max_events_per_record,
+            time_bounds: cfg.time_bounds(),
             input_topic: &cfg.input_topic,
             now: Instant::now(),
             now_us: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64),
@@ -559,6 +553,14 @@ impl Processor {
                     for class in &outcome.dead_letters {
                         tracing::warn!(partition, class = class.as_str(), "record sent to the dead-letter topic");
                     }
+                    if outcome.out_of_bounds_events > 0 || outcome.rebased_records > 0 {
+                        tracing::warn!(
+                            partition,
+                            dropped = outcome.out_of_bounds_events,
+                            rebased = outcome.rebased_records,
+                            "event times too far from the reference clock (stream.max_event_lead_s, max_event_lag_s)"
+                        );
+                    }
                     if outcome.committed {
                         let now_us = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
                         let classes: Vec<&'static str> = outcome.dead_letters.iter().map(|c| c.as_str()).collect();
@@ -574,6 +576,8 @@ impl Processor {
                             records: outcome.records,
                             events: outcome.events,
                             dead_letters: &classes,
+                            rebased_records: outcome.rebased_records,
+                            out_of_bounds_events: outcome.out_of_bounds_events,
                             windows: &outcome.window_scores,
                             alerts: &alerts,
                         }

@@ -10,8 +10,10 @@ use crate::event::{KeyAction, KeyEvent};
 use crate::keylog::{MAX_EVENT_TIME_US, MAX_ID_LEN};
 use crate::proto;
 
+pub use super::timebound::RecordTime;
+
 /// One consumed input record, detached from the client.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct InputRecord {
     /// Offset in its partition.
     pub offset: i64,
@@ -19,6 +21,8 @@ pub struct InputRecord {
     pub key: Option<Vec<u8>>,
     /// The encoded `KeyEventBatch`.
     pub payload: Option<Vec<u8>>,
+    /// Its timestamp, which bounds its event times (`super::timebound`).
+    pub time: RecordTime,
 }
 
 /// Why a record went to the dead-letter topic. A closed set: it is a header value and a metric
@@ -382,7 +386,12 @@ mod tests {
 
     fn record(user: &str, events: Vec<proto::KeyEvent>) -> InputRecord {
         let batch = proto::KeyEventBatch { user_id: user.into(), events, ..Default::default() };
-        InputRecord { offset: 7, key: Some(user.as_bytes().to_vec()), payload: Some(batch.encode_to_vec()) }
+        InputRecord {
+            offset: 7,
+            key: Some(user.as_bytes().to_vec()),
+            payload: Some(batch.encode_to_vec()),
+            ..InputRecord::default()
+        }
     }
 
     fn event(t: i64, action: i32) -> proto::KeyEvent {
@@ -406,7 +415,12 @@ mod tests {
             let device = Some(proto::DeviceInfo { bus_type: 6, is_virtual, ..Default::default() });
             let batch =
                 proto::KeyEventBatch { user_id: "u1".into(), events: vec![event(10, 1)], device, ..Default::default() };
-            let r = InputRecord { offset: 1, key: Some(b"u1".to_vec()), payload: Some(batch.encode_to_vec()) };
+            let r = InputRecord {
+                offset: 1,
+                key: Some(b"u1".to_vec()),
+                payload: Some(batch.encode_to_vec()),
+                ..InputRecord::default()
+            };
             assert_eq!(decode_record(&r, 10).unwrap().virtual_device, is_virtual);
         }
     }
@@ -469,7 +483,12 @@ mod tests {
         assert_eq!(records.len(), 3);
         let mut back = Vec::new();
         for (i, payload) in records.into_iter().enumerate() {
-            let r = InputRecord { offset: i as i64, key: Some(b"u9".to_vec()), payload: Some(payload) };
+            let r = InputRecord {
+                offset: i as i64,
+                key: Some(b"u9".to_vec()),
+                payload: Some(payload),
+                ..InputRecord::default()
+            };
             back.extend(decode_record(&r, 10).unwrap().events);
         }
         assert_eq!(back, events);
@@ -478,7 +497,7 @@ mod tests {
     proptest! {
         #[test]
         fn arbitrary_payloads_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300), key in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..8))) {
-            let r = InputRecord { offset: 0, key, payload: Some(bytes) };
+            let r = InputRecord { key, payload: Some(bytes), ..InputRecord::default() };
             let _ = decode_record(&r, 1000);
         }
     }

@@ -179,11 +179,7 @@ impl FleetStages {
                 }
             };
             let Some(stage) = self.stage_of(m.topic()) else { continue };
-            let record = InputRecord {
-                offset: m.offset(),
-                key: m.key().map(<[u8]>::to_vec),
-                payload: m.payload().map(<[u8]>::to_vec),
-            };
+            let record = kafka::input_record(&m);
             match tasks.get_mut(&(stage, m.partition())) {
                 Some(a) => {
                     a.pending.push(record);

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use super::query::{RecentScores, ScoreSample};
 use super::records::{self, DeadLetterClass, InputRecord, OutRecord, OutTopic};
+use super::timebound::TimeBounds;
 use crate::detect::{
     Detector, Output, ScoringBatch, SequenceError, SequenceScorer, UserState, UserStateV1, UserStateV2, UserStateV3,
 };
@@ -112,6 +113,10 @@ pub struct BatchOutcome {
     pub events: u64,
     /// Records sent to the dead-letter topic, by class.
     pub dead_letters: Vec<DeadLetterClass>,
+    /// Records whose event times were shifted to their reference clock.
+    pub rebased_records: u64,
+    /// Events dropped as too far from their record's reference clock.
+    pub out_of_bounds_events: u64,
     /// Windows scored.
     pub windows: u64,
     /// Alerts produced.
@@ -160,6 +165,8 @@ pub struct BatchSettings<'a> {
     pub close_idle: bool,
     /// Most events one record may carry.
     pub max_events_per_record: usize,
+    /// Bounds on event times against each record's reference clock.
+    pub time_bounds: TimeBounds,
     /// The input topic, for dead-letter headers.
     pub input_topic: &'a str,
     /// Now, for idleness.
@@ -312,10 +319,15 @@ impl<S: Store> Task<S> {
         let mut scoring = ScoringBatch::for_model(ctx.model.as_deref());
         let mut outputs: Vec<(usize, Output)> = Vec::new();
         let mut samples: Vec<(usize, ScoreSample)> = Vec::new();
+        let mut times = Vec::new();
 
         for record in records {
             match records::decode_record(record, ctx.settings.max_events_per_record) {
-                Ok(batch) => {
+                Ok(mut batch) => {
+                    let fix =
+                        ctx.settings.time_bounds.apply(&mut batch.events, record.time, ctx.settings.now_us, &mut times);
+                    outcome.rebased_records += u64::from(fix.rebased);
+                    outcome.out_of_bounds_events += u64::from(fix.dropped);
                     let slot = users.slot(&self.store, &batch.user_id)?;
                     users.slots[slot].1.set_virtual_source(batch.virtual_device);
                     for event in batch.events {
@@ -612,6 +624,7 @@ mod tests {
                 offset: first_offset + i as i64,
                 key: Some(user.as_bytes().to_vec()),
                 payload: Some(p),
+                time: records::RecordTime::Unknown,
             })
             .collect()
     }
@@ -634,6 +647,8 @@ mod tests {
                 idle_timeout: Duration::from_secs(10),
                 close_idle: true,
                 max_events_per_record: 1000,
+                // Unbounded: these tests' records carry no append time, and now_us is 0.
+                time_bounds: TimeBounds { lead_us: i64::MAX, lag_us: i64::MAX },
                 input_topic: "keys.events",
                 now,
                 now_us: 0,
@@ -671,7 +686,7 @@ mod tests {
             .iter()
             .filter(|r| r.topic == OutTopic::Fingerprints)
             .map(|r| {
-                let record = InputRecord { offset: 0, key: r.key.clone(), payload: r.value.clone() };
+                let record = InputRecord { key: r.key.clone(), payload: r.value.clone(), ..InputRecord::default() };
                 records::decode_fingerprint(&record).unwrap()
             })
             .collect();
@@ -736,7 +751,10 @@ mod tests {
         let mut producer = MemoryProducer::default();
         let mut records = macro_records("m1", 0, 120);
         let n = records.len() as i64;
-        records.insert(2, InputRecord { offset: 0, key: Some(b"m1".to_vec()), payload: Some(vec![0xff; 9]) });
+        records.insert(
+            2,
+            InputRecord { key: Some(b"m1".to_vec()), payload: Some(vec![0xff; 9]), ..InputRecord::default() },
+        );
         for (i, r) in records.iter_mut().enumerate() {
             r.offset = i as i64;
         }
