@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
-use common::broker::{free_port, Broker, ProcessorProc};
+use common::broker::{env_vars, free_port, Broker, ProcessorProc};
 use metronome::agent::pseudonym::PSEUDONYM_MARK;
 use metronome::proto;
 use prost::Message;
@@ -115,7 +115,7 @@ fn a_replayed_macro_goes_through_the_agent_to_an_alert_without_raw_keys() {
     let broker = Broker::start();
     broker.create_topics(&["events", "alerts", "dlq"], 4);
     let dir = tempfile::tempdir().unwrap();
-    let env: Vec<(String, String)> = [
+    let env = env_vars(&[
         ("METRONOME_STREAM__APPLICATION_ID", "app-agent"),
         ("METRONOME_STREAM__INPUT_TOPIC", "events"),
         ("METRONOME_STREAM__ALERTS_TOPIC", "alerts"),
@@ -123,10 +123,7 @@ fn a_replayed_macro_goes_through_the_agent_to_an_alert_without_raw_keys() {
         ("METRONOME_STREAM__COMMIT_INTERVAL_MS", "50"),
         ("METRONOME_STREAM__TOPIC_PARTITIONS", "4"),
         ("METRONOME_KAFKA__SESSION_TIMEOUT_MS", "6000"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect();
+    ]);
     let mut processor = ProcessorProc::start(&broker, &dir.path().join("state"), "p", &env, dir.path());
     let keylog = canary_macro(dir.path(), 150);
 

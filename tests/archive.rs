@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::broker::{Broker, ProcessorProc};
+use common::broker::{env_vars, Broker, ProcessorProc};
 use common::postgres::TempDb;
 use metronome::archive::format::{sha256_hex, ArchiveReader, Day, Manifest};
 use metronome::event::{KeyAction, KeyEvent};
@@ -424,17 +424,14 @@ fn an_archived_day_backtests_to_the_alerts_the_live_processor_committed() {
     let dir = tempfile::tempdir().unwrap();
     let app = "arch-live";
     broker.create_topics(&[TOPIC, "arch.alerts", "arch.dlq"], PARTITIONS);
-    let env: Vec<(String, String)> = [
+    let env = env_vars(&[
         ("METRONOME_STREAM__APPLICATION_ID", app),
         ("METRONOME_STREAM__INPUT_TOPIC", TOPIC),
         ("METRONOME_STREAM__ALERTS_TOPIC", "arch.alerts"),
         ("METRONOME_STREAM__DLQ_TOPIC", "arch.dlq"),
         ("METRONOME_STREAM__COMMIT_INTERVAL_MS", "50"),
         ("METRONOME_DETECTOR__WINDOW__IDLE_TIMEOUT_MS", "1000"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect();
+    ]);
 
     // Real human typing and macro users, recorded on 2023-11-14 (the simulator's clock), published
     // with their event times as record times.

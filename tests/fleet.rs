@@ -7,7 +7,7 @@ mod common;
 
 use std::path::Path;
 
-use common::broker::{Broker, ProcessorProc};
+use common::broker::{env_vars, Broker, ProcessorProc};
 use metronome::event::KeyEvent;
 use metronome::keylog::{self, KeylogReader};
 use metronome::macrogen::{self, FleetScript, MacroFamily, MacroSpec};
@@ -19,7 +19,7 @@ use rand_chacha::ChaCha8Rng;
 const APP: &str = "app-fleet";
 
 fn env() -> Vec<(String, String)> {
-    [
+    env_vars(&[
         ("METRONOME_STREAM__APPLICATION_ID", APP),
         ("METRONOME_STREAM__INPUT_TOPIC", "events"),
         ("METRONOME_STREAM__ALERTS_TOPIC", "alerts"),
@@ -30,10 +30,7 @@ fn env() -> Vec<(String, String)> {
         // Long enough for the whole published fleet to be processed before it settles.
         ("METRONOME_DETECTOR__FLEET__SETTLE_S", "10"),
         ("METRONOME_KAFKA__SESSION_TIMEOUT_MS", "6000"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect()
+    ])
 }
 
 fn publish(broker: &Broker, users: &[(String, Vec<KeyEvent>)]) {

@@ -9,7 +9,7 @@ use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::broker::{Broker, ProcessorProc};
+use common::broker::{env_vars, Broker, ProcessorProc};
 use common::postgres::TempDb;
 use metronome::http::{routes, AlertDb, ApiState, BrokerProbe, Readiness};
 use metronome::proto;
@@ -306,7 +306,7 @@ fn a_run_seen_through_metrics_the_api_and_the_alert_page() {
     let dir = tempfile::tempdir().unwrap();
     let keylog = dir.path().join("sim.csv");
     common::broker::simulate_keylog(&keylog, 12, &["--macro-share", "0.4", "--seed", "3", "--macro-presses", "150"]);
-    let env: Vec<(String, String)> = [
+    let env = env_vars(&[
         ("METRONOME_STREAM__APPLICATION_ID", "metrics-run"),
         ("METRONOME_STREAM__INPUT_TOPIC", "events"),
         ("METRONOME_STREAM__ALERTS_TOPIC", "alerts"),
@@ -316,10 +316,7 @@ fn a_run_seen_through_metrics_the_api_and_the_alert_page() {
         ("METRONOME_POSTGRES__SINK_IN_PROCESS", "true"),
         ("METRONOME_POSTGRES__URL", &db.url("sslmode=disable")),
         ("METRONOME_HTTP__BEARER_TOKEN", TOKEN),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect();
+    ]);
     let mut processor = ProcessorProc::start(&broker, &dir.path().join("state"), "m1", &env, dir.path());
     let addr = processor.http_addr();
 

@@ -9,7 +9,7 @@ mod common;
 use std::process::Command;
 use std::time::SystemTime;
 
-use common::broker::{Broker, ProcessorProc};
+use common::broker::{env_vars, Broker, ProcessorProc};
 use common::wait_until;
 use metronome::event::{KeyAction, KeyEvent};
 use metronome::stream::records::batches_for_user;
@@ -53,7 +53,7 @@ fn users_idle_past_retention_leave_store_and_changelog_and_recent_users_stay() {
     let dir = tempfile::tempdir().unwrap();
     let app = "retention";
     broker.create_topics(&["r.events", "r.alerts", "r.dlq"], 2);
-    let env: Vec<(String, String)> = [
+    let env = env_vars(&[
         ("METRONOME_STREAM__APPLICATION_ID", app),
         ("METRONOME_STREAM__INPUT_TOPIC", "r.events"),
         ("METRONOME_STREAM__ALERTS_TOPIC", "r.alerts"),
@@ -65,10 +65,7 @@ fn users_idle_past_retention_leave_store_and_changelog_and_recent_users_stay() {
         ("METRONOME_STREAM__PRUNE_INTERVAL_S", "1"),
         ("METRONOME_KAFKA__SESSION_TIMEOUT_MS", "6000"),
         ("METRONOME_KAFKA__MAX_POLL_INTERVAL_MS", "15000"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect();
+    ]);
     let now_us = metronome::agent::capture::epoch_us(SystemTime::now());
     let day_us = 86_400_000_000;
     let old_users = ["old-a", "old-b", "old-c"];

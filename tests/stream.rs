@@ -8,9 +8,9 @@ mod common;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use common::broker::{Broker, ProcessorProc};
+use common::broker::{env_vars, Broker, ProcessorProc};
 use metronome::keylog::{self, KeylogReader};
-use metronome::stream::records::{batches_for_user, dlq_headers};
+use metronome::stream::records::{batches_for_user, dlq_headers, encode_batch};
 use prost::Message;
 use serde_json::Value;
 
@@ -49,7 +49,7 @@ impl Scenario {
     fn on(broker: Broker, name: &str, users: u64, seed: u64) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let app = format!("app-{name}");
-        let env: Vec<(String, String)> = [
+        let env = env_vars(&[
             ("METRONOME_STREAM__APPLICATION_ID", app.as_str()),
             ("METRONOME_STREAM__INPUT_TOPIC", "events"),
             ("METRONOME_STREAM__ALERTS_TOPIC", "alerts"),
@@ -61,10 +61,7 @@ impl Scenario {
             // A rejoining group waits for members that left uncleanly at most this long.
             ("METRONOME_KAFKA__SESSION_TIMEOUT_MS", "6000"),
             ("METRONOME_KAFKA__MAX_POLL_INTERVAL_MS", "15000"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect();
+        ]);
         broker.create_topics(&["events", "alerts", "dlq"], PARTITIONS);
 
         let keylog = dir.path().join("sim.csv");
@@ -410,7 +407,7 @@ fn a_macro_user_who_steps_the_clock_a_year_either_way_is_still_caught() {
     let broker = Broker::start();
     let dir = tempfile::tempdir().unwrap();
     // The processor creates the input topic with the broker's clock on its records.
-    let env: Vec<(String, String)> = [
+    let env = env_vars(&[
         ("METRONOME_STREAM__APPLICATION_ID", "app-step"),
         ("METRONOME_STREAM__INPUT_TOPIC", "events"),
         ("METRONOME_STREAM__ALERTS_TOPIC", "alerts"),
@@ -418,44 +415,31 @@ fn a_macro_user_who_steps_the_clock_a_year_either_way_is_still_caught() {
         ("METRONOME_STREAM__COMMIT_INTERVAL_MS", "50"),
         ("METRONOME_STREAM__TOPIC_PARTITIONS", "2"),
         ("METRONOME_STREAM__INPUT_LOG_APPEND_TIME", "true"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect();
+    ]);
     let mut p = ProcessorProc::start(&broker, &dir.path().join("state"), "a", &env, dir.path());
     p.wait_for_log("task ready", 1);
-    let now_us = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64;
-    let start_us = now_us();
+    let now_us = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64;
     let year = 365 * 86_400 * 1_000_000i64;
-    // (when an agent typing in real time would send it, user, payload)
     let mut records = Vec::new();
     for (user, step) in [("m-ahead", year), ("m-behind", -year)] {
-        // A fixed-interval macro from now, its clock stepped after the first record (40 events).
+        // A fixed-interval macro from now, its clock stepped after its first record (40
+        // events); the rest goes out in one record, shifted whole to the broker's append time.
+        // Sent at once, it overlaps the first record there and loses its first half as late:
+        // the rest (about 70 presses) is still a macro.
         let mut events = Vec::new();
         for i in 0..200i64 {
-            let down = start_us + i * 100_000;
+            let down = now_us + i * 100_000;
             let key = 2 + (i % 3) as u32;
             events.push(metronome::event::KeyEvent::new(down, key, metronome::event::KeyAction::Down));
             events.push(metronome::event::KeyEvent::new(down + 20_000, key, metronome::event::KeyAction::Up));
         }
-        let sent_at: Vec<i64> = events.chunks(40).map(|c| c.last().unwrap().time_us).collect();
         for e in &mut events[40..] {
             e.time_us += step;
         }
-        for (payload, at) in batches_for_user(user, "s", &events, 40).into_iter().zip(sent_at) {
-            records.push((at, user, payload));
-        }
+        records.push((user.as_bytes().to_vec(), encode_batch(user, "", "s", &events[..40], Some(0))));
+        records.push((user.as_bytes().to_vec(), encode_batch(user, "", "s", &events[40..], Some(40))));
     }
-    // Sent as an agent sends them, each record once its last event happened (the broker's
-    // append times then follow the typing, as they do for a live agent).
-    records.sort_by_key(|r| r.0);
-    for (at, user, payload) in records {
-        let wait = at - now_us();
-        if wait > 0 {
-            std::thread::sleep(std::time::Duration::from_micros(wait as u64)); // pacing, not synchronisation
-        }
-        broker.produce("events", &[(user.as_bytes().to_vec(), payload)]);
-    }
+    broker.produce("events", &records);
     let alerts = broker.wait_for_alerts("alerts", 2);
     let users: BTreeSet<&str> = alerts.iter().map(|a| a.user_id.as_str()).collect();
     assert_eq!(users, BTreeSet::from(["m-ahead", "m-behind"]));

@@ -663,11 +663,13 @@ impl Detector {
                     let state = &mut user.state().scored;
                     let mut decision =
                         state.policy.on_window(policy_cfg, end_us, report.score, report.fired, report.lstm_score);
-                    // Per-press evidence held for a window's word gets it from this one.
+                    // Per-press evidence held for a window's word asks again, this window now counted.
                     let held = press_policy.is_some_and(|p| state.press.evidence >= p.threshold);
-                    if decision == Decision::Quiet && held && report.suspicious {
-                        state.press.evidence = 0.0;
-                        decision = state.policy.on_conclusive(end_us, press_reasons().union(report.fired));
+                    if decision == Decision::Quiet && held {
+                        if let Some(d) = state.policy.on_press_evidence(policy_cfg, end_us, press_reasons()) {
+                            state.press.evidence = 0.0;
+                            decision = d;
+                        }
                     }
                     match decision {
                         Decision::Quiet => out.push((slot, Output::Window(report))),

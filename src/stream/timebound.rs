@@ -80,6 +80,9 @@ impl TimeBounds {
         let lo = lag.map_or(i64::MIN, |lag| reference.saturating_sub(lag));
         let hi = reference.saturating_add(self.lead_us);
         let mut fix = TimeFix::default();
+        if events.iter().all(|e| (lo..=hi).contains(&e.time_us)) {
+            return fix; // the common case: nothing to move or drop
+        }
         // Only the broker's clock is one every honest record sits near: without it a record
         // out of bounds may be a backlog's, and moving it would carry the user's watermark.
         let median = lag.and_then(|_| median_time(events, scratch));

@@ -89,6 +89,11 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// `(name, value)` pairs as the owned environment a processor is started with.
+pub fn env_vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+}
+
 /// Writes a simulated keylog to `out` with `metronome simulate`: `users` users replayed from
 /// the real typing in `../shared/data/aalto-b-train.csv.gz`, plus `extra` flags.
 pub fn simulate_keylog(out: &Path, users: u64, extra: &[&str]) {
