@@ -29,7 +29,7 @@ fn typing() -> Vec<KeyEvent> {
 /// Cuts and encodes `events`, keys mapped by `key`; hands each encoded record to `out`.
 fn cut_encode(events: &[KeyEvent], key: impl Fn(u32) -> u32, mut out: impl FnMut(Vec<u8>)) -> u64 {
     let mut cutter = RecordCutter::new(RecordShape::agent(50));
-    let mut seq = 0u64;
+    let mut seq = 1u64;
     let mut encode = |records: Vec<CutRecord>| {
         for r in records {
             out(encode_batch("user-1", "kbd-1", "session-1", &r.events, Some(seq)));

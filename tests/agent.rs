@@ -87,7 +87,7 @@ fn assert_one_session(records: &[&proto::KeyEventBatch], keylog: &Path) -> BTree
     let expected = file_keys(keylog);
     assert_eq!(events.len(), expected.len(), "every captured event arrives once");
     let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
-    assert_eq!(seqs, (0..expected.len() as u64).collect::<Vec<_>>(), "in order, no gap, no repeat");
+    assert_eq!(seqs, (1..=expected.len() as u64).collect::<Vec<_>>(), "from 1, in order, no gap, no repeat");
     let mut mapping: HashMap<u32, u32> = HashMap::new();
     for (e, (raw, action)) in events.iter().zip(&expected) {
         assert_eq!(e.action, *action);
@@ -239,7 +239,7 @@ fn a_full_spool_refuses_records_and_says_how_many() {
     let records = batches(&broker);
     assert!(!records.is_empty());
     let seqs: Vec<u64> = records.iter().flat_map(|(_, b)| b.events.iter().map(|e| e.seq)).collect();
-    assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>(), "the oldest records were kept, in order");
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "the oldest records were kept, in order");
 }
 
 #[test]

@@ -215,7 +215,8 @@ pub fn run(
         device_id: String::new(),
         device: None,
         pseudonyms: KeyPseudonymizer::new_session(),
-        next_seq: 0,
+        // Numbered from 1: the processor reads 0 as unnumbered.
+        next_seq: 1,
     };
     let mut summary = AgentSummary::default();
 
@@ -362,7 +363,7 @@ mod tests {
                 ..Default::default()
             }),
             pseudonyms: KeyPseudonymizer::new_session(),
-            next_seq: 0,
+            next_seq: 1,
         };
         let record = |n: i64| CutRecord {
             user_id: "u1".into(),
@@ -382,7 +383,7 @@ mod tests {
             assert_eq!(batch.device, session.device, "every record says where its keys come from");
             seqs.extend(batch.events.iter().map(|e| e.seq));
         }
-        assert_eq!(seqs, (0..6).collect::<Vec<u64>>());
+        assert_eq!(seqs, (1..7).collect::<Vec<u64>>(), "numbered from 1, one per event");
     }
 
     #[test]

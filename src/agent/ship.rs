@@ -78,6 +78,9 @@ pub struct Shipper {
     outcomes: BTreeMap<u64, Outcome>,
     /// A handed record must be sent again: once nothing is in flight, start over at the front.
     rewind: bool,
+    /// Records behind the front the broker had answered for good when the shipper started
+    /// over, under the ids they get now: they are not sent again (the broker has them once).
+    settled: BTreeMap<u64, Outcome>,
     stats: ShipStats,
 }
 
@@ -90,6 +93,7 @@ impl Shipper {
             handed: 0,
             outcomes: BTreeMap::new(),
             rewind: false,
+            settled: BTreeMap::new(),
             stats: ShipStats::default(),
         }
     }
@@ -101,12 +105,17 @@ impl Shipper {
             let want = (spool.len() - self.handed).min(self.max_in_flight - self.handed);
             for entry in spool.read(self.handed, want) {
                 let id = self.front_id + self.handed as u64;
-                let sent = match unframe(&entry) {
-                    Some((key, payload)) => sink.send(id, key, payload),
-                    None => {
-                        // Not ours (a corrupt or foreign file): counted, never sent.
-                        self.outcomes.insert(id, Outcome::Rejected("unreadable_spool_entry"));
-                        true
+                let sent = if let Some(outcome) = self.settled.remove(&id) {
+                    self.outcomes.insert(id, outcome);
+                    true
+                } else {
+                    match unframe(&entry) {
+                        Some((key, payload)) => sink.send(id, key, payload),
+                        None => {
+                            // Not ours (a corrupt or foreign file): counted, never sent.
+                            self.outcomes.insert(id, Outcome::Rejected("unreadable_spool_entry"));
+                            true
+                        }
                     }
                 };
                 if !sent {
@@ -140,9 +149,15 @@ impl Shipper {
         self.front_id += done as u64;
         self.handed -= done;
         if self.rewind && self.outcomes.len() == self.handed {
-            // Everything handed has an answer: send the rest again from the front, under fresh
-            // ids so that no late answer about an earlier send is taken for the new one.
-            self.outcomes.clear();
+            // Everything handed has an answer: send what the broker does not have again from
+            // the front, under fresh ids so that no late answer about an earlier send is taken
+            // for the new one.
+            let renumber = self.handed as u64;
+            self.settled = std::mem::take(&mut self.outcomes)
+                .into_iter()
+                .filter(|(_, o)| *o != Outcome::Retry)
+                .map(|(id, o)| (id + renumber, o))
+                .collect();
             self.front_id += self.handed as u64;
             self.handed = 0;
             self.rewind = false;
@@ -350,18 +365,36 @@ mod tests {
     }
 
     #[test]
-    fn a_retry_sends_the_rest_again_from_the_front_in_order() {
+    fn a_retry_sends_again_only_what_the_broker_does_not_have() {
         let dir = tempfile::tempdir().unwrap();
-        let mut spool = spool_with(&dir, 6);
+        let mut spool = spool_with(&dir, 7);
         let mut sink = TwinSink { capacity: 100, up: true, ..Default::default() };
         sink.script.insert(2, Outcome::Retry);
-        sink.script.insert(3, Outcome::Retry);
+        sink.script.insert(4, Outcome::Retry);
         let mut shipper = Shipper::new(10);
         while !spool.is_empty() {
             shipper.pump(&mut spool, &mut sink, Duration::ZERO).unwrap();
         }
-        assert_eq!(payloads(&sink), vec![0, 1, 2, 3, 4, 5, 2, 3, 4, 5]);
-        assert_eq!(shipper.stats(), ShipStats { delivered: 6, rejected: 0, resends: 1 });
+        // 3, 5 and 6 were delivered the first time: only 2 and 4 go again, in order.
+        assert_eq!(payloads(&sink), vec![0, 1, 2, 3, 4, 5, 6, 2, 4]);
+        assert_eq!(shipper.stats(), ShipStats { delivered: 7, rejected: 0, resends: 1 });
+        assert_eq!(shipper.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_second_rewind_still_skips_what_the_first_send_delivered() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = spool_with(&dir, 5);
+        let mut sink = TwinSink { capacity: 100, up: true, ..Default::default() };
+        // First send: 0 retried, the rest delivered. Second send (ids from 5): 0 retried again.
+        sink.script.insert(0, Outcome::Retry);
+        sink.script.insert(5, Outcome::Retry);
+        let mut shipper = Shipper::new(10);
+        while !spool.is_empty() {
+            shipper.pump(&mut spool, &mut sink, Duration::ZERO).unwrap();
+        }
+        assert_eq!(payloads(&sink), vec![0, 1, 2, 3, 4, 0, 0]);
+        assert_eq!(shipper.stats(), ShipStats { delivered: 5, rejected: 0, resends: 2 });
     }
 
     #[test]

@@ -11,6 +11,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::event::KeyEvent;
 
+/// Most events held at once. Typing puts a handful within any grace; past this many the oldest
+/// is released early, so a flood of events stamped at one instant cannot grow a user's state
+/// (and its changelog record) without bound.
+pub const MAX_HELD: usize = 256;
+
 /// Outcome of [`ReorderBuffer::push`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
@@ -50,7 +55,7 @@ impl ReorderBuffer {
         let newest = self.newest_us.map_or(event.time_us, |n| n.max(event.time_us));
         self.newest_us = Some(newest);
         let horizon = newest.saturating_sub(grace_us);
-        while self.pending.front().is_some_and(|e| e.time_us <= horizon) {
+        while self.pending.front().is_some_and(|e| e.time_us <= horizon) || self.pending.len() > MAX_HELD {
             let e = self.pending.pop_front().expect("front checked");
             self.released_us = Some(e.time_us);
             release(e);
@@ -116,6 +121,14 @@ mod tests {
         assert_eq!(out, vec![100]);
         assert_eq!(buf.late_events(), 1);
         assert_eq!(buf.pending_len(), 1, "the late event is not buffered");
+    }
+
+    #[test]
+    fn a_flood_at_one_instant_is_held_only_up_to_the_cap() {
+        let mut buf = ReorderBuffer::default();
+        let out = push_all(&mut buf, &vec![7; 10_000], 200);
+        assert_eq!(buf.pending_len(), MAX_HELD);
+        assert_eq!(out.len() + MAX_HELD, 10_000, "the rest released early, in order, none lost");
     }
 
     #[test]

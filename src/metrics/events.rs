@@ -44,6 +44,12 @@ pub struct BatchCommitted<'a> {
     pub rebased_records: u64,
     /// Events dropped as out of bounds.
     pub out_of_bounds_events: u64,
+    /// Events dropped as copies of delivered ones (by session and sequence number).
+    pub duplicate_events: u64,
+    /// Sequence numbers skipped when a later one arrived.
+    pub seq_gap_events: u64,
+    /// Events that arrived after a later-numbered one, filling a gap.
+    pub late_fill_events: u64,
     /// Scores of the windows scored.
     pub windows: &'a [WindowScores],
     /// Alerts committed.
@@ -87,6 +93,9 @@ impl InternalEvent for BatchCommitted<'_> {
         }
         m.records_rebased.inc_by(self.rebased_records);
         m.events_out_of_bounds.inc_by(self.out_of_bounds_events);
+        m.events_duplicate.inc_by(self.duplicate_events);
+        m.sequence_gaps.inc_by(self.seq_gap_events);
+        m.sequence_fills.inc_by(self.late_fill_events);
         let by_scorer = |name: &str| m.window_scores.with_label_values(&[name]);
         let (combined, timing, histogram, lstm) =
             (by_scorer("combined"), by_scorer("timing"), by_scorer("histogram"), by_scorer("lstm"));

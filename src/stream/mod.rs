@@ -17,6 +17,7 @@
 //! - [`config`]: `[stream]` settings and the `[kafka]` passthrough.
 //! - [`records`]: pure input validation, dead letters and alert messages.
 //! - [`timebound`]: pure bounds on event times against a clock the player does not own.
+//! - [`intake`]: pure deduplication by the agent's sequence numbers, kept per user.
 //! - [`task`]: one partition's state and its exactly-once batch cycle, over the
 //!   [`task::TaskProducer`] seam (an in-memory twin tests it).
 //! - [`kafka`]: rdkafka clients: consumer, transactional producers, topic set-up, restore.
@@ -40,6 +41,7 @@ pub mod alerts;
 pub mod config;
 pub mod directory;
 pub mod fleet;
+pub mod intake;
 pub mod kafka;
 pub mod processor;
 pub mod publish;

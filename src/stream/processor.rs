@@ -249,11 +249,11 @@ impl Processor {
             if let Some(e) = failed {
                 break Err(e);
             }
-            // Silence reads as idleness only once every partition is consumed to its end: while
-            // catching up, a user's next records may still be in the backlog.
-            let caught_up = !tasks.is_empty() && tasks.values().all(|a| a.at_end);
+            // Silence reads as idleness only in a task consumed to its end (`run_lane`): while it
+            // catches up, a user's next records may still be in its backlog. A user's records are
+            // all on one partition, so another partition's backlog says nothing about them.
             let now = Instant::now();
-            let check_idle = caught_up && now.duration_since(last_idle_check) >= IDLE_CHECK_EVERY;
+            let check_idle = !tasks.is_empty() && now.duration_since(last_idle_check) >= IDLE_CHECK_EVERY;
             if check_idle {
                 last_idle_check = now;
             }
@@ -501,7 +501,9 @@ impl Processor {
         };
         let due: Vec<(i32, &mut Assigned)> = tasks
             .iter_mut()
-            .filter(|(_, a)| !a.pending.is_empty() || (check_idle && a.task.idle_due(settings.now, self.idle_timeout)))
+            .filter(|(_, a)| {
+                !a.pending.is_empty() || (check_idle && a.at_end && a.task.idle_due(settings.now, self.idle_timeout))
+            })
             .map(|(&p, a)| {
                 a.producer.set_group(consumer.group_metadata());
                 (p, a)
@@ -561,6 +563,13 @@ impl Processor {
                             "event times too far from the reference clock (stream.max_event_lead_s, max_event_lag_s)"
                         );
                     }
+                    if outcome.duplicate_events > 0 {
+                        tracing::info!(
+                            partition,
+                            events = outcome.duplicate_events,
+                            "copies of delivered events dropped"
+                        );
+                    }
                     if outcome.committed {
                         let now_us = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
                         let classes: Vec<&'static str> = outcome.dead_letters.iter().map(|c| c.as_str()).collect();
@@ -578,6 +587,9 @@ impl Processor {
                             dead_letters: &classes,
                             rebased_records: outcome.rebased_records,
                             out_of_bounds_events: outcome.out_of_bounds_events,
+                            duplicate_events: outcome.duplicate_events,
+                            seq_gap_events: outcome.seq_gap_events,
+                            late_fill_events: outcome.late_fill_events,
                             windows: &outcome.window_scores,
                             alerts: &alerts,
                         }
@@ -628,7 +640,9 @@ fn run_lane<'a>(
             Some(m) => Some(&mut **m),
             None => None,
         };
-        let mut ctx = BatchContext { detector: &mut *detector, model, settings: *settings };
+        // Idle close per task, once it is consumed to its end.
+        let settings = BatchSettings { close_idle: settings.close_idle && assigned.at_end, ..*settings };
+        let mut ctx = BatchContext { detector: &mut *detector, model, settings };
         results.push((partition, assigned.task.run_batch(&mut ctx, &records, &mut assigned.producer)));
     }
     results

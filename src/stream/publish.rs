@@ -2,14 +2,14 @@
 //! user each, keyed by user id, in order, through an idempotent producer. Used by
 //! `metronome publish`, the tests and the benchmarks.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
-use super::records::batches_for_user;
+use super::records::encode_batch;
 pub use crate::cutting::RecordShape;
 use crate::cutting::{CutRecord, RecordCutter};
 use crate::keylog::{KeylogError, KeylogRecord};
@@ -92,13 +92,14 @@ pub fn publish_keylog(
 ) -> Result<PublishSummary, PublishError> {
     let mut summary = PublishSummary::default();
     let mut cutter = RecordCutter::new(shape);
+    let mut numbering = Numbering::default();
     let mut send_cut = |records: Vec<CutRecord>| -> Result<(), PublishError> {
         for r in records {
             let timestamp_ms = match stamp {
                 Timestamps::Now => None,
                 Timestamps::EventTime => r.events.first().map(|e| e.time_us.div_euclid(1000)),
             };
-            for payload in batches_for_user(&r.user_id, &r.session_id, &r.events, shape.max_events) {
+            for payload in numbering.payloads(&r, shape.max_events) {
                 send_at(producer, topic, r.user_id.as_bytes(), &payload, timestamp_ms)?;
                 summary.records += 1;
             }
@@ -116,6 +117,29 @@ pub fn publish_keylog(
     match producer.in_flight_count() {
         0 => Ok(summary),
         n => Err(PublishError::Undelivered(n)),
+    }
+}
+
+/// Sequence numbers per user and session, from 1, as an agent numbers its events: a file or a
+/// simulation published twice is counted once (the processor drops what a session delivered).
+#[derive(Debug, Default)]
+struct Numbering {
+    next: HashMap<(String, String), u64>,
+}
+
+impl Numbering {
+    /// `record` as encoded batches of at most `max_events`, numbered on from the last.
+    fn payloads(&mut self, record: &CutRecord, max_events: usize) -> Vec<Vec<u8>> {
+        let seq = self.next.entry((record.user_id.clone(), record.session_id.clone())).or_insert(1);
+        record
+            .events
+            .chunks(max_events.max(1))
+            .map(|chunk| {
+                let payload = encode_batch(&record.user_id, "", &record.session_id, chunk, Some(*seq));
+                *seq += chunk.len() as u64;
+                payload
+            })
+            .collect()
     }
 }
 
@@ -167,10 +191,15 @@ pub fn publish_simulation(
     use std::time::Instant;
     let mut summary = PublishSummary { users: users.len() as u64, ..PublishSummary::default() };
     let mut cutter = RecordCutter::new(shape);
-    let send_cut = |records: Vec<CutRecord>, summary: &mut PublishSummary| -> Result<(), PublishError> {
+    let mut numbering = Numbering::default();
+    // A session of its own per run, as each agent start has: a simulation run again (new
+    // times, the same users) is new typing, not a copy.
+    let session = format!("sim-{}", uuid::Uuid::new_v4());
+    let mut send_cut = |records: Vec<CutRecord>, summary: &mut PublishSummary| -> Result<(), PublishError> {
         for r in records {
-            let payload = super::records::encode_batch(&r.user_id, "", &r.session_id, &r.events, None);
-            send(producer, topic, r.user_id.as_bytes(), &payload)?;
+            for payload in numbering.payloads(&r, r.events.len()) {
+                send(producer, topic, r.user_id.as_bytes(), &payload)?;
+            }
             summary.records += 1;
             summary.events += r.events.len() as u64;
         }
@@ -195,7 +224,7 @@ pub fn publish_simulation(
                 std::thread::sleep(left.min(Duration::from_millis(20))); // pacing, not synchronisation
             }
         }
-        send_cut(cutter.push(&users[u].user_id, "sim", event), &mut summary)?;
+        send_cut(cutter.push(&users[u].user_id, &session, event), &mut summary)?;
         progress(summary.events);
         producer.poll(Duration::ZERO);
     }

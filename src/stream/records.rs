@@ -10,6 +10,7 @@ use crate::event::{KeyAction, KeyEvent};
 use crate::keylog::{MAX_EVENT_TIME_US, MAX_ID_LEN};
 use crate::proto;
 
+use super::intake::SessionKey;
 pub use super::timebound::RecordTime;
 
 /// One consumed input record, detached from the client.
@@ -99,8 +100,12 @@ impl DeadLetterClass {
 pub struct UserEvents {
     /// The user the events belong to.
     pub user_id: String,
+    /// The device and capture session the events' numbers belong to.
+    pub session: SessionKey,
     /// The events, in capture order.
     pub events: Vec<KeyEvent>,
+    /// `seqs[i]` is `events[i]`'s sequence number (0: unnumbered).
+    pub seqs: Vec<u64>,
     /// The agent reported a virtual input device (uinput) as their source.
     pub virtual_device: bool,
 }
@@ -119,6 +124,7 @@ pub fn decode_record(record: &InputRecord, max_events: usize) -> Result<UserEven
         return Err(DeadLetterClass::OversizeBatch);
     }
     let mut events = Vec::with_capacity(batch.events.len());
+    let mut seqs = Vec::with_capacity(batch.events.len());
     for e in &batch.events {
         if !e.user_id.is_empty() && e.user_id != batch.user_id {
             return Err(DeadLetterClass::UserMismatch);
@@ -133,9 +139,11 @@ pub fn decode_record(record: &InputRecord, max_events: usize) -> Result<UserEven
             _ => return Err(DeadLetterClass::InvalidAction),
         };
         events.push(KeyEvent::new(e.event_time_us, e.key, action));
+        seqs.push(e.seq);
     }
     let virtual_device = batch.device.is_some_and(|d| d.is_virtual);
-    Ok(UserEvents { user_id: batch.user_id, events, virtual_device })
+    let session = SessionKey::of(&batch.device_id, &batch.session_id);
+    Ok(UserEvents { user_id: batch.user_id, session, events, seqs, virtual_device })
 }
 
 /// Which topic an output record is for; the processor maps these to configured names.
@@ -334,7 +342,8 @@ pub fn batches_for_user(user_id: &str, session_id: &str, events: &[KeyEvent], ma
 }
 
 /// One encoded `KeyEventBatch`: `events` of one user from one device, numbered from `first_seq`
-/// (a capture device's sequence; `None` for files, which have no device: every seq is 0).
+/// (a capture session's sequence, from 1; `None` for files and simulations: every seq is 0,
+/// unnumbered, never deduplicated).
 /// Events leave user, device and session empty: the batch carries them once.
 pub fn encode_batch(
     user_id: &str,

@@ -19,6 +19,7 @@ use metronome_state::{keys, Store, StoreError, WriteBatch};
 use prost::Message;
 use serde::{Deserialize, Serialize};
 
+use super::intake::UserIntake;
 use super::query::{RecentScores, ScoreSample};
 use super::records::{self, DeadLetterClass, InputRecord, OutRecord, OutTopic};
 use super::timebound::TimeBounds;
@@ -34,9 +35,11 @@ pub const NS_USER_STATE: u8 = 0x01;
 /// Where the checkpoint lives.
 const CHECKPOINT_KEY: &[u8] = &[NS_META, b'c', b'k', b'p', b't'];
 /// Version byte in front of every stored user state: 2 added the recurrence memory, 3 the
-/// key-dependence test, 4 the per-press model's carried state.
-const STATE_FORMAT: u8 = 4;
+/// key-dependence test, 4 the per-press model's carried state, 5 the stream's [`UserIntake`]
+/// (sequence numbers delivered, the carried clock shift) after the detector's state.
+const STATE_FORMAT: u8 = 5;
 /// The formats before it, still read (a rolling upgrade restores them from the changelog).
+const STATE_FORMAT_V4: u8 = 4;
 const STATE_FORMAT_V3: u8 = 3;
 const STATE_FORMAT_V2: u8 = 2;
 const STATE_FORMAT_V1: u8 = 1;
@@ -117,6 +120,12 @@ pub struct BatchOutcome {
     pub rebased_records: u64,
     /// Events dropped as too far from their record's reference clock.
     pub out_of_bounds_events: u64,
+    /// Events dropped because their session had delivered their sequence number before.
+    pub duplicate_events: u64,
+    /// Sequence numbers skipped when a later one arrived (events missing, for now).
+    pub seq_gap_events: u64,
+    /// Events that arrived after a later-numbered one of their session (filling a gap).
+    pub late_fill_events: u64,
     /// Windows scored.
     pub windows: u64,
     /// Alerts produced.
@@ -160,8 +169,8 @@ pub struct BatchContext<'a> {
 pub struct BatchSettings<'a> {
     /// Wall-clock idleness that closes a user's window.
     pub idle_timeout: Duration,
-    /// Whether to close idle users' windows in this batch (the processor says so only when it
-    /// is caught up: while it works through a backlog, silence is not idleness).
+    /// Whether to close idle users' windows in this batch (the processor says so only when the
+    /// task is consumed to its end: while it works through a backlog, silence is not idleness).
     pub close_idle: bool,
     /// Most events one record may carry.
     pub max_events_per_record: usize,
@@ -199,14 +208,29 @@ fn user_of_key(key: &[u8]) -> Option<&str> {
 }
 
 /// Serializes a user's state for the store and the changelog.
-pub fn encode_state(state: &UserState) -> Vec<u8> {
-    records::versioned(STATE_FORMAT, state)
+pub fn encode_state(state: &UserState, intake: &UserIntake) -> Vec<u8> {
+    records::versioned(STATE_FORMAT, &(state, intake))
 }
 
-/// Reads a stored user state.
+/// Reads a stored user's detector state.
 pub fn decode_state(bytes: &[u8]) -> Result<UserState, TaskError> {
+    decode_stored(bytes).map(|(state, _)| state)
+}
+
+/// Reads a stored user's detector state and intake (empty for formats before 5: a rolling
+/// upgrade forgets which numbers were delivered once, no more).
+pub fn decode_stored(bytes: &[u8]) -> Result<(UserState, UserIntake), TaskError> {
+    let corrupt = |_| TaskError::CorruptState("user state");
+    let detector_only = |state: Result<UserState, TaskError>| state.map(|s| (s, UserIntake::default()));
     match bytes.split_first() {
-        Some((&STATE_FORMAT, body)) => postcard::from_bytes(body).map_err(|_| TaskError::CorruptState("user state")),
+        Some((&STATE_FORMAT, body)) => postcard::from_bytes(body).map_err(corrupt),
+        Some((&STATE_FORMAT_V4, body)) => detector_only(postcard::from_bytes(body).map_err(corrupt)),
+        other => detector_only(decode_before_v4(other)),
+    }
+}
+
+fn decode_before_v4(bytes: Option<(&u8, &[u8])>) -> Result<UserState, TaskError> {
+    match bytes {
         Some((&STATE_FORMAT_V3, body)) => postcard::from_bytes::<UserStateV3>(body)
             .map(UserState::from)
             .map_err(|_| TaskError::CorruptState("user state")),
@@ -314,7 +338,7 @@ impl<S: Store> Task<S> {
         producer: &mut P,
     ) -> Result<BatchOutcome, TaskError> {
         let mut outcome = BatchOutcome { records: records.len() as u64, ..BatchOutcome::default() };
-        let mut users = Users { slots: Vec::new(), index: HashMap::new() };
+        let mut users = Users::default();
         let mut out: Vec<OutRecord> = Vec::new();
         let mut scoring = ScoringBatch::for_model(ctx.model.as_deref());
         let mut outputs: Vec<(usize, Output)> = Vec::new();
@@ -324,11 +348,25 @@ impl<S: Store> Task<S> {
         for record in records {
             match records::decode_record(record, ctx.settings.max_events_per_record) {
                 Ok(mut batch) => {
-                    let fix =
-                        ctx.settings.time_bounds.apply(&mut batch.events, record.time, ctx.settings.now_us, &mut times);
+                    let slot = users.slot(&self.store, &batch.user_id)?;
+                    let intake = &mut users.intakes[slot];
+                    let admitted = intake.ledger.admit(batch.session, &batch.seqs, &mut batch.events);
+                    outcome.duplicate_events += u64::from(admitted.duplicates);
+                    outcome.seq_gap_events += admitted.gap_events;
+                    outcome.late_fill_events += u64::from(admitted.late_fills);
+                    let fix = ctx.settings.time_bounds.apply(
+                        &mut batch.events,
+                        record.time,
+                        ctx.settings.now_us,
+                        &mut intake.shift_us,
+                        &mut times,
+                    );
                     outcome.rebased_records += u64::from(fix.rebased);
                     outcome.out_of_bounds_events += u64::from(fix.dropped);
-                    let slot = users.slot(&self.store, &batch.user_id)?;
+                    if batch.events.is_empty() {
+                        continue; // a copy, or strays only: nothing of the user changes
+                    }
+                    users.fed[slot] = true;
                     users.slots[slot].1.set_virtual_source(batch.virtual_device);
                     for event in batch.events {
                         ctx.detector.on_event(slot, &mut users.slots[slot].1, event, &mut scoring);
@@ -344,14 +382,15 @@ impl<S: Store> Task<S> {
                 }
             }
         }
-        // Slots so far are the users with events in this batch: they are not idle.
-        let with_events = users.slots.len();
+        // Users fed events in this batch are not idle; a copy or a record of strays alone does
+        // not count as typing.
+        let fed: Vec<usize> = (0..users.slots.len()).filter(|&i| users.fed[i]).collect();
         let idle: Vec<String> = if ctx.settings.close_idle {
             self.open_users
                 .iter()
                 .filter(|(u, &t)| {
                     ctx.settings.now.saturating_duration_since(t) >= ctx.settings.idle_timeout
-                        && !users.index.contains_key(*u)
+                        && !users.index.get(*u).is_some_and(|&i| users.fed[i])
                 })
                 .map(|(u, _)| u.clone())
                 .collect()
@@ -412,9 +451,9 @@ impl<S: Store> Task<S> {
             }
         }
         let mut writes = WriteBatch::new();
-        for (user, state) in &users.slots {
+        for ((user, state), intake) in users.slots.iter().zip(&users.intakes) {
             let key = user_key(user)?;
-            let value = encode_state(state);
+            let value = encode_state(state, intake);
             put_logged(&mut out, &mut writes, key, value);
         }
 
@@ -427,8 +466,8 @@ impl<S: Store> Task<S> {
         put_checkpoint(&mut writes, checkpoint);
         self.store.write(&writes)?;
         self.checkpoint = checkpoint;
-        for (user, _) in &users.slots[..with_events] {
-            self.open_users.insert(user.clone(), ctx.settings.now);
+        for slot in fed {
+            self.open_users.insert(users.slots[slot].0.clone(), ctx.settings.now);
         }
         for (slot, sample) in samples {
             let user = &users.slots[slot].0;
@@ -528,9 +567,14 @@ pub fn transact<P: TaskProducer>(
     })
 }
 
-/// The users a batch touches: `(user, state)` slots the detector addresses by index.
+/// The users a batch touches: `(user, state)` slots the detector addresses by index, and each
+/// one's intake beside them.
+#[derive(Default)]
 struct Users {
     slots: Vec<(String, UserState)>,
+    intakes: Vec<UserIntake>,
+    /// Whether the batch fed the slot's user any event.
+    fed: Vec<bool>,
     index: HashMap<String, usize>,
 }
 
@@ -539,11 +583,13 @@ impl Users {
         if let Some(&slot) = self.index.get(user) {
             return Ok(slot);
         }
-        let state = match store.get(&user_key(user)?)? {
-            Some(bytes) => decode_state(&bytes)?,
-            None => UserState::default(),
+        let (state, intake) = match store.get(&user_key(user)?)? {
+            Some(bytes) => decode_stored(&bytes)?,
+            None => Default::default(),
         };
         self.slots.push((user.to_owned(), state));
+        self.intakes.push(intake);
+        self.fed.push(false);
         self.index.insert(user.to_owned(), self.slots.len() - 1);
         Ok(self.slots.len() - 1)
     }
@@ -870,10 +916,138 @@ mod tests {
         assert_eq!(task.prune(&mut producer, i64::MAX).unwrap().users, 1, "the next pass does it");
     }
 
+    /// `events` as an agent sends them: records of 40, numbered from 1 in one session.
+    fn agent_records(user: &str, events: &[KeyEvent]) -> Vec<InputRecord> {
+        events
+            .chunks(40)
+            .enumerate()
+            .map(|(i, chunk)| InputRecord {
+                offset: i as i64,
+                key: Some(user.as_bytes().to_vec()),
+                payload: Some(records::encode_batch(user, "kbd-1", "run-1", chunk, Some(1 + 40 * i as u64))),
+                time: records::RecordTime::Unknown,
+            })
+            .collect()
+    }
+
+    fn macro_events(presses: usize) -> Vec<KeyEvent> {
+        let mut events = Vec::new();
+        for i in 0..presses as i64 {
+            let t = 1_700_000_000_000_000 + i * 100_000;
+            events.push(KeyEvent::new(t, 30 + (i % 4) as u32, KeyAction::Down));
+            events.push(KeyEvent::new(t + 30_000, 30 + (i % 4) as u32, KeyAction::Up));
+        }
+        events
+    }
+
+    /// Runs `batches` (records renumbered by position) through a fresh task: the committed
+    /// alerts, the user's stored state and intake, and the events the detector was fed.
+    fn run_batches(batches: &[Vec<InputRecord>]) -> (Vec<proto::Alert>, (UserState, UserIntake), BatchOutcome) {
+        let mut detector = Detector::new(DetectorConfig::default()).unwrap();
+        let now = Instant::now();
+        let mut task = Task::open(0, MemoryStore::new(), now).unwrap();
+        let mut producer = MemoryProducer::default();
+        let mut total = BatchOutcome::default();
+        let mut offset = 0;
+        for batch in batches {
+            let renumbered: Vec<InputRecord> = batch
+                .iter()
+                .map(|r| {
+                    offset += 1;
+                    InputRecord { offset, ..r.clone() }
+                })
+                .collect();
+            let outcome = task.run_batch(&mut ctx(&mut detector, now), &renumbered, &mut producer).unwrap();
+            total.events += outcome.events;
+            total.duplicate_events += outcome.duplicate_events;
+            total.seq_gap_events += outcome.seq_gap_events;
+        }
+        let stored = task.store.get(&user_key("m1").unwrap()).unwrap().unwrap();
+        (alerts(&producer), decode_stored(&stored).unwrap(), total)
+    }
+
+    #[test]
+    fn resent_and_replayed_records_change_nothing() {
+        let records = agent_records("m1", &macro_events(160)); // 8 records of 40
+        let n = records.len();
+        let (alerts_once, state_once, once) = run_batches(std::slice::from_ref(&records));
+        assert_eq!(alerts_once.len(), 1);
+        // The same records over three batches, with what an agent restart resends (the last
+        // batch's tail again at the start of the next), a record twice in one batch, and the
+        // whole stream replayed at the end.
+        let mut first = records[..3].to_vec();
+        first.push(records[1].clone());
+        let mut second = records[1..3].to_vec();
+        second.extend_from_slice(&records[3..n / 2]);
+        let mut third = records[n / 2 - 2..].to_vec();
+        third.extend_from_slice(&records);
+        let (alerts_copied, state_copied, copied) = run_batches(&[first, second, third]);
+        let copies: usize = 1 + 2 + 2 + n;
+        assert_eq!(copied.duplicate_events, (copies * 40) as u64, "every copy's events dropped");
+        assert_eq!(copied.events, once.events, "the detector was fed each event once");
+        assert_eq!(copied.seq_gap_events, 0);
+        let ids = |a: &[proto::Alert]| a.iter().map(|a| (a.alert_id.clone(), a.window_end_us)).collect::<Vec<_>>();
+        assert_eq!(ids(&alerts_copied), ids(&alerts_once), "the same alerts");
+        assert_eq!(state_copied, state_once, "the same state, ledger included");
+    }
+
+    #[test]
+    fn a_copy_does_not_keep_an_idle_user_open() {
+        let mut detector = Detector::new(DetectorConfig::default()).unwrap();
+        let start = Instant::now();
+        let mut task = Task::open(0, MemoryStore::new(), start).unwrap();
+        let mut producer = MemoryProducer::default();
+        let records = agent_records("m1", &macro_events(35));
+        task.run_batch(&mut ctx(&mut detector, start), &records, &mut producer).unwrap();
+        assert_eq!(task.open_users(), 1);
+        let later = start + Duration::from_secs(11);
+        let copy = InputRecord { offset: records.len() as i64, ..records[0].clone() };
+        let outcome = task.run_batch(&mut ctx(&mut detector, later), &[copy], &mut producer).unwrap();
+        assert_eq!((outcome.duplicate_events, outcome.events), (40, 0));
+        assert_eq!(outcome.idle_closed, 1, "a copy is not typing: the user closes as idle");
+        assert_eq!(task.open_users(), 0);
+    }
+
+    #[test]
+    fn a_flooding_user_s_state_stays_small() {
+        // 200 records of 1,000 events stamped at one instant, every key a new one, numbered
+        // with holes in many sessions: what a hostile agent can do to one user's state.
+        let mut batch = Vec::new();
+        for r in 0..200u64 {
+            let events: Vec<KeyEvent> = (0..1000u32)
+                .map(|i| KeyEvent::new(1_700_000_000_000_000, 0x8000_0000 | (r as u32 * 1000 + i), KeyAction::Down))
+                .collect();
+            let session = format!("s{}", r % 20);
+            batch.push(InputRecord {
+                offset: r as i64,
+                key: Some(b"m1".to_vec()),
+                payload: Some(records::encode_batch("m1", "kbd", &session, &events, Some(1 + r * 3_000))),
+                time: records::RecordTime::Unknown,
+            });
+        }
+        let mut detector = Detector::new(DetectorConfig::default()).unwrap();
+        let now = Instant::now();
+        let mut task = Task::open(0, MemoryStore::new(), now).unwrap();
+        let mut producer = MemoryProducer::default();
+        task.run_batch(&mut ctx(&mut detector, now), &batch, &mut producer).unwrap();
+        let stored = task.store.get(&user_key("m1").unwrap()).unwrap().unwrap();
+        // The broker's message.max.bytes defaults to 1 MiB; a changelog record is one state.
+        assert!(stored.len() < 64 << 10, "{} bytes", stored.len());
+    }
+
+    #[test]
+    fn a_format_4_state_is_read_with_an_empty_intake() {
+        let (state, _) = run_batches(&[agent_records("m1", &macro_events(35))]).1;
+        let v4 = records::versioned(STATE_FORMAT_V4, &state);
+        assert_eq!(decode_stored(&v4).unwrap(), (state, UserIntake::default()));
+    }
+
     #[test]
     fn states_and_checkpoints_round_trip_and_garbage_is_refused() {
         let state = UserState::default();
-        assert_eq!(decode_state(&encode_state(&state)).unwrap(), state);
+        let intake = UserIntake { shift_us: Some(-5), ..UserIntake::default() };
+        assert_eq!(decode_stored(&encode_state(&state, &intake)).unwrap(), (state.clone(), intake.clone()));
+        assert_eq!(decode_state(&encode_state(&state, &intake)).unwrap(), state);
         assert!(matches!(decode_state(&[9, 1, 2]), Err(TaskError::CorruptState(_))));
         assert!(matches!(decode_state(&[]), Err(TaskError::CorruptState(_))));
         let key = user_key("ü-1").unwrap();

@@ -13,6 +13,11 @@
 //!   `[reference - lag, reference + lead]` is *rebased*: every event shifted by one amount so that its median sits at the reference. A
 //!   stepped clock, either way, or an agent shipping a buffer after hours offline, keeps its
 //!   rhythm and its order, at the broker's time.
+//! - The shift a user's last rebased record got is carried to the next one
+//!   (`super::intake::UserIntake`) and reused while it keeps that record within the bounds, so
+//!   records the agent sends in a burst keep their spacing rather than piling onto one append
+//!   time (where all but the first would be late). A burst spanning more than the lead still
+//!   overlaps where it is shifted afresh.
 //! - Events still outside the bounds after that (a stray event far from the rest of its record)
 //!   are dropped and counted.
 //!
@@ -70,31 +75,48 @@ pub struct TimeFix {
 
 impl TimeBounds {
     /// Bounds `events` (one record's, in capture order) against `time`, or against `now_us`
-    /// (the processor's clock) when the record has no append time. `scratch` is reused
-    /// between calls.
-    pub fn apply(&self, events: &mut Vec<KeyEvent>, time: RecordTime, now_us: i64, scratch: &mut Vec<i64>) -> TimeFix {
+    /// (the processor's clock) when the record has no append time. `carried` is the shift the
+    /// user's last rebased record got: a record it brings within the bounds gets it too, so a
+    /// burst of records appended at once keeps its spacing instead of piling onto one instant.
+    /// `scratch` is reused between calls.
+    pub fn apply(
+        &self,
+        events: &mut Vec<KeyEvent>,
+        time: RecordTime,
+        now_us: i64,
+        carried: &mut Option<i64>,
+        scratch: &mut Vec<i64>,
+    ) -> TimeFix {
         let (reference, lag) = match time {
             RecordTime::LogAppend { ms } => (ms.saturating_mul(1000), Some(self.lag_us)),
             RecordTime::Create { .. } | RecordTime::Unknown => (now_us, None),
         };
         let lo = lag.map_or(i64::MIN, |lag| reference.saturating_sub(lag));
         let hi = reference.saturating_add(self.lead_us);
+        let in_bounds = |t: i64| (lo..=hi).contains(&t);
         let mut fix = TimeFix::default();
-        if events.iter().all(|e| (lo..=hi).contains(&e.time_us)) {
+        if events.iter().all(|e| in_bounds(e.time_us)) {
+            if lag.is_some() && !events.is_empty() {
+                *carried = None; // the clock is back: the next step starts afresh
+            }
             return fix; // the common case: nothing to move or drop
         }
         // Only the broker's clock is one every honest record sits near: without it a record
         // out of bounds may be a backlog's, and moving it would carry the user's watermark.
         let median = lag.and_then(|_| median_time(events, scratch));
-        if let Some(median) = median.filter(|m| !(lo..=hi).contains(m)) {
-            let shift = reference.saturating_sub(median);
+        if let Some(median) = median.filter(|&m| !in_bounds(m)) {
+            let shift = match *carried {
+                Some(s) if in_bounds(median.saturating_add(s)) => s,
+                _ => reference.saturating_sub(median),
+            };
+            *carried = Some(shift);
             for e in events.iter_mut() {
                 e.time_us = e.time_us.saturating_add(shift).max(0);
             }
             fix.rebased = true;
         }
         let before = events.len();
-        events.retain(|e| (lo..=hi).contains(&e.time_us));
+        events.retain(|e| in_bounds(e.time_us));
         fix.dropped = (before - events.len()) as u32;
         fix
     }
@@ -137,7 +159,7 @@ mod tests {
     fn a_record_within_the_bounds_is_left_alone() {
         let mut events = typing(NOW - 2 * S, 20);
         let before = events.clone();
-        let fix = BOUNDS.apply(&mut events, appended(NOW), 0, &mut Vec::new());
+        let fix = BOUNDS.apply(&mut events, appended(NOW), 0, &mut None, &mut Vec::new());
         assert_eq!(fix, TimeFix::default());
         assert_eq!(events, before);
     }
@@ -146,7 +168,7 @@ mod tests {
     fn one_event_stamped_in_2099_is_dropped_and_the_rest_kept() {
         let mut events = typing(NOW - 2 * S, 20);
         events.insert(7, KeyEvent::new(4_070_908_800 * S, 30, KeyAction::Down));
-        let fix = BOUNDS.apply(&mut events, appended(NOW), 0, &mut Vec::new());
+        let fix = BOUNDS.apply(&mut events, appended(NOW), 0, &mut None, &mut Vec::new());
         assert_eq!(fix, TimeFix { rebased: false, dropped: 1 });
         assert_eq!(events, typing(NOW - 2 * S, 20));
     }
@@ -156,7 +178,7 @@ mod tests {
         for step in [-365 * 86_400 * S, 365 * 86_400 * S] {
             let mut events = typing(NOW + step, 21);
             let gaps: Vec<i64> = events.windows(2).map(|w| w[1].time_us - w[0].time_us).collect();
-            let fix = BOUNDS.apply(&mut events, appended(NOW), 0, &mut Vec::new());
+            let fix = BOUNDS.apply(&mut events, appended(NOW), 0, &mut None, &mut Vec::new());
             assert_eq!(fix, TimeFix { rebased: true, dropped: 0 });
             assert_eq!(events[10].time_us, NOW, "the median lands on the append time");
             let after: Vec<i64> = events.windows(2).map(|w| w[1].time_us - w[0].time_us).collect();
@@ -165,18 +187,41 @@ mod tests {
     }
 
     #[test]
+    fn a_burst_of_records_appended_at_once_keeps_its_spacing() {
+        // A clock a year behind, and ten 5-second records the agent sends in one go.
+        let start = NOW - 365 * 86_400 * S;
+        let records: Vec<Vec<KeyEvent>> = (0..10).map(|r| typing(start + r * 5 * S, 50)).collect();
+        let mut carried = None;
+        let mut placed = Vec::new();
+        for mut events in records.clone() {
+            let fix = BOUNDS.apply(&mut events, appended(NOW), 0, &mut carried, &mut Vec::new());
+            assert_eq!(fix, TimeFix { rebased: true, dropped: 0 });
+            placed.extend(times(&events));
+        }
+        let sent: Vec<i64> = records.iter().flat_map(|r| times(r)).collect();
+        let shift = placed[0] - sent[0];
+        assert!(placed.iter().zip(&sent).all(|(p, s)| p - s == shift), "one shift for the whole burst");
+        // Back on time: the next record is left alone and the carried shift is dropped.
+        let mut live = typing(NOW - S, 10);
+        let before = live.clone();
+        BOUNDS.apply(&mut live, appended(NOW), 0, &mut carried, &mut Vec::new());
+        assert_eq!((live, carried), (before, None));
+    }
+
+    #[test]
     fn without_an_append_time_the_processor_s_clock_bounds_the_lead_only() {
         // A backlog: events an hour old by the processor's clock are kept as they are.
         let mut old = typing(NOW - 3600 * S, 10);
         let before = old.clone();
         for time in [RecordTime::Unknown, RecordTime::Create { ms: 0 }] {
-            assert_eq!(BOUNDS.apply(&mut old, time, NOW, &mut Vec::new()), TimeFix::default());
+            assert_eq!(BOUNDS.apply(&mut old, time, NOW, &mut None, &mut Vec::new()), TimeFix::default());
             assert_eq!(old, before);
         }
         // The producer's timestamp is the player's: a 2099 CreateTime buys nothing, and a
         // record ahead of the processor's clock is dropped, not moved.
         let mut ahead = typing(4_070_908_800 * S, 10);
-        let fix = BOUNDS.apply(&mut ahead, RecordTime::Create { ms: 4_070_908_800_000 }, NOW, &mut Vec::new());
+        let fix =
+            BOUNDS.apply(&mut ahead, RecordTime::Create { ms: 4_070_908_800_000 }, NOW, &mut None, &mut Vec::new());
         assert_eq!(fix, TimeFix { rebased: false, dropped: 10 });
         assert!(ahead.is_empty());
     }
@@ -186,11 +231,13 @@ mod tests {
         fn no_kept_event_leads_the_reference_by_more_than_the_bound(
             offsets in proptest::collection::vec(-4_000_000_000i64 * S..4_000_000_000i64 * S, 0..40),
             appended_at in 0i64..4_000_000_000 * S,
+            carried in proptest::option::of(-4_000_000_000i64 * S..4_000_000_000i64 * S),
         ) {
+            let mut carried = carried;
             let mut events: Vec<KeyEvent> =
                 offsets.iter().map(|&o| KeyEvent::new((appended_at + o).max(0), 30, KeyAction::Down)).collect();
             let n = events.len();
-            let fix = BOUNDS.apply(&mut events, appended(appended_at), 0, &mut Vec::new());
+            let fix = BOUNDS.apply(&mut events, appended(appended_at), 0, &mut carried, &mut Vec::new());
             let reference = appended_at / 1000 * 1000;
             prop_assert_eq!(events.len() + fix.dropped as usize, n);
             for t in times(&events) {
