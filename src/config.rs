@@ -175,7 +175,7 @@ impl Config {
         config.detector.validate()?;
         config.stream.validate().map_err(ConfigError::Parse)?;
         config.postgres.validate().map_err(ConfigError::Parse)?;
-        config.http.listen_addr().map_err(ConfigError::Parse)?;
+        config.http.validate().map_err(ConfigError::Parse)?;
         config.agent.validate().map_err(ConfigError::Parse)?;
         config.archive.validate().map_err(ConfigError::Parse)?;
         config.kafka = normalise_kafka_properties(&config.kafka);

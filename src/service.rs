@@ -103,7 +103,9 @@ fn advertised_url(http: &HttpConfig, bound: SocketAddr, host: &str) -> String {
     }
 }
 
-/// Starts the HTTP server when `[http]` enables it; it stops when `stop` fires.
+/// Starts the HTTP server when `[http]` enables it, within its limits; it stops when `stop`
+/// fires. An address other machines reach without a token is refused
+/// ([`HttpConfig::check_exposure`]).
 pub async fn start_http(
     http: &HttpConfig,
     state: ApiState,
@@ -112,8 +114,9 @@ pub async fn start_http(
     if !http.enabled {
         return Ok(None);
     }
+    http.check_exposure()?;
     let addr = http.listen_addr()?;
-    let (bound, server) = crate::http::serve(addr, state, async move {
+    let (bound, server) = crate::http::serve(addr, state, http.limits(), async move {
         let _ = stop.await;
     })
     .await
@@ -132,6 +135,8 @@ pub async fn run_processor(
     alerts: Option<AlertDb>,
     on_http: impl FnOnce(SocketAddr),
 ) -> Result<RunSummary, String> {
+    // Before anything connects: an API open to anyone is refused at once.
+    config.http.check_exposure()?;
     let detector = Detector::new(config.detector.clone()).map_err(|e| e.to_string())?;
     let model = match config.model.source() {
         ModelSource::Manifest(path) => {

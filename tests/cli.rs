@@ -200,6 +200,20 @@ fn bad_rows_stop_the_run_or_are_skipped_by_flag() {
 }
 
 #[test]
+fn a_processor_serving_its_api_to_anyone_without_a_token_does_not_start() {
+    // The default listen address is every interface, and no token is set.
+    let out = metronome()
+        .args(["process", "--bootstrap-servers", "127.0.0.1:1"])
+        .timeout(std::time::Duration::from_secs(60))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("http.allow_anonymous = true"), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+}
+
+#[test]
 fn bad_command_lines_get_one_line_and_a_non_zero_exit() {
     let cases: [(&[&str], i32, &str); 7] = [
         (&["score"], 2, "--input"),

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::broker::{env_vars, Broker, ProcessorProc};
 use common::postgres::TempDb;
-use metronome::http::{routes, AlertDb, ApiState, BrokerProbe, Readiness};
+use metronome::http::{routes, AlertDb, ApiState, BrokerProbe, Readiness, ServeLimits};
 use metronome::proto;
 use metronome::sink::store::{write_batch, SinkRecord};
 use metronome::sink::PgTarget;
@@ -246,7 +246,7 @@ fn the_api_answers_over_a_real_socket() {
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let (addr, server) = rt
-        .block_on(metronome::http::serve("127.0.0.1:0".parse().unwrap(), state, async move {
+        .block_on(metronome::http::serve("127.0.0.1:0".parse().unwrap(), state, ServeLimits::default(), async move {
             let _ = stopped.await;
         }))
         .unwrap();
@@ -260,6 +260,81 @@ fn the_api_answers_over_a_real_socket() {
     stop.send(()).unwrap();
     rt.block_on(server).unwrap();
     assert!(TcpStream::connect(&addr).is_err(), "the server stopped");
+}
+
+#[test]
+fn slow_loris_sockets_are_cut_off_and_do_not_starve_the_api() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let limits = ServeLimits { header_read_timeout: Duration::from_millis(500), max_connections: 4 };
+    let state = ApiState { token: None, readiness: Readiness::default(), alerts: None, users: None };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (addr, server) = rt
+        .block_on(metronome::http::serve("127.0.0.1:0".parse().unwrap(), state, limits, async move {
+            let _ = stopped.await;
+        }))
+        .unwrap();
+    let server = rt.spawn(server);
+    let addr = addr.to_string();
+    // Twice as many sockets as the server holds at once, each sending a request head that
+    // never ends, and one that sends nothing at all.
+    let mut slow: Vec<TcpStream> = (0..8)
+        .map(|i| {
+            let mut s = TcpStream::connect(&addr).unwrap();
+            if i > 0 {
+                write!(s, "GET /healthz HTTP/1.1\r\nHost: {addr}\r\nX-Slow: ").unwrap();
+            }
+            s
+        })
+        .collect();
+    // A client behind them is answered once the server has cut the slow ones off.
+    assert_eq!(http_get(&addr, "/healthz", None), (200, "ok\n".to_owned()));
+    for (i, s) in slow.iter_mut().enumerate() {
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        // The server closes the socket (with or without a 408 first, or with a reset): the read
+        // ends rather than running into the 30-second timeout.
+        let ended = match s.read_to_end(&mut Vec::new()) {
+            Ok(_) => true,
+            Err(e) => !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+        };
+        assert!(ended, "slow socket {i} is still open");
+    }
+    stop.send(()).unwrap();
+    rt.block_on(server).unwrap();
+}
+
+#[test]
+fn readiness_asks_the_broker_once_however_many_call() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dead = std::collections::BTreeMap::from([("bootstrap.servers".to_owned(), "127.0.0.1:1".to_owned())]);
+    let probe = BrokerProbe::new(&dead, Duration::from_millis(300)).unwrap();
+    let state = Arc::new(ApiState {
+        token: Some(Arc::from(TOKEN)),
+        readiness: Readiness { status: None, broker: Some(probe) },
+        alerts: None,
+        users: None,
+    });
+    let api = routes(Arc::clone(&state));
+    rt.block_on(async {
+        // Fifty anonymous probes at once: one metadata request between them.
+        let calls = (0..50).map(|_| warp::test::request().path("/readyz").reply(&api));
+        for r in futures::future::join_all(calls).await {
+            assert_eq!(r.status(), 503);
+        }
+    });
+    assert_eq!(state.readiness.broker.as_ref().unwrap().probes(), 1);
+}
+
+#[test]
+fn an_api_open_to_other_machines_without_a_token_refuses_to_start() {
+    use metronome::http::HttpConfig;
+    let open = HttpConfig { listen: "0.0.0.0:9464".into(), ..HttpConfig::default() };
+    let refused = open.check_exposure().unwrap_err();
+    assert!(refused.contains("http.allow_anonymous"), "{refused}");
+    assert!(HttpConfig { bearer_token: TOKEN.into(), ..open.clone() }.check_exposure().is_ok());
+    assert!(HttpConfig { allow_anonymous: true, ..open.clone() }.check_exposure().is_ok());
+    assert!(HttpConfig { listen: "127.0.0.1:9464".into(), ..open.clone() }.check_exposure().is_ok());
+    assert!(HttpConfig { listen: "[::1]:9464".into(), ..open.clone() }.check_exposure().is_ok());
+    assert!(HttpConfig { enabled: false, ..open }.check_exposure().is_ok());
 }
 
 /// Sum of a metric's samples whose line starts with `prefix` (name and, optionally, labels).

@@ -2,8 +2,9 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -83,10 +84,18 @@ impl Readiness {
     }
 }
 
-/// Asks the brokers for metadata: reachable when they answer within the timeout.
+/// How long a broker verdict is reused: `/readyz` callers (anonymous ones too) cost the broker
+/// at most one metadata request per this interval, however many call.
+pub const PROBE_FRESH_FOR: Duration = Duration::from_secs(5);
+
+/// Asks the brokers for metadata: reachable when they answer within the timeout. The verdict
+/// is cached for [`PROBE_FRESH_FOR`], and callers arriving while a probe runs wait for its
+/// verdict instead of starting another.
 pub struct BrokerProbe {
     client: Arc<BaseConsumer>,
     timeout: Duration,
+    last: tokio::sync::Mutex<Option<(Instant, Result<(), String>)>>,
+    probes: AtomicU64,
 }
 
 impl BrokerProbe {
@@ -97,14 +106,31 @@ impl BrokerProbe {
             c.set(k, v);
         }
         let client: BaseConsumer = c.set("client.id", "metronome-readyz").create().map_err(|e| e.to_string())?;
-        Ok(Self { client: Arc::new(client), timeout })
+        Ok(Self { client: Arc::new(client), timeout, last: tokio::sync::Mutex::new(None), probes: AtomicU64::new(0) })
+    }
+
+    /// Metadata requests sent so far.
+    pub fn probes(&self) -> u64 {
+        self.probes.load(Ordering::Relaxed)
     }
 
     async fn reachable(&self) -> Result<(), String> {
+        let mut last = self.last.lock().await;
+        if let Some((at, verdict)) = &*last {
+            if at.elapsed() < PROBE_FRESH_FOR {
+                return verdict.clone();
+            }
+        }
+        self.probes.fetch_add(1, Ordering::Relaxed);
         let (client, timeout) = (Arc::clone(&self.client), self.timeout);
-        tokio::task::spawn_blocking(move || client.fetch_metadata(None, timeout).map(|_| ()).map_err(|e| e.to_string()))
-            .await
-            .map_err(|e| e.to_string())?
+        let verdict = tokio::task::spawn_blocking(move || {
+            client.fetch_metadata(None, timeout).map(|_| ()).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+        *last = Some((Instant::now(), verdict.clone()));
+        verdict
     }
 }
 
@@ -324,6 +350,9 @@ pub fn routes(state: Arc<ApiState>) -> impl Filter<Extract = (impl Reply,), Erro
                             "the processor is not answering (starting or stopping)",
                         ))
                     }
+                    Lookup::Busy => {
+                        return Err(reject(StatusCode::SERVICE_UNAVAILABLE, "too many user queries waiting: retry"))
+                    }
                 };
                 Ok::<_, Rejection>(reply)
             },
@@ -410,6 +439,9 @@ async fn recover(rejection: Rejection) -> Result<warp::reply::Response, Infallib
     let mut reply = warp::reply::with_status(warp::reply::json(&json!({"error": message})), status).into_response();
     if status == StatusCode::UNAUTHORIZED {
         reply.headers_mut().insert("www-authenticate", warp::http::HeaderValue::from_static("Bearer"));
+    }
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        reply.headers_mut().insert("retry-after", warp::http::HeaderValue::from_static("1"));
     }
     Ok(reply)
 }

@@ -328,6 +328,28 @@ impl InternalEvent for HttpRequestServed {
     }
 }
 
+/// An HTTP connection was accepted; it counts as open until the returned guard drops.
+#[derive(Debug)]
+pub struct HttpConnectionOpened;
+
+impl HttpConnectionOpened {
+    /// Counts the connection as open while the guard lives.
+    pub fn emit_guard() -> HttpConnectionOpen {
+        metrics().http_connections.inc();
+        HttpConnectionOpen(())
+    }
+}
+
+/// An open HTTP connection: closed when dropped.
+#[derive(Debug)]
+pub struct HttpConnectionOpen(());
+
+impl Drop for HttpConnectionOpen {
+    fn drop(&mut self) {
+        metrics().http_connections.dec();
+    }
+}
+
 /// A nightly archive run ended.
 #[derive(Debug, Clone, Copy)]
 pub struct ArchiveRunFinished {

@@ -48,6 +48,7 @@ pub struct Metrics {
     pub(crate) sink_connected: IntGauge,
     pub(crate) sink_write_latency: Histogram,
     pub(crate) http_requests: IntCounterVec,
+    pub(crate) http_connections: IntGauge,
     pub(crate) archive_runs: IntCounterVec,
     pub(crate) archive_records: IntCounter,
     pub(crate) archive_seconds: Histogram,
@@ -126,6 +127,12 @@ impl Metrics {
         )
         .expect("valid metric");
         r.register(Box::new(sink_connected.clone())).expect("metric registered once");
+        let http_connections = IntGauge::new(
+            "metronome_http_connections",
+            "HTTP connections open now (at most http.max_connections; the rest wait in the listen backlog).",
+        )
+        .expect("valid metric");
+        r.register(Box::new(http_connections.clone())).expect("metric registered once");
         Self {
             events_consumed: counter(&r, "metronome_events_consumed_total", "Key events fed to the detector (committed batches)."),
             records_consumed: counter_vec(
@@ -237,6 +244,7 @@ impl Metrics {
                 "HTTP requests served, by route and status class.",
                 &["route", "status"],
             ),
+            http_connections,
             archive_runs: counter_vec(
                 &r,
                 "metronome_archive_runs_total",

@@ -81,7 +81,14 @@ pub enum Lookup {
     },
     /// The processor is not running (starting, stopping) or did not answer in time.
     Unavailable,
+    /// [`MAX_WAITING`] questions are already waiting: asked again later, it is answered.
+    Busy,
 }
+
+/// Most questions waiting for the processing loop at once. The loop answers them between
+/// batches; past this many a caller is told to come back rather than queued, so a flood of
+/// queries holds neither memory nor the loop's time without bound.
+pub const MAX_WAITING: usize = 256;
 
 type Question = (String, oneshot::Sender<Lookup>);
 
@@ -93,17 +100,32 @@ pub struct UserQueries {
 }
 
 impl UserQueries {
-    /// Asks about `user`; [`Lookup::Unavailable`] if the loop does not answer within `timeout`.
+    /// Asks about `user`; [`Lookup::Unavailable`] if the loop does not answer within `timeout`,
+    /// [`Lookup::Busy`] if [`MAX_WAITING`] questions wait already.
     pub async fn ask(&self, user: &str, timeout: Duration) -> Lookup {
         if !self.answering.load(Ordering::SeqCst) {
             return Lookup::Unavailable;
         }
         let (tx, rx) = oneshot::channel();
-        self.pending.lock().unwrap_or_else(|p| p.into_inner()).push((user.to_owned(), tx));
+        {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            // Questions whose caller gave up (timed out, hung up) free their place first.
+            pending.retain(|(_, tx)| !tx.is_closed());
+            if pending.len() >= MAX_WAITING {
+                return Lookup::Busy;
+            }
+            pending.push((user.to_owned(), tx));
+        }
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(answer)) => answer,
             _ => Lookup::Unavailable,
         }
+    }
+
+    /// Questions waiting now.
+    #[cfg(test)]
+    fn waiting(&self) -> usize {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// The questions asked since the last call (the processing loop answers them).
@@ -169,5 +191,35 @@ mod tests {
         q.set_answering(true);
         assert_eq!(rt.block_on(q.ask("u", Duration::from_millis(10))), Lookup::Unavailable);
         assert_eq!(q.take().len(), 1, "the question waited for the loop");
+    }
+
+    #[test]
+    fn past_the_bound_a_question_is_turned_away_and_one_given_up_frees_its_place() {
+        let q = std::sync::Arc::new(UserQueries::default());
+        q.set_answering(true);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let hour = Duration::from_secs(3600);
+            let mut asking: Vec<_> = (0..MAX_WAITING)
+                .map(|i| {
+                    let q = std::sync::Arc::clone(&q);
+                    tokio::spawn(async move { q.ask(&format!("u{i}"), hour).await })
+                })
+                .collect();
+            while q.waiting() < MAX_WAITING {
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(q.ask("one more", hour).await, Lookup::Busy);
+            let gone = asking.remove(0);
+            gone.abort();
+            assert!(gone.await.unwrap_err().is_cancelled());
+            // The caller that gave up no longer holds a place: the next one waits (and, with
+            // nobody answering within 10 ms, hears the processor is unavailable).
+            assert_eq!(q.ask("next", Duration::from_millis(10)).await, Lookup::Unavailable);
+            q.set_answering(false);
+            for a in asking {
+                assert_eq!(a.await.unwrap(), Lookup::Unavailable);
+            }
+        });
     }
 }
