@@ -5,20 +5,15 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// `GET path` over a plain socket; the body of a 200 answer.
 fn http_get(addr: &str, path: &str) -> String {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).unwrap();
-    assert!(answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200"), "{path}: {answer}");
-    answer.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned()
+    let (status, body) = common::http_get(addr, path, None);
+    assert_eq!(status, 200, "{path}: {body}");
+    body
 }
 
 /// The alerts counter reaches the alert shown. The demo's broker (librdkafka's mock cluster)

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::broker::{env_vars, Broker, ProcessorProc};
+use common::http_get;
 use common::postgres::TempDb;
 use metronome::http::{routes, AlertDb, ApiState, BrokerProbe, Readiness, ServeLimits};
 use metronome::proto;
@@ -203,35 +204,6 @@ fn readiness_needs_a_started_processor_and_a_reachable_broker() {
             .await;
         assert_eq!(r.status(), 200, "{}", String::from_utf8_lossy(r.body()));
     });
-}
-
-/// A plain HTTP/1.1 GET over a real socket: `(status, body)`.
-fn http_get(addr: &str, path: &str, token: Option<&str>) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    // Chunked bodies: keep the JSON or text between the chunk sizes.
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        let mut out = String::new();
-        let mut rest = body;
-        while let Some((size, tail)) = rest.split_once("\r\n") {
-            let n = usize::from_str_radix(size.trim(), 16).unwrap();
-            if n == 0 {
-                break;
-            }
-            out.push_str(&tail[..n]);
-            rest = &tail[n + 2..];
-        }
-        out
-    } else {
-        body.to_owned()
-    };
-    (status, body)
 }
 
 #[test]

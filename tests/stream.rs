@@ -449,6 +449,90 @@ fn a_macro_user_who_steps_the_clock_a_year_either_way_is_still_caught() {
     assert!(log.contains("event times too far from the reference clock"), "{log}");
 }
 
+/// Value of an unlabelled metric in a Prometheus text exposition.
+fn metric(exposition: &str, name: &str) -> f64 {
+    exposition
+        .lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in the exposition"))
+}
+
+/// What a flood of new user ids may make the processor hold, at its peak: well above what it
+/// needs (its clients' buffers, RocksDB's memtables and cache, the batch in hand), far below
+/// what a million open users' windows would take if nothing bounded them.
+const FLOOD_RSS_BOUND: u64 = 1 << 30;
+
+#[test]
+fn a_flood_of_new_user_ids_keeps_memory_bounded_and_alerts_flowing() {
+    // A tenth of the million, and a tenth of the default cap on open users: what the
+    // suite processes in well under a minute on two cores (eviction writes each state twice).
+    const FLOOD: usize = 200_000;
+    const CAP: usize = 20_000;
+    const MACRO_RECORDS: usize = 60;
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    // One partition: the flood and the macro user share a task.
+    let env = env_vars(&[
+        ("METRONOME_STREAM__APPLICATION_ID", "app-flood"),
+        ("METRONOME_STREAM__INPUT_TOPIC", "events"),
+        ("METRONOME_STREAM__ALERTS_TOPIC", "alerts"),
+        ("METRONOME_STREAM__DLQ_TOPIC", "dlq"),
+        ("METRONOME_STREAM__TOPIC_PARTITIONS", "1"),
+        ("METRONOME_STREAM__MAX_OPEN_USERS_PER_TASK", &CAP.to_string()),
+    ]);
+    let mut p = ProcessorProc::start(&broker, &dir.path().join("state"), "a", &env, dir.path());
+    p.wait_for_log("task ready", 1);
+    let idle_rss = p.peak_rss();
+    let now_us = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64;
+    // New ids of one press each, as a sender forging ids would, and through them a
+    // fixed-interval macro user: 8 presses a record, one record every sixtieth of the flood
+    // (a record a second, were the flood a minute long), closer together than the cap.
+    let mut macro_events = Vec::new();
+    for i in 0..(8 * MACRO_RECORDS) as i64 {
+        let down = now_us + i * 100_000;
+        let key = 2 + (i % 3) as u32;
+        macro_events.push(metronome::event::KeyEvent::new(down, key, metronome::event::KeyAction::Down));
+        macro_events.push(metronome::event::KeyEvent::new(down + 20_000, key, metronome::event::KeyAction::Up));
+    }
+    let mut records = Vec::with_capacity(FLOOD + MACRO_RECORDS);
+    let mut macros = macro_events.chunks(16).enumerate().peekable();
+    for i in 0..FLOOD {
+        if let Some((k, chunk)) = macros.next_if(|_| i % (FLOOD / MACRO_RECORDS) == 0) {
+            records.push((b"m1".to_vec(), encode_batch("m1", "kbd", "s", chunk, Some(1 + 16 * k as u64))));
+        }
+        let user = format!("flood-{i}");
+        let t = now_us + (i as i64 * 60_000_000 / FLOOD as i64);
+        let press = [
+            metronome::event::KeyEvent::new(t, 30, metronome::event::KeyAction::Down),
+            metronome::event::KeyEvent::new(t + 50_000, 30, metronome::event::KeyAction::Up),
+        ];
+        records.push((user.into_bytes(), encode_batch(&format!("flood-{i}"), "kbd", "s", &press, Some(1))));
+    }
+    let started = std::time::Instant::now();
+    broker.produce("events", &records);
+    drop(records);
+    p.wait_until("the flood consumed and committed", || broker.is_fully_committed("app-flood", "events"));
+    let took = started.elapsed();
+    let alerts = broker.wait_for_alerts("alerts", 1);
+    assert!(alerts.iter().all(|a| a.user_id == "m1"), "only the macro user alerts");
+    let peak = p.peak_rss();
+    let addr = p.http_addr();
+    let (_, exposition) = common::http_get(&addr, "/metrics", None);
+    let evicted = metric(&exposition, "metronome_users_evicted_total");
+    eprintln!(
+        "flood of {FLOOD} ids: {:.1} s produced and processed, peak RSS {} MiB (idle {} MiB), {evicted} users closed early",
+        took.as_secs_f64(),
+        peak >> 20,
+        idle_rss >> 20
+    );
+    assert!(peak < FLOOD_RSS_BOUND, "peak RSS {} MiB", peak >> 20);
+    // The cap held: all but the last CAP of the flood were closed early.
+    assert!(evicted >= (FLOOD - CAP) as f64, "{evicted} evicted");
+    assert!(broker.read_all("dlq").is_empty());
+    assert!(p.terminate().success());
+}
+
 #[test]
 fn records_resent_after_an_agent_restart_or_replayed_change_nothing() {
     let s = Scenario::new("copies", 12, 21);

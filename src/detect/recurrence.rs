@@ -129,7 +129,7 @@ struct Tally {
 }
 
 /// A user's recurrence memory. Bounded: `3 * memory_presses + 2 * index_slots` bytes and a few
-/// tallies, however long the user types.
+/// tallies, however long the user types; 3 bytes a press until the ring is full.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RecurrenceMemory {
     /// Ring of presses, 3 bytes each: flight and hold as 12-bit milliseconds.
@@ -161,7 +161,7 @@ impl RecurrenceMemory {
         if let Some(key) = self.anchor_key(cfg, n) {
             let slot = (key >> 2) as usize & (cfg.index_slots - 1);
             let earlier = self.index_get(slot).and_then(|low| self.resolve(cfg, n, low));
-            self.index_set(slot, n);
+            self.index_set(cfg, slot, n);
             if let Some(earlier) = earlier {
                 self.check(cfg, n, earlier);
             }
@@ -213,16 +213,25 @@ impl RecurrenceMemory {
         self.ring.len() + self.index.len() + self.tallies.len() * std::mem::size_of::<Tally>()
     }
 
-    /// Sizes the ring and index for `cfg`; a memory from another layout starts afresh.
+    /// Checks the memory against `cfg`'s layout; one whose presses do not fit it (kept under
+    /// another layout) starts afresh. Ring and index grow as they are written (slots not yet
+    /// written read as zeros), so a user of a few presses stores a few bytes, not the whole
+    /// layout: a flood of one-press user ids costs the store little.
     fn fit(&mut self, cfg: &RecurrenceConfig) {
-        if self.ring.len() != cfg.memory_presses * 3 || self.index.len() != cfg.index_slots * 2 {
-            *self =
-                Self { ring: vec![0; cfg.memory_presses * 3], index: vec![0; cfg.index_slots * 2], ..Self::default() };
+        let ring = self.ring.len();
+        let ring_fits = ring % 3 == 0
+            && (ring == cfg.memory_presses * 3 || (ring < cfg.memory_presses * 3 && ring / 3 == self.fed as usize));
+        let index_fits = self.index.is_empty() || self.index.len() == cfg.index_slots * 2;
+        if !ring_fits || !index_fits {
+            *self = Self::default();
         }
     }
 
     fn write(&mut self, cfg: &RecurrenceConfig, n: u32, flight: u16, hold: u16) {
         let at = (n as usize % cfg.memory_presses) * 3;
+        if self.ring.len() < at + 3 {
+            self.ring.resize(at + 3, 0);
+        }
         self.ring[at] = (flight >> 4) as u8;
         self.ring[at + 1] = ((flight & 0xF) << 4) as u8 | (hold >> 8) as u8;
         self.ring[at + 2] = (hold & 0xFF) as u8;
@@ -236,7 +245,10 @@ impl RecurrenceMemory {
     /// (flight, hold) codes in ring slot `slot`.
     fn read_slot(&self, slot: usize) -> (u16, u16) {
         let at = slot * 3;
-        let (a, b, c) = (u16::from(self.ring[at]), u16::from(self.ring[at + 1]), u16::from(self.ring[at + 2]));
+        let Some(&[a, b, c]) = self.ring.get(at..at + 3) else {
+            return (0, 0); // not written yet
+        };
+        let (a, b, c) = (u16::from(a), u16::from(b), u16::from(c));
         ((a << 4) | (b >> 4), ((b & 0xF) << 8) | c)
     }
 
@@ -260,11 +272,17 @@ impl RecurrenceMemory {
     }
 
     fn index_get(&self, slot: usize) -> Option<u16> {
-        let v = u16::from_le_bytes([self.index[slot * 2], self.index[slot * 2 + 1]]);
+        let &[lo, hi] = self.index.get(slot * 2..slot * 2 + 2)? else {
+            return None;
+        };
+        let v = u16::from_le_bytes([lo, hi]);
         (v != 0).then_some(v)
     }
 
-    fn index_set(&mut self, slot: usize, n: u32) {
+    fn index_set(&mut self, cfg: &RecurrenceConfig, slot: usize, n: u32) {
+        if self.index.is_empty() {
+            self.index = vec![0; cfg.index_slots * 2];
+        }
         let v = (n.wrapping_add(1) as u16).max(1);
         self.index[slot * 2..slot * 2 + 2].copy_from_slice(&v.to_le_bytes());
     }
@@ -460,6 +478,17 @@ mod tests {
     }
 
     #[test]
+    fn a_user_of_a_few_presses_stores_a_few_bytes() {
+        let cfg = RecurrenceConfig::default();
+        let mut mem = RecurrenceMemory::default();
+        mem.push(&cfg, &Press { down_us: 0, key: 1, hold_us: 50_000, repeats: 0 });
+        assert_eq!(mem.bytes(), 3);
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let mem = feed(&cfg, recording(100, &mut rng));
+        assert!(mem.bytes() <= 3 * 100 + 2 * cfg.index_slots, "{} bytes", mem.bytes());
+    }
+
+    #[test]
     fn codes_round_trip_through_the_ring() {
         let cfg = RecurrenceConfig { memory_presses: 64, ..RecurrenceConfig::default() };
         let mut mem = RecurrenceMemory::default();
@@ -481,9 +510,10 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(6);
         let mut mem = feed(&cfg, jittered(&recording(100, &mut rng), 3, 1_000, &mut rng));
         assert!(mem.evidence(&cfg).recurrences > 0);
-        let small = RecurrenceConfig { memory_presses: 512, ..cfg };
+        // More presses than the smaller ring holds: they do not fit it.
+        let small = RecurrenceConfig { memory_presses: 64, ..cfg };
         mem.push(&small, &Press { down_us: 0, key: 1, hold_us: 50_000, repeats: 0 });
-        assert_eq!(mem.bytes(), 3 * 512 + 2 * 1024);
+        assert_eq!(mem.bytes(), 3, "one press, in a fresh ring");
         assert_eq!(mem.evidence(&small).recurrences, 0);
     }
 

@@ -50,6 +50,10 @@ pub struct BatchCommitted<'a> {
     pub seq_gap_events: u64,
     /// Events that arrived after a later-numbered one, filling a gap.
     pub late_fill_events: u64,
+    /// Events dropped past their user's budget.
+    pub rate_limited_events: u64,
+    /// Users closed early to keep a task's open users within its cap.
+    pub evicted_users: u64,
     /// Scores of the windows scored.
     pub windows: &'a [WindowScores],
     /// Alerts committed.
@@ -96,6 +100,8 @@ impl InternalEvent for BatchCommitted<'_> {
         m.events_duplicate.inc_by(self.duplicate_events);
         m.sequence_gaps.inc_by(self.seq_gap_events);
         m.sequence_fills.inc_by(self.late_fill_events);
+        m.events_rate_limited.inc_by(self.rate_limited_events);
+        m.users_evicted.inc_by(self.evicted_users);
         let by_scorer = |name: &str| m.window_scores.with_label_values(&[name]);
         let (combined, timing, histogram, lstm) =
             (by_scorer("combined"), by_scorer("timing"), by_scorer("histogram"), by_scorer("lstm"));

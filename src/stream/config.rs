@@ -30,6 +30,14 @@ pub struct StreamConfig {
     pub max_batch_bytes: usize,
     /// Most events one input record may carry; more goes to the dead-letter topic.
     pub max_events_per_record: usize,
+    /// Events per second of event time one user may send, sustained; more is dropped and
+    /// counted (`stream::intake`). Typing makes a few dozen, the fastest macros a few hundred.
+    pub max_user_events_per_s: u64,
+    /// Events one user may send at once above that rate (and what a new user starts with).
+    pub max_user_event_burst: u64,
+    /// Most users with an open window per task: past it the longest quiet ones are closed
+    /// early, as if idle, so a flood of new user ids holds bounded memory.
+    pub max_open_users_per_task: usize,
     /// Most an event's time may lead its record's reference (the broker's append time, else
     /// the processor's clock), seconds: one stray future stamp blinds a user for at most this
     /// (`stream::timebound`).
@@ -68,6 +76,11 @@ pub struct StreamConfig {
 }
 
 impl StreamConfig {
+    /// Each user's event budget (`stream::intake`).
+    pub fn rate_limit(&self) -> super::intake::RateLimit {
+        super::intake::RateLimit { events_per_s: self.max_user_events_per_s, burst: self.max_user_event_burst }
+    }
+
     /// The bounds on event times (`stream::timebound`).
     pub fn time_bounds(&self) -> super::timebound::TimeBounds {
         let us = |s: u64| i64::try_from(s).unwrap_or(i64::MAX).saturating_mul(1_000_000);
@@ -88,6 +101,9 @@ impl Default for StreamConfig {
             max_batch_records: 50_000,
             max_batch_bytes: 32 << 20,
             max_events_per_record: 10_000,
+            max_user_events_per_s: 1_000,
+            max_user_event_burst: 20_000,
+            max_open_users_per_task: 100_000,
             max_event_lead_s: 120,
             max_event_lag_s: 300,
             input_log_append_time: false,
@@ -243,6 +259,12 @@ impl StreamConfig {
             return Err("stream.commit_interval_ms, max_batch_records, max_batch_bytes and max_events_per_record \
                         must be positive"
                 .into());
+        }
+        if self.max_user_events_per_s == 0 || self.max_user_event_burst == 0 || self.max_open_users_per_task == 0 {
+            return Err(
+                "stream.max_user_events_per_s, max_user_event_burst and max_open_users_per_task must be positive"
+                    .into(),
+            );
         }
         if self.max_event_lead_s == 0
             || self.max_event_lag_s == 0

@@ -19,13 +19,23 @@
 //! more than not sending them; never anyone else's (a ledger is one user's, and a record's user
 //! is its key).
 //!
+//! After the sequence numbers and the time bounds, a user's events spend an [`EventBudget`]
+//! that refills with *event* time (`stream.max_user_events_per_s`, bursts up to
+//! `max_user_event_burst`): what a flooding agent sends past it is dropped and counted, so one
+//! user cannot take a task's time from the others. Event time, not the processor's clock: a
+//! backlog read at full speed after a restart spans the hours it was typed in and passes whole,
+//! and event time cannot run ahead of the reference clock by more than the time bounds allow.
+//!
 //! # Layout
 //! - [`SessionKey`]: a device and session, hashed to 8 bytes.
 //! - [`SeqLedger`]: the numbers seen per session, and [`SeqLedger::admit`].
+//! - [`EventBudget`]: the per-user event rate limit, and [`EventBudget::spend`].
 //! - [`UserIntake`]: what the stream keeps per user beside the detector's state.
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+use crate::event::KeyEvent;
 
 /// Sessions remembered per user; a user's ninth session forgets the least recently used.
 pub const MAX_SESSIONS: usize = 8;
@@ -167,7 +177,55 @@ impl SeqLedger {
     }
 }
 
-/// What the stream keeps per user beside the detector's state (stored with it, format 5).
+/// A user's event rate limit, in event time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Events per second of event time, sustained.
+    pub events_per_s: u64,
+    /// Events a user may send at once (and what a fresh user starts with).
+    pub burst: u64,
+}
+
+/// One event, in the budget's units (a millionth of an event per microsecond at 1 event/s).
+const EVENT: u64 = 1_000_000;
+
+/// What a user may still send: a token bucket refilled by their events' own times.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventBudget {
+    /// Events left, in millionths.
+    tokens: u64,
+    /// The newest event time spent so far; `None` for a user not seen yet (a full bucket).
+    newest_us: Option<i64>,
+}
+
+impl EventBudget {
+    /// Keeps the events (in capture order) the budget pays for and drops the rest; returns how
+    /// many were dropped. Time moving back refills nothing.
+    pub fn spend(&mut self, limit: RateLimit, events: &mut Vec<KeyEvent>) -> u32 {
+        let cap = limit.burst.saturating_mul(EVENT);
+        let mut tokens = if self.newest_us.is_some() { self.tokens } else { cap };
+        let mut newest = self.newest_us;
+        let before = events.len();
+        events.retain(|e| {
+            if let Some(n) = newest {
+                let elapsed = u64::try_from(e.time_us.saturating_sub(n)).unwrap_or(0);
+                tokens = tokens.saturating_add(elapsed.saturating_mul(limit.events_per_s)).min(cap);
+            }
+            newest = Some(newest.map_or(e.time_us, |n| n.max(e.time_us)));
+            match tokens.checked_sub(EVENT) {
+                Some(left) => {
+                    tokens = left;
+                    true
+                }
+                None => false,
+            }
+        });
+        *self = Self { tokens, newest_us: newest };
+        (before - events.len()) as u32
+    }
+}
+
+/// What the stream keeps per user beside the detector's state (stored with it, format 6).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserIntake {
     /// Sequence numbers delivered.
@@ -175,6 +233,21 @@ pub struct UserIntake {
     /// The shift the user's last rebased record got (`super::timebound`), so the next one
     /// keeps its place after it instead of landing on the same append time.
     pub shift_us: Option<i64>,
+    /// The user's event rate limit.
+    pub budget: EventBudget,
+}
+
+/// [`UserIntake`] as format 5 stored it (before the event budget).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserIntakeV5 {
+    ledger: SeqLedger,
+    shift_us: Option<i64>,
+}
+
+impl From<UserIntakeV5> for UserIntake {
+    fn from(v5: UserIntakeV5) -> Self {
+        Self { ledger: v5.ledger, shift_us: v5.shift_us, budget: EventBudget::default() }
+    }
 }
 
 #[cfg(test)]
@@ -251,7 +324,49 @@ mod tests {
         assert!(bytes.len() < 4096, "{} bytes", bytes.len());
     }
 
+    const LIMIT: RateLimit = RateLimit { events_per_s: 100, burst: 50 };
+
+    fn at(times_us: impl IntoIterator<Item = i64>) -> Vec<KeyEvent> {
+        times_us.into_iter().map(|t| KeyEvent::new(t, 30, crate::event::KeyAction::Down)).collect()
+    }
+
+    #[test]
+    fn a_burst_past_the_budget_is_cut_and_time_refills_it() {
+        let mut budget = EventBudget::default();
+        // 200 events at one instant: the burst of 50 passes, the rest is dropped.
+        let mut flood = at(std::iter::repeat_n(1_000_000, 200));
+        assert_eq!(budget.spend(LIMIT, &mut flood), 150);
+        assert_eq!(flood.len(), 50);
+        // A second later 100 more are paid for (100 a second), but the bucket holds 50.
+        let mut next = at(std::iter::repeat_n(2_000_000, 80));
+        assert_eq!(budget.spend(LIMIT, &mut next), 30);
+        // Typing at 20 events a second never meets the limit.
+        let mut typing = at((0..400).map(|i| 10_000_000 + i * 50_000));
+        assert_eq!(budget.spend(LIMIT, &mut typing), 0);
+    }
+
+    #[test]
+    fn stepping_event_time_back_and_forth_refills_nothing_twice() {
+        let mut budget = EventBudget::default();
+        let mut first = at(std::iter::repeat_n(5_000_000, 50));
+        assert_eq!(budget.spend(LIMIT, &mut first), 0);
+        // Back a minute, then forward to where it was: no time has passed in between.
+        let mut back = at([5_000_000 - 60_000_000, 5_000_000]);
+        assert_eq!(budget.spend(LIMIT, &mut back), 2);
+    }
+
     proptest! {
+        /// However times are chosen, what passes is at most the burst plus the rate times the
+        /// event time spanned.
+        #[test]
+        fn what_passes_is_bounded_by_burst_and_rate(times in proptest::collection::vec(0i64..10_000_000, 1..500)) {
+            let mut budget = EventBudget::default();
+            let mut events = at(times.iter().copied());
+            budget.spend(LIMIT, &mut events);
+            let span_s = (times.iter().max().unwrap() - times[0]).max(0) as u64 / 1_000_000 + 1;
+            prop_assert!(events.len() as u64 <= LIMIT.burst + LIMIT.events_per_s * span_s);
+        }
+
         /// Whatever the order and the copies, each numbered event is kept exactly once (while
         /// the holes stay within the cap), and the ledger's floor ends past every number when
         /// none is missing.

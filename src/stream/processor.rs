@@ -494,6 +494,8 @@ impl Processor {
             idle_timeout: self.idle_timeout,
             close_idle: check_idle,
             max_events_per_record: cfg.max_events_per_record,
+            rate_limit: cfg.rate_limit(),
+            max_open_users: cfg.max_open_users_per_task,
             time_bounds: cfg.time_bounds(),
             input_topic: &cfg.input_topic,
             now: Instant::now(),
@@ -563,6 +565,20 @@ impl Processor {
                             "event times too far from the reference clock (stream.max_event_lead_s, max_event_lag_s)"
                         );
                     }
+                    if outcome.rate_limited_events > 0 {
+                        tracing::warn!(
+                            partition,
+                            events = outcome.rate_limited_events,
+                            "events past their user's budget dropped (stream.max_user_events_per_s)"
+                        );
+                    }
+                    if outcome.evicted_users > 0 {
+                        tracing::warn!(
+                            partition,
+                            users = outcome.evicted_users,
+                            "open windows closed early (stream.max_open_users_per_task)"
+                        );
+                    }
                     if outcome.duplicate_events > 0 {
                         tracing::info!(
                             partition,
@@ -590,6 +606,8 @@ impl Processor {
                             duplicate_events: outcome.duplicate_events,
                             seq_gap_events: outcome.seq_gap_events,
                             late_fill_events: outcome.late_fill_events,
+                            rate_limited_events: outcome.rate_limited_events,
+                            evicted_users: outcome.evicted_users,
                             windows: &outcome.window_scores,
                             alerts: &alerts,
                         }

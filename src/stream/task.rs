@@ -12,14 +12,14 @@
 //! replays the changelog (see `restore`). Nothing here knows about rdkafka: the transaction is the
 //! [`TaskProducer`] seam, with an in-memory twin in the tests.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use metronome_state::{keys, Store, StoreError, WriteBatch};
 use prost::Message;
 use serde::{Deserialize, Serialize};
 
-use super::intake::UserIntake;
+use super::intake::{RateLimit, UserIntake, UserIntakeV5};
 use super::query::{RecentScores, ScoreSample};
 use super::records::{self, DeadLetterClass, InputRecord, OutRecord, OutTopic};
 use super::timebound::TimeBounds;
@@ -36,9 +36,11 @@ pub const NS_USER_STATE: u8 = 0x01;
 const CHECKPOINT_KEY: &[u8] = &[NS_META, b'c', b'k', b'p', b't'];
 /// Version byte in front of every stored user state: 2 added the recurrence memory, 3 the
 /// key-dependence test, 4 the per-press model's carried state, 5 the stream's [`UserIntake`]
-/// (sequence numbers delivered, the carried clock shift) after the detector's state.
-const STATE_FORMAT: u8 = 5;
+/// (sequence numbers delivered, the carried clock shift) after the detector's state, 6 the
+/// intake's event budget.
+const STATE_FORMAT: u8 = 6;
 /// The formats before it, still read (a rolling upgrade restores them from the changelog).
+const STATE_FORMAT_V5: u8 = 5;
 const STATE_FORMAT_V4: u8 = 4;
 const STATE_FORMAT_V3: u8 = 3;
 const STATE_FORMAT_V2: u8 = 2;
@@ -126,6 +128,10 @@ pub struct BatchOutcome {
     pub seq_gap_events: u64,
     /// Events that arrived after a later-numbered one of their session (filling a gap).
     pub late_fill_events: u64,
+    /// Events dropped past their user's event budget (`stream.max_user_events_per_s`).
+    pub rate_limited_events: u64,
+    /// Users whose windows were closed early to keep the task's open users within its cap.
+    pub evicted_users: u64,
     /// Windows scored.
     pub windows: u64,
     /// Alerts produced.
@@ -174,6 +180,11 @@ pub struct BatchSettings<'a> {
     pub close_idle: bool,
     /// Most events one record may carry.
     pub max_events_per_record: usize,
+    /// Each user's event budget.
+    pub rate_limit: RateLimit,
+    /// Most users with an open window in the task: past it the longest quiet ones are closed
+    /// as if idle, so a flood of new user ids holds a bounded amount of memory.
+    pub max_open_users: usize,
     /// Bounds on event times against each record's reference clock.
     pub time_bounds: TimeBounds,
     /// The input topic, for dead-letter headers.
@@ -190,10 +201,20 @@ pub struct Task<S> {
     partition: i32,
     store: S,
     checkpoint: Checkpoint,
-    /// Users whose window has presses, with when their last event arrived.
-    open_users: HashMap<String, Instant>,
+    /// Users whose window has presses, with when their last event arrived and how many
+    /// presses their window holds.
+    open_users: HashMap<String, OpenWindow>,
     /// Latest window scores of the users with an open window (not persisted: for queries).
     recent: HashMap<String, RecentScores>,
+}
+
+/// An open window, as the task remembers it between batches.
+#[derive(Debug, Clone, Copy)]
+struct OpenWindow {
+    /// When the user's last event arrived (the processor's clock).
+    at: Instant,
+    /// Presses in the window.
+    presses: usize,
 }
 
 /// The store key of `user`'s state.
@@ -224,6 +245,9 @@ pub fn decode_stored(bytes: &[u8]) -> Result<(UserState, UserIntake), TaskError>
     let detector_only = |state: Result<UserState, TaskError>| state.map(|s| (s, UserIntake::default()));
     match bytes.split_first() {
         Some((&STATE_FORMAT, body)) => postcard::from_bytes(body).map_err(corrupt),
+        Some((&STATE_FORMAT_V5, body)) => postcard::from_bytes::<(UserState, UserIntakeV5)>(body)
+            .map(|(state, intake)| (state, intake.into()))
+            .map_err(corrupt),
         Some((&STATE_FORMAT_V4, body)) => detector_only(postcard::from_bytes(body).map_err(corrupt)),
         other => detector_only(decode_before_v4(other)),
     }
@@ -279,9 +303,11 @@ impl<S: Store> Task<S> {
     fn reload_open_users(&mut self, now: Instant) -> Result<(), TaskError> {
         self.open_users.clear();
         for (key, value) in self.store.scan_prefix(&[NS_USER_STATE])? {
-            if decode_state(&value)?.has_open_window() {
+            let state = decode_state(&value)?;
+            if state.has_open_window() {
                 let user = user_of_key(&key).ok_or(TaskError::CorruptState("user key"))?;
-                self.open_users.insert(user.to_owned(), now);
+                self.open_users
+                    .insert(user.to_owned(), OpenWindow { at: now, presses: state.summary().window_presses });
             }
         }
         Ok(())
@@ -314,7 +340,7 @@ impl<S: Store> Task<S> {
 
     /// Whether some user has been idle for `idle_timeout` at `now`.
     pub fn idle_due(&self, now: Instant, idle_timeout: Duration) -> bool {
-        self.open_users.values().any(|&t| now.saturating_duration_since(t) >= idle_timeout)
+        self.open_users.values().any(|w| now.saturating_duration_since(w.at) >= idle_timeout)
     }
 
     /// The latest window scores of `user` this task scored, oldest first (empty once idle).
@@ -363,6 +389,8 @@ impl<S: Store> Task<S> {
                     );
                     outcome.rebased_records += u64::from(fix.rebased);
                     outcome.out_of_bounds_events += u64::from(fix.dropped);
+                    let limited = intake.budget.spend(ctx.settings.rate_limit, &mut batch.events);
+                    outcome.rate_limited_events += u64::from(limited);
                     if batch.events.is_empty() {
                         continue; // a copy, or strays only: nothing of the user changes
                     }
@@ -385,11 +413,11 @@ impl<S: Store> Task<S> {
         // Users fed events in this batch are not idle; a copy or a record of strays alone does
         // not count as typing.
         let fed: Vec<usize> = (0..users.slots.len()).filter(|&i| users.fed[i]).collect();
-        let idle: Vec<String> = if ctx.settings.close_idle {
+        let mut idle: Vec<String> = if ctx.settings.close_idle {
             self.open_users
                 .iter()
-                .filter(|(u, &t)| {
-                    ctx.settings.now.saturating_duration_since(t) >= ctx.settings.idle_timeout
+                .filter(|(u, w)| {
+                    ctx.settings.now.saturating_duration_since(w.at) >= ctx.settings.idle_timeout
                         && !users.index.get(*u).is_some_and(|&i| users.fed[i])
                 })
                 .map(|(u, _)| u.clone())
@@ -397,14 +425,17 @@ impl<S: Store> Task<S> {
         } else {
             Vec::new()
         };
+        let evicted = self.over_the_cap(&users, &fed, &idle, ctx.settings.max_open_users);
+        outcome.evicted_users = evicted.len() as u64;
+        idle.extend(evicted);
         if records.is_empty() && idle.is_empty() {
             return Ok(outcome);
         }
         for user in &idle {
             let slot = users.slot(&self.store, user)?;
             ctx.detector.close_window(slot, &mut users.slots[slot].1, &mut scoring);
-            outcome.idle_closed += 1;
         }
+        outcome.idle_closed = idle.len() as u64 - outcome.evicted_users;
         finish(ctx, &mut scoring, &mut users.slots, &mut outputs, &mut outcome);
 
         for (slot, output) in &outputs {
@@ -467,7 +498,9 @@ impl<S: Store> Task<S> {
         self.store.write(&writes)?;
         self.checkpoint = checkpoint;
         for slot in fed {
-            self.open_users.insert(users.slots[slot].0.clone(), ctx.settings.now);
+            let (user, state) = &users.slots[slot];
+            self.open_users
+                .insert(user.clone(), OpenWindow { at: ctx.settings.now, presses: state.summary().window_presses });
         }
         for (slot, sample) in samples {
             let user = &users.slots[slot].0;
@@ -483,6 +516,37 @@ impl<S: Store> Task<S> {
         }
         outcome.committed = true;
         Ok(outcome)
+    }
+
+    /// The users to close so that at most `cap` windows stay open after the batch: those
+    /// with the fewest presses first (a flood's one-press ids lose nothing by it; a typist's
+    /// long window is the last to go), then the longest quiet, then by id. Users fed this
+    /// batch count as just active and are closed only when the quiet ones do not suffice.
+    fn over_the_cap(&self, users: &Users, fed: &[usize], idle: &[String], cap: usize) -> Vec<String> {
+        let joining = fed.iter().filter(|&&slot| !self.open_users.contains_key(&users.slots[slot].0)).count();
+        let excess = (self.open_users.len() - idle.len() + joining).saturating_sub(cap);
+        if excess == 0 {
+            return Vec::new();
+        }
+        let closing: HashSet<&str> = idle.iter().map(String::as_str).collect();
+        let fed_now = |user: &str| users.index.get(user).is_some_and(|&i| users.fed[i]);
+        let quiet = self
+            .open_users
+            .iter()
+            .filter(|(u, _)| !closing.contains(u.as_str()) && !fed_now(u))
+            .map(|(u, w)| (w.presses, Some(w.at), u));
+        let active = fed.iter().map(|&slot| {
+            let (user, state) = &users.slots[slot];
+            (state.summary().window_presses, None, user)
+        });
+        // `None` (active now) sorts before every instant: flip it so it sorts after.
+        let mut candidates: Vec<(usize, bool, Option<Instant>, &String)> =
+            quiet.chain(active).map(|(presses, at, u)| (presses, at.is_none(), at, u)).collect();
+        let excess = excess.min(candidates.len());
+        if excess < candidates.len() {
+            candidates.select_nth_unstable(excess);
+        }
+        candidates[..excess].iter().map(|c| c.3.clone()).collect()
     }
 
     /// Retention: deletes the state of every user whose newest event is older than
@@ -693,6 +757,8 @@ mod tests {
                 idle_timeout: Duration::from_secs(10),
                 close_idle: true,
                 max_events_per_record: 1000,
+                rate_limit: RateLimit { events_per_s: 1000, burst: 20_000 },
+                max_open_users: 100_000,
                 // Unbounded: these tests' records carry no append time, and now_us is 0.
                 time_bounds: TimeBounds { lead_us: i64::MAX, lag_us: i64::MAX },
                 input_topic: "keys.events",
@@ -1029,10 +1095,48 @@ mod tests {
         let now = Instant::now();
         let mut task = Task::open(0, MemoryStore::new(), now).unwrap();
         let mut producer = MemoryProducer::default();
-        task.run_batch(&mut ctx(&mut detector, now), &batch, &mut producer).unwrap();
+        let outcome = task.run_batch(&mut ctx(&mut detector, now), &batch, &mut producer).unwrap();
+        assert_eq!(outcome.rate_limited_events, 180_000, "past the burst of 20,000 at one instant, dropped");
+        assert_eq!(outcome.events, 20_000);
         let stored = task.store.get(&user_key("m1").unwrap()).unwrap().unwrap();
         // The broker's message.max.bytes defaults to 1 MiB; a changelog record is one state.
         assert!(stored.len() < 64 << 10, "{} bytes", stored.len());
+    }
+
+    #[test]
+    fn past_the_cap_the_longest_quiet_users_close_early_and_a_typing_one_stays() {
+        let mut detector = Detector::new(DetectorConfig::default()).unwrap();
+        let start = Instant::now();
+        let mut task = Task::open(0, MemoryStore::new(), start).unwrap();
+        let mut producer = MemoryProducer::default();
+        let typist = agent_records("typist", &macro_events(120)); // 6 records
+        let mut evicted = 0;
+        for (i, typed) in typist.iter().enumerate() {
+            let newcomer = &agent_records(&format!("u{i}"), &macro_events(5))[0];
+            let batch = [
+                InputRecord { offset: 2 * i as i64, ..typed.clone() },
+                InputRecord { offset: 2 * i as i64 + 1, ..newcomer.clone() },
+            ];
+            let mut ctx = ctx(&mut detector, start + Duration::from_secs(i as u64));
+            ctx.settings.max_open_users = 3;
+            let outcome = task.run_batch(&mut ctx, &batch, &mut producer).unwrap();
+            assert_eq!(outcome.idle_closed, 0, "nobody was quiet for the idle timeout");
+            evicted += outcome.evicted_users;
+            assert!(task.open_users() <= 3);
+        }
+        assert_eq!(evicted, 4, "u0 to u3 closed early, one a batch from the third on");
+        let mut open: Vec<&str> = task.open_users.keys().map(String::as_str).collect();
+        open.sort_unstable();
+        assert_eq!(open, ["typist", "u4", "u5"]);
+        let closed = task.user_state("u0").unwrap().unwrap();
+        assert!(!closed.has_open_window(), "an evicted user's window is closed in the store too");
+    }
+
+    #[test]
+    fn a_format_5_state_is_read_with_a_full_budget() {
+        let (state, _) = run_batches(&[agent_records("m1", &macro_events(35))]).1;
+        let v5 = records::versioned(STATE_FORMAT_V5, &(&state, UserIntakeV5::default()));
+        assert_eq!(decode_stored(&v5).unwrap(), (state, UserIntake::default()));
     }
 
     #[test]
