@@ -7,6 +7,10 @@
 //! - `pseudonymise_cut_encode`: the same with every key replaced by its HMAC-SHA256 pseudonym;
 //! - `agent_path`: that, plus each record framed and written to the spool file and removed from
 //!   it once "acknowledged" (the agent's whole per-event work short of the network).
+//!
+//! And per record of 50 events (group `signatures`): `encode` against `sign_encode` (the agent
+//! signing with HMAC-SHA256, `stream::signing`), `decode` against `decode_check` (the processor
+//! decoding and validating a record, then also checking its signature).
 
 use std::hint::black_box;
 
@@ -17,7 +21,11 @@ use metronome::agent::spool::Spool;
 use metronome::cutting::{CutRecord, RecordCutter, RecordShape};
 use metronome::event::KeyEvent;
 use metronome::humanmodel::Typist;
-use metronome::stream::records::encode_batch;
+use metronome::stream::records::{
+    batch_message, decode_record, decode_signed_record, encode_batch, InputRecord, RecordTime, Signatures,
+};
+use metronome::stream::signing::{DeviceKeys, SigningKey};
+use prost::Message;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -70,5 +78,63 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench);
+fn signatures(c: &mut Criterion) {
+    let events = typing();
+    let chunks: Vec<&[KeyEvent]> = events.chunks(50).collect();
+    let secret = [7u8; 32];
+    let signer = SigningKey::new("user-1-kbd", &secret);
+    let mut keys = DeviceKeys::default();
+    keys.insert("user-1-kbd", "user-1", "kbd-1", &secret);
+    let record = |payload: Vec<u8>| InputRecord {
+        offset: 0,
+        key: Some(b"user-1".to_vec()),
+        payload: Some(payload),
+        time: RecordTime::Unknown,
+    };
+    let signed: Vec<InputRecord> = chunks
+        .iter()
+        .map(|chunk| {
+            let mut batch = batch_message("user-1", "kbd-1", "session-1", chunk, Some(1));
+            signer.sign(&mut batch);
+            record(batch.encode_to_vec())
+        })
+        .collect();
+    let mut group = c.benchmark_group("signatures");
+    group.throughput(Throughput::Elements(chunks.len() as u64));
+    group.sample_size(20);
+    group.bench_function("encode", |b| {
+        b.iter(|| {
+            for chunk in &chunks {
+                black_box(batch_message("user-1", "kbd-1", "session-1", chunk, Some(1)).encode_to_vec());
+            }
+        })
+    });
+    group.bench_function("sign_encode", |b| {
+        b.iter(|| {
+            for chunk in &chunks {
+                let mut batch = batch_message("user-1", "kbd-1", "session-1", chunk, Some(1));
+                signer.sign(&mut batch);
+                black_box(batch.encode_to_vec());
+            }
+        })
+    });
+    group.bench_function("decode", |b| {
+        b.iter(|| {
+            for r in &signed {
+                black_box(decode_record(r, 10_000).unwrap());
+            }
+        })
+    });
+    let required = Signatures { keys: Some(&keys), required: true };
+    group.bench_function("decode_check", |b| {
+        b.iter(|| {
+            for r in &signed {
+                black_box(decode_signed_record(r, 10_000, required).unwrap());
+            }
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench, signatures);
 criterion_main!(benches);

@@ -26,7 +26,15 @@ mod tests {
         #[test]
         fn batches_round_trip(events in proptest::collection::vec(event(), 0..50)) {
             let device = Some(DeviceInfo { bus_type: 3, is_virtual: false, vendor: 0x046d, product: 0xc31c, fingerprint: "kbd0".into() });
-            let batch = KeyEventBatch { user_id: "u1".into(), device_id: "kbd0".into(), session_id: "s1".into(), events, device };
+            let batch = KeyEventBatch {
+                user_id: "u1".into(),
+                device_id: "kbd0".into(),
+                session_id: "s1".into(),
+                events,
+                device,
+                key_id: "u1-kbd0".into(),
+                signature: vec![7; 32],
+            };
             let bytes = batch.encode_to_vec();
             prop_assert_eq!(KeyEventBatch::decode(bytes.as_slice()).unwrap(), batch);
         }

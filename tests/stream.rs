@@ -449,6 +449,89 @@ fn a_macro_user_who_steps_the_clock_a_year_either_way_is_still_caught() {
     assert!(log.contains("event times too far from the reference clock"), "{log}");
 }
 
+#[test]
+fn with_signatures_required_only_a_user_s_own_enrolled_key_gets_through() {
+    use metronome::stream::records::batch_message;
+    use metronome::stream::signing::SigningKey;
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let secret = |user: &str| format!("{:0<64}", hex_of(user));
+    let keys = dir.path().join("device-keys.toml");
+    let mut file = String::new();
+    for user in ["m-signed", "m-tampered"] {
+        file.push_str(&format!(
+            "[[key]]\nkey_id = \"{user}-kbd\"\nuser_id = \"{user}\"\ndevice_id = \"kbd\"\nsecret_hex = \"{}\"\n",
+            secret(user)
+        ));
+    }
+    std::fs::write(&keys, file).unwrap();
+    let env = env_vars(&[
+        ("METRONOME_STREAM__APPLICATION_ID", "app-signed"),
+        ("METRONOME_STREAM__INPUT_TOPIC", "events"),
+        ("METRONOME_STREAM__ALERTS_TOPIC", "alerts"),
+        ("METRONOME_STREAM__DLQ_TOPIC", "dlq"),
+        ("METRONOME_STREAM__TOPIC_PARTITIONS", "2"),
+        ("METRONOME_STREAM__DEVICE_KEYS_FILE", keys.to_str().unwrap()),
+        ("METRONOME_STREAM__REQUIRE_SIGNED", "true"),
+    ]);
+    let mut p = ProcessorProc::start(&broker, &dir.path().join("state"), "a", &env, dir.path());
+    p.wait_for_log("task ready", 1);
+    let now_us = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64;
+    let mut events = Vec::new();
+    for i in 0..200i64 {
+        let down = now_us + i * 100_000;
+        events.push(metronome::event::KeyEvent::new(down, 2 + (i % 3) as u32, metronome::event::KeyAction::Down));
+        events.push(metronome::event::KeyEvent::new(
+            down + 20_000,
+            2 + (i % 3) as u32,
+            metronome::event::KeyAction::Up,
+        ));
+    }
+    let key_of = |user: &str| SigningKey::new(&format!("{user}-kbd"), &hex::decode(secret(user)).unwrap());
+    // The same fixed-interval macro from four users: each would alert if it got through.
+    // - m-signed signs with its own key;
+    // - m-forger signs with m-signed's valid key (a player's enrolment speaking for another id);
+    // - m-unsigned does not sign;
+    // - m-tampered signs with its own key, then changes an event time.
+    let mut records = Vec::new();
+    for user in ["m-signed", "m-forger", "m-unsigned", "m-tampered"] {
+        for (i, chunk) in events.chunks(80).enumerate() {
+            let mut batch = batch_message(user, "kbd", "s", chunk, Some(1 + 80 * i as u64));
+            match user {
+                "m-signed" => key_of("m-signed").sign(&mut batch),
+                "m-forger" => key_of("m-signed").sign(&mut batch),
+                "m-tampered" => {
+                    key_of("m-tampered").sign(&mut batch);
+                    batch.events[3].event_time_us += 1_000;
+                }
+                _ => {}
+            }
+            records.push((user.as_bytes().to_vec(), batch.encode_to_vec()));
+        }
+    }
+    broker.produce("events", &records);
+    p.wait_until("every record consumed", || broker.is_fully_committed("app-signed", "events"));
+    let alerted: BTreeSet<String> = broker.alerts("alerts").into_iter().map(|a| a.user_id).collect();
+    assert_eq!(alerted, BTreeSet::from(["m-signed".to_owned()]));
+    let mut refused: BTreeSet<(String, String)> = BTreeSet::new();
+    for r in broker.read_all("dlq") {
+        let class = r.headers.iter().find(|(k, _)| k == dlq_headers::ERROR_CLASS).expect("class header");
+        refused.insert((String::from_utf8(r.key.unwrap()).unwrap(), String::from_utf8(class.1.clone()).unwrap()));
+    }
+    let expected: BTreeSet<(String, String)> =
+        [("m-forger", "signed_for_another_user"), ("m-unsigned", "unsigned"), ("m-tampered", "bad_signature")]
+            .into_iter()
+            .map(|(u, c)| (u.to_owned(), c.to_owned()))
+            .collect();
+    assert_eq!(refused, expected, "every refused record with its class, and nothing of m-signed");
+    assert_eq!(broker.read_all("dlq").len(), 3 * events.chunks(80).count());
+    assert!(p.terminate().success());
+}
+
+fn hex_of(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Value of an unlabelled metric in a Prometheus text exposition.
 fn metric(exposition: &str, name: &str) -> f64 {
     exposition

@@ -43,6 +43,7 @@ use crate::event::KeyEvent;
 use crate::keylog::MAX_ID_LEN;
 use crate::proto;
 use crate::stream::records::batch_message;
+use crate::stream::signing::SigningKey;
 use prost::Message as _;
 
 /// Settings of `metronome agent` (`[agent]`). Every key is documented in `config/default.toml`.
@@ -70,6 +71,9 @@ pub struct AgentConfig {
     pub device_retry_ms: u64,
     /// How often the agent logs its counts, seconds (0: never).
     pub report_interval_s: u64,
+    /// The signing key enrolment handed this agent (`key_id`, `secret_hex`; `stream::signing`);
+    /// empty: records go unsigned.
+    pub signing_key_file: PathBuf,
 }
 
 impl Default for AgentConfig {
@@ -85,6 +89,7 @@ impl Default for AgentConfig {
             drain_timeout_s: 10,
             device_retry_ms: 1000,
             report_interval_s: 60,
+            signing_key_file: PathBuf::new(),
         }
     }
 }
@@ -143,6 +148,9 @@ pub enum AgentError {
     /// The source failed (an unreadable replay file).
     #[error("key source: {0}")]
     Source(String),
+    /// The signing key cannot be used.
+    #[error(transparent)]
+    SigningKey(#[from] crate::stream::signing::KeyFileError),
 }
 
 /// Counts of an agent run.
@@ -177,6 +185,8 @@ struct Session {
     device: Option<proto::DeviceInfo>,
     pseudonyms: KeyPseudonymizer,
     next_seq: u64,
+    /// Signs every batch, when enrolment gave the agent a key.
+    signer: Option<SigningKey>,
 }
 
 impl Session {
@@ -184,6 +194,9 @@ impl Session {
         let mut batch =
             batch_message(&self.user_id, &self.device_id, &self.session_id, &record.events, Some(self.next_seq));
         batch.device = self.device.clone();
+        if let Some(signer) = &self.signer {
+            signer.sign(&mut batch);
+        }
         let payload = batch.encode_to_vec();
         self.next_seq += record.events.len() as u64;
         frame(self.user_id.as_bytes(), &payload)
@@ -202,6 +215,10 @@ pub fn run(
     if config.user_id.is_empty() {
         return Err(AgentError::NoUser);
     }
+    let signer = match config.signing_key_file.as_os_str().is_empty() {
+        true => None,
+        false => Some(SigningKey::load(&config.signing_key_file)?),
+    };
     let mut spool = Spool::open(&config.spool_path, config.spool_max_bytes)?;
     if !spool.is_empty() {
         tracing::info!(records = spool.len(), "sending what an earlier run left in the spool first");
@@ -217,6 +234,7 @@ pub fn run(
         pseudonyms: KeyPseudonymizer::new_session(),
         // Numbered from 1: the processor reads 0 as unnumbered.
         next_seq: 1,
+        signer,
     };
     let mut summary = AgentSummary::default();
 
@@ -364,6 +382,7 @@ mod tests {
             }),
             pseudonyms: KeyPseudonymizer::new_session(),
             next_seq: 1,
+            signer: None,
         };
         let record = |n: i64| CutRecord {
             user_id: "u1".into(),
@@ -384,6 +403,28 @@ mod tests {
             seqs.extend(batch.events.iter().map(|e| e.seq));
         }
         assert_eq!(seqs, (1..7).collect::<Vec<u64>>(), "numbered from 1, one per event");
+    }
+
+    #[test]
+    fn a_signing_agent_s_records_pass_the_processor_s_check() {
+        let secret = b"an enrolment secret of 32 bytes!";
+        let mut session = Session {
+            user_id: "u1".into(),
+            session_id: "s-1".into(),
+            device_id: "kbd-1".into(),
+            device: None,
+            pseudonyms: KeyPseudonymizer::new_session(),
+            next_seq: 1,
+            signer: Some(SigningKey::new("u1-kbd", secret)),
+        };
+        let events = (0..5).map(|i| KeyEvent::new(1_700_000_000_000_000 + i, 0x8000_0001, KeyAction::Down)).collect();
+        let entry = session.encode(&CutRecord { user_id: "u1".into(), session_id: String::new(), events });
+        let (_, payload) = ship::unframe(&entry).unwrap();
+        let mut keys = crate::stream::signing::DeviceKeys::default();
+        keys.insert("u1-kbd", "u1", "kbd-1", secret);
+        let mut batch = proto::KeyEventBatch::decode(payload).unwrap();
+        assert_eq!(batch.key_id, "u1-kbd");
+        assert_eq!(keys.check(&mut batch, true), Ok(()));
     }
 
     #[test]

@@ -35,6 +35,11 @@ pub struct StreamConfig {
     pub max_user_events_per_s: u64,
     /// Events one user may send at once above that rate (and what a new user starts with).
     pub max_user_event_burst: u64,
+    /// The enrolled agents' signing keys (TOML, `stream::signing`); empty: signatures are not
+    /// checked.
+    pub device_keys_file: PathBuf,
+    /// Refuse unsigned records (to the dead-letter topic, `unsigned`); needs `device_keys_file`.
+    pub require_signed: bool,
     /// Most users with an open window per task: past it the longest quiet ones are closed
     /// early, as if idle, so a flood of new user ids holds bounded memory.
     pub max_open_users_per_task: usize,
@@ -104,6 +109,8 @@ impl Default for StreamConfig {
             max_user_events_per_s: 1_000,
             max_user_event_burst: 20_000,
             max_open_users_per_task: 100_000,
+            device_keys_file: PathBuf::new(),
+            require_signed: false,
             max_event_lead_s: 120,
             max_event_lag_s: 300,
             input_log_append_time: false,
@@ -259,6 +266,9 @@ impl StreamConfig {
             return Err("stream.commit_interval_ms, max_batch_records, max_batch_bytes and max_events_per_record \
                         must be positive"
                 .into());
+        }
+        if self.require_signed && self.device_keys_file.as_os_str().is_empty() {
+            return Err("stream.require_signed needs stream.device_keys_file (the enrolled agents' keys)".into());
         }
         if self.max_user_events_per_s == 0 || self.max_user_event_burst == 0 || self.max_open_users_per_task == 0 {
             return Err(

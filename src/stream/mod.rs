@@ -18,6 +18,7 @@
 //! - [`records`]: pure input validation, dead letters and alert messages.
 //! - [`timebound`]: pure bounds on event times against a clock the player does not own.
 //! - [`intake`]: pure deduplication by the agent's sequence numbers, kept per user.
+//! - [`signing`]: per-device record signatures (HMAC-SHA256): the agent signs, the task checks.
 //! - [`task`]: one partition's state and its exactly-once batch cycle, over the
 //!   [`task::TaskProducer`] seam (an in-memory twin tests it).
 //! - [`kafka`]: rdkafka clients: consumer, transactional producers, topic set-up, restore.
@@ -48,6 +49,7 @@ pub mod publish;
 pub mod query;
 pub mod records;
 pub mod recovery;
+pub mod signing;
 pub mod stages;
 pub mod status;
 pub mod task;

@@ -17,8 +17,9 @@ use super::config::StreamConfig;
 use super::directory::Announcer;
 use super::kafka::{self, Clients, GroupContext, KafkaEdgeError, RebalanceEvent, RebalanceLog, TxProducer};
 use super::query::{self, Lookup, UserQueries, UserView};
-use super::records::InputRecord;
+use super::records::{InputRecord, Signatures};
 use super::recovery;
+use super::signing::DeviceKeys;
 use super::status::{Status, TaskPhase};
 use super::task::{BatchContext, BatchOutcome, BatchSettings, ProducerError, Task, TaskError};
 use crate::detect::{Detector, SequenceScorer};
@@ -117,6 +118,8 @@ pub struct Processor {
     /// Where this instance's HTTP API is reachable, announced with its partitions.
     advertised_url: String,
     partitions: i32,
+    /// The enrolled agents' keys (`stream.device_keys_file`), when signatures are checked.
+    device_keys: Option<DeviceKeys>,
 }
 
 impl Processor {
@@ -131,6 +134,10 @@ impl Processor {
         reload_every: Duration,
     ) -> Result<Self, ProcessError> {
         cfg.validate().map_err(ProcessError::Config)?;
+        let device_keys = match cfg.device_keys_file.as_os_str().is_empty() {
+            true => None,
+            false => Some(DeviceKeys::load(&cfg.device_keys_file).map_err(|e| ProcessError::Config(e.to_string()))?),
+        };
         let resources = RocksResources::new(cfg.rocksdb.clone());
         Ok(Self {
             clients: Clients::new(cfg, properties),
@@ -143,6 +150,7 @@ impl Processor {
             queries: Arc::new(UserQueries::default()),
             advertised_url: String::new(),
             partitions: 0,
+            device_keys,
         })
     }
 
@@ -495,6 +503,7 @@ impl Processor {
             close_idle: check_idle,
             max_events_per_record: cfg.max_events_per_record,
             rate_limit: cfg.rate_limit(),
+            signatures: Signatures { keys: self.device_keys.as_ref(), required: cfg.require_signed },
             max_open_users: cfg.max_open_users_per_task,
             time_bounds: cfg.time_bounds(),
             input_topic: &cfg.input_topic,

@@ -11,6 +11,7 @@ use crate::keylog::{MAX_EVENT_TIME_US, MAX_ID_LEN};
 use crate::proto;
 
 use super::intake::SessionKey;
+use super::signing::{DeviceKeys, Refusal};
 pub use super::timebound::RecordTime;
 
 /// One consumed input record, detached from the client.
@@ -48,11 +49,19 @@ pub enum DeadLetterClass {
     InvalidAction,
     /// A record of a fleet stage's internal topic that does not decode.
     FleetRecord,
+    /// No signature while `stream.require_signed` is on.
+    Unsigned,
+    /// Signed with a key the processor was not given.
+    UnknownKey,
+    /// A signature that does not match the batch.
+    BadSignature,
+    /// A valid signature of a key bound to another user or device.
+    SignedForAnotherUser,
 }
 
 impl DeadLetterClass {
     /// Every class, for metrics that want to pre-register labels.
-    pub const ALL: [DeadLetterClass; 9] = [
+    pub const ALL: [DeadLetterClass; 13] = [
         DeadLetterClass::EmptyPayload,
         DeadLetterClass::Decode,
         DeadLetterClass::InvalidUser,
@@ -62,6 +71,10 @@ impl DeadLetterClass {
         DeadLetterClass::AbsurdTimestamp,
         DeadLetterClass::InvalidAction,
         DeadLetterClass::FleetRecord,
+        DeadLetterClass::Unsigned,
+        DeadLetterClass::UnknownKey,
+        DeadLetterClass::BadSignature,
+        DeadLetterClass::SignedForAnotherUser,
     ];
 
     /// The stable name used in headers, logs and metrics.
@@ -76,6 +89,10 @@ impl DeadLetterClass {
             DeadLetterClass::AbsurdTimestamp => "absurd_timestamp",
             DeadLetterClass::InvalidAction => "invalid_action",
             DeadLetterClass::FleetRecord => "fleet_record",
+            DeadLetterClass::Unsigned => "unsigned",
+            DeadLetterClass::UnknownKey => "unknown_key",
+            DeadLetterClass::BadSignature => "bad_signature",
+            DeadLetterClass::SignedForAnotherUser => "signed_for_another_user",
         }
     }
 
@@ -91,6 +108,10 @@ impl DeadLetterClass {
             DeadLetterClass::AbsurdTimestamp => "an event time is outside 1970..2100",
             DeadLetterClass::InvalidAction => "an event action is not down, up or repeat",
             DeadLetterClass::FleetRecord => "a fleet stage record does not decode",
+            DeadLetterClass::Unsigned => "batch is not signed and signatures are required",
+            DeadLetterClass::UnknownKey => "batch is signed with a key id the processor does not hold",
+            DeadLetterClass::BadSignature => "batch signature does not match its content",
+            DeadLetterClass::SignedForAnotherUser => "batch is signed with a key bound to another user or device",
         }
     }
 }
@@ -110,15 +131,42 @@ pub struct UserEvents {
     pub virtual_device: bool,
 }
 
-/// Decodes and validates one record. Errors name a class only, never content.
+/// What signatures a task checks (`super::signing`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Signatures<'a> {
+    /// The enrolled keys; `None`: signatures are not checked.
+    pub keys: Option<&'a DeviceKeys>,
+    /// Refuse unsigned batches.
+    pub required: bool,
+}
+
+/// Decodes and validates one record, without checking signatures. Errors name a class only,
+/// never content.
 pub fn decode_record(record: &InputRecord, max_events: usize) -> Result<UserEvents, DeadLetterClass> {
+    decode_signed_record(record, max_events, Signatures::default())
+}
+
+/// [`decode_record`], checking the batch's signature as `signatures` says.
+pub fn decode_signed_record(
+    record: &InputRecord,
+    max_events: usize,
+    signatures: Signatures<'_>,
+) -> Result<UserEvents, DeadLetterClass> {
     let payload = record.payload.as_deref().ok_or(DeadLetterClass::EmptyPayload)?;
-    let batch = proto::KeyEventBatch::decode(payload).map_err(|_| DeadLetterClass::Decode)?;
+    let mut batch = proto::KeyEventBatch::decode(payload).map_err(|_| DeadLetterClass::Decode)?;
     if batch.user_id.is_empty() || batch.user_id.len() > MAX_ID_LEN {
         return Err(DeadLetterClass::InvalidUser);
     }
     if record.key.as_deref() != Some(batch.user_id.as_bytes()) {
         return Err(DeadLetterClass::KeyMismatch);
+    }
+    if let Some(keys) = signatures.keys {
+        keys.check(&mut batch, signatures.required).map_err(|refusal| match refusal {
+            Refusal::Unsigned => DeadLetterClass::Unsigned,
+            Refusal::UnknownKey => DeadLetterClass::UnknownKey,
+            Refusal::BadSignature => DeadLetterClass::BadSignature,
+            Refusal::SignedForAnotherUser => DeadLetterClass::SignedForAnotherUser,
+        })?;
     }
     if batch.events.len() > max_events {
         return Err(DeadLetterClass::OversizeBatch);
@@ -385,6 +433,8 @@ pub fn batch_message(
             })
             .collect(),
         device: None,
+        key_id: String::new(),
+        signature: Vec::new(),
     }
 }
 

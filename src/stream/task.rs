@@ -182,6 +182,8 @@ pub struct BatchSettings<'a> {
     pub max_events_per_record: usize,
     /// Each user's event budget.
     pub rate_limit: RateLimit,
+    /// What signatures records must carry.
+    pub signatures: records::Signatures<'a>,
     /// Most users with an open window in the task: past it the longest quiet ones are closed
     /// as if idle, so a flood of new user ids holds a bounded amount of memory.
     pub max_open_users: usize,
@@ -372,7 +374,7 @@ impl<S: Store> Task<S> {
         let mut times = Vec::new();
 
         for record in records {
-            match records::decode_record(record, ctx.settings.max_events_per_record) {
+            match records::decode_signed_record(record, ctx.settings.max_events_per_record, ctx.settings.signatures) {
                 Ok(mut batch) => {
                     let slot = users.slot(&self.store, &batch.user_id)?;
                     let intake = &mut users.intakes[slot];
@@ -758,6 +760,7 @@ mod tests {
                 close_idle: true,
                 max_events_per_record: 1000,
                 rate_limit: RateLimit { events_per_s: 1000, burst: 20_000 },
+                signatures: records::Signatures::default(),
                 max_open_users: 100_000,
                 // Unbounded: these tests' records carry no append time, and now_us is 0.
                 time_bounds: TimeBounds { lead_us: i64::MAX, lag_us: i64::MAX },
