@@ -266,6 +266,11 @@ impl UserState {
         self.reorder.pending_len() > 0 || !self.scored.window.is_empty()
     }
 
+    /// Presses in the open window.
+    pub fn window_presses(&self) -> usize {
+        self.scored.window.len()
+    }
+
     /// What an interactive query shows: sizes and event times, never keys or intervals.
     pub fn summary(&self) -> UserSummary {
         let (first, last) = self.scored.window.ends();

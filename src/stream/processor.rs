@@ -560,41 +560,7 @@ impl Processor {
         for (partition, result) in results {
             match result {
                 Ok(outcome) => {
-                    if let Some(e) = &outcome.model_error {
-                        tracing::warn!(partition, error = %e, "sequence model failed; windows decided on timing alone");
-                    }
-                    for class in &outcome.dead_letters {
-                        tracing::warn!(partition, class = class.as_str(), "record sent to the dead-letter topic");
-                    }
-                    if outcome.out_of_bounds_events > 0 || outcome.rebased_records > 0 {
-                        tracing::warn!(
-                            partition,
-                            dropped = outcome.out_of_bounds_events,
-                            rebased = outcome.rebased_records,
-                            "event times too far from the reference clock (stream.max_event_lead_s, max_event_lag_s)"
-                        );
-                    }
-                    if outcome.rate_limited_events > 0 {
-                        tracing::warn!(
-                            partition,
-                            events = outcome.rate_limited_events,
-                            "events past their user's budget dropped (stream.max_user_events_per_s)"
-                        );
-                    }
-                    if outcome.evicted_users > 0 {
-                        tracing::warn!(
-                            partition,
-                            users = outcome.evicted_users,
-                            "open windows closed early (stream.max_open_users_per_task)"
-                        );
-                    }
-                    if outcome.duplicate_events > 0 {
-                        tracing::info!(
-                            partition,
-                            events = outcome.duplicate_events,
-                            "copies of delivered events dropped"
-                        );
-                    }
+                    log_batch_refusals(partition, &outcome);
                     if outcome.committed {
                         let now_us = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
                         let classes: Vec<&'static str> = outcome.dead_letters.iter().map(|c| c.as_str()).collect();
@@ -645,6 +611,35 @@ impl Processor {
             }
         }
         Ok(())
+    }
+}
+
+/// What a batch set aside or changed in its input, as log lines with counts only (never a key,
+/// an interval or a payload).
+fn log_batch_refusals(partition: i32, outcome: &BatchOutcome) {
+    if let Some(e) = &outcome.model_error {
+        tracing::warn!(partition, error = %e, "sequence model failed; windows decided on timing alone");
+    }
+    for class in &outcome.dead_letters {
+        tracing::warn!(partition, class = class.as_str(), "record sent to the dead-letter topic");
+    }
+    if outcome.out_of_bounds_events > 0 || outcome.rebased_records > 0 {
+        tracing::warn!(
+            partition,
+            dropped = outcome.out_of_bounds_events,
+            rebased = outcome.rebased_records,
+            "event times too far from the reference clock (stream.max_event_lead_s, max_event_lag_s)"
+        );
+    }
+    let counted = [
+        (outcome.rate_limited_events, "events past their user's budget dropped (stream.max_user_events_per_s)"),
+        (outcome.evicted_users, "open windows closed early (stream.max_open_users_per_task)"),
+    ];
+    for (count, what) in counted.into_iter().filter(|(n, _)| *n > 0) {
+        tracing::warn!(partition, count, "{what}");
+    }
+    if outcome.duplicate_events > 0 {
+        tracing::info!(partition, events = outcome.duplicate_events, "copies of delivered events dropped");
     }
 }
 

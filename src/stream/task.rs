@@ -308,8 +308,7 @@ impl<S: Store> Task<S> {
             let state = decode_state(&value)?;
             if state.has_open_window() {
                 let user = user_of_key(&key).ok_or(TaskError::CorruptState("user key"))?;
-                self.open_users
-                    .insert(user.to_owned(), OpenWindow { at: now, presses: state.summary().window_presses });
+                self.open_users.insert(user.to_owned(), OpenWindow { at: now, presses: state.window_presses() });
             }
         }
         Ok(())
@@ -501,8 +500,7 @@ impl<S: Store> Task<S> {
         self.checkpoint = checkpoint;
         for slot in fed {
             let (user, state) = &users.slots[slot];
-            self.open_users
-                .insert(user.clone(), OpenWindow { at: ctx.settings.now, presses: state.summary().window_presses });
+            self.open_users.insert(user.clone(), OpenWindow { at: ctx.settings.now, presses: state.window_presses() });
         }
         for (slot, sample) in samples {
             let user = &users.slots[slot].0;
@@ -539,7 +537,7 @@ impl<S: Store> Task<S> {
             .map(|(u, w)| (w.presses, Some(w.at), u));
         let active = fed.iter().map(|&slot| {
             let (user, state) = &users.slots[slot];
-            (state.summary().window_presses, None, user)
+            (state.window_presses(), None, user)
         });
         // `None` (active now) sorts before every instant: flip it so it sorts after.
         let mut candidates: Vec<(usize, bool, Option<Instant>, &String)> =
