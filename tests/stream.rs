@@ -371,7 +371,7 @@ fn one_event_stamped_a_year_ahead_blinds_no_one() {
     let s = Scenario::new("clock", 12, 16);
     // The player sets their clock a year ahead for one event, after each user's first record:
     // unbounded, the user's watermark would sit there and every later event be late.
-    let now_us = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64;
+    let now_us = wall_clock_us();
     let year_ahead = now_us + 365 * 86_400 * 1_000_000;
     let mut records = Vec::new();
     for (user, events) in &s.users {
@@ -402,6 +402,24 @@ fn one_event_stamped_a_year_ahead_blinds_no_one() {
     assert!(log.contains("event times too far from the reference clock"), "{log}");
 }
 
+/// The processor's clock, as microseconds since the epoch.
+fn wall_clock_us() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64
+}
+
+/// A fixed-interval macro of `presses` presses from `from_us`: 100 ms apart, 20 ms holds, over
+/// three keys.
+fn fixed_interval_macro(from_us: i64, presses: usize) -> Vec<metronome::event::KeyEvent> {
+    use metronome::event::{KeyAction, KeyEvent};
+    let mut events = Vec::with_capacity(2 * presses);
+    for i in 0..presses as i64 {
+        let (down, key) = (from_us + i * 100_000, 2 + (i % 3) as u32);
+        events.push(KeyEvent::new(down, key, KeyAction::Down));
+        events.push(KeyEvent::new(down + 20_000, key, KeyAction::Up));
+    }
+    events
+}
+
 #[test]
 fn a_macro_user_who_steps_the_clock_a_year_either_way_is_still_caught() {
     let broker = Broker::start();
@@ -418,7 +436,7 @@ fn a_macro_user_who_steps_the_clock_a_year_either_way_is_still_caught() {
     ]);
     let mut p = ProcessorProc::start(&broker, &dir.path().join("state"), "a", &env, dir.path());
     p.wait_for_log("task ready", 1);
-    let now_us = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64;
+    let now_us = wall_clock_us();
     let year = 365 * 86_400 * 1_000_000i64;
     let mut records = Vec::new();
     for (user, step) in [("m-ahead", year), ("m-behind", -year)] {
@@ -426,13 +444,7 @@ fn a_macro_user_who_steps_the_clock_a_year_either_way_is_still_caught() {
         // events); the rest goes out in one record, shifted whole to the broker's append time.
         // Sent at once, it overlaps the first record there and loses its first half as late:
         // the rest (about 70 presses) is still a macro.
-        let mut events = Vec::new();
-        for i in 0..200i64 {
-            let down = now_us + i * 100_000;
-            let key = 2 + (i % 3) as u32;
-            events.push(metronome::event::KeyEvent::new(down, key, metronome::event::KeyAction::Down));
-            events.push(metronome::event::KeyEvent::new(down + 20_000, key, metronome::event::KeyAction::Up));
-        }
+        let mut events = fixed_interval_macro(now_us, 200);
         for e in &mut events[40..] {
             e.time_us += step;
         }
@@ -476,17 +488,8 @@ fn with_signatures_required_only_a_user_s_own_enrolled_key_gets_through() {
     ]);
     let mut p = ProcessorProc::start(&broker, &dir.path().join("state"), "a", &env, dir.path());
     p.wait_for_log("task ready", 1);
-    let now_us = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64;
-    let mut events = Vec::new();
-    for i in 0..200i64 {
-        let down = now_us + i * 100_000;
-        events.push(metronome::event::KeyEvent::new(down, 2 + (i % 3) as u32, metronome::event::KeyAction::Down));
-        events.push(metronome::event::KeyEvent::new(
-            down + 20_000,
-            2 + (i % 3) as u32,
-            metronome::event::KeyAction::Up,
-        ));
-    }
+    let now_us = wall_clock_us();
+    let events = fixed_interval_macro(now_us, 200);
     let key_of = |user: &str| SigningKey::new(&format!("{user}-kbd"), &hex::decode(secret(user)).unwrap());
     // The same fixed-interval macro from four users: each would alert if it got through.
     // - m-signed signs with its own key;
@@ -567,17 +570,11 @@ fn a_flood_of_new_user_ids_keeps_memory_bounded_and_alerts_flowing() {
     let mut p = ProcessorProc::start(&broker, &dir.path().join("state"), "a", &env, dir.path());
     p.wait_for_log("task ready", 1);
     let idle_rss = p.peak_rss();
-    let now_us = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64;
+    let now_us = wall_clock_us();
     // New ids of one press each, as a sender forging ids would, and through them a
     // fixed-interval macro user: 8 presses a record, one record every sixtieth of the flood
     // (a record a second, were the flood a minute long), closer together than the cap.
-    let mut macro_events = Vec::new();
-    for i in 0..(8 * MACRO_RECORDS) as i64 {
-        let down = now_us + i * 100_000;
-        let key = 2 + (i % 3) as u32;
-        macro_events.push(metronome::event::KeyEvent::new(down, key, metronome::event::KeyAction::Down));
-        macro_events.push(metronome::event::KeyEvent::new(down + 20_000, key, metronome::event::KeyAction::Up));
-    }
+    let macro_events = fixed_interval_macro(now_us, 8 * MACRO_RECORDS);
     let mut records = Vec::with_capacity(FLOOD + MACRO_RECORDS);
     let mut macros = macro_events.chunks(16).enumerate().peekable();
     for i in 0..FLOOD {
