@@ -40,7 +40,7 @@ pub struct StreamConfig {
     pub device_keys_file: PathBuf,
     /// Refuse unsigned records (to the dead-letter topic, `unsigned`); needs `device_keys_file`.
     pub require_signed: bool,
-    /// Most users with an open window per task: past it the longest quiet ones are closed
+    /// Most users with an open window per task: past it the smallest, then longest quiet, are closed
     /// early, as if idle, so a flood of new user ids holds bounded memory.
     pub max_open_users_per_task: usize,
     /// Most an event's time may lead its record's reference (the broker's append time, else

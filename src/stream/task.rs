@@ -184,7 +184,7 @@ pub struct BatchSettings<'a> {
     pub rate_limit: RateLimit,
     /// What signatures records must carry.
     pub signatures: records::Signatures<'a>,
-    /// Most users with an open window in the task: past it the longest quiet ones are closed
+    /// Most users with an open window in the task: past it the smallest, then longest quiet, are closed
     /// as if idle, so a flood of new user ids holds a bounded amount of memory.
     pub max_open_users: usize,
     /// Bounds on event times against each record's reference clock.
