@@ -4,7 +4,8 @@
 //! typing model in one process, so their ratios hold on a noisy machine:
 //! - `cut_encode`: records cut every 100 ms or 50 events and encoded as `KeyEventBatch`, raw keys
 //!   (the baseline: what any publisher does);
-//! - `pseudonymise_cut_encode`: the same with every key replaced by its HMAC-SHA256 pseudonym;
+//! - `label_cut_encode`: the same with every key replaced by its short-lived label
+//!   (`agent::labels`);
 //! - `agent_path`: that, plus each record framed and written to the spool file and removed from
 //!   it once "acknowledged" (the agent's whole per-event work short of the network).
 //!
@@ -15,7 +16,7 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use metronome::agent::pseudonym::KeyPseudonymizer;
+use metronome::agent::labels::{KeyLabeler, SHORT_LIFETIME};
 use metronome::agent::ship::frame;
 use metronome::agent::spool::Spool;
 use metronome::cutting::{CutRecord, RecordCutter, RecordShape};
@@ -35,7 +36,7 @@ fn typing() -> Vec<KeyEvent> {
 }
 
 /// Cuts and encodes `events`, keys mapped by `key`; hands each encoded record to `out`.
-fn cut_encode(events: &[KeyEvent], key: impl Fn(u32) -> u32, mut out: impl FnMut(Vec<u8>)) -> u64 {
+fn cut_encode(events: &[KeyEvent], mut key: impl FnMut(&KeyEvent) -> u32, mut out: impl FnMut(Vec<u8>)) -> u64 {
     let mut cutter = RecordCutter::new(RecordShape::agent(50));
     let mut seq = 1u64;
     let mut encode = |records: Vec<CutRecord>| {
@@ -45,7 +46,7 @@ fn cut_encode(events: &[KeyEvent], key: impl Fn(u32) -> u32, mut out: impl FnMut
         }
     };
     for e in events {
-        encode(cutter.push("user-1", "", KeyEvent { key: key(e.key), ..*e }));
+        encode(cutter.push("user-1", "", KeyEvent { key: key(e), ..*e }));
     }
     encode(cutter.finish());
     seq
@@ -53,21 +54,22 @@ fn cut_encode(events: &[KeyEvent], key: impl Fn(u32) -> u32, mut out: impl FnMut
 
 fn bench(c: &mut Criterion) {
     let events = typing();
-    let pseudonyms = KeyPseudonymizer::new_session();
+    let mut labels = KeyLabeler::new_session(SHORT_LIFETIME);
     let dir = tempfile::tempdir().unwrap();
     let mut spool = Spool::open(&dir.path().join("spool"), 64 << 20).unwrap();
     let mut group = c.benchmark_group("agent");
     group.throughput(Throughput::Elements(events.len() as u64));
     group.sample_size(20);
-    group.bench_function("cut_encode", |b| b.iter(|| black_box(cut_encode(&events, |k| k, |r| drop(black_box(r))))));
-    group.bench_function("pseudonymise_cut_encode", |b| {
-        b.iter(|| black_box(cut_encode(&events, |k| pseudonyms.pseudonym(k as u16), |r| drop(black_box(r)))))
+    group
+        .bench_function("cut_encode", |b| b.iter(|| black_box(cut_encode(&events, |e| e.key, |r| drop(black_box(r))))));
+    group.bench_function("label_cut_encode", |b| {
+        b.iter(|| black_box(cut_encode(&events, |e| labels.label(e.key, e.action), |r| drop(black_box(r)))))
     });
     group.bench_function("agent_path", |b| {
         b.iter(|| {
             black_box(cut_encode(
                 &events,
-                |k| pseudonyms.pseudonym(k as u16),
+                |e| labels.label(e.key, e.action),
                 |r| {
                     spool.push(&frame(b"user-1", &r)).unwrap();
                     spool.pop(1).unwrap();

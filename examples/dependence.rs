@@ -16,9 +16,11 @@
 
 use std::path::PathBuf;
 
+use metronome::agent::labels::KeyLabeler;
 use metronome::dataset::{self, Split};
 use metronome::detect::dependence::{DependenceConfig, DependenceZ, KeyDependence, STATISTICS};
 use metronome::detect::window::Press;
+use metronome::event::KeyEvent;
 use metronome::macrogen::{self, MacroFamily, MacroSpec, RecordedPress};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -36,15 +38,19 @@ struct Args {
     /// Presses per block of the test.
     #[arg(long, default_value_t = 300)]
     block: u32,
-    /// Key groups.
-    #[arg(long, default_value_t = 32)]
-    buckets: u8,
+    /// Keys (and key pairs) gathered at once.
+    #[arg(long, default_value_t = 64)]
+    open_groups: u16,
     /// Print the humans whose chi-squared stays below this.
     #[arg(long)]
     show_below: Option<f32>,
     /// RNG seed.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Replace every key by the agent's labels of this lifetime (`agent::labels`; 0: one label
+    /// per key per session), as a stream from `metronome agent` carries them.
+    #[arg(long)]
+    key_labels: Option<u32>,
     /// Human keylogs (default: both Aalto files in ../shared/data).
     files: Vec<PathBuf>,
 }
@@ -146,18 +152,28 @@ fn report(name: &str, zs: &[DependenceZ]) {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let Args { split, presses, block, buckets, show_below, seed, mut files } = clap::Parser::parse();
+    let Args { split, presses, block, open_groups, show_below, seed, key_labels, mut files } = clap::Parser::parse();
     if files.is_empty() {
         files = dataset::default_keylogs();
     }
-    let cfg = DependenceConfig { block_presses: block, buckets, ..DependenceConfig::default() };
+    let cfg = DependenceConfig { block_presses: block, open_groups, ..DependenceConfig::default() };
     let humans = dataset::humans_by_split(&files)?.remove(&split).unwrap_or_default();
-    let recordings: Vec<Vec<RecordedPress>> = humans.values().map(|e| macrogen::recorded_presses(e)).collect();
+    // The key labels an agent would have sent, per user (and per sampler below).
+    let mut labelled = 0u64;
+    let mut as_sent = |events: &[KeyEvent]| -> Vec<RecordedPress> {
+        labelled += 1;
+        match key_labels {
+            Some(lifetime) => macrogen::recorded_presses(&KeyLabeler::seeded(labelled, lifetime).label_events(events)),
+            None => macrogen::recorded_presses(events),
+        }
+    };
+    let recordings: Vec<Vec<RecordedPress>> = humans.values().map(|e| as_sent(e)).collect();
     let human_z: Vec<DependenceZ> = recordings.iter().filter_map(|r| weakest(&cfg, r)).collect();
     println!(
-        "Split `{}`, block {block} presses (verdicts over {}), samplers of {presses} presses, seed {seed}.",
+        "Split `{}`, block {block} presses (verdicts over {}), samplers of {presses} presses, seed {seed}, {}.",
         split.name(),
-        2 * block
+        2 * block,
+        key_labels.map_or("key codes".to_owned(), |n| format!("agent key labels of {n} presses"))
     );
     println!("Humans: {} users, {} with a verdict.", recordings.len(), human_z.len());
     report("Humans", &human_z);
@@ -193,7 +209,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .filter_map(|rec| {
                 let spec = MacroSpec::random(family, &mut rng);
                 let events = macrogen::generate(&spec, rec, 1_700_000_000_000_000, presses, &mut rng);
-                weakest(&cfg, &macrogen::recorded_presses(&events))
+                weakest(&cfg, &as_sent(&events))
             })
             .collect();
         report(family.name(), &zs);

@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! cargo run --release --example evaluate -- [--split train|validation|test] [--per-family N]
-//!     [--seed S] [--config FILE] [--model embedded|none|MANIFEST] [HUMAN_KEYLOG ...]
+//!     [--seed S] [--config FILE] [--model embedded|none|MANIFEST] [--key-labels N]
+//!     [HUMAN_KEYLOG ...]
 //! ```
 //! The per-press model runs beside the window model as `model.press_manifest` says (set it to
 //! `none` in `--config` to measure the window model alone).
@@ -21,6 +22,7 @@
 
 use std::path::PathBuf;
 
+use metronome::agent::labels::KeyLabeler;
 use metronome::config::{Config, ModelSource};
 use metronome::dataset::{self, MacroUser, Split};
 use metronome::detect::histogram::naive_bin_share;
@@ -142,6 +144,11 @@ struct Args {
     /// Also write every window's scores here, as CSV (humans and pure macro users).
     #[arg(long)]
     windows_csv: Option<PathBuf>,
+    /// Score every user with their keys replaced by the agent's labels of this lifetime
+    /// (`agent::labels`; 0: one label per key per session), as a stream from `metronome agent`
+    /// carries them; without it, the recordings' key codes.
+    #[arg(long)]
+    key_labels: Option<u32>,
     /// Human keylogs (default: both Aalto files in ../shared/data).
     files: Vec<PathBuf>,
 }
@@ -182,7 +189,7 @@ impl Maxima {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let Args { split, per_family, seed, config, model, windows_csv, mut files } = clap::Parser::parse();
+    let Args { split, per_family, seed, config, model, windows_csv, key_labels, mut files } = clap::Parser::parse();
     let mut csv = WindowsCsv::create(windows_csv.as_deref())?;
     if files.is_empty() {
         files = dataset::default_keylogs();
@@ -208,14 +215,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         None => m.manifest().id(),
     });
     let mut detector = Detector::new(cfg.detector)?;
+    let mut labelled_users = 0u64;
     let mut both = |detector: &mut Detector, events: &[KeyEvent]| {
+        let labelled;
+        let events = match key_labels {
+            Some(lifetime) => {
+                labelled_users += 1;
+                labelled = KeyLabeler::seeded(labelled_users, lifetime).label_events(events);
+                &labelled
+            }
+            None => events,
+        };
         let timing = run_user(detector, None, events);
         let combined = run_user(detector, lstm.as_mut().map(|m| m as &mut dyn SequenceScorer), events);
         (timing, combined)
     };
 
     let humans = dataset::humans_by_split(&files)?.remove(&split).unwrap_or_default();
-    println!("Split `{}`, model `{model_name}`, seed {seed}.\n", split.name());
+    let keys = key_labels.map_or("key codes".to_owned(), |n| format!("agent key labels of {n} presses"));
+    println!("Split `{}`, model `{model_name}`, seed {seed}, {keys}.\n", split.name());
 
     // Humans.
     let (mut flagged, mut flagged_timing, mut original) = (Vec::new(), 0usize, 0usize);

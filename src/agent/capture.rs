@@ -2,7 +2,7 @@
 //! the same path.
 //!
 //! Each source runs on its own thread and hands [`SourceItem`]s to the agent's loop over a
-//! channel; everything after that (pseudonyms, cutting, spool, producer) is shared, so the replay
+//! channel; everything after that (key labels, cutting, spool, producer) is shared, so the replay
 //! source exercises the whole agent on machines without input devices. The mapping of raw input
 //! events ([`map_input`]) is pure and tested on its own; only the ioctl layer (opening and
 //! reading `/dev/input/event*`) needs a real device.
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::event::KeyAction;
 use crate::keylog::{KeylogReader, MAX_KEY_CODE};
 
-/// One key event as captured, before its key is pseudonymised.
+/// One key event as captured, before its key is replaced by a label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CapturedKey {
     /// Capture time, microseconds since the Unix epoch.

@@ -2,26 +2,26 @@
 //!
 //! ```text
 //!  evdev keyboard --+                                        +--> KafkaSink (idempotent producer,
-//!  (or --replay     |--> SourceItem --> pseudonym --> cutter |    never times out) --> [keys.events]
-//!   keylog file) ---+    (own thread)    (keyed hash) (100 ms|          ^
+//!  (or --replay     |--> SourceItem --> labels --> cutter  |    never times out) --> [keys.events]
+//!   keylog file) ---+    (own thread)   (short-lived)(100 ms|          ^
 //!                                                     or N)  +--> Spool (bounded file) --+
 //! ```
 //!
 //! Every record is written to the spool first and leaves it only once the broker has it, so a
 //! broker outage or an agent restart loses nothing up to the spool's size; past it records are
 //! refused, counted and reported. Key codes never leave this module: they are replaced by
-//! per-session pseudonyms before anything is cut, spooled, sent or logged.
+//! short-lived random labels ([`labels`]) before anything is cut, spooled, sent or logged.
 //!
 //! # Layout
 //! - [`capture`]: the sources (evdev device, keylog replay) and the pure mapping of raw input
 //!   events.
-//! - [`pseudonym`]: the keyed hash that replaces key codes.
+//! - [`labels`]: the short-lived random labels that replace key codes.
 //! - [`spool`]: the bounded on-disk FIFO.
 //! - [`ship`]: spool to broker, in order, over the [`ship::RecordSink`] seam.
 //! - Cutting into records is [`crate::cutting`], shared with the simulator and `publish`.
 
 pub mod capture;
-pub mod pseudonym;
+pub mod labels;
 pub mod ship;
 pub mod spool;
 
@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use self::capture::{DeviceChoice, SourceItem};
-use self::pseudonym::KeyPseudonymizer;
+use self::labels::KeyLabeler;
 use self::ship::{frame, KafkaSink, Shipper};
 use self::spool::{Pushed, Spool, SpoolError};
 use crate::cutting::{CutRecord, RecordCutter, RecordShape};
@@ -74,6 +74,10 @@ pub struct AgentConfig {
     /// The signing key enrolment handed this agent (`key_id`, `secret_hex`; `stream::signing`);
     /// empty: records go unsigned.
     pub signing_key_file: PathBuf,
+    /// Presses a key label lives (`agent::labels`; 16 resists frequency analysis); 0: one label
+    /// per key for the whole session, which a long session's text falls to frequency analysis
+    /// of, and the default while the detector needs key identity over longer spans.
+    pub key_label_presses: u32,
 }
 
 impl Default for AgentConfig {
@@ -90,6 +94,7 @@ impl Default for AgentConfig {
             device_retry_ms: 1000,
             report_interval_s: 60,
             signing_key_file: PathBuf::new(),
+            key_label_presses: 0,
         }
     }
 }
@@ -105,6 +110,9 @@ impl AgentConfig {
         }
         if self.spool_max_bytes < 4096 {
             return Err("agent.spool_max_bytes: at least 4096".to_owned());
+        }
+        if self.key_label_presses > 10_000 {
+            return Err("agent.key_label_presses: at most 10000".to_owned());
         }
         if self.max_in_flight == 0 {
             return Err("agent.max_in_flight: at least 1".to_owned());
@@ -176,14 +184,14 @@ pub struct AgentSummary {
     pub device_losses: u64,
 }
 
-/// One capture session: the pseudonym secret, the session id, the device's sequence.
+/// One capture session: its key labels, the session id, the device's sequence.
 struct Session {
     user_id: String,
     session_id: String,
     device_id: String,
     /// The device the keys come from, sent with every batch.
     device: Option<proto::DeviceInfo>,
-    pseudonyms: KeyPseudonymizer,
+    labels: KeyLabeler,
     next_seq: u64,
     /// Signs every batch, when enrolment gave the agent a key.
     signer: Option<SigningKey>,
@@ -231,7 +239,7 @@ pub fn run(
         session_id: uuid::Uuid::new_v4().to_string(),
         device_id: String::new(),
         device: None,
-        pseudonyms: KeyPseudonymizer::new_session(),
+        labels: KeyLabeler::new_session(config.key_label_presses),
         // Numbered from 1: the processor reads 0 as unnumbered.
         next_seq: 1,
         signer,
@@ -266,7 +274,7 @@ pub fn run(
         match rx.recv_timeout(Duration::from_millis(10)) {
             Ok(SourceItem::Key(k)) => {
                 summary.events += 1;
-                let event = KeyEvent::new(k.time_us, session.pseudonyms.pseudonym(k.code), k.action);
+                let event = KeyEvent::new(k.time_us, session.labels.label(u32::from(k.code), k.action), k.action);
                 last_event = Some((k.time_us, Instant::now()));
                 let records = cutter.push(&config.user_id, "", event);
                 store(records, &mut session, &mut spool, &mut summary)?;
@@ -380,7 +388,7 @@ mod tests {
                 fingerprint: "kbd-1".into(),
                 ..Default::default()
             }),
-            pseudonyms: KeyPseudonymizer::new_session(),
+            labels: KeyLabeler::new_session(labels::SHORT_LIFETIME),
             next_seq: 1,
             signer: None,
         };
@@ -413,7 +421,7 @@ mod tests {
             session_id: "s-1".into(),
             device_id: "kbd-1".into(),
             device: None,
-            pseudonyms: KeyPseudonymizer::new_session(),
+            labels: KeyLabeler::new_session(labels::SHORT_LIFETIME),
             next_seq: 1,
             signer: Some(SigningKey::new("u1-kbd", secret)),
         };

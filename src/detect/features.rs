@@ -304,7 +304,7 @@ fn key_counts(presses: &[Press], table: &mut Vec<(u32, u32)>) -> (usize, usize) 
     let mask = slots - 1;
     let (mut distinct, mut top) = (0usize, 0u32);
     for p in presses {
-        // Fibonacci hashing spreads sequential key codes and pseudonyms alike.
+        // Fibonacci hashing spreads sequential key codes and random labels alike.
         let mut slot = (p.key.wrapping_mul(0x9E37_79B9) as usize) & mask;
         loop {
             let (key, count) = &mut table[slot];

@@ -172,6 +172,59 @@ impl PressState {
     }
 }
 
+#[cfg(test)]
+impl UserState {
+    /// This state as formats 4 to 6 stored it, the key-dependence test without its key groups
+    /// (tests of the upgrade).
+    pub(crate) fn to_v6(&self) -> UserStateV6 {
+        let sc = &self.scored;
+        UserStateV6 {
+            reorder: self.reorder.clone(),
+            window: sc.window.clone(),
+            policy: sc.policy.clone(),
+            memory: sc.memory.clone(),
+            virtual_source: sc.virtual_source,
+            dependence: sc.dependence.to_v6(),
+            press: sc.press.clone(),
+        }
+    }
+
+    /// This state without the key-dependence test's key groups: what [`Self::to_v6`] upgrades
+    /// back to.
+    pub(crate) fn without_key_groups(&self) -> UserState {
+        let mut state = self.clone();
+        state.scored.dependence = self.scored.dependence.without_key_groups();
+        state
+    }
+}
+
+/// A [`UserState`] as stored in formats 4 to 6, before the key-dependence test's groups were
+/// one key each: the same fields, in order; it upgrades as [`dependence::KeyDependenceV6`] says.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct UserStateV6 {
+    reorder: ordering::ReorderBuffer,
+    window: window::KeyWindow,
+    policy: PolicyState,
+    memory: recurrence::RecurrenceMemory,
+    virtual_source: bool,
+    dependence: dependence::KeyDependenceV6,
+    press: PressState,
+}
+
+impl From<UserStateV6> for UserState {
+    fn from(v6: UserStateV6) -> Self {
+        let scored = ScoredState {
+            window: v6.window,
+            policy: v6.policy,
+            memory: v6.memory,
+            virtual_source: v6.virtual_source,
+            dependence: v6.dependence.into(),
+            press: v6.press,
+        };
+        UserState { reorder: v6.reorder, scored }
+    }
+}
+
 /// A [`UserState`] as stored before the per-press model existed (format 3): the same fields,
 /// in order; it upgrades with the model starting from a zero state.
 #[derive(Debug, Deserialize)]
@@ -181,20 +234,15 @@ pub struct UserStateV3 {
     policy: PolicyState,
     memory: recurrence::RecurrenceMemory,
     virtual_source: bool,
-    dependence: dependence::KeyDependence,
+    dependence: dependence::KeyDependenceV6,
 }
 
 impl From<UserStateV3> for UserState {
     fn from(v3: UserStateV3) -> Self {
-        let scored = ScoredState {
-            window: v3.window,
-            policy: v3.policy,
-            memory: v3.memory,
-            virtual_source: v3.virtual_source,
-            dependence: v3.dependence,
-            press: PressState::default(),
-        };
-        UserState { reorder: v3.reorder, scored }
+        let (reorder, window, policy, memory) = (v3.reorder, v3.window, v3.policy, v3.memory);
+        let (virtual_source, dependence) = (v3.virtual_source, v3.dependence);
+        let press = PressState::default();
+        UserStateV6 { reorder, window, policy, memory, virtual_source, dependence, press }.into()
     }
 }
 
@@ -211,15 +259,10 @@ pub struct UserStateV2 {
 
 impl From<UserStateV2> for UserState {
     fn from(v2: UserStateV2) -> Self {
-        let scored = ScoredState {
-            window: v2.window,
-            policy: v2.policy,
-            memory: v2.memory,
-            virtual_source: v2.virtual_source,
-            dependence: Default::default(),
-            press: PressState::default(),
-        };
-        UserState { reorder: v2.reorder, scored }
+        let (reorder, window, policy, memory) = (v2.reorder, v2.window, v2.policy, v2.memory);
+        let (virtual_source, dependence) = (v2.virtual_source, dependence::KeyDependenceV6::default());
+        let press = PressState::default();
+        UserStateV6 { reorder, window, policy, memory, virtual_source, dependence, press }.into()
     }
 }
 
@@ -1175,12 +1218,12 @@ mod tests {
             &sc.policy,
             &sc.memory,
             sc.virtual_source,
-            &sc.dependence,
+            dependence::KeyDependenceV6::default(),
         ))
         .unwrap();
         let upgraded = UserState::from(postcard::from_bytes::<UserStateV3>(&v3).unwrap());
         assert_eq!(upgraded.scored.window, sc.window);
-        assert_eq!(upgraded.scored.dependence, sc.dependence);
+        assert_eq!(upgraded.scored.dependence, dependence::KeyDependence::default());
         assert_eq!(upgraded.scored.press, PressState::default());
         assert_ne!(sc.press, PressState::default());
     }

@@ -1,11 +1,12 @@
 //! The sequence model's view of a window: one small feature vector per press.
 //!
-//! The LSTM reads a window press by press. Key identity reaches the stream only as a pseudonym
-//! stable within a session, so no step carries a key code: a step says how long since the
-//! previous press, how long this key was held, and how this key relates to the keys before it
+//! The LSTM reads a window press by press. Key identity reaches the stream only as a random
+//! label a key keeps for a few presses (`agent::labels`), so no step carries a key code: a step
+//! says how long since the previous press, how long this key was held, and how this key
+//! relates to the keys before it
 //! (the same key again, how far back it last occurred, whether the timing echoes that
 //! occurrence). Those are what separate a replayed loop or a short skill rotation from typed
-//! text, whatever the pseudonyms.
+//! text, whatever the labels.
 //!
 //! Windows shorter than the model's step count (the first scoring at `min_presses`, an idle
 //! partial window) are left-padded with all-zero steps whose `present` flag is 0.

@@ -12,7 +12,7 @@
 //! down within the interval is a repeat. Same-key downs closer than `burst_max_interval_ms`
 //! (faster than any typematic rate) are never presses either: they are software-injected bursts
 //! (IMEs, paste helpers, the browser itself), seen in real human data. Marked sources (the agent, whose key ids are
-//! pseudonyms) set `infer_repeats = false`.
+//! short-lived labels) set `infer_repeats = false`.
 
 use std::collections::VecDeque;
 

@@ -25,6 +25,7 @@ use super::records::{self, DeadLetterClass, InputRecord, OutRecord, OutTopic};
 use super::timebound::TimeBounds;
 use crate::detect::{
     Detector, Output, ScoringBatch, SequenceError, SequenceScorer, UserState, UserStateV1, UserStateV2, UserStateV3,
+    UserStateV6,
 };
 use crate::metrics::events::WindowScores;
 
@@ -38,8 +39,9 @@ const CHECKPOINT_KEY: &[u8] = &[NS_META, b'c', b'k', b'p', b't'];
 /// key-dependence test, 4 the per-press model's carried state, 5 the stream's [`UserIntake`]
 /// (sequence numbers delivered, the carried clock shift) after the detector's state, 6 the
 /// intake's event budget.
-const STATE_FORMAT: u8 = 6;
+const STATE_FORMAT: u8 = 7;
 /// The formats before it, still read (a rolling upgrade restores them from the changelog).
+const STATE_FORMAT_V6: u8 = 6;
 const STATE_FORMAT_V5: u8 = 5;
 const STATE_FORMAT_V4: u8 = 4;
 const STATE_FORMAT_V3: u8 = 3;
@@ -247,10 +249,15 @@ pub fn decode_stored(bytes: &[u8]) -> Result<(UserState, UserIntake), TaskError>
     let detector_only = |state: Result<UserState, TaskError>| state.map(|s| (s, UserIntake::default()));
     match bytes.split_first() {
         Some((&STATE_FORMAT, body)) => postcard::from_bytes(body).map_err(corrupt),
-        Some((&STATE_FORMAT_V5, body)) => postcard::from_bytes::<(UserState, UserIntakeV5)>(body)
-            .map(|(state, intake)| (state, intake.into()))
+        Some((&STATE_FORMAT_V6, body)) => postcard::from_bytes::<(UserStateV6, UserIntake)>(body)
+            .map(|(state, intake)| (state.into(), intake))
             .map_err(corrupt),
-        Some((&STATE_FORMAT_V4, body)) => detector_only(postcard::from_bytes(body).map_err(corrupt)),
+        Some((&STATE_FORMAT_V5, body)) => postcard::from_bytes::<(UserStateV6, UserIntakeV5)>(body)
+            .map(|(state, intake)| (state.into(), intake.into()))
+            .map_err(corrupt),
+        Some((&STATE_FORMAT_V4, body)) => {
+            detector_only(postcard::from_bytes::<UserStateV6>(body).map(UserState::from).map_err(corrupt))
+        }
         other => detector_only(decode_before_v4(other)),
     }
 }
@@ -1134,17 +1141,24 @@ mod tests {
     }
 
     #[test]
+    fn a_format_6_state_is_read_with_its_key_dependence_sums() {
+        let (state, intake) = run_batches(&[agent_records("m1", &macro_events(35))]).1;
+        let v6 = records::versioned(STATE_FORMAT_V6, &(state.to_v6(), &intake));
+        assert_eq!(decode_stored(&v6).unwrap(), (state.without_key_groups(), intake));
+    }
+
+    #[test]
     fn a_format_5_state_is_read_with_a_full_budget() {
         let (state, _) = run_batches(&[agent_records("m1", &macro_events(35))]).1;
-        let v5 = records::versioned(STATE_FORMAT_V5, &(&state, UserIntakeV5::default()));
-        assert_eq!(decode_stored(&v5).unwrap(), (state, UserIntake::default()));
+        let v5 = records::versioned(STATE_FORMAT_V5, &(state.to_v6(), UserIntakeV5::default()));
+        assert_eq!(decode_stored(&v5).unwrap(), (state.without_key_groups(), UserIntake::default()));
     }
 
     #[test]
     fn a_format_4_state_is_read_with_an_empty_intake() {
         let (state, _) = run_batches(&[agent_records("m1", &macro_events(35))]).1;
-        let v4 = records::versioned(STATE_FORMAT_V4, &state);
-        assert_eq!(decode_stored(&v4).unwrap(), (state, UserIntake::default()));
+        let v4 = records::versioned(STATE_FORMAT_V4, &state.to_v6());
+        assert_eq!(decode_stored(&v4).unwrap(), (state.without_key_groups(), UserIntake::default()));
     }
 
     #[test]

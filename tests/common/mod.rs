@@ -20,6 +20,7 @@ pub fn shared_data(name: &str) -> PathBuf {
 }
 pub mod broker;
 pub mod postgres;
+pub mod text_attack;
 
 /// Polls `condition` until it holds, failing with `what` after the tests' patience.
 pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
