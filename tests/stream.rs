@@ -698,3 +698,67 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+#[test]
+fn a_caught_up_partition_closes_its_idle_users_while_another_is_still_catching_up() {
+    let broker = Broker::start();
+    broker.create_topics(&["events", "alerts", "dlq"], 2);
+    let dir = tempfile::tempdir().unwrap();
+    let env = env_vars(&[
+        ("METRONOME_STREAM__APPLICATION_ID", "app-idle"),
+        ("METRONOME_STREAM__INPUT_TOPIC", "events"),
+        ("METRONOME_STREAM__ALERTS_TOPIC", "alerts"),
+        ("METRONOME_STREAM__DLQ_TOPIC", "dlq"),
+        ("METRONOME_STREAM__COMMIT_INTERVAL_MS", "50"),
+        ("METRONOME_STREAM__MAX_BATCH_RECORDS", "20"),
+        ("METRONOME_STREAM__TOPIC_PARTITIONS", "2"),
+        ("METRONOME_DETECTOR__WINDOW__IDLE_TIMEOUT_MS", "1000"),
+    ]);
+    // One user on each partition.
+    let on = |partition: i32| {
+        (0..)
+            .map(|i| format!("user-{i}"))
+            .find(|u| metronome::stream::query::partition_for(u.as_bytes(), 2) == partition)
+            .unwrap()
+    };
+    let (quiet, busy) = (on(0), on(1));
+    let now_us = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64;
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(5);
+    let typist = metronome::humanmodel::Typist::random(&mut rng);
+    // The busy user's backlog: hours of typing, the last of it a minute ago.
+    let backlog = typist.type_text(0, 150_000, &mut rng);
+    let shift = now_us - 60_000_000 - backlog.last().unwrap().time_us;
+    let backlog: Vec<_> =
+        backlog.into_iter().map(|e| metronome::event::KeyEvent { time_us: e.time_us + shift, ..e }).collect();
+    let quiet_events = typist.type_text(now_us - 30_000_000, 40, &mut rng);
+    let mut records: Vec<(Vec<u8>, Vec<u8>)> =
+        batches_for_user(&quiet, "s", &quiet_events, 40).into_iter().map(|p| (quiet.as_bytes().to_vec(), p)).collect();
+    records.extend(batches_for_user(&busy, "s", &backlog, 40).into_iter().map(|p| (busy.as_bytes().to_vec(), p)));
+    broker.produce("events", &records);
+    let busy_end = broker.end_offsets("events")[&1];
+
+    let mut processor = ProcessorProc::start(&broker, &dir.path().join("state"), "p", &env, dir.path());
+    let addr = processor.http_addr();
+    // A user's open window, in presses; `None` while the processor cannot answer for them
+    // (starting, its partition not yet assigned, or busy past the query's deadline).
+    let window_presses = |user: &str| {
+        let (status, body) = common::http_get(&addr, &format!("/api/users/{user}"), None);
+        if status == 503 || status == 421 {
+            return None;
+        }
+        assert_eq!(status, 200, "{body}");
+        let view: Value = serde_json::from_str(&body).unwrap();
+        Some(view["state"]["window_presses"].as_u64().unwrap_or(0))
+    };
+    common::wait_until("the quiet user's presses to open a window", || window_presses(&quiet).is_some_and(|n| n > 0));
+    common::wait_until("the quiet user's window to close as idle", || window_presses(&quiet) == Some(0));
+    let busy_done = broker.committed_offset("app-idle", "events", 1);
+    eprintln!("the quiet user closed with the busy partition committed to {busy_done} of {busy_end}");
+    assert!(
+        busy_done < busy_end,
+        "the busy partition was consumed ({busy_done} of {busy_end}) before the quiet one closed its idle user"
+    );
+    assert_ne!(window_presses(&busy), Some(0), "the busy user's window stays open");
+    broker.wait_fully_committed("app-idle", "events");
+    assert!(processor.terminate().success());
+}

@@ -346,6 +346,24 @@ impl Broker {
         (0..partitions).map(|p| (p, consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap().1)).collect()
     }
 
+    /// The offset `group` has committed on `partition` of `topic` (0 before its first commit).
+    pub fn committed_offset(&self, group: &str, topic: &str, partition: i32) -> i64 {
+        let consumer = self.offsets_reader(group);
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(topic, partition);
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(committed) = committed_offsets(&consumer, tpl.clone()) {
+                return match committed.find_partition(topic, partition).map(|e| e.offset()) {
+                    Some(Offset::Offset(o)) => o,
+                    _ => 0,
+                };
+            }
+            assert!(Instant::now() < deadline, "group {group}'s coordinator did not answer in time");
+            std::thread::sleep(Duration::from_millis(100)); // polling interval of a condition
+        }
+    }
+
     /// Waits until `group` has committed every partition of `topic` up to its end offset.
     pub fn wait_fully_committed(&self, group: &str, topic: &str) {
         self.wait_fully_committed_every(group, topic, Duration::from_millis(100));
