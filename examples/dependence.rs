@@ -19,8 +19,9 @@ use std::path::PathBuf;
 use metronome::agent::labels::KeyLabeler;
 use metronome::dataset::{self, Split};
 use metronome::detect::dependence::{DependenceConfig, DependenceZ, KeyDependence, STATISTICS};
+use metronome::detect::dependence::{KeyGrouping, KeySums};
 use metronome::detect::window::Press;
-use metronome::event::KeyEvent;
+use metronome::event::KeyAction;
 use metronome::macrogen::{self, MacroFamily, MacroSpec, RecordedPress};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -48,7 +49,8 @@ struct Args {
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// Replace every key by the agent's labels of this lifetime (`agent::labels`; 0: one label
-    /// per key per session), as a stream from `metronome agent` carries them.
+    /// per key per session) and, for short-lived ones, report the key sums the agent sends
+    /// beside them (`agent::key_sums`), as a stream from `metronome agent` carries them.
     #[arg(long)]
     key_labels: Option<u32>,
     /// Human keylogs (default: both Aalto files in ../shared/data).
@@ -80,20 +82,72 @@ fn key_conditioned(rec: &[RecordedPress], presses: usize, rng: &mut impl rand::R
         .collect()
 }
 
-/// The session's weakest verdict (its horizon with the larger chi-squared, as the rule reads it).
-fn weakest(cfg: &DependenceConfig, presses: &[RecordedPress]) -> Option<DependenceZ> {
+fn press_of(p: &RecordedPress) -> Press {
+    Press { down_us: p.down_us, key: p.key, hold_us: i32::try_from(p.hold_us).unwrap_or(i32::MAX), repeats: 0 }
+}
+
+/// What an agent with key labels of `lifetime` presses sends of `presses`: the labelled
+/// presses, and with short-lived labels the key sums over the real keys, `(i, sums)` arriving
+/// before press `i`. `None`: the key codes themselves.
+fn as_sent(
+    cfg: &DependenceConfig,
+    lifetime: Option<u32>,
+    seed: u64,
+    presses: &[RecordedPress],
+) -> (Vec<RecordedPress>, Vec<(usize, KeySums)>) {
+    let Some(lifetime) = lifetime else { return (presses.to_vec(), Vec::new()) };
+    let mut labels = KeyLabeler::seeded(seed, lifetime);
+    let labelled = presses
+        .iter()
+        .map(|p| {
+            let key = labels.label(p.key, KeyAction::Down);
+            labels.label(p.key, KeyAction::Up);
+            RecordedPress { key, ..*p }
+        })
+        .collect();
+    let mut grouping = KeyGrouping::default();
+    let reports = match lifetime {
+        0 => Vec::new(),
+        _ => presses
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| grouping.push(cfg, &press_of(p)).map(|s| (i + 1, s)))
+            .collect(),
+    };
+    (labelled, reports)
+}
+
+/// The session's weakest verdict (its horizon with the larger chi-squared, as the rule reads
+/// it), given what the agent sent.
+fn weakest(
+    cfg: &DependenceConfig,
+    (presses, reports): &(Vec<RecordedPress>, Vec<(usize, KeySums)>),
+) -> Option<DependenceZ> {
     let mut d = KeyDependence::default();
     let mut worst: Option<DependenceZ> = None;
-    for p in presses {
-        let before = d.verdict();
-        let hold_us = i32::try_from(p.hold_us).unwrap_or(i32::MAX);
-        d.push(cfg, &Press { down_us: p.down_us, key: p.key, hold_us, repeats: 0 });
-        if let Some(v) = d.verdict().filter(|v| Some(*v) != before) {
+    let mut seen = None;
+    let mut reports = reports.iter().peekable();
+    // A verdict comes at a block's end, or with the agent's sums for it.
+    let mut consider = |d: &KeyDependence| {
+        if let Some(v) = d.verdict().filter(|v| Some(*v) != seen) {
+            seen = Some(v);
             let z = if v.z.chi2() >= v.session_z.chi2() { v.z } else { v.session_z };
             if worst.is_none_or(|w| z.chi2() < w.chi2()) {
                 worst = Some(z);
             }
         }
+    };
+    for (i, p) in presses.iter().enumerate() {
+        while let Some((_, sums)) = reports.next_if(|(at, _)| *at <= i) {
+            d.report(cfg, sums);
+            consider(&d);
+        }
+        d.push(cfg, &press_of(p));
+        consider(&d);
+    }
+    for (_, sums) in reports {
+        d.report(cfg, sums);
+        consider(&d);
     }
     worst
 }
@@ -158,17 +212,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let cfg = DependenceConfig { block_presses: block, open_groups, ..DependenceConfig::default() };
     let humans = dataset::humans_by_split(&files)?.remove(&split).unwrap_or_default();
-    // The key labels an agent would have sent, per user (and per sampler below).
-    let mut labelled = 0u64;
-    let mut as_sent = |events: &[KeyEvent]| -> Vec<RecordedPress> {
-        labelled += 1;
-        match key_labels {
-            Some(lifetime) => macrogen::recorded_presses(&KeyLabeler::seeded(labelled, lifetime).label_events(events)),
-            None => macrogen::recorded_presses(events),
-        }
+    let recordings: Vec<Vec<RecordedPress>> = humans.values().map(|e| macrogen::recorded_presses(e)).collect();
+    // What an agent would have sent, per user and per sampler below.
+    let mut sent = 0u64;
+    let mut sent_of = |presses: &[RecordedPress]| {
+        sent += 1;
+        as_sent(&cfg, key_labels, sent, presses)
     };
-    let recordings: Vec<Vec<RecordedPress>> = humans.values().map(|e| as_sent(e)).collect();
-    let human_z: Vec<DependenceZ> = recordings.iter().filter_map(|r| weakest(&cfg, r)).collect();
+    let human_z: Vec<DependenceZ> = recordings.iter().filter_map(|r| weakest(&cfg, &sent_of(r))).collect();
     println!(
         "Split `{}`, block {block} presses (verdicts over {}), samplers of {presses} presses, seed {seed}, {}.",
         split.name(),
@@ -179,7 +230,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     report("Humans", &human_z);
     if let Some(t) = show_below {
         for r in &recordings {
-            let Some(z) = weakest(&cfg, r) else { continue };
+            let Some(z) = weakest(&cfg, &as_sent(&cfg, key_labels, 0, r)) else { continue };
             if z.chi2() < t {
                 let keys: std::collections::BTreeSet<u32> = r.iter().map(|p| p.key).collect();
                 let mut holds: Vec<i64> = r.iter().map(|p| p.hold_us / 1000).collect();
@@ -209,7 +260,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .filter_map(|rec| {
                 let spec = MacroSpec::random(family, &mut rng);
                 let events = macrogen::generate(&spec, rec, 1_700_000_000_000_000, presses, &mut rng);
-                weakest(&cfg, &as_sent(&events))
+                weakest(&cfg, &sent_of(&macrogen::recorded_presses(&events)))
             })
             .collect();
         report(family.name(), &zs);
@@ -218,7 +269,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .iter()
         .filter(|r| r.len() >= 100)
         .take(2_000)
-        .filter_map(|rec| weakest(&cfg, &key_conditioned(rec, presses, &mut rng)))
+        .filter_map(|rec| weakest(&cfg, &sent_of(&key_conditioned(rec, presses, &mut rng))))
         .collect();
     report("key-conditioned sampler", &zs);
     // The trimmed sum's null: eight independent standard normals.

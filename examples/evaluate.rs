@@ -22,9 +22,11 @@
 
 use std::path::PathBuf;
 
+use metronome::agent::key_sums::KeySumsReporter;
 use metronome::agent::labels::KeyLabeler;
 use metronome::config::{Config, ModelSource};
 use metronome::dataset::{self, MacroUser, Split};
+use metronome::detect::dependence::KeySums;
 use metronome::detect::histogram::naive_bin_share;
 use metronome::detect::{Detector, Output, RuleSet, SequenceScorer};
 use metronome::event::{KeyAction, KeyEvent};
@@ -46,8 +48,13 @@ struct Outcome {
     scores: Vec<(f64, Option<f64>)>,
 }
 
-fn run_user(detector: &mut Detector, model: Option<&mut dyn SequenceScorer>, events: &[KeyEvent]) -> Outcome {
-    let outputs = detector.score_recording("user", events, model).expect("model scores");
+fn run_user(
+    detector: &mut Detector,
+    model: Option<&mut dyn SequenceScorer>,
+    events: &[KeyEvent],
+    reports: &[(usize, KeySums)],
+) -> Outcome {
+    let outputs = detector.score_recording_reported("user", events, reports, model).expect("model scores");
     let mut o = Outcome::default();
     for out in outputs {
         match out {
@@ -145,8 +152,9 @@ struct Args {
     #[arg(long)]
     windows_csv: Option<PathBuf>,
     /// Score every user with their keys replaced by the agent's labels of this lifetime
-    /// (`agent::labels`; 0: one label per key per session), as a stream from `metronome agent`
-    /// carries them; without it, the recordings' key codes.
+    /// (`agent::labels`; 0: one label per key per session) and, for short-lived ones, the
+    /// key-dependence sums the agent sends beside them (`agent::key_sums`), as a stream from
+    /// `metronome agent` carries them; without it, the recordings' key codes.
     #[arg(long)]
     key_labels: Option<u32>,
     /// Human keylogs (default: both Aalto files in ../shared/data).
@@ -217,17 +225,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut detector = Detector::new(cfg.detector)?;
     let mut labelled_users = 0u64;
     let mut both = |detector: &mut Detector, events: &[KeyEvent]| {
-        let labelled;
-        let events = match key_labels {
+        // What an agent with these labels sends: the labels, and with short-lived ones the key
+        // sums over the real keys.
+        let (labelled, reports) = match key_labels {
             Some(lifetime) => {
                 labelled_users += 1;
-                labelled = KeyLabeler::seeded(labelled_users, lifetime).label_events(events);
-                &labelled
+                let reports = if lifetime > 0 { KeySumsReporter::reports_of(events) } else { Vec::new() };
+                (Some(KeyLabeler::seeded(labelled_users, lifetime).label_events(events)), reports)
             }
-            None => events,
+            None => (None, Vec::new()),
         };
-        let timing = run_user(detector, None, events);
-        let combined = run_user(detector, lstm.as_mut().map(|m| m as &mut dyn SequenceScorer), events);
+        let events = labelled.as_deref().unwrap_or(events);
+        let timing = run_user(detector, None, events, &reports);
+        let combined = run_user(detector, lstm.as_mut().map(|m| m as &mut dyn SequenceScorer), events, &reports);
         (timing, combined)
     };
 

@@ -34,6 +34,7 @@ mod tests {
                 device,
                 key_id: "u1-kbd0".into(),
                 signature: vec![7; 32],
+                key_sums: Some(KeySums { presses: 300, hold_by_key: Some(GroupSums { groups: 2, values: 9, sum: -1.5, sum_sq_over_n: 3.0, within: 0.25 }), ..Default::default() }),
             };
             let bytes = batch.encode_to_vec();
             prop_assert_eq!(KeyEventBatch::decode(bytes.as_slice()).unwrap(), batch);

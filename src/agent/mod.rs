@@ -16,11 +16,14 @@
 //! - [`capture`]: the sources (evdev device, keylog replay) and the pure mapping of raw input
 //!   events.
 //! - [`labels`]: the short-lived random labels that replace key codes.
+//! - [`key_sums`]: the key-dependence test's sums over the real keys, sent beside short-lived
+//!   labels.
 //! - [`spool`]: the bounded on-disk FIFO.
 //! - [`ship`]: spool to broker, in order, over the [`ship::RecordSink`] seam.
 //! - Cutting into records is [`crate::cutting`], shared with the simulator and `publish`.
 
 pub mod capture;
+pub mod key_sums;
 pub mod labels;
 pub mod ship;
 pub mod spool;
@@ -35,6 +38,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use self::capture::{DeviceChoice, SourceItem};
+use self::key_sums::KeySumsReporter;
 use self::labels::KeyLabeler;
 use self::ship::{frame, KafkaSink, Shipper};
 use self::spool::{Pushed, Spool, SpoolError};
@@ -42,7 +46,7 @@ use crate::cutting::{CutRecord, RecordCutter, RecordShape};
 use crate::event::KeyEvent;
 use crate::keylog::MAX_ID_LEN;
 use crate::proto;
-use crate::stream::records::batch_message;
+use crate::stream::records::{batch_message, key_sums_to_proto};
 use crate::stream::signing::SigningKey;
 use prost::Message as _;
 
@@ -192,6 +196,8 @@ struct Session {
     /// The device the keys come from, sent with every batch.
     device: Option<proto::DeviceInfo>,
     labels: KeyLabeler,
+    /// With short-lived labels, the key-dependence sums over the real keys, sent beside them.
+    key_sums: Option<KeySumsReporter>,
     next_seq: u64,
     /// Signs every batch, when enrolment gave the agent a key.
     signer: Option<SigningKey>,
@@ -202,6 +208,7 @@ impl Session {
         let mut batch =
             batch_message(&self.user_id, &self.device_id, &self.session_id, &record.events, Some(self.next_seq));
         batch.device = self.device.clone();
+        batch.key_sums = self.key_sums.as_mut().and_then(KeySumsReporter::take).map(|s| key_sums_to_proto(&s));
         if let Some(signer) = &self.signer {
             signer.sign(&mut batch);
         }
@@ -240,6 +247,7 @@ pub fn run(
         device_id: String::new(),
         device: None,
         labels: KeyLabeler::new_session(config.key_label_presses),
+        key_sums: (config.key_label_presses > 0).then(KeySumsReporter::default),
         // Numbered from 1: the processor reads 0 as unnumbered.
         next_seq: 1,
         signer,
@@ -274,6 +282,9 @@ pub fn run(
         match rx.recv_timeout(Duration::from_millis(10)) {
             Ok(SourceItem::Key(k)) => {
                 summary.events += 1;
+                if let Some(sums) = &mut session.key_sums {
+                    sums.observe(KeyEvent::new(k.time_us, u32::from(k.code), k.action));
+                }
                 let event = KeyEvent::new(k.time_us, session.labels.label(u32::from(k.code), k.action), k.action);
                 last_event = Some((k.time_us, Instant::now()));
                 let records = cutter.push(&config.user_id, "", event);
@@ -389,6 +400,7 @@ mod tests {
                 ..Default::default()
             }),
             labels: KeyLabeler::new_session(labels::SHORT_LIFETIME),
+            key_sums: None,
             next_seq: 1,
             signer: None,
         };
@@ -413,18 +425,24 @@ mod tests {
         assert_eq!(seqs, (1..7).collect::<Vec<u64>>(), "numbered from 1, one per event");
     }
 
-    #[test]
-    fn a_signing_agent_s_records_pass_the_processor_s_check() {
-        let secret = b"an enrolment secret of 32 bytes!";
-        let mut session = Session {
+    /// A session of user `u1` on `kbd-1`: short-lived labels, no key sums, unsigned.
+    fn test_session() -> Session {
+        Session {
             user_id: "u1".into(),
             session_id: "s-1".into(),
             device_id: "kbd-1".into(),
             device: None,
             labels: KeyLabeler::new_session(labels::SHORT_LIFETIME),
+            key_sums: None,
             next_seq: 1,
-            signer: Some(SigningKey::new("u1-kbd", secret)),
-        };
+            signer: None,
+        }
+    }
+
+    #[test]
+    fn a_signing_agent_s_records_pass_the_processor_s_check() {
+        let secret = b"an enrolment secret of 32 bytes!";
+        let mut session = Session { signer: Some(SigningKey::new("u1-kbd", secret)), ..test_session() };
         let events = (0..5).map(|i| KeyEvent::new(1_700_000_000_000_000 + i, 0x8000_0001, KeyAction::Down)).collect();
         let entry = session.encode(&CutRecord { user_id: "u1".into(), session_id: String::new(), events });
         let (_, payload) = ship::unframe(&entry).unwrap();
@@ -433,6 +451,28 @@ mod tests {
         let mut batch = proto::KeyEventBatch::decode(payload).unwrap();
         assert_eq!(batch.key_id, "u1-kbd");
         assert_eq!(keys.check(&mut batch, true), Ok(()));
+    }
+
+    #[test]
+    fn with_short_lived_labels_each_block_s_key_sums_go_out_once_beside_them() {
+        let mut session = Session { key_sums: Some(KeySumsReporter::default()), ..test_session() };
+        let mut sent = Vec::new();
+        for chunk in 0..20i64 {
+            let mut events = Vec::new();
+            for i in 0..20 {
+                let (t, code) =
+                    (1_700_000_000_000_000 + (chunk * 20 + i) * 150_000, 16 + ((chunk * 20 + i) * 7 % 23) as u32);
+                for (at, action) in [(t, KeyAction::Down), (t + 60_000, KeyAction::Up)] {
+                    session.key_sums.as_mut().unwrap().observe(KeyEvent::new(at, code, action));
+                    events.push(KeyEvent::new(at, session.labels.label(code, action), action));
+                }
+            }
+            let entry = session.encode(&CutRecord { user_id: "u1".into(), session_id: String::new(), events });
+            let batch = proto::KeyEventBatch::decode(ship::unframe(&entry).unwrap().1).unwrap();
+            sent.extend(batch.key_sums.map(|s| (chunk, s.presses)));
+        }
+        // 400 presses: the first block of 300 settles at press 308, in the 16th record.
+        assert_eq!(sent, [(15, 300)]);
     }
 
     #[test]

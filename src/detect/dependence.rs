@@ -113,35 +113,39 @@ impl Moments {
 }
 
 /// The sums a one-way analysis of variance needs, over groups that have closed (each with two
-/// values or more; a lone value says nothing about its group and is dropped).
+/// values or more; a lone value says nothing about its group and is dropped). Values are log
+/// milliseconds, centred.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
-struct Pooled {
-    groups: u32,
-    n: u32,
-    sum: f32,
+pub struct GroupSums {
+    /// Groups closed.
+    pub groups: u32,
+    /// Values in them.
+    pub values: u32,
+    /// Their sum.
+    pub sum: f32,
     /// Sum over groups of (group sum)^2 / (group count): the between-groups part.
-    sum_sq_over_n: f32,
+    pub sum_sq_over_n: f32,
     /// Sum of squared deviations from each group's own mean.
-    within: f32,
+    pub within: f32,
 }
 
-impl Pooled {
+impl GroupSums {
     fn close(&mut self, g: Moments) {
         if g.n < 2 {
             return;
         }
         let n = g.n as f32;
         self.groups += 1;
-        self.n += g.n;
+        self.values += g.n;
         self.sum += g.sum;
         self.sum_sq_over_n += g.sum * g.sum / n;
         self.within += (g.sumsq - g.sum * g.sum / n).max(0.0);
     }
 
-    fn merge(self, o: Pooled) -> Pooled {
-        Pooled {
+    fn merge(self, o: GroupSums) -> GroupSums {
+        GroupSums {
             groups: self.groups + o.groups,
-            n: self.n + o.n,
+            values: self.values + o.values,
             sum: self.sum + o.sum,
             sum_sq_over_n: self.sum_sq_over_n + o.sum_sq_over_n,
             within: self.within + o.within,
@@ -150,10 +154,10 @@ impl Pooled {
 
     /// Half the weight: half the groups and values, the same means and spreads.
     fn halve(&mut self) {
-        let r = if self.n == 0 { 0.0 } else { (self.n / 2) as f32 / self.n as f32 };
-        *self = Pooled {
+        let r = if self.values == 0 { 0.0 } else { (self.values / 2) as f32 / self.values as f32 };
+        *self = GroupSums {
             groups: self.groups / 2,
-            n: self.n / 2,
+            values: self.values / 2,
             sum: self.sum * r,
             sum_sq_over_n: self.sum_sq_over_n * r,
             within: self.within * r,
@@ -163,7 +167,7 @@ impl Pooled {
     /// The F test of "the groups' means do not differ" as a z-score (Paulson's normal
     /// approximation of F): standard normal under that hypothesis.
     fn z(&self) -> f64 {
-        let (k, n) = (self.groups, self.n);
+        let (k, n) = (self.groups, self.values);
         if k < 2 || n <= k + 1 {
             return 0.0;
         }
@@ -180,6 +184,76 @@ impl Pooled {
     }
 }
 
+impl GroupSums {
+    /// Whether these could be sums of real values: finite, no negative spread, every group of
+    /// two values or more, and the between part no smaller than the grand mean's (Cauchy-Schwarz).
+    fn is_plausible(&self) -> bool {
+        let finite = self.sum.is_finite() && self.sum_sq_over_n.is_finite() && self.within.is_finite();
+        let between_ok =
+            self.values == 0 || self.sum_sq_over_n >= self.sum * self.sum / self.values as f32 * (1.0 - 1e-4) - 1e-3;
+        finite && self.within >= 0.0 && self.values >= 2 * self.groups && between_ok
+    }
+}
+
+/// The key-grouped sums of a stretch of presses: what the three key statistics read. The agent,
+/// which knows the keys its short-lived labels hide, sends them per block of its own presses
+/// (`agent::key_sums`); the processor then reads them instead of grouping the labels.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct KeySums {
+    /// Presses the sums cover.
+    pub presses: u32,
+    /// Log holds by key.
+    pub hold_by_key: GroupSums,
+    /// Log flights by the key they lead to.
+    pub flight_by_key: GroupSums,
+    /// Log flights by key pair.
+    pub flight_by_pair: GroupSums,
+}
+
+impl KeySums {
+    /// The sums of both stretches.
+    pub fn merge(self, o: KeySums) -> KeySums {
+        KeySums {
+            presses: self.presses + o.presses,
+            hold_by_key: self.hold_by_key.merge(o.hold_by_key),
+            flight_by_key: self.flight_by_key.merge(o.flight_by_key),
+            flight_by_pair: self.flight_by_pair.merge(o.flight_by_pair),
+        }
+    }
+
+    fn halve(&mut self) {
+        self.presses /= 2;
+        for g in [&mut self.hold_by_key, &mut self.flight_by_key, &mut self.flight_by_pair] {
+            g.halve();
+        }
+    }
+
+    /// Whether another party's sums could be real: each statistic plausible, and no more values
+    /// than presses (one hold and one flight each).
+    pub fn is_plausible(&self) -> bool {
+        let groups = [self.hold_by_key, self.flight_by_key, self.flight_by_pair];
+        self.presses > 0 && groups.iter().all(|g| g.is_plausible() && g.values <= self.presses)
+    }
+}
+
+/// The key sums an agent reported: its last two blocks (the recent horizon) and its session
+/// (halved as the test's own session sums are).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct Reports {
+    last: KeySums,
+    before: KeySums,
+    session: KeySums,
+    /// Sums came since the last verdict.
+    fresh: bool,
+}
+
+impl Reports {
+    /// Whether a verdict can read them now: two blocks of the agent's in, one of them new.
+    fn ready(&self) -> bool {
+        self.fresh && self.before.presses > 0
+    }
+}
+
 /// One key's holds and the flights into it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 struct KeyMoments {
@@ -188,9 +262,9 @@ struct KeyMoments {
 }
 
 impl KeyMoments {
-    fn close_into(self, block: &mut Block) {
-        block.hold_by_key.close(self.hold);
-        block.flight_by_key.close(self.flight);
+    fn close_into(self, keys: &mut KeySums) {
+        keys.hold_by_key.close(self.hold);
+        keys.flight_by_key.close(self.flight);
     }
 }
 
@@ -225,13 +299,29 @@ impl OpenGroups {
         &mut groups.last_mut().expect("just pushed").1
     }
 
-    /// Closes every open group into `block`.
-    fn close_all(&mut self, block: &mut Block) {
+    /// Closes every open group into `keys`.
+    fn close_all(&mut self, keys: &mut KeySums) {
         for (_, key) in self.keys.drain(..) {
-            key.close_into(block);
+            key.close_into(keys);
         }
         for (_, flight) in self.pairs.drain(..) {
-            block.flight_by_pair.close(flight);
+            keys.flight_by_pair.close(flight);
+        }
+    }
+
+    /// Adds a press of `key` (its log hold, and the log flight into it from `prev`'s press),
+    /// closing groups into `keys` as others open.
+    fn add(&mut self, keys: &mut KeySums, cap: usize, key: u32, hold: Option<f32>, flight: Option<(u32, f32)>) {
+        let group = Self::touch(&mut self.keys, key, KeyMoments::default(), cap, |k| k.close_into(keys));
+        if let Some(h) = hold {
+            group.hold.add(h);
+        }
+        if let Some((prev, f)) = flight {
+            group.flight.add(f);
+            let pair = Self::touch(&mut self.pairs, pair_id(prev, key), Moments::default(), cap, |g| {
+                keys.flight_by_pair.close(g)
+            });
+            pair.add(f);
         }
     }
 }
@@ -303,9 +393,8 @@ impl Lagged {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 struct Block {
     presses: u32,
-    hold_by_key: Pooled,
-    flight_by_key: Pooled,
-    flight_by_pair: Pooled,
+    /// The key statistics' sums from this processor's own grouping of the ids.
+    keys: KeySums,
     flight_drift: Lagged,
     hold_drift: Lagged,
     flight_pace: Lagged,
@@ -317,9 +406,7 @@ impl Block {
     fn merge(&self, o: &Block) -> Block {
         Block {
             presses: self.presses + o.presses,
-            hold_by_key: self.hold_by_key.merge(o.hold_by_key),
-            flight_by_key: self.flight_by_key.merge(o.flight_by_key),
-            flight_by_pair: self.flight_by_pair.merge(o.flight_by_pair),
+            keys: self.keys.merge(o.keys),
             flight_drift: self.flight_drift.merge(o.flight_drift),
             hold_drift: self.hold_drift.merge(o.hold_drift),
             flight_pace: self.flight_pace.merge(o.flight_pace),
@@ -330,9 +417,7 @@ impl Block {
 
     fn halve(&mut self) {
         self.presses /= 2;
-        for g in [&mut self.hold_by_key, &mut self.flight_by_key, &mut self.flight_by_pair] {
-            g.halve();
-        }
+        self.keys.halve();
         for l in [
             &mut self.flight_drift,
             &mut self.hold_drift,
@@ -367,6 +452,13 @@ pub struct DependenceZ {
 }
 
 impl DependenceZ {
+    /// The key statistics read from `keys`.
+    fn set_keys(&mut self, keys: &KeySums) {
+        self.hold_by_key = keys.hold_by_key.z() as f32;
+        self.flight_by_key = keys.flight_by_key.z() as f32;
+        self.flight_by_pair = keys.flight_by_pair.z() as f32;
+    }
+
     /// The sum of squares: chi-squared with [`STATISTICS`] degrees of freedom under the null, large for
     /// a person.
     pub fn chi2(&self) -> f32 {
@@ -416,6 +508,11 @@ pub struct KeyDependence {
     session: Block,
     /// The current block's groups still gathering values.
     open: OpenGroups,
+    /// The key sums the agent reported, if it sends them.
+    reports: Reports,
+    /// The last two blocks, ended before the agent's sums for the latest of them came: the
+    /// verdict over them waits for those sums.
+    awaiting_report: Option<Block>,
     /// The last press: its key, down time and log hold (none after a pause or an auto-repeat).
     last: Option<(u32, i64, Option<f32>)>,
     /// The log flight into the last press, if it had one.
@@ -430,6 +527,52 @@ pub const STATISTICS: usize = 8;
 /// The weight of the newest value in the recent pace (about the last ten presses).
 const PACE_WEIGHT: f32 = 0.2;
 
+/// A press's log hold, if it has one: an auto-repeated press says nothing about the hand's
+/// timing.
+fn hold_of(press: &Press) -> Option<f32> {
+    press.hold().filter(|_| press.repeats == 0).map(|h| log_ms(i64::from(h)))
+}
+
+/// The log flight into `press` from a press that went down at `last_down`; none after a pause.
+fn flight_of(cfg: &DependenceConfig, last_down: Option<i64>, press: &Press) -> Option<f32> {
+    last_down
+        .map(|down| press.down_us.saturating_sub(down))
+        .filter(|gap| *gap > 0 && *gap <= i64::from(cfg.pause_ms) * 1000)
+        .map(log_ms)
+}
+
+/// The key statistics' sums alone, per block of presses: what the agent computes over the real
+/// keys and sends beside its short-lived labels ([`KeyDependence::report`] reads them).
+#[derive(Debug, Clone, Default)]
+pub struct KeyGrouping {
+    open: OpenGroups,
+    keys: KeySums,
+    /// The last press's key and down time.
+    last: Option<(u32, i64)>,
+}
+
+impl KeyGrouping {
+    /// Feeds one settled press; at the end of each block of `cfg.block_presses`, that block's
+    /// sums.
+    pub fn push(&mut self, cfg: &DependenceConfig, press: &Press) -> Option<KeySums> {
+        let flight = flight_of(cfg, self.last.map(|(_, down)| down), press);
+        let from = self.last.map(|(key, _)| key);
+        self.open.add(&mut self.keys, usize::from(cfg.open_groups), press.key, hold_of(press), from.zip(flight));
+        self.last = Some((press.key, press.down_us));
+        self.keys.presses += 1;
+        if self.keys.presses < cfg.block_presses {
+            return None;
+        }
+        self.open.close_all(&mut self.keys);
+        Some(std::mem::take(&mut self.keys))
+    }
+
+    /// Forgets the last press (a pause the agent saw: the next flight is none).
+    pub fn break_chain(&mut self) {
+        self.last = None;
+    }
+}
+
 /// An id for the pair (previous key, key): a mix of both, so pairs of ids collide no more
 /// often than chance over 32 bits.
 fn pair_id(prev: u32, key: u32) -> u32 {
@@ -442,23 +585,58 @@ impl KeyDependence {
         self.verdict
     }
 
+    /// Adds the key-grouped sums the agent reported for its latest block of presses (it knows
+    /// the keys behind short-lived labels): from then on the key statistics read the agent's
+    /// last two blocks and its session instead of this test's own grouping of the ids. A
+    /// block's sums come once its presses have settled, a little after this test's block
+    /// ends, so the latest verdict's key statistics are brought up to date with them. False,
+    /// and nothing kept, for sums no real typing gives.
+    pub fn report(&mut self, cfg: &DependenceConfig, sums: &KeySums) -> bool {
+        if !sums.is_plausible() {
+            return false;
+        }
+        let r = &mut self.reports;
+        r.before = std::mem::replace(&mut r.last, *sums);
+        r.session = r.session.merge(*sums);
+        if r.session.presses > cfg.session_presses {
+            r.session.halve();
+        }
+        r.fresh = true;
+        match self.awaiting_report.take() {
+            Some(recent) if self.reports.ready() => self.conclude(&recent),
+            waiting => {
+                self.awaiting_report = waiting;
+                if let Some(v) = &mut self.verdict {
+                    v.z.set_keys(&self.reports.last.merge(self.reports.before));
+                    v.session_z.set_keys(&self.reports.session);
+                }
+            }
+        }
+        true
+    }
+
+    /// The verdict over `recent` (the last two blocks) and the session.
+    fn conclude(&mut self, recent: &Block) {
+        self.reports.fresh = false;
+        let reports = &self.reports;
+        self.verdict = Some(DependenceVerdict {
+            presses: recent.presses,
+            z: evaluate(recent, &reports.last.merge(reports.before)),
+            session_presses: self.session.presses,
+            session_z: evaluate(&self.session, &reports.session),
+        });
+    }
+
     /// Feeds one settled press.
     pub fn push(&mut self, cfg: &DependenceConfig, press: &Press) {
-        let cap = usize::from(cfg.open_groups);
         let block = &mut self.current;
-        let open = &mut self.open;
-        // An auto-repeated press says nothing about the hand's timing; it breaks the chains.
-        let hold = press.hold().filter(|_| press.repeats == 0).map(|h| log_ms(i64::from(h)));
-        let flight = self
-            .last
-            .map(|(_, down, _)| press.down_us.saturating_sub(down))
-            .filter(|gap| *gap > 0 && *gap <= i64::from(cfg.pause_ms) * 1000)
-            .map(log_ms);
+        let hold = hold_of(press);
+        let flight = flight_of(cfg, self.last.map(|(_, down, _)| down), press);
         let (flight_pace, hold_pace) = self.pace.unwrap_or((0.0, 0.0));
         let paced = self.pace.is_some();
-        let key = OpenGroups::touch(&mut open.keys, press.key, KeyMoments::default(), cap, |k| k.close_into(block));
+        let from = self.last.map(|(prev_key, _, _)| prev_key);
+        self.open.add(&mut block.keys, usize::from(cfg.open_groups), press.key, hold, from.zip(flight));
         if let Some(h) = hold {
-            key.hold.add(h);
             if let Some((_, _, Some(prev_h))) = self.last.filter(|_| flight.is_some()) {
                 block.hold_drift.add(prev_h, h);
             }
@@ -466,12 +644,7 @@ impl KeyDependence {
                 block.hold_pace.add(hold_pace, h);
             }
         }
-        if let (Some(f), Some((prev_key, _, prev_hold))) = (flight, self.last) {
-            key.flight.add(f);
-            let pair = OpenGroups::touch(&mut open.pairs, pair_id(prev_key, press.key), Moments::default(), cap, |g| {
-                block.flight_by_pair.close(g)
-            });
-            pair.add(f);
+        if let (Some(f), Some((_, _, prev_hold))) = (flight, self.last) {
             if let Some(prev_f) = self.last_flight {
                 block.flight_drift.add(prev_f, f);
             }
@@ -491,7 +664,7 @@ impl KeyDependence {
         self.last = Some((press.key, press.down_us, hold));
         self.last_flight = flight;
         if self.current.presses >= cfg.block_presses {
-            self.open.close_all(&mut self.current);
+            self.open.close_all(&mut self.current.keys);
             let done = std::mem::take(&mut self.current);
             self.session = self.session.merge(&done);
             if self.session.presses > cfg.session_presses {
@@ -499,12 +672,18 @@ impl KeyDependence {
             }
             if self.previous.presses > 0 {
                 let recent = self.previous.merge(&done);
-                self.verdict = Some(DependenceVerdict {
-                    presses: recent.presses,
-                    z: evaluate(&recent),
-                    session_presses: self.session.presses,
-                    session_z: evaluate(&self.session),
-                });
+                // With an agent's sums, the verdict waits for new ones covering two of its
+                // blocks (a block's sums come once its presses settle, before or after this
+                // test's block ends); a whole block without any goes ahead on what there is.
+                let reporting = self.reports.last.presses > 0;
+                match self.awaiting_report.take() {
+                    _ if !reporting || self.reports.ready() => self.conclude(&recent),
+                    Some(stale) => {
+                        self.conclude(&stale);
+                        self.awaiting_report = Some(recent);
+                    }
+                    None => self.awaiting_report = Some(recent),
+                }
             }
             self.previous = done;
         }
@@ -547,15 +726,20 @@ struct BlockV6 {
 impl From<BlockV6> for Block {
     fn from(b: BlockV6) -> Self {
         let pooled = |groups: Vec<Moments>| {
-            let mut p = Pooled::default();
+            let mut p = GroupSums::default();
             groups.into_iter().for_each(|g| p.close(g));
             p
         };
-        Block {
-            presses: b.presses,
+        let keys = KeySums {
+            presses: 0,
             hold_by_key: pooled(b.hold_by_key),
             flight_by_key: pooled(b.flight_by_key),
             flight_by_pair: pooled(b.flight_by_pair),
+        };
+        Block {
+            presses: b.presses,
+            keys,
+
             flight_drift: b.flight_drift,
             hold_drift: b.hold_drift,
             flight_pace: b.flight_pace,
@@ -572,6 +756,8 @@ impl From<KeyDependenceV6> for KeyDependence {
             current: v6.current.into(),
             session: v6.session.into(),
             open: OpenGroups::default(),
+            reports: Reports::default(),
+            awaiting_report: None,
             last: v6.last,
             last_flight: v6.last_flight,
             pace: v6.pace,
@@ -606,12 +792,7 @@ impl KeyDependence {
 
     /// This state without its key groups: what [`Self::to_v6`] upgrades back to.
     pub(crate) fn without_key_groups(&self) -> KeyDependence {
-        let block = |b: &Block| Block {
-            hold_by_key: Pooled::default(),
-            flight_by_key: Pooled::default(),
-            flight_by_pair: Pooled::default(),
-            ..b.clone()
-        };
+        let block = |b: &Block| Block { keys: KeySums::default(), ..b.clone() };
         KeyDependence {
             previous: block(&self.previous),
             current: block(&self.current),
@@ -622,17 +803,21 @@ impl KeyDependence {
     }
 }
 
-fn evaluate(b: &Block) -> DependenceZ {
-    DependenceZ {
-        hold_by_key: b.hold_by_key.z() as f32,
-        flight_by_key: b.flight_by_key.z() as f32,
-        flight_by_pair: b.flight_by_pair.z() as f32,
+/// The verdict's statistics over `b`, the key ones from `reported` when the agent sent some.
+fn evaluate(b: &Block, reported: &KeySums) -> DependenceZ {
+    let keys = if reported.presses > 0 { reported } else { &b.keys };
+    let mut z = DependenceZ {
+        hold_by_key: 0.0,
+        flight_by_key: 0.0,
+        flight_by_pair: 0.0,
         flight_drift: b.flight_drift.z() as f32,
         hold_drift: b.hold_drift.z() as f32,
         flight_pace: b.flight_pace.z() as f32,
         hold_pace: b.hold_pace.z() as f32,
         hold_flight: b.hold_flight.z() as f32,
-    }
+    };
+    z.set_keys(keys);
+    z
 }
 
 /// Paulson's approximation: z for an F(d1, d2) value.
@@ -828,6 +1013,48 @@ mod tests {
     }
 
     #[test]
+    fn sums_reported_from_the_real_keys_stand_in_for_labels_that_hide_them() {
+        let cfg = DependenceConfig::default();
+        let person = holds_by_key(&mut ChaCha8Rng::seed_from_u64(14), 16..50);
+        let raw = verdict_of(&person);
+        let labelled = relabelled(&person, 16);
+        let mut grouping = KeyGrouping::default();
+        let mut d = KeyDependence::default();
+        for (p, l) in person.iter().zip(&labelled) {
+            d.push(&cfg, l);
+            // A block's sums arrive once its presses are in (in the stream, a little later).
+            if let Some(sums) = grouping.push(&cfg, p) {
+                assert!(d.report(&cfg, &sums));
+            }
+        }
+        let v = d.verdict().unwrap();
+        assert!(raw.z.hold_by_key > 5.0, "{raw:?}");
+        assert!(verdict_of(&labelled).z.hold_by_key < 3.0, "labels alone hide 34 keys' holds");
+        assert_eq!(v.z.hold_by_key, raw.z.hold_by_key, "the reported sums are the keys' own");
+        assert_eq!(v.z.flight_drift, raw.z.flight_drift, "the rest is the processor's, as before");
+    }
+
+    #[test]
+    fn sums_no_typing_gives_are_refused() {
+        let mut grouping = KeyGrouping::default();
+        let cfg = DependenceConfig::default();
+        let sums =
+            sampler(&mut ChaCha8Rng::seed_from_u64(15), 300).iter().find_map(|p| grouping.push(&cfg, p)).unwrap();
+        assert!(sums.is_plausible());
+        let mut bad = [sums; 4];
+        bad[0].hold_by_key.within = -1.0;
+        bad[1].flight_by_key.sum = f32::NAN;
+        bad[2].flight_by_pair.values = 10_000;
+        bad[3].hold_by_key.groups = sums.hold_by_key.values;
+        let mut d = KeyDependence::default();
+        for b in &bad {
+            assert!(!d.report(&cfg, b), "{b:?}");
+        }
+        assert_eq!(d.reports, Reports::default());
+        assert!(d.report(&cfg, &sums));
+    }
+
+    #[test]
     fn a_group_holds_one_key_and_the_least_recently_pressed_closes_first() {
         let mut groups: Vec<(u32, Moments)> = Vec::new();
         let mut closed = Vec::new();
@@ -837,9 +1064,9 @@ mod tests {
         // 3 opened with 1 and 2 open: 2 (pressed least recently) closed, alone.
         assert_eq!(closed, [Moments { n: 1, sum: 2.0, sumsq: 4.0 }]);
         assert_eq!(groups.iter().map(|g| (g.0, g.1.n)).collect::<Vec<_>>(), [(3, 1), (1, 3)]);
-        let mut pooled = Pooled::default();
+        let mut pooled = GroupSums::default();
         closed.into_iter().for_each(|g| pooled.close(g));
-        assert_eq!(pooled, Pooled::default(), "a lone value says nothing about its group");
+        assert_eq!(pooled, GroupSums::default(), "a lone value says nothing about its group");
     }
 
     #[test]
@@ -852,7 +1079,7 @@ mod tests {
         let bytes = postcard::to_allocvec(&old).unwrap();
         let new = KeyDependence::from(postcard::from_bytes::<KeyDependenceV6>(&bytes).unwrap());
         assert_eq!(new.previous.presses, 300);
-        assert_eq!((new.previous.hold_by_key.groups, new.previous.hold_by_key.n), (2, 5));
+        assert_eq!((new.previous.keys.hold_by_key.groups, new.previous.keys.hold_by_key.values), (2, 5));
         assert_eq!(new.previous.flight_drift.n, 1);
     }
 

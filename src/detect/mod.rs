@@ -746,6 +746,13 @@ impl Detector {
         result
     }
 
+    /// Key-dependence sums the agent computed over the real keys its short-lived labels hide,
+    /// for `state`'s user (`dependence::KeyDependence::report`); false, and nothing kept, for
+    /// sums no real typing gives.
+    pub fn report_key_sums(&self, state: &mut UserState, sums: &dependence::KeySums) -> bool {
+        state.scored.dependence.report(&self.cfg.dependence, sums)
+    }
+
     /// Runs all of one user's `events` from a fresh state and closes the window at the end, as
     /// the offline scorer does at end of input. For evaluation and tests over whole recordings.
     pub fn score_recording(
@@ -754,9 +761,26 @@ impl Detector {
         events: &[KeyEvent],
         model: Option<&mut dyn SequenceScorer>,
     ) -> Result<Vec<Output>, SequenceError> {
+        self.score_recording_reported(user, events, &[], model)
+    }
+
+    /// [`Self::score_recording`], with key-dependence sums an agent reported: `(i, sums)`
+    /// arrives before `events[i]` (measurements of what an agent with short-lived key labels
+    /// sends).
+    pub fn score_recording_reported(
+        &mut self,
+        user: &str,
+        events: &[KeyEvent],
+        reports: &[(usize, dependence::KeySums)],
+        model: Option<&mut dyn SequenceScorer>,
+    ) -> Result<Vec<Output>, SequenceError> {
         let mut users = [(user.to_owned(), UserState::default())];
         let mut batch = ScoringBatch::for_model(model.as_deref());
-        for e in events {
+        let mut reports = reports.iter().peekable();
+        for (i, e) in events.iter().enumerate() {
+            while let Some((_, sums)) = reports.next_if(|(at, _)| *at <= i) {
+                self.report_key_sums(&mut users[0].1, sums);
+            }
             self.on_event(0, &mut users[0].1, *e, &mut batch);
         }
         self.close_window(0, &mut users[0].1, &mut batch);

@@ -46,6 +46,8 @@ pub struct BatchCommitted<'a> {
     pub out_of_bounds_events: u64,
     /// Events dropped as copies of delivered ones (by session and sequence number).
     pub duplicate_events: u64,
+    /// Agents' key-dependence sums refused as no real typing's.
+    pub key_sums_refused: u64,
     /// Sequence numbers skipped when a later one arrived.
     pub seq_gap_events: u64,
     /// Events that arrived after a later-numbered one, filling a gap.
@@ -98,6 +100,7 @@ impl InternalEvent for BatchCommitted<'_> {
         m.records_rebased.inc_by(self.rebased_records);
         m.events_out_of_bounds.inc_by(self.out_of_bounds_events);
         m.events_duplicate.inc_by(self.duplicate_events);
+        m.key_sums_refused.inc_by(self.key_sums_refused);
         m.sequence_gaps.inc_by(self.seq_gap_events);
         m.sequence_fills.inc_by(self.late_fill_events);
         m.events_rate_limited.inc_by(self.rate_limited_events);

@@ -32,6 +32,7 @@ pub struct Metrics {
     pub(crate) records_rebased: IntCounter,
     pub(crate) events_out_of_bounds: IntCounter,
     pub(crate) events_duplicate: IntCounter,
+    pub(crate) key_sums_refused: IntCounter,
     pub(crate) sequence_gaps: IntCounter,
     pub(crate) sequence_fills: IntCounter,
     pub(crate) events_rate_limited: IntCounter,
@@ -183,6 +184,11 @@ impl Metrics {
                 &r,
                 "metronome_events_duplicate_total",
                 "Key events dropped because their session had delivered their sequence number before (a resend or replay).",
+            ),
+            key_sums_refused: counter(
+                &r,
+                "metronome_key_sums_refused_total",
+                "Key-dependence sums an agent reported that no real typing gives (not finite, negative spread, more values than presses); the test then groups the labels itself.",
             ),
             sequence_gaps: counter(
                 &r,
@@ -348,6 +354,7 @@ mod tests {
             rebased_records: 1,
             out_of_bounds_events: 1,
             duplicate_events: 1,
+            key_sums_refused: 1,
             seq_gap_events: 1,
             late_fill_events: 1,
             rate_limited_events: 1,

@@ -579,6 +579,7 @@ impl Processor {
                             rebased_records: outcome.rebased_records,
                             out_of_bounds_events: outcome.out_of_bounds_events,
                             duplicate_events: outcome.duplicate_events,
+                            key_sums_refused: outcome.key_sums_refused,
                             seq_gap_events: outcome.seq_gap_events,
                             late_fill_events: outcome.late_fill_events,
                             rate_limited_events: outcome.rate_limited_events,

@@ -4,6 +4,7 @@
 
 use prost::Message;
 
+use crate::detect::dependence::{GroupSums, KeySums};
 use crate::detect::fleet::{Candidate, FingerprintSeen, FleetReport};
 use crate::detect::{AlertReport, Rule, WindowFeatures};
 use crate::event::{KeyAction, KeyEvent};
@@ -129,6 +130,8 @@ pub struct UserEvents {
     pub seqs: Vec<u64>,
     /// The agent reported a virtual input device (uinput) as their source.
     pub virtual_device: bool,
+    /// The key-dependence sums the agent computed over the real keys, if it sent them.
+    pub key_sums: Option<KeySums>,
 }
 
 /// What signatures a task checks (`super::signing`).
@@ -191,7 +194,45 @@ pub fn decode_signed_record(
     }
     let virtual_device = batch.device.is_some_and(|d| d.is_virtual);
     let session = SessionKey::of(&batch.device_id, &batch.session_id);
-    Ok(UserEvents { user_id: batch.user_id, session, events, seqs, virtual_device })
+    let key_sums = batch.key_sums.as_ref().map(key_sums_from_proto);
+    Ok(UserEvents { user_id: batch.user_id, session, events, seqs, virtual_device, key_sums })
+}
+
+/// The key-dependence sums as the wire carries them.
+pub fn key_sums_to_proto(sums: &KeySums) -> proto::KeySums {
+    let group = |g: &GroupSums| proto::GroupSums {
+        groups: g.groups,
+        values: g.values,
+        sum: g.sum,
+        sum_sq_over_n: g.sum_sq_over_n,
+        within: g.within,
+    };
+    proto::KeySums {
+        presses: sums.presses,
+        hold_by_key: Some(group(&sums.hold_by_key)),
+        flight_by_key: Some(group(&sums.flight_by_key)),
+        flight_by_pair: Some(group(&sums.flight_by_pair)),
+    }
+}
+
+/// The key-dependence sums off the wire (absent groups read as empty; plausibility is the
+/// detector's to judge).
+pub fn key_sums_from_proto(sums: &proto::KeySums) -> KeySums {
+    let group = |g: &Option<proto::GroupSums>| {
+        g.as_ref().map_or(GroupSums::default(), |g| GroupSums {
+            groups: g.groups,
+            values: g.values,
+            sum: g.sum,
+            sum_sq_over_n: g.sum_sq_over_n,
+            within: g.within,
+        })
+    };
+    KeySums {
+        presses: sums.presses,
+        hold_by_key: group(&sums.hold_by_key),
+        flight_by_key: group(&sums.flight_by_key),
+        flight_by_pair: group(&sums.flight_by_pair),
+    }
 }
 
 /// Which topic an output record is for; the processor maps these to configured names.
@@ -435,6 +476,7 @@ pub fn batch_message(
         device: None,
         key_id: String::new(),
         signature: Vec::new(),
+        key_sums: None,
     }
 }
 

@@ -126,6 +126,8 @@ pub struct BatchOutcome {
     pub out_of_bounds_events: u64,
     /// Events dropped because their session had delivered their sequence number before.
     pub duplicate_events: u64,
+    /// Key-dependence sums an agent reported that no real typing gives (not kept).
+    pub key_sums_refused: u64,
     /// Sequence numbers skipped when a later one arrived (events missing, for now).
     pub seq_gap_events: u64,
     /// Events that arrived after a later-numbered one of their session (filling a gap).
@@ -404,6 +406,10 @@ impl<S: Store> Task<S> {
                     }
                     users.fed[slot] = true;
                     users.slots[slot].1.set_virtual_source(batch.virtual_device);
+                    if let Some(sums) = &batch.key_sums {
+                        outcome.key_sums_refused +=
+                            u64::from(!ctx.detector.report_key_sums(&mut users.slots[slot].1, sums));
+                    }
                     for event in batch.events {
                         ctx.detector.on_event(slot, &mut users.slots[slot].1, event, &mut scoring);
                         outcome.events += 1;
@@ -725,6 +731,8 @@ pub(crate) mod twin {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::detect::dependence::KeySums;
+    use crate::detect::window::Press;
     use crate::detect::DetectorConfig;
     use crate::event::{KeyAction, KeyEvent};
     use crate::proto;
@@ -1035,6 +1043,7 @@ mod tests {
             total.events += outcome.events;
             total.duplicate_events += outcome.duplicate_events;
             total.seq_gap_events += outcome.seq_gap_events;
+            total.key_sums_refused += outcome.key_sums_refused;
         }
         let stored = task.store.get(&user_key("m1").unwrap()).unwrap().unwrap();
         (alerts(&producer), decode_stored(&stored).unwrap(), total)
@@ -1138,6 +1147,32 @@ mod tests {
         assert_eq!(open, ["typist", "u4", "u5"]);
         let closed = task.user_state("u0").unwrap().unwrap();
         assert!(!closed.has_open_window(), "an evicted user's window is closed in the store too");
+    }
+
+    #[test]
+    fn an_agent_s_key_sums_are_kept_and_implausible_ones_counted_and_dropped() {
+        let with_sums = |user: &str, sums: KeySums| {
+            let mut records = agent_records(user, &macro_events(20));
+            let mut batch = proto::KeyEventBatch::decode(records[0].payload.as_deref().unwrap()).unwrap();
+            batch.key_sums = Some(records::key_sums_to_proto(&sums));
+            records[0].payload = Some(batch.encode_to_vec());
+            records
+        };
+        let mut grouping = crate::detect::dependence::KeyGrouping::default();
+        let cfg = crate::detect::dependence::DependenceConfig::default();
+        let good = macro_events(700)
+            .chunks(2)
+            .filter_map(|e| {
+                grouping.push(&cfg, &Press { down_us: e[0].time_us, key: e[0].key, hold_us: 30_000, repeats: 0 })
+            })
+            .next()
+            .unwrap();
+        let bad = KeySums { presses: 1, ..good };
+        let (_, (kept, _), outcome) = run_batches(&[with_sums("m1", good)]);
+        assert_eq!(outcome.key_sums_refused, 0);
+        let (_, (dropped, _), outcome) = run_batches(&[with_sums("m1", bad)]);
+        assert_eq!(outcome.key_sums_refused, 1, "more values than presses");
+        assert_ne!(kept, dropped, "the good sums are in the user's state");
     }
 
     #[test]

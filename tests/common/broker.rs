@@ -323,6 +323,23 @@ impl Broker {
         for r in results {
             r.unwrap_or_else(|(name, code)| panic!("creating {name}: {code}"));
         }
+        // The controller has them; wait until the brokers' metadata does too (a processor that
+        // starts at once and finds no input topic exits, which a loaded machine made happen).
+        let consumer: BaseConsumer = self.config().create().unwrap();
+        let deadline = Instant::now() + PATIENCE;
+        let visible = |name: &str| {
+            consumer.fetch_metadata(Some(name), Duration::from_secs(10)).is_ok_and(|md| {
+                md.topics().iter().any(|t| {
+                    t.error().is_none()
+                        && t.partitions().len() == partitions as usize
+                        && t.partitions().iter().all(|p| p.leader() >= 0)
+                })
+            })
+        };
+        while !names.iter().all(|n| visible(n)) {
+            assert!(Instant::now() < deadline, "topics {names:?} did not become visible in time");
+            std::thread::sleep(Duration::from_millis(50)); // polling interval of a condition
+        }
     }
 
     /// Produces `(key, payload)` records to `topic` and waits until all are acknowledged.
