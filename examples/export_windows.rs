@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo run --release --example export_windows -- --out models/data [--per-family N]
-//!     [--windows-per-user K] [--seed S] [HUMAN_KEYLOG ...]
+//!     [--windows-per-user K] [--seed S] [--key-labels N] [HUMAN_KEYLOG ...]
 //! ```
 //! For each split (`train`, `validation`, `test`; see `metronome::dataset`):
 //! - `windows-<split>.f32`: little-endian f32, `steps * STEP_WIDTH` values per window;
@@ -21,6 +21,7 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 
+use metronome::agent::labels::KeyLabeler;
 use metronome::dataset::{self, EncodedWindow, MacroUser, Split};
 use metronome::detect::sequence::{STEP_FEATURES, STEP_WIDTH};
 use metronome::detect::{Detector, DetectorConfig};
@@ -58,6 +59,11 @@ struct Args {
     /// RNG seed.
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// Encode every user's keys as the agent's labels of this lifetime (`agent::labels`; 0: one
+    /// label per key per session), as a stream from `metronome agent` carries them; without it,
+    /// the recordings' key codes.
+    #[arg(long)]
+    key_labels: Option<u32>,
     /// Human keylogs (default: both Aalto files in ../shared/data).
     files: Vec<PathBuf>,
 }
@@ -114,6 +120,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut detector = Detector::new(DetectorConfig::default())?;
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
     let k = args.windows_per_user;
+    let mut labelled = 0u64;
+    // The events as the stream would carry them (their keys labelled, when asked).
+    let mut as_sent = |events: &[KeyEvent]| -> Vec<KeyEvent> {
+        labelled += 1;
+        match args.key_labels {
+            Some(lifetime) => KeyLabeler::seeded(labelled, lifetime).label_events(events),
+            None => events.to_vec(),
+        }
+    };
     for split in Split::ALL {
         let mut writer = SplitWriter::create(&args.out, split)?;
         let split_humans = humans.remove(&split).unwrap_or_default();
@@ -123,7 +138,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // and a sample would hide the highest.
         let human_k = if split == Split::Validation { usize::MAX } else { k };
         for events in &recordings {
-            let windows = dataset::encoded_windows(&mut detector, events, args.steps);
+            let windows = dataset::encoded_windows(&mut detector, &as_sent(events), args.steps);
             for w in spread(&windows, human_k) {
                 writer.write(w, 0, "human", "human", false, user, 0.0)?;
             }
@@ -136,7 +151,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let rec = recordings[rng.random_range(0..recordings.len())];
                 let start = 1_600_000_000_000_000 + i as i64 * 1_000_000_000;
                 let m = MacroUser::generate(family, rec, start, 200, &mut rng);
-                let windows = dataset::encoded_windows(&mut detector, &m.events, args.steps);
+                let windows = dataset::encoded_windows(&mut detector, &as_sent(&m.events), args.steps);
                 for w in spread(&windows, k / 2) {
                     writer.write(w, 1, "macro", family.name(), m.humanized_holds, user, 1.0)?;
                 }
@@ -148,7 +163,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let family = families[rng.random_range(0..families.len())];
             let onset = rng.random_range(60..150);
             let m = MacroUser::mixed(family, rec, onset, 120, &mut rng);
-            for w in dataset::encoded_windows(&mut detector, &m.events, args.steps) {
+            for w in dataset::encoded_windows(&mut detector, &as_sent(&m.events), args.steps) {
                 let share = m.macro_share(w.start_us, w.end_us);
                 let label = if share == 0.0 {
                     0
@@ -178,6 +193,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "left_out": args.leave_out.iter().map(|f| f.name()).collect::<Vec<_>>(),
         "windows_per_user": k,
         "seed": args.seed,
+        "key_labels": args.key_labels,
         "files": files,
     });
     std::fs::write(args.out.join("export.json"), serde_json::to_string_pretty(&spec)?)?;

@@ -111,6 +111,18 @@ fn the_validators_refuse_what_they_should() {
         ("readOnlyRootFilesystem: true", "readOnlyRootFilesystem: false"),
         // An API open to anyone in reach.
         ("name: METRONOME_HTTP__BEARER_TOKEN", "name: METRONOME_HTTP__BEARER_TOKEN_UNUSED"),
+        // Event time on the players' clocks.
+        ("input_log_append_time = true", "input_log_append_time = false"),
+        // The signing keys mounted with subPath: a rotated Secret would never reach the pods.
+        (
+            "- mountPath: /etc/metronome/device-keys\n          name: device-keys",
+            "- mountPath: /etc/metronome/device-keys/device-keys.toml\n          subPath: device-keys.toml\n          name: device-keys",
+        ),
+        // ... or not from a Secret at all.
+        (
+            "- name: device-keys\n        secret:\n          defaultMode: 288\n          secretName: metronome-device-keys",
+            "- name: device-keys\n        emptyDir: {}",
+        ),
     ];
     for (from, to) in cases {
         assert!(yaml.contains(from), "the rendered example has `{from}`");

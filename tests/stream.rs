@@ -462,21 +462,28 @@ fn a_macro_user_who_steps_the_clock_a_year_either_way_is_still_caught() {
 }
 
 #[test]
-fn with_signatures_required_only_a_user_s_own_enrolled_key_gets_through() {
+fn with_signatures_required_only_a_user_s_own_enrolled_key_gets_through_and_rotations_need_no_restart() {
     use metronome::stream::records::batch_message;
     use metronome::stream::signing::SigningKey;
     let broker = Broker::start();
     let dir = tempfile::tempdir().unwrap();
     let secret = |user: &str| format!("{:0<64}", hex_of(user));
     let keys = dir.path().join("device-keys.toml");
-    let mut file = String::new();
-    for user in ["m-signed", "m-tampered"] {
-        file.push_str(&format!(
-            "[[key]]\nkey_id = \"{user}-kbd\"\nuser_id = \"{user}\"\ndevice_id = \"kbd\"\nsecret_hex = \"{}\"\n",
-            secret(user)
-        ));
-    }
-    std::fs::write(&keys, file).unwrap();
+    // Each enrolled user's key, `{user}-kbd` unless rotated: written whole, then moved in place
+    // (as the kubelet updates a mounted Secret).
+    let write_keys = |enrolled: &[(&str, &str)]| {
+        let mut file = String::new();
+        for (user, key_id) in enrolled {
+            file.push_str(&format!(
+                "[[key]]\nkey_id = \"{key_id}\"\nuser_id = \"{user}\"\ndevice_id = \"kbd\"\nsecret_hex = \"{}\"\n",
+                secret(user)
+            ));
+        }
+        let next = dir.path().join("device-keys.next");
+        std::fs::write(&next, file).unwrap();
+        std::fs::rename(&next, &keys).unwrap();
+    };
+    write_keys(&[("m-signed", "m-signed-kbd"), ("m-tampered", "m-tampered-kbd")]);
     let env = env_vars(&[
         ("METRONOME_STREAM__APPLICATION_ID", "app-signed"),
         ("METRONOME_STREAM__INPUT_TOPIC", "events"),
@@ -485,6 +492,7 @@ fn with_signatures_required_only_a_user_s_own_enrolled_key_gets_through() {
         ("METRONOME_STREAM__TOPIC_PARTITIONS", "2"),
         ("METRONOME_STREAM__DEVICE_KEYS_FILE", keys.to_str().unwrap()),
         ("METRONOME_STREAM__REQUIRE_SIGNED", "true"),
+        ("METRONOME_MODEL__RELOAD_CHECK_S", "1"),
     ]);
     let mut p = ProcessorProc::start(&broker, &dir.path().join("state"), "a", &env, dir.path());
     p.wait_for_log("task ready", 1);
@@ -528,6 +536,33 @@ fn with_signatures_required_only_a_user_s_own_enrolled_key_gets_through() {
             .collect();
     assert_eq!(refused, expected, "every refused record with its class, and nothing of m-signed");
     assert_eq!(broker.read_all("dlq").len(), 3 * events.chunks(80).count());
+
+    // A rotation while it runs: m-signed's key replaced by a new one (the old id removed), and
+    // a new enrolment, m-late. Records signed with the old key are refused from then on; the
+    // new user's get through; nothing restarts.
+    write_keys(&[("m-signed", "m-signed-kbd-2"), ("m-tampered", "m-tampered-kbd"), ("m-late", "m-late-kbd")]);
+    p.wait_for_log("device keys reloaded", 1);
+    let later = fixed_interval_macro(wall_clock_us(), 200);
+    let mut records = Vec::new();
+    for (user, key_id) in [("m-late", "m-late-kbd"), ("m-signed", "m-signed-kbd")] {
+        let key = SigningKey::new(key_id, &hex::decode(secret(user)).unwrap());
+        for (i, chunk) in later.chunks(80).enumerate() {
+            let mut batch = batch_message(user, "kbd", "s2", chunk, Some(1 + 80 * i as u64));
+            key.sign(&mut batch);
+            records.push((user.as_bytes().to_vec(), batch.encode_to_vec()));
+        }
+    }
+    broker.produce("events", &records);
+    p.wait_until("every record consumed", || broker.is_fully_committed("app-signed", "events"));
+    let alerted: BTreeSet<String> = broker.alerts("alerts").into_iter().map(|a| a.user_id).collect();
+    assert_eq!(alerted, BTreeSet::from(["m-signed".to_owned(), "m-late".to_owned()]));
+    let old_key_refused = broker
+        .read_all("dlq")
+        .into_iter()
+        .filter(|r| r.key.as_deref() == Some(b"m-signed".as_slice()))
+        .map(|r| r.headers.into_iter().find(|(k, _)| k == dlq_headers::ERROR_CLASS).expect("class header").1)
+        .collect::<Vec<_>>();
+    assert_eq!(old_key_refused, vec![b"unknown_key".to_vec(); later.chunks(80).count()]);
     assert!(p.terminate().success());
 }
 

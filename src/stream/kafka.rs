@@ -309,6 +309,22 @@ impl Clients {
                 }
             }
         }
+        self.wait_until_visible(new.iter().map(|t| t.name))
+    }
+
+    /// Waits until metadata shows every one of `topics`: the controller has created them, but a
+    /// broker that answers the next metadata request may not know them yet, and the checks that
+    /// follow would read "does not exist".
+    fn wait_until_visible<'t>(&self, topics: impl Iterator<Item = &'t str>) -> Result<(), KafkaEdgeError> {
+        let deadline = Instant::now() + BROKER_TIMEOUT;
+        for topic in topics {
+            while self.partitions(topic)?.is_none() {
+                if Instant::now() >= deadline {
+                    return Err(KafkaEdgeError::Topics(format!("{topic} was created but did not appear in metadata")));
+                }
+                std::thread::sleep(Duration::from_millis(50)); // polling interval of a condition
+            }
+        }
         Ok(())
     }
 

@@ -19,7 +19,7 @@ use super::kafka::{self, Clients, GroupContext, KafkaEdgeError, RebalanceEvent, 
 use super::query::{self, Lookup, UserQueries, UserView};
 use super::records::{InputRecord, Signatures};
 use super::recovery;
-use super::signing::DeviceKeys;
+use super::signing::{KeysReload, ReloadingKeys};
 use super::status::{Status, TaskPhase};
 use super::task::{BatchContext, BatchOutcome, BatchSettings, ProducerError, Task, TaskError};
 use crate::detect::{Detector, SequenceScorer};
@@ -118,8 +118,9 @@ pub struct Processor {
     /// Where this instance's HTTP API is reachable, announced with its partitions.
     advertised_url: String,
     partitions: i32,
-    /// The enrolled agents' keys (`stream.device_keys_file`), when signatures are checked.
-    device_keys: Option<DeviceKeys>,
+    /// The enrolled agents' keys (`stream.device_keys_file`), when signatures are checked;
+    /// checked for changes with the model.
+    device_keys: Option<ReloadingKeys>,
 }
 
 impl Processor {
@@ -136,7 +137,7 @@ impl Processor {
         cfg.validate().map_err(ProcessError::Config)?;
         let device_keys = match cfg.device_keys_file.as_os_str().is_empty() {
             true => None,
-            false => Some(DeviceKeys::load(&cfg.device_keys_file).map_err(|e| ProcessError::Config(e.to_string()))?),
+            false => Some(ReloadingKeys::load(&cfg.device_keys_file).map_err(|e| ProcessError::Config(e.to_string()))?),
         };
         let resources = RocksResources::new(cfg.rocksdb.clone());
         Ok(Self {
@@ -289,6 +290,7 @@ impl Processor {
             if last_reload.elapsed() >= self.reload_every {
                 last_reload = Instant::now();
                 self.reload_model();
+                self.reload_device_keys();
             }
         };
         // Finish the batch in hand (records already collected), then close.
@@ -410,6 +412,16 @@ impl Processor {
         }
     }
 
+    fn reload_device_keys(&mut self) {
+        if let Some(keys) = self.device_keys.as_mut() {
+            match keys.reload_if_changed() {
+                Ok(KeysReload::Unchanged) => {}
+                Ok(KeysReload::Loaded(keys)) => tracing::info!(keys, "device keys reloaded"),
+                Err(e) => tracing::warn!(error = %e, "device key file refused; keeping the keys in use"),
+            }
+        }
+    }
+
     fn apply_rebalance(
         &mut self,
         consumer: &Arc<BaseConsumer<GroupContext>>,
@@ -503,7 +515,10 @@ impl Processor {
             close_idle: check_idle,
             max_events_per_record: cfg.max_events_per_record,
             rate_limit: cfg.rate_limit(),
-            signatures: Signatures { keys: self.device_keys.as_ref(), required: cfg.require_signed },
+            signatures: Signatures {
+                keys: self.device_keys.as_ref().map(ReloadingKeys::current),
+                required: cfg.require_signed,
+            },
             max_open_users: cfg.max_open_users_per_task,
             time_bounds: cfg.time_bounds(),
             input_topic: &cfg.input_topic,

@@ -23,12 +23,16 @@
 //! secret_hex = "5f0c…"    # 32 random bytes: openssl rand -hex 32
 //! ```
 //!
-//! Rotation: add the new key beside the old one, restart the processors, give the agent the new
-//! key (`agent.signing_key_file`), and remove the old one once its agent has drained its spool.
+//! The processor checks the file for changes as often as it checks for a new model
+//! (`model.reload_interval_s`, [`ReloadingKeys`]): a file that does not load leaves the keys in
+//! use as they are. Rotation: add the new key beside the old one, give the agent the new key
+//! (`agent.signing_key_file`), and remove the old one once its agent has drained its spool; no
+//! restart.
 //!
 //! # Layout
 //! - [`SigningKey`]: the agent's key and [`SigningKey::sign`].
 //! - [`DeviceKeys`]: the processor's keys and [`DeviceKeys::check`].
+//! - [`ReloadingKeys`]: those keys, following their file.
 //! - [`Refusal`]: why a batch is refused.
 
 use std::collections::HashMap;
@@ -154,6 +158,13 @@ impl SigningKey {
     }
 }
 
+fn read_key_file(path: &Path) -> Result<Vec<u8>, KeyFileError> {
+    if !path.is_file() {
+        return Err(invalid(path, "not found"));
+    }
+    std::fs::read(path).map_err(|e| invalid(path, format!("cannot be read: {}", e.kind())))
+}
+
 struct DeviceKey {
     user_id: String,
     device_id: String,
@@ -175,10 +186,13 @@ impl std::fmt::Debug for DeviceKeys {
 impl DeviceKeys {
     /// Reads `stream.device_keys_file`.
     pub fn load(path: &Path) -> Result<Self, KeyFileError> {
-        if !path.is_file() {
-            return Err(invalid(path, "not found"));
-        }
-        let file: KeysFile = Figment::from(Toml::file(path)).extract().map_err(|e| {
+        Self::from_bytes(path, &read_key_file(path)?)
+    }
+
+    /// Parses the contents of a key file read from `path` (named in errors only).
+    fn from_bytes(path: &Path, text: &[u8]) -> Result<Self, KeyFileError> {
+        let text = std::str::from_utf8(text).map_err(|_| invalid(path, "not UTF-8 text"))?;
+        let file: KeysFile = Figment::from(Toml::string(text)).extract().map_err(|e| {
             // figment's message names the field, never its value.
             invalid(path, e.to_string().lines().next().unwrap_or("not a key file").to_owned())
         })?;
@@ -227,6 +241,53 @@ impl DeviceKeys {
             return Err(Refusal::SignedForAnotherUser);
         }
         Ok(())
+    }
+}
+
+/// The processor's keys, following their file: a rotation (a key added, an old one removed) is
+/// picked up at the next check without a restart, as a Kubernetes Secret mounted as a file is
+/// updated in place.
+#[derive(Debug)]
+pub struct ReloadingKeys {
+    path: std::path::PathBuf,
+    current: DeviceKeys,
+    /// Contents of the file last loaded.
+    seen: Vec<u8>,
+}
+
+/// What a key file check did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum KeysReload {
+    /// The file has not changed.
+    Unchanged,
+    /// The file changed and its keys replaced the previous ones (how many are held now).
+    Loaded(usize),
+}
+
+impl ReloadingKeys {
+    /// Loads the key file at `path`.
+    pub fn load(path: &Path) -> Result<Self, KeyFileError> {
+        let seen = read_key_file(path)?;
+        let current = DeviceKeys::from_bytes(path, &seen)?;
+        Ok(Self { path: path.to_owned(), current, seen })
+    }
+
+    /// The keys checked with now.
+    pub fn current(&self) -> &DeviceKeys {
+        &self.current
+    }
+
+    /// Loads the file again if it changed since the last load. On error the previous keys stay
+    /// (a half-written or broken file never empties the key set) and the next check tries again.
+    pub fn reload_if_changed(&mut self) -> Result<KeysReload, KeyFileError> {
+        // One read, compared and parsed: no window for the file to change in between.
+        let text = read_key_file(&self.path)?;
+        if text == self.seen {
+            return Ok(KeysReload::Unchanged);
+        }
+        self.current = DeviceKeys::from_bytes(&self.path, &text)?;
+        self.seen = text;
+        Ok(KeysReload::Loaded(self.current.len()))
     }
 }
 
@@ -319,5 +380,39 @@ mod tests {
         std::fs::write(&agent, format!("key_id = \"a\"\nsecret_hex = \"{secret}\"\n")).unwrap();
         let key = SigningKey::load(&agent).unwrap();
         assert!(!format!("{key:?}").contains(&secret), "Debug shows no secret");
+    }
+
+    #[test]
+    fn a_rotated_key_file_is_followed_and_a_broken_one_keeps_the_keys_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        let entry = |id: &str, user: &str| {
+            format!("[[key]]\nkey_id = \"{id}\"\nuser_id = \"{user}\"\nsecret_hex = \"{}\"\n", hex::encode(SECRET))
+        };
+        std::fs::write(&path, entry("alice-1", "alice")).unwrap();
+        let mut keys = ReloadingKeys::load(&path).unwrap();
+        let signed = |key_id: &str| {
+            let mut b = batch("alice");
+            SigningKey::new(key_id, SECRET).sign(&mut b);
+            b
+        };
+        assert_eq!(keys.reload_if_changed().unwrap(), KeysReload::Unchanged);
+        assert_eq!(keys.current().check(&mut signed("alice-2"), true), Err(Refusal::UnknownKey));
+        // Rotation, step 1: the new key beside the old.
+        std::fs::write(&path, entry("alice-1", "alice") + &entry("alice-2", "alice")).unwrap();
+        assert_eq!(keys.reload_if_changed().unwrap(), KeysReload::Loaded(2));
+        assert_eq!(keys.current().check(&mut signed("alice-2"), true), Ok(()));
+        assert_eq!(keys.current().check(&mut signed("alice-1"), true), Ok(()));
+        // A broken file (half written, a bad secret) is refused; the keys in use stay.
+        std::fs::write(&path, "[[key]]\nkey_id = \"alice-3\"\n").unwrap();
+        assert!(keys.reload_if_changed().is_err());
+        std::fs::remove_file(&path).unwrap();
+        assert!(keys.reload_if_changed().is_err());
+        assert_eq!(keys.current().check(&mut signed("alice-2"), true), Ok(()));
+        // Step 2: the old key removed.
+        std::fs::write(&path, entry("alice-2", "alice")).unwrap();
+        assert_eq!(keys.reload_if_changed().unwrap(), KeysReload::Loaded(1));
+        assert_eq!(keys.current().check(&mut signed("alice-1"), true), Err(Refusal::UnknownKey));
+        assert_eq!(keys.current().check(&mut signed("alice-2"), true), Ok(()));
     }
 }

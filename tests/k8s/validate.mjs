@@ -3,8 +3,9 @@
 //   Operator); kubernetes-validate --strict (run beside this by tests/k8s.rs) adds the
 //   Kubernetes schemas' unknown-field check;
 // - Metronome's own rules: the restricted Pod Security profile for every pod, resources set,
-//   the processors' probes, preStop and API token (from a Secret), and no autoscaler allowed more replicas than the input
-//   topic has partitions.
+//   the processors' probes, preStop and API token (from a Secret), agents' records on the
+//   broker's clock, a required key file mounted from a Secret so rotations reach the pods, and
+//   no autoscaler allowed more replicas than the input topic has partitions.
 // Prints one line per problem and exits 1 if there is any.
 
 import { readFileSync } from "node:fs";
@@ -89,6 +90,22 @@ for (const { doc } of objects) {
     if (!token?.valueFrom?.secretKeyRef) problems.push(`${where}: the API's bearer token is not taken from a Secret`);
     if (!(doc.spec.volumeClaimTemplates ?? []).length) problems.push(`${where}: no volume claim for RocksDB`);
   }
+}
+
+// With signatures required, the processors' key file comes from a Secret mounted as a
+// directory: a subPath mount is never updated, so a rotated key would not reach the pods.
+const configText = objects.find(({ doc }) => doc.kind === "ConfigMap" && doc.data?.["config.toml"])?.doc.data["config.toml"] ?? "";
+const setting = (key) => configText.match(new RegExp(`^\\s*${key}\\s*=\\s*(.+?)\\s*(#.*)?$`, "m"))?.[1];
+if (setting("input_log_append_time") !== "true") problems.push("config.toml: stream.input_log_append_time is not true (agents' clocks would set event time)");
+if (setting("require_signed") === "true") {
+  const keysFile = JSON.parse(setting("device_keys_file") ?? '""');
+  const statefulSet = objects.find(({ doc }) => doc.kind === "StatefulSet")?.doc;
+  const pod = statefulSet?.spec?.template?.spec ?? {};
+  const mount = (pod.containers?.[0]?.volumeMounts ?? []).find((m) => keysFile === m.mountPath || keysFile.startsWith(`${m.mountPath}/`));
+  const volume = (pod.volumes ?? []).find((v) => v.name === mount?.name);
+  if (!keysFile) problems.push("config.toml: require_signed without device_keys_file");
+  else if (!mount || !volume?.secret) problems.push(`${keysFile}: not mounted from a Secret`);
+  else if (mount.subPath) problems.push(`${keysFile}: mounted with subPath, so a rotation never reaches the pod`);
 }
 
 // Parallelism is bounded by partitions: no autoscaler may go past stream.topic_partitions.
