@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo run --release --example export_windows -- --out models/data [--per-family N]
-//!     [--windows-per-user K] [--seed S] [--key-labels N] [HUMAN_KEYLOG ...]
+//!     [--windows-per-user K] [--seed S] [--key-labels N [--labelled-share F]] [HUMAN_KEYLOG ...]
 //! ```
 //! For each split (`train`, `validation`, `test`; see `metronome::dataset`):
 //! - `windows-<split>.f32`: little-endian f32, `steps * STEP_WIDTH` values per window;
@@ -64,6 +64,10 @@ struct Args {
     /// the recordings' key codes.
     #[arg(long)]
     key_labels: Option<u32>,
+    /// With `--key-labels`: the share of users (drawn at random) whose keys are labelled; the
+    /// rest keep their key codes, so a model learns both encodings.
+    #[arg(long, default_value_t = 1.0)]
+    labelled_share: f64,
     /// Human keylogs (default: both Aalto files in ../shared/data).
     files: Vec<PathBuf>,
 }
@@ -121,12 +125,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
     let k = args.windows_per_user;
     let mut labelled = 0u64;
+    // Its own generator, so the users drawn are the same whatever the share.
+    let mut coin = ChaCha8Rng::seed_from_u64(args.seed ^ 0x1abe1);
     // The events as the stream would carry them (their keys labelled, when asked).
     let mut as_sent = |events: &[KeyEvent]| -> Vec<KeyEvent> {
         labelled += 1;
         match args.key_labels {
-            Some(lifetime) => KeyLabeler::seeded(labelled, lifetime).label_events(events),
-            None => events.to_vec(),
+            Some(lifetime) if coin.random_bool(args.labelled_share) => {
+                KeyLabeler::seeded(labelled, lifetime).label_events(events)
+            }
+            _ => events.to_vec(),
         }
     };
     for split in Split::ALL {
@@ -194,6 +202,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "windows_per_user": k,
         "seed": args.seed,
         "key_labels": args.key_labels,
+        "labelled_share": args.key_labels.map(|_| args.labelled_share),
         "files": files,
     });
     std::fs::write(args.out.join("export.json"), serde_json::to_string_pretty(&spec)?)?;

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 NAME = "keystroke-lstm"
-VERSION = "1.0.0"
+VERSION = "1.1.0"
 HIDDEN = 16
 
 
@@ -310,10 +310,12 @@ def export(model, out, version, spec, mean, std, threshold, x_val, m_val, famili
         "training": {
             "humans": "Aalto 136M keystrokes (Dhakal et al., CHI 2018), subsets A and B from ../shared/data, "
                       "train split of users by FNV-1a hash (never in validation or test)",
-            "macros": "metronome::macrogen, every family"
-                      + (f" but {args.holdout}" if args.holdout else "")
+            "macros": "metronome::macrogen, every window-visible family"
+                      + "".join(f" but {f}" for f in [*spec.get("left_out", []), *([args.holdout] if args.holdout else [])])
                       + "; a third with holds drawn from a human recording; "
-                      "mixed human-then-macro sessions labelled by macro share (>= 30 % positive)",
+                      "mixed human-then-macro sessions labelled by macro share (>= 30 % positive)"
+                      + (f"; {spec['labelled_share']:.0%} of users with their keys as the agent's "
+                         f"{spec['key_labels']}-press labels, the rest key codes" if spec.get("key_labels") else ""),
             "export": spec,
             "train_windows": train_windows,
             "epochs": args.epochs,

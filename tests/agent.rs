@@ -3,7 +3,8 @@
 //! to the processor and an alert; a broker that is down at first gets everything, in order and
 //! once, when it comes up; key labels are short-lived when configured so, and unrelated across
 //! sessions; a frequency-and-digraph attack on the records of a typed passage gets under 10 %
-//! of its letters back from 16-press labels and reads the default's one label per key; and no
+//! of its letters back from the default 16-press labels and reads one label per key per
+//! session; and no
 //! raw key code or canary timing appears in any record, log line, metric, dead-letter header,
 //! API answer or PostgreSQL row.
 
@@ -63,16 +64,19 @@ fn agent_command(bootstrap: &str, keylog: &Path, spool: &Path, user: &str) -> Co
     cmd
 }
 
+/// The agent as configured by default (key labels of `SHORT_LIFETIME` presses).
 fn run_agent(bootstrap: &str, keylog: &Path, spool: &Path, user: &str) -> Output {
-    run_agent_with_labels(bootstrap, keylog, spool, user, 0)
+    run_agent_with_labels(bootstrap, keylog, spool, user, None)
 }
 
-/// The agent with key labels of `lifetime` presses (0, the default: one per key per session).
-fn run_agent_with_labels(bootstrap: &str, keylog: &Path, spool: &Path, user: &str, lifetime: u32) -> Output {
-    let out = agent_command(bootstrap, keylog, spool, user)
-        .env("METRONOME_AGENT__KEY_LABEL_PRESSES", lifetime.to_string())
-        .output()
-        .unwrap();
+/// The agent with key labels of `lifetime` presses (0: one per key per session), or the
+/// default's.
+fn run_agent_with_labels(bootstrap: &str, keylog: &Path, spool: &Path, user: &str, lifetime: Option<u32>) -> Output {
+    let mut cmd = agent_command(bootstrap, keylog, spool, user);
+    if let Some(lifetime) = lifetime {
+        cmd.env("METRONOME_AGENT__KEY_LABEL_PRESSES", lifetime.to_string());
+    }
+    let out = cmd.output().unwrap();
     assert!(out.status.success(), "agent failed:\n{}", String::from_utf8_lossy(&out.stderr));
     out
 }
@@ -191,7 +195,7 @@ fn a_replayed_macro_goes_through_the_agent_to_an_alert_without_raw_keys_or_timin
     assert!(records.iter().all(|(key, b)| key == b"canary-user" && b.user_id == "canary-user"));
     assert!(records.iter().all(|(_, b)| b.device_id == "replay" && !b.session_id.is_empty()));
     assert!(records.iter().all(|(_, b)| b.events.len() <= 50), "records are cut at 50 events");
-    assert_one_session(&records.iter().map(|(_, b)| b).collect::<Vec<_>>(), &keylog, 0);
+    assert_one_session(&records.iter().map(|(_, b)| b).collect::<Vec<_>>(), &keylog, SHORT_LIFETIME);
     // The canary timings went in (the agent moves times to now, keeping their spacing), and
     // the check sees them in the forms a leak would take.
     let downs: Vec<i64> = records
@@ -302,7 +306,7 @@ fn records_spooled_while_the_broker_is_down_arrive_once_and_in_order_when_it_com
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or_else(|| panic!("no delivered count in {log}"));
     assert_eq!(records.len() as u64, delivered, "each record once");
-    assert_one_session(&records.iter().map(|(_, b)| b).collect::<Vec<_>>(), &keylog, 0);
+    assert_one_session(&records.iter().map(|(_, b)| b).collect::<Vec<_>>(), &keylog, SHORT_LIFETIME);
 }
 
 #[test]
@@ -348,7 +352,7 @@ fn key_labels_are_short_lived_and_unrelated_across_sessions() {
     let dir = tempfile::tempdir().unwrap();
     let keylog = canary_macro(dir.path(), 60);
     for _ in 0..2 {
-        run_agent_with_labels(&broker.bootstrap, &keylog, &dir.path().join("spool"), "u-sessions", SHORT_LIFETIME);
+        run_agent_with_labels(&broker.bootstrap, &keylog, &dir.path().join("spool"), "u-sessions", None);
     }
     let records = batches(&broker);
     let mut sessions: BTreeMap<String, Vec<&proto::KeyEventBatch>> = BTreeMap::new();
@@ -400,9 +404,9 @@ fn a_frequency_attack_gets_under_a_tenth_of_a_typed_passage_from_short_lived_lab
         text_attack::presses_of(include_str!("fixtures/english.txt")).into_iter().map(|(_, s)| s).collect();
     let model = LanguageModel::of(&english);
     let oracle = LanguageModel::of(&truth);
-    // The passage typed in three agent sessions with short-lived labels, each attacked on its
-    // own, and once more with the default, one label per key for the session.
-    for lifetime in [SHORT_LIFETIME, SHORT_LIFETIME, SHORT_LIFETIME, 0] {
+    // The passage typed in three agent sessions with the default's short-lived labels, each
+    // attacked on its own, and once more with one label per key for the session.
+    for lifetime in [None, None, None, Some(0)] {
         run_agent_with_labels(&broker.bootstrap, &keylog, &dir.path().join("spool"), "typist", lifetime);
     }
     let mut sessions: Vec<(String, Vec<u32>)> = Vec::new();
@@ -414,7 +418,7 @@ fn a_frequency_attack_gets_under_a_tenth_of_a_typed_passage_from_short_lived_lab
         }
     }
     assert_eq!(sessions.len(), 4, "one session per run, in order on one partition");
-    let default_labels = sessions.pop().unwrap().1;
+    let session_labels = sessions.pop().unwrap().1;
     let letters = truth.iter().filter(|s| s.is_ascii_lowercase()).count();
     let share_of = |model: &LanguageModel, seed: u64| {
         let best: Vec<f64> = sessions
@@ -428,9 +432,9 @@ fn a_frequency_attack_gets_under_a_tenth_of_a_typed_passage_from_short_lived_lab
     };
     let (share, by_session) = share_of(&model, 0);
     let (oracle_share, _) = share_of(&oracle, 10);
-    // The control: the same attack on the default's labels, one per key for the session (a
-    // simple substitution), reads the passage back.
-    let substitution = text_attack::best(&text_attack::recovered_letters(&model, &truth, &default_labels, 20));
+    // The control: the same attack on one label per key for the session (a simple
+    // substitution) reads the passage back.
+    let substitution = text_attack::best(&text_attack::recovered_letters(&model, &truth, &session_labels, 20));
     // The floor: labels drawn fresh for every press carry nothing but the language's odds.
     let fresh: Vec<u32> = (0..truth.len() as u32).collect();
     let floor = text_attack::best(&text_attack::recovered_letters(&model, &truth, &fresh, 30));
@@ -450,8 +454,8 @@ fn a_frequency_attack_gets_under_a_tenth_of_a_typed_passage_from_short_lived_lab
     }
     eprintln!(
         "{letters} letters per session: recovered {share:.4} (sessions {by_session:.4?}), with the passage's own \
-         frequencies {oracle_share:.4}; the default (one label per key) {substitution:.4}; a fresh label per press {floor:.4}"
+         frequencies {oracle_share:.4}; one label per key per session {substitution:.4}; a fresh label per press {floor:.4}"
     );
-    assert!(substitution > 0.9, "the attack reads the default's simple substitution ({substitution})");
+    assert!(substitution > 0.9, "the attack reads a session's simple substitution ({substitution})");
     assert!(share < 0.10, "the attack got {share} of the letters back");
 }

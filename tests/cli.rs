@@ -87,7 +87,7 @@ fn score_flags_the_macro_users_and_only_them() {
         assert!(!alert[field].is_null(), "alert lacks {field}");
     }
     assert!(!alert["reasons"].as_array().unwrap().is_empty());
-    assert_eq!(alert["model_version"], "timing-1+keystroke-lstm-1.0.0", "the per-press model is opt-in");
+    assert_eq!(alert["model_version"], "timing-1+keystroke-lstm-1.1.0", "the per-press model is opt-in");
     let scorers: Vec<&str> = alert["scorers"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
     assert!(!scorers.is_empty() && scorers.iter().all(|s| ["histogram", "lstm"].contains(s)), "{scorers:?}");
 }
@@ -104,7 +104,7 @@ fn the_model_can_be_chosen_or_switched_off() {
     assert_eq!(alert["scorers"], serde_json::json!(["histogram"]));
 
     // The shipped manifest by path scores exactly as the embedded copy.
-    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/keystroke-lstm-1.0.0.json");
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/keystroke-lstm-1.1.0.json");
     let by_path = metronome().args(["score", "--input"]).arg(&sim).arg("--model").arg(&shipped).assert().success();
     let embedded = metronome()
         .args(["score", "--input"])
@@ -257,7 +257,7 @@ fn the_per_press_model_is_switched_on_by_configuration() {
     assert!(!alerts.is_empty());
     assert!(alerts.iter().all(|a| a["user_id"].as_str().unwrap().starts_with("macro-")));
     for alert in alerts {
-        assert_eq!(alert["model_version"], "timing-1+keystroke-lstm-1.0.0+keystroke-stream-0.3.0");
+        assert_eq!(alert["model_version"], "timing-1+keystroke-lstm-1.1.0+keystroke-stream-0.3.0");
         // Its evidence alerts only beside a suspicious window's reasons (policy.press_needs_window).
         let reasons: Vec<&str> = alert["reasons"].as_array().unwrap().iter().map(|r| r.as_str().unwrap()).collect();
         assert!(reasons != ["press_lstm"], "{reasons:?}");

@@ -78,9 +78,9 @@ pub struct AgentConfig {
     /// The signing key enrolment handed this agent (`key_id`, `secret_hex`; `stream::signing`);
     /// empty: records go unsigned.
     pub signing_key_file: PathBuf,
-    /// Presses a key label lives (`agent::labels`; 16 resists frequency analysis); 0: one label
-    /// per key for the whole session, which a long session's text falls to frequency analysis
-    /// of, and the default while the detector needs key identity over longer spans.
+    /// Presses a key label lives (`agent::labels`; the default, 16, resists frequency analysis);
+    /// 0: one label per key for the whole session, which a long session's text falls to
+    /// frequency analysis of.
     pub key_label_presses: u32,
 }
 
@@ -98,7 +98,7 @@ impl Default for AgentConfig {
             device_retry_ms: 1000,
             report_interval_s: 60,
             signing_key_file: PathBuf::new(),
-            key_label_presses: 0,
+            key_label_presses: labels::SHORT_LIFETIME,
         }
     }
 }

@@ -34,11 +34,11 @@ use crate::detect::sequence::{STEP_FEATURES, STEP_WIDTH};
 use crate::detect::{PressScorer, SequenceError, SequenceScorer};
 
 /// The shipped model's manifest, compiled into the binary.
-pub const EMBEDDED_MANIFEST: &str = include_str!("../../models/keystroke-lstm-1.0.0.json");
+pub const EMBEDDED_MANIFEST: &str = include_str!("../../models/keystroke-lstm-1.1.0.json");
 /// The shipped model's ONNX file, compiled into the binary.
-pub const EMBEDDED_ONNX: &[u8] = include_bytes!("../../models/keystroke-lstm-1.0.0.onnx");
+pub const EMBEDDED_ONNX: &[u8] = include_bytes!("../../models/keystroke-lstm-1.1.0.onnx");
 /// Where the shipped manifest lives in the repository (for error messages and tests).
-pub const SHIPPED_MANIFEST_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/keystroke-lstm-1.0.0.json");
+pub const SHIPPED_MANIFEST_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/keystroke-lstm-1.1.0.json");
 
 /// Why a model cannot be used.
 #[derive(Debug, thiserror::Error)]
