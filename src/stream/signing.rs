@@ -24,7 +24,7 @@
 //! ```
 //!
 //! The processor checks the file for changes as often as it checks for a new model
-//! (`model.reload_interval_s`, [`ReloadingKeys`]): a file that does not load leaves the keys in
+//! (`model.reload_check_s`, [`ReloadingKeys`]): a file that does not load leaves the keys in
 //! use as they are. Rotation: add the new key beside the old one, give the agent the new key
 //! (`agent.signing_key_file`), and remove the old one once its agent has drained its spool; no
 //! restart.
@@ -245,8 +245,8 @@ impl DeviceKeys {
 }
 
 /// The processor's keys, following their file: a rotation (a key added, an old one removed) is
-/// picked up at the next check without a restart, as a Kubernetes Secret mounted as a file is
-/// updated in place.
+/// picked up at the next check without a restart, as a Kubernetes Secret mounted as a
+/// directory is updated in place.
 #[derive(Debug)]
 pub struct ReloadingKeys {
     path: std::path::PathBuf,
