@@ -580,17 +580,16 @@ fn metric(exposition: &str, name: &str) -> f64 {
 }
 
 /// What a flood of new user ids may make the processor hold, at its peak: well above what it
-/// needs (its clients' buffers, RocksDB's memtables and cache, the batch in hand), far below
-/// what a million open users' windows would take if nothing bounded them.
-const FLOOD_RSS_BOUND: u64 = 1 << 30;
+/// needs (its clients' buffers, RocksDB's memtables and cache, the batch in hand: 341 MiB
+/// measured), far below what a million open users' windows would take if nothing bounded them.
+const FLOOD_RSS_BOUND: u64 = 512 << 20;
 
 #[test]
 fn a_flood_of_new_user_ids_keeps_memory_bounded_and_alerts_flowing() {
-    // A tenth of the issue's million, and a tenth of the default cap on open users: what the
-    // suite processes in well under a minute on two cores (eviction writes each state twice).
-    const FLOOD: usize = 200_000;
-    const CAP: usize = 20_000;
+    // The issue's million new ids on one partition, with the default cap on open users.
+    const FLOOD: usize = 1_000_000;
     const MACRO_RECORDS: usize = 60;
+    let cap = metronome::stream::StreamConfig::default().max_open_users_per_task;
     let broker = Broker::start();
     let dir = tempfile::tempdir().unwrap();
     // One partition: the flood and the macro user share a task.
@@ -600,7 +599,6 @@ fn a_flood_of_new_user_ids_keeps_memory_bounded_and_alerts_flowing() {
         ("METRONOME_STREAM__ALERTS_TOPIC", "alerts"),
         ("METRONOME_STREAM__DLQ_TOPIC", "dlq"),
         ("METRONOME_STREAM__TOPIC_PARTITIONS", "1"),
-        ("METRONOME_STREAM__MAX_OPEN_USERS_PER_TASK", &CAP.to_string()),
     ]);
     let mut p = ProcessorProc::start(&broker, &dir.path().join("state"), "a", &env, dir.path());
     p.wait_for_log("task ready", 1);
@@ -626,8 +624,12 @@ fn a_flood_of_new_user_ids_keeps_memory_bounded_and_alerts_flowing() {
     }
     let started = std::time::Instant::now();
     broker.produce("events", &records);
+    let produced = started.elapsed();
     drop(records);
-    p.wait_until("the flood consumed and committed", || broker.is_fully_committed("app-flood", "events"));
+    // Under a minute on a quiet machine; three times the usual patience, for a loaded one.
+    p.wait_until_within("the flood consumed and committed", 3 * common::broker::PATIENCE, || {
+        broker.is_fully_committed("app-flood", "events")
+    });
     let took = started.elapsed();
     let alerts = broker.wait_for_alerts("alerts", 1);
     assert!(alerts.iter().all(|a| a.user_id == "m1"), "only the macro user alerts");
@@ -636,14 +638,18 @@ fn a_flood_of_new_user_ids_keeps_memory_bounded_and_alerts_flowing() {
     let (_, exposition) = common::http_get(&addr, "/metrics", None);
     let evicted = metric(&exposition, "metronome_users_evicted_total");
     eprintln!(
-        "flood of {FLOOD} ids: {:.1} s produced and processed, peak RSS {} MiB (idle {} MiB), {evicted} users closed early",
+        "flood of {FLOOD} ids: produced in {:.1} s, processed by {:.1} s, peak RSS {} MiB (idle {} MiB), \
+         {evicted} users closed early",
+        produced.as_secs_f64(),
         took.as_secs_f64(),
         peak >> 20,
         idle_rss >> 20
     );
     assert!(peak < FLOOD_RSS_BOUND, "peak RSS {} MiB", peak >> 20);
-    // The cap held: all but the last CAP of the flood were closed early.
-    assert!(evicted >= (FLOOD - CAP) as f64, "{evicted} evicted");
+    // The cap held, the flood's windows closed early (or as idle, where the processor caught up
+    // with a producer slowed by a loaded machine).
+    assert!(metric(&exposition, "metronome_open_windows") <= cap as f64);
+    assert!(evicted >= (FLOOD / 2) as f64, "{evicted} evicted");
     assert!(broker.read_all("dlq").is_empty());
     assert!(p.terminate().success());
 }

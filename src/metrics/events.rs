@@ -202,6 +202,19 @@ impl InternalEvent for ConsumerLagObserved {
     }
 }
 
+/// The open windows of this instance's tasks, after a processing round.
+#[derive(Debug)]
+pub struct OpenWindowsCounted {
+    /// Users with an open window, summed over the tasks.
+    pub users: usize,
+}
+
+impl InternalEvent for OpenWindowsCounted {
+    fn emit(self) {
+        metrics().open_windows.set(self.users as i64);
+    }
+}
+
 /// RocksDB sizes summed over this instance's task stores.
 #[derive(Debug, Default)]
 pub struct RocksDbSizes {

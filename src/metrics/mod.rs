@@ -37,6 +37,7 @@ pub struct Metrics {
     pub(crate) sequence_fills: IntCounter,
     pub(crate) events_rate_limited: IntCounter,
     pub(crate) users_evicted: IntCounter,
+    pub(crate) open_windows: IntGauge,
     pub(crate) restore_records: IntCounter,
     pub(crate) restore_progress: GaugeVec,
     pub(crate) tasks: IntGaugeVec,
@@ -65,6 +66,12 @@ fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
     let c = IntCounter::new(name, help).expect("valid metric");
     registry.register(Box::new(c.clone())).expect("metric registered once");
     c
+}
+
+fn int_gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    registry.register(Box::new(g.clone())).expect("metric registered once");
+    g
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -118,24 +125,21 @@ impl Metrics {
         )
         .expect("valid metric");
         r.register(Box::new(restore_progress.clone())).expect("metric registered once");
-        let block_cache = IntGauge::new(
+        let block_cache = int_gauge(
+            &r,
             "metronome_rocksdb_block_cache_bytes",
             "Bytes in the block cache all task stores share (memtables are charged to it).",
-        )
-        .expect("valid metric");
-        r.register(Box::new(block_cache.clone())).expect("metric registered once");
-        let sink_connected = IntGauge::new(
+        );
+        let sink_connected = int_gauge(
+            &r,
             "metronome_sink_postgres_connected",
             "1 while the PostgreSQL sink holds a working connection, else 0.",
-        )
-        .expect("valid metric");
-        r.register(Box::new(sink_connected.clone())).expect("metric registered once");
-        let http_connections = IntGauge::new(
+        );
+        let http_connections = int_gauge(
+            &r,
             "metronome_http_connections",
             "HTTP connections open now (at most http.max_connections; the rest wait in the listen backlog).",
-        )
-        .expect("valid metric");
-        r.register(Box::new(http_connections.clone())).expect("metric registered once");
+        );
         Self {
             events_consumed: counter(&r, "metronome_events_consumed_total", "Key events fed to the detector (committed batches)."),
             records_consumed: counter_vec(
@@ -209,6 +213,11 @@ impl Metrics {
                 &r,
                 "metronome_users_evicted_total",
                 "Users whose open window was closed early because their task held stream.max_open_users_per_task open windows.",
+            ),
+            open_windows: int_gauge(
+                &r,
+                "metronome_open_windows",
+                "Users with an open window in this instance's tasks (each task holds at most stream.max_open_users_per_task).",
             ),
             restore_records: counter(&r, "metronome_state_restore_records_total", "Changelog records replayed into task stores."),
             restore_progress,
@@ -293,15 +302,11 @@ impl Metrics {
                 "Duration of one retention pass over a task store (scan, changelog tombstones, delete, compaction).",
                 exponential_buckets(0.001, 2.0, 18).expect("valid buckets"),
             ),
-            prune_last_success: {
-                let g = IntGauge::new(
-                    "metronome_state_prune_last_success_timestamp_seconds",
-                    "When the last retention pass of this instance succeeded (Unix seconds; 0: never).",
-                )
-                .expect("valid metric");
-                r.register(Box::new(g.clone())).expect("metric registered once");
-                g
-            },
+            prune_last_success: int_gauge(
+                &r,
+                "metronome_state_prune_last_success_timestamp_seconds",
+                "When the last retention pass of this instance succeeded (Unix seconds; 0: never).",
+            ),
             registry: r,
         }
     }

@@ -28,6 +28,11 @@ pub struct StreamConfig {
     pub max_batch_records: usize,
     /// Most payload bytes in one batch: bounds the memory a batch holds whatever the records' size.
     pub max_batch_bytes: usize,
+    /// Most users whose state one transaction loads and writes: a batch of records from more
+    /// users, or more idle windows to close, commits in parts. Bounds a batch's output (states
+    /// and changelog records), which its input bounds do not: a record of one press from a new
+    /// id makes a state of a kilobyte, and closing a window another.
+    pub max_batch_users: usize,
     /// Most events one input record may carry; more goes to the dead-letter topic.
     pub max_events_per_record: usize,
     /// Events per second of event time one user may send, sustained; more is dropped and
@@ -105,6 +110,7 @@ impl Default for StreamConfig {
             commit_interval_ms: 100,
             max_batch_records: 50_000,
             max_batch_bytes: 32 << 20,
+            max_batch_users: 4_096,
             max_events_per_record: 10_000,
             max_user_events_per_s: 1_000,
             max_user_event_burst: 20_000,
@@ -261,10 +267,11 @@ impl StreamConfig {
         if self.commit_interval_ms == 0
             || self.max_batch_records == 0
             || self.max_batch_bytes == 0
+            || self.max_batch_users == 0
             || self.max_events_per_record == 0
         {
-            return Err("stream.commit_interval_ms, max_batch_records, max_batch_bytes and max_events_per_record \
-                        must be positive"
+            return Err("stream.commit_interval_ms, max_batch_records, max_batch_bytes, max_batch_users and \
+                        max_events_per_record must be positive"
                 .into());
         }
         if self.require_signed && self.device_keys_file.as_os_str().is_empty() {

@@ -587,7 +587,8 @@ pub struct TxProducer {
     changelog_topic: String,
     fingerprints_topic: String,
     candidates_topic: String,
-    group: Option<ConsumerGroupMetadata>,
+    /// Shared with the commit's thread; one round's parts commit under the same metadata.
+    group: Option<Arc<ConsumerGroupMetadata>>,
 }
 
 /// Creates a task's producer (and, under exactly-once, initialises its transactions: this fences
@@ -677,7 +678,7 @@ impl TxProducer {
     /// Sets the group metadata offsets are committed under (refresh it before every batch: it
     /// carries the group generation that fences a stale member).
     pub fn set_group(&mut self, group: Option<ConsumerGroupMetadata>) {
-        self.group = group;
+        self.group = group.map(Arc::new);
     }
 }
 
@@ -736,10 +737,10 @@ impl task::TaskProducer for TxProducer {
             .map_err(txn_error)?;
         match &self.mode {
             Mode::Transactional => {
-                // Taken: the call's thread owns it (set_group refreshes it before every batch).
+                // Shared with the call's thread (set_group refreshes it before every round).
                 let group = self
                     .group
-                    .take()
+                    .clone()
                     .ok_or_else(|| ProducerError::Abortable("no consumer group metadata yet".into()))?;
                 self.flush_promptly()?;
                 self.guarded("committing a transaction", move |p| {

@@ -22,6 +22,8 @@
 //! - [`task`]: one partition's state and its exactly-once batch cycle, over the
 //!   [`task::TaskProducer`] seam (an in-memory twin tests it).
 //! - [`kafka`]: rdkafka clients: consumer, transactional producers, topic set-up, restore.
+//! - [`open_windows`]: pure index of a task's open windows: idle ones, and whom to close first
+//!   over the cap.
 //! - [`processor`]: the loop that ties them together, rebalances and shutdown.
 //! - [`publish`]: a keylog into the input topic, as agents would send it.
 //! - [`status`]: task phases for readiness.
@@ -44,6 +46,7 @@ pub mod directory;
 pub mod fleet;
 pub mod intake;
 pub mod kafka;
+pub mod open_windows;
 pub mod processor;
 pub mod publish;
 pub mod query;

@@ -21,11 +21,12 @@ use super::records::{InputRecord, Signatures};
 use super::recovery;
 use super::signing::{KeysReload, ReloadingKeys};
 use super::status::{Status, TaskPhase};
-use super::task::{BatchContext, BatchOutcome, BatchSettings, ProducerError, Task, TaskError};
+use super::task::{self, BatchContext, BatchOutcome, BatchSettings, ProducerError, Task, TaskError};
 use crate::detect::{Detector, SequenceScorer};
 use crate::lstm::{Reload, ReloadingModel};
 use crate::metrics::events::{
-    AlertCommitted, BatchCommitted, InternalEvent, RocksDbSizes, StatePruned, StateRestored, TransactionAborted,
+    AlertCommitted, BatchCommitted, InternalEvent, OpenWindowsCounted, RocksDbSizes, StatePruned, StateRestored,
+    TransactionAborted,
 };
 
 /// How often the RocksDB size gauges are refreshed.
@@ -269,6 +270,7 @@ impl Processor {
             if let Err(e) = self.run_batches(&consumer, &mut tasks, check_idle, &mut summary) {
                 break Err(e);
             }
+            OpenWindowsCounted { users: tasks.values().map(|a| a.task.open_users()).sum() }.emit();
             if unix_now_s() >= next_prune_s {
                 next_prune_s = schedule.next_after(unix_now_s());
                 if let Err(e) = self.prune_stores(&consumer, &mut tasks) {
@@ -520,6 +522,7 @@ impl Processor {
                 required: cfg.require_signed,
             },
             max_open_users: cfg.max_open_users_per_task,
+            max_batch_users: cfg.max_batch_users,
             time_bounds: cfg.time_bounds(),
             input_topic: &cfg.input_topic,
             now: Instant::now(),
@@ -681,7 +684,22 @@ fn run_lane<'a>(
         // Idle close per task, once it is consumed to its end.
         let settings = BatchSettings { close_idle: settings.close_idle && assigned.at_end, ..*settings };
         let mut ctx = BatchContext { detector: &mut *detector, model, settings };
-        results.push((partition, assigned.task.run_batch(&mut ctx, &records, &mut assigned.producer)));
+        // In parts of a bounded number of users, each its own transaction; after the records,
+        // more empty parts while idle windows are left to close (each closes a bounded number).
+        let mut parts = task::parts(&records, settings.max_batch_users).into_iter();
+        loop {
+            let more_records = parts.len() > 1;
+            let part = parts.next().unwrap_or_default();
+            let result = assigned.task.run_batch(&mut ctx, part, &mut assigned.producer);
+            let closed_some = result.as_ref().is_ok_and(|o| o.idle_closed > 0);
+            let failed = result.is_err();
+            results.push((partition, result));
+            let idle_left =
+                settings.close_idle && closed_some && assigned.task.idle_due(settings.now, settings.idle_timeout);
+            if failed || !(more_records || idle_left) {
+                break;
+            }
+        }
     }
     results
 }

@@ -20,6 +20,7 @@ use prost::Message;
 use serde::{Deserialize, Serialize};
 
 use super::intake::{RateLimit, UserIntake, UserIntakeV5};
+use super::open_windows::OpenWindows;
 use super::query::{RecentScores, ScoreSample};
 use super::records::{self, DeadLetterClass, InputRecord, OutRecord, OutTopic};
 use super::timebound::TimeBounds;
@@ -191,6 +192,9 @@ pub struct BatchSettings<'a> {
     /// Most users with an open window in the task: past it the smallest, then longest quiet, are closed
     /// as if idle, so a flood of new user ids holds a bounded amount of memory.
     pub max_open_users: usize,
+    /// Most idle windows one batch closes (the longest quiet first); the rest close in the
+    /// next. Records are split by [`parts`] to the same bound.
+    pub max_batch_users: usize,
     /// Bounds on event times against each record's reference clock.
     pub time_bounds: TimeBounds,
     /// The input topic, for dead-letter headers.
@@ -201,6 +205,24 @@ pub struct BatchSettings<'a> {
     pub now_us: i64,
 }
 
+/// `records` in consecutive parts of at most `max_users` distinct keys each (a record's key is
+/// its user id; one without a key counts once), so that each part, run as one batch, loads and
+/// writes a bounded number of user states. No records make one empty part, so idle windows
+/// still close.
+pub fn parts(records: &[InputRecord], max_users: usize) -> Vec<&[InputRecord]> {
+    let mut parts = Vec::new();
+    let (mut start, mut keys) = (0, HashSet::new());
+    for (i, record) in records.iter().enumerate() {
+        if !keys.contains(&record.key.as_deref()) && keys.len() == max_users.max(1) {
+            parts.push(&records[start..i]);
+            (start, keys) = (i, HashSet::new());
+        }
+        keys.insert(record.key.as_deref());
+    }
+    parts.push(&records[start..]);
+    parts
+}
+
 /// A partition's task.
 #[derive(Debug)]
 pub struct Task<S> {
@@ -209,18 +231,9 @@ pub struct Task<S> {
     checkpoint: Checkpoint,
     /// Users whose window has presses, with when their last event arrived and how many
     /// presses their window holds.
-    open_users: HashMap<String, OpenWindow>,
+    open_users: OpenWindows,
     /// Latest window scores of the users with an open window (not persisted: for queries).
     recent: HashMap<String, RecentScores>,
-}
-
-/// An open window, as the task remembers it between batches.
-#[derive(Debug, Clone, Copy)]
-struct OpenWindow {
-    /// When the user's last event arrived (the processor's clock).
-    at: Instant,
-    /// Presses in the window.
-    presses: usize,
 }
 
 /// The store key of `user`'s state.
@@ -306,7 +319,8 @@ impl<S: Store> Task<S> {
     /// still close by idleness after a restart.
     pub fn open(partition: i32, store: S, now: Instant) -> Result<Self, TaskError> {
         let checkpoint = read_checkpoint(&store)?;
-        let mut task = Self { partition, store, checkpoint, open_users: HashMap::new(), recent: HashMap::new() };
+        let mut task =
+            Self { partition, store, checkpoint, open_users: OpenWindows::default(), recent: HashMap::new() };
         task.reload_open_users(now)?;
         Ok(task)
     }
@@ -317,7 +331,7 @@ impl<S: Store> Task<S> {
             let state = decode_state(&value)?;
             if state.has_open_window() {
                 let user = user_of_key(&key).ok_or(TaskError::CorruptState("user key"))?;
-                self.open_users.insert(user.to_owned(), OpenWindow { at: now, presses: state.window_presses() });
+                self.open_users.touch(user, now, state.window_presses());
             }
         }
         Ok(())
@@ -350,7 +364,7 @@ impl<S: Store> Task<S> {
 
     /// Whether some user has been idle for `idle_timeout` at `now`.
     pub fn idle_due(&self, now: Instant, idle_timeout: Duration) -> bool {
-        self.open_users.values().any(|w| now.saturating_duration_since(w.at) >= idle_timeout)
+        self.open_users.idle_due(now, idle_timeout)
     }
 
     /// The latest window scores of `user` this task scored, oldest first (empty once idle).
@@ -429,12 +443,10 @@ impl<S: Store> Task<S> {
         let fed: Vec<usize> = (0..users.slots.len()).filter(|&i| users.fed[i]).collect();
         let mut idle: Vec<String> = if ctx.settings.close_idle {
             self.open_users
-                .iter()
-                .filter(|(u, w)| {
-                    ctx.settings.now.saturating_duration_since(w.at) >= ctx.settings.idle_timeout
-                        && !users.index.get(*u).is_some_and(|&i| users.fed[i])
-                })
-                .map(|(u, _)| u.clone())
+                .idle(ctx.settings.now, ctx.settings.idle_timeout)
+                .filter(|u| !users.index.get(*u).is_some_and(|&i| users.fed[i]))
+                .take(ctx.settings.max_batch_users)
+                .map(str::to_owned)
                 .collect()
         } else {
             Vec::new()
@@ -513,7 +525,7 @@ impl<S: Store> Task<S> {
         self.checkpoint = checkpoint;
         for slot in fed {
             let (user, state) = &users.slots[slot];
-            self.open_users.insert(user.clone(), OpenWindow { at: ctx.settings.now, presses: state.window_presses() });
+            self.open_users.touch(user, ctx.settings.now, state.window_presses());
         }
         for (slot, sample) in samples {
             let user = &users.slots[slot].0;
@@ -536,30 +548,20 @@ impl<S: Store> Task<S> {
     /// long window is the last to go), then the longest quiet, then by id. Users fed this
     /// batch count as just active and are closed only when the quiet ones do not suffice.
     fn over_the_cap(&self, users: &Users, fed: &[usize], idle: &[String], cap: usize) -> Vec<String> {
-        let joining = fed.iter().filter(|&&slot| !self.open_users.contains_key(&users.slots[slot].0)).count();
+        let joining = fed.iter().filter(|&&slot| !self.open_users.contains(&users.slots[slot].0)).count();
         let excess = (self.open_users.len() - idle.len() + joining).saturating_sub(cap);
         if excess == 0 {
             return Vec::new();
         }
         let closing: HashSet<&str> = idle.iter().map(String::as_str).collect();
-        let fed_now = |user: &str| users.index.get(user).is_some_and(|&i| users.fed[i]);
-        let quiet = self
-            .open_users
+        let active: Vec<(usize, &str)> = fed
             .iter()
-            .filter(|(u, _)| !closing.contains(u.as_str()) && !fed_now(u))
-            .map(|(u, w)| (w.presses, Some(w.at), u));
-        let active = fed.iter().map(|&slot| {
-            let (user, state) = &users.slots[slot];
-            (state.window_presses(), None, user)
-        });
-        // `None` (active now) sorts before every instant: flip it so it sorts after.
-        let mut candidates: Vec<(usize, bool, Option<Instant>, &String)> =
-            quiet.chain(active).map(|(presses, at, u)| (presses, at.is_none(), at, u)).collect();
-        let excess = excess.min(candidates.len());
-        if excess < candidates.len() {
-            candidates.select_nth_unstable(excess);
-        }
-        candidates[..excess].iter().map(|c| c.3.clone()).collect()
+            .map(|&slot| {
+                let (user, state) = &users.slots[slot];
+                (state.window_presses(), user.as_str())
+            })
+            .collect();
+        self.open_users.first_to_close(excess, &active, |user| closing.contains(user))
     }
 
     /// Retention: deletes the state of every user whose newest event is older than
@@ -635,11 +637,17 @@ pub fn transact<P: TaskProducer>(
     out: &[OutRecord],
     next_offset: i64,
 ) -> Result<Option<i64>, TaskError> {
-    producer.begin()?;
-    let committed = out.iter().try_for_each(|r| producer.send(r)).and_then(|()| producer.commit(next_offset));
+    let committed = producer
+        .begin()
+        .and_then(|()| out.iter().try_for_each(|r| producer.send(r)))
+        .and_then(|()| producer.commit(next_offset));
     committed.map_err(|e| {
-        // The transaction's fate is the error's; a failed abort adds nothing useful.
-        let _ = producer.abort();
+        // The transaction's fate is the error's. An abort that fails is resumed by the next
+        // one: a begin refused because an abort is still in progress aborts again, so the
+        // task cannot stay stuck behind it.
+        if let Err(abort) = producer.abort() {
+            tracing::warn!(error = %abort, "aborting the transaction failed; the next batch resumes the abort");
+        }
         e.into()
     })
 }
@@ -697,11 +705,17 @@ pub(crate) mod twin {
         pub committed: Vec<OutRecord>,
         pub positions: Vec<i64>,
         pub fail_next_commit: bool,
+        /// Refuse the next begin, as librdkafka does while an earlier abort is in progress.
+        pub fail_next_begin: bool,
+        pub aborts: usize,
         pub changelog_len: i64,
     }
 
     impl TaskProducer for MemoryProducer {
         fn begin(&mut self) -> Result<(), ProducerError> {
+            if std::mem::take(&mut self.fail_next_begin) {
+                return Err(ProducerError::Abortable("an abort is in progress".into()));
+            }
             assert!(self.open.is_none(), "begin inside an open transaction");
             self.open = Some(Vec::new());
             Ok(())
@@ -723,6 +737,7 @@ pub(crate) mod twin {
         }
         fn abort(&mut self) -> Result<(), ProducerError> {
             self.open = None;
+            self.aborts += 1;
             Ok(())
         }
     }
@@ -775,6 +790,7 @@ mod tests {
                 rate_limit: RateLimit { events_per_s: 1000, burst: 20_000 },
                 signatures: records::Signatures::default(),
                 max_open_users: 100_000,
+                max_batch_users: 4_096,
                 // Unbounded: these tests' records carry no append time, and now_us is 0.
                 time_bounds: TimeBounds { lead_us: i64::MAX, lag_us: i64::MAX },
                 input_topic: "keys.events",
@@ -1121,6 +1137,57 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_begin_aborts_so_an_abort_in_progress_is_resumed() {
+        let mut producer = MemoryProducer { fail_next_begin: true, ..MemoryProducer::default() };
+        assert!(transact(&mut producer, &[], 7).is_err());
+        assert_eq!(producer.aborts, 1);
+        assert_eq!(transact(&mut producer, &[], 7).unwrap(), None);
+        assert_eq!(producer.positions, vec![7]);
+    }
+
+    #[test]
+    fn records_split_into_parts_of_a_bounded_number_of_users_in_order() {
+        let records: Vec<InputRecord> = ["a", "b", "a", "c", "b", "d", "d"]
+            .iter()
+            .enumerate()
+            .map(|(i, user)| InputRecord { offset: i as i64, ..agent_records(user, &macro_events(5))[0].clone() })
+            .collect();
+        let offsets = |max_users| -> Vec<Vec<i64>> {
+            parts(&records, max_users).iter().map(|p| p.iter().map(|r| r.offset).collect()).collect()
+        };
+        assert_eq!(offsets(2), vec![vec![0, 1, 2], vec![3, 4], vec![5, 6]]);
+        assert_eq!(offsets(3), vec![vec![0, 1, 2, 3, 4], vec![5, 6]]);
+        assert_eq!(offsets(4), vec![vec![0, 1, 2, 3, 4, 5, 6]]);
+        assert_eq!(parts(&[], 4), vec![&[] as &[InputRecord]], "one empty part: idle windows still close");
+    }
+
+    #[test]
+    fn a_batch_closes_at_most_its_bound_of_idle_windows_the_longest_quiet_first() {
+        let mut detector = Detector::new(DetectorConfig::default()).unwrap();
+        let start = Instant::now();
+        let mut task = Task::open(0, MemoryStore::new(), start).unwrap();
+        let mut producer = MemoryProducer::default();
+        for (i, user) in ["u0", "u1", "u2", "u3", "u4"].iter().enumerate() {
+            let record = InputRecord { offset: i as i64, ..agent_records(user, &macro_events(5))[0].clone() };
+            task.run_batch(&mut ctx(&mut detector, start + Duration::from_secs(i as u64)), &[record], &mut producer)
+                .unwrap();
+        }
+        let later = start + Duration::from_secs(60);
+        let mut closed = Vec::new();
+        while task.idle_due(later, Duration::from_secs(10)) {
+            let mut ctx = ctx(&mut detector, later);
+            ctx.settings.max_batch_users = 2;
+            closed.push(task.run_batch(&mut ctx, &[], &mut producer).unwrap().idle_closed);
+            if closed.len() == 1 {
+                let open = |u: &str| task.user_state(u).unwrap().unwrap().has_open_window();
+                assert_eq!(["u0", "u1", "u2"].map(open), [false, false, true], "the longest quiet first");
+            }
+        }
+        assert_eq!(closed, vec![2, 2, 1]);
+        assert_eq!(task.open_users(), 0);
+    }
+
+    #[test]
     fn past_the_cap_the_longest_quiet_users_close_early_and_a_typing_one_stays() {
         let mut detector = Detector::new(DetectorConfig::default()).unwrap();
         let start = Instant::now();
@@ -1142,9 +1209,7 @@ mod tests {
             assert!(task.open_users() <= 3);
         }
         assert_eq!(evicted, 4, "u0 to u3 closed early, one a batch from the third on");
-        let mut open: Vec<&str> = task.open_users.keys().map(String::as_str).collect();
-        open.sort_unstable();
-        assert_eq!(open, ["typist", "u4", "u5"]);
+        assert!(["typist", "u4", "u5"].iter().all(|u| task.open_users.contains(u)));
         let closed = task.user_state("u0").unwrap().unwrap();
         assert!(!closed.has_open_window(), "an evicted user's window is closed in the store too");
     }

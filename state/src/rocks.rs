@@ -11,7 +11,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rocksdb::{BlockBasedOptions, Cache, DBCompressionType, Direction, IteratorMode, Options, WriteBufferManager, DB};
+use rocksdb::{
+    BlockBasedIndexType, BlockBasedOptions, Cache, DBCompressionType, Direction, IteratorMode, Options,
+    WriteBufferManager, DB,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::{Entry, Store, StoreError, WriteBatch, WriteOp};
@@ -24,7 +27,8 @@ pub struct RocksOptions {
     pub write_buffer_bytes: usize,
     /// Memtables per store (one active, the rest flushing). Default 2.
     pub max_write_buffers: i32,
-    /// Block cache shared by every store of the process. Default 64 MiB.
+    /// Block cache shared by every store of the process, for blocks: the cache is made this
+    /// much larger than `total_write_buffer_bytes`, which is charged to it. Default 64 MiB.
     pub block_cache_bytes: usize,
     /// Cap on all memtables of all stores of the process; past it RocksDB flushes early.
     /// Default 64 MiB.
@@ -65,8 +69,10 @@ impl std::fmt::Debug for RocksResources {
 impl RocksResources {
     /// Allocates the shared cache and write-buffer budget described by `options`.
     pub fn new(options: RocksOptions) -> Self {
-        let cache = Cache::new_lru_cache(options.block_cache_bytes);
-        // Memtable memory is charged to the block cache, so the two budgets add up to one bound.
+        // Memtable memory is charged to the cache, so the two budgets add up to one bound; the
+        // cache holds both, or full memtables would leave no room for blocks and every read
+        // would fetch and decompress its index again.
+        let cache = Cache::new_lru_cache(options.block_cache_bytes + options.total_write_buffer_bytes);
         let write_buffers = Arc::new(WriteBufferManager::new_write_buffer_manager_with_cache(
             options.total_write_buffer_bytes,
             false,
@@ -98,6 +104,14 @@ impl RocksResources {
         table.set_block_cache(&self.cache);
         table.set_cache_index_and_filter_blocks(true);
         table.set_bloom_filter(10.0, false);
+        // Partitioned index and filters, their small top level pinned: a read needs one
+        // partition of each in the cache, not a whole file's index (a flood of new ids makes
+        // files of a million small states, whose index alone outgrows a share of the cache).
+        table.set_index_type(BlockBasedIndexType::TwoLevelIndexSearch);
+        table.set_partition_filters(true);
+        table.set_metadata_block_size(4096);
+        table.set_pin_top_level_index_and_filter(true);
+        table.set_pin_l0_filter_and_index_blocks_in_cache(true);
         opts.set_block_based_table_factory(&table);
         opts
     }

@@ -678,8 +678,13 @@ impl ProcessorProc {
 
     /// Waits until `condition` holds while the processor runs; fails with its log (and the
     /// brokers') if it exits first or the wait runs out.
-    pub fn wait_until(&mut self, what: &str, mut condition: impl FnMut() -> bool) {
-        let deadline = Instant::now() + PATIENCE;
+    pub fn wait_until(&mut self, what: &str, condition: impl FnMut() -> bool) {
+        self.wait_until_within(what, PATIENCE, condition);
+    }
+
+    /// [`Self::wait_until`] with a patience of its own, for work that takes longer.
+    pub fn wait_until_within(&mut self, what: &str, patience: Duration, mut condition: impl FnMut() -> bool) {
+        let deadline = Instant::now() + patience;
         while !condition() {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
                 panic!("processor exited ({status}) before {what}:\n{}", self.log());
