@@ -20,8 +20,7 @@
 //! the detector loses is key identity beyond `lifetime` presses (docs/agent.md, "Key labels").
 //!
 //! `lifetime` 0 keeps one label per key for the whole session, as the stable per-session
-//! pseudonym did: the agent's default while the detector needs key identity over hundreds of
-//! presses, and a simple substitution that a long session's text falls to.
+//! pseudonym did: a simple substitution that a long session's text falls to.
 
 use std::collections::HashMap;
 
@@ -34,10 +33,11 @@ use crate::event::{KeyAction, KeyEvent};
 /// mistaken for a raw code, and a raw code in a record is a bug a test can see.
 pub const LABEL_MARK: u32 = 0x8000_0000;
 
-/// The short lifetime, presses: short enough that frequency analysis recovers hardly more than
-/// it would from fresh labels (tests/agent.rs). Not yet the agent's default: the detector
-/// still reads key identity over longer spans (docs/agent.md, "Key labels").
-pub const SHORT_LIFETIME: u32 = 16;
+/// The short lifetime, presses, and the agent's default: short enough that frequency analysis
+/// recovers hardly more than it would from fresh labels (tests/agent.rs), and the shortest the
+/// agent accepts, since the detector's `keys_never_recur` rule reads recurrences within 16
+/// presses (`detect::features::RECURRENCE_SPAN`).
+pub const SHORT_LIFETIME: u32 = crate::detect::features::RECURRENCE_SPAN as u32;
 
 /// Keys remembered before the expired ones are forgotten (evdev has fewer than 0x300 codes).
 const REMEMBERED_KEYS: usize = 1024;

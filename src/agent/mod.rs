@@ -80,7 +80,8 @@ pub struct AgentConfig {
     pub signing_key_file: PathBuf,
     /// Presses a key label lives (`agent::labels`; the default, 16, resists frequency analysis);
     /// 0: one label per key for the whole session, which a long session's text falls to
-    /// frequency analysis of.
+    /// frequency analysis of. Shorter lives than 16 are refused: the detector's
+    /// `keys_never_recur` rule expects a typist's keys to recur within 16 presses.
     pub key_label_presses: u32,
 }
 
@@ -115,8 +116,10 @@ impl AgentConfig {
         if self.spool_max_bytes < 4096 {
             return Err("agent.spool_max_bytes: at least 4096".to_owned());
         }
-        if self.key_label_presses > 10_000 {
-            return Err("agent.key_label_presses: at most 10000".to_owned());
+        // Shorter lives break the recurrence of keys people show, which `keys_never_recur` reads.
+        let lives = labels::SHORT_LIFETIME..=10_000;
+        if self.key_label_presses != 0 && !lives.contains(&self.key_label_presses) {
+            return Err(format!("agent.key_label_presses: 0, or between {} and {}", lives.start(), lives.end()));
         }
         if self.max_in_flight == 0 {
             return Err("agent.max_in_flight: at least 1".to_owned());
@@ -481,6 +484,10 @@ mod tests {
         assert!(ok.validate().is_ok());
         assert!(AgentConfig { batch_events: 0, ..ok.clone() }.validate().is_err());
         assert!(AgentConfig { spool_max_bytes: 10, ..ok.clone() }.validate().is_err());
+        // Labels shorter-lived than the span the detector reads recurrences over are refused.
+        assert!(AgentConfig { key_label_presses: 0, ..ok.clone() }.validate().is_ok());
+        assert!(AgentConfig { key_label_presses: 15, ..ok.clone() }.validate().is_err());
+        assert!(AgentConfig { key_label_presses: 1, ..ok.clone() }.validate().is_err());
         assert!(AgentConfig { user_id: "x".repeat(300), ..ok }.validate().is_err());
     }
 }

@@ -105,11 +105,19 @@ pub struct WindowFeatures {
     pub key_dependence_chi2: f64,
     /// Presses behind that verdict's recent horizon (0: no verdict yet).
     pub key_dependence_presses: f64,
+    /// Share of presses after the window's first whose key is among the
+    /// [`RECURRENCE_SPAN`] presses before it: what survives of key identity in the agent's
+    /// labels, which a typist's keys always show and labels drawn fresh per press do not.
+    pub key_recurrence_share: f64,
 }
+
+/// Presses back a key's recurrence counts over: the agent's label lifetime
+/// (`agent::labels::SHORT_LIFETIME`), within which a key keeps its label.
+pub const RECURRENCE_SPAN: usize = 16;
 
 impl WindowFeatures {
     /// Feature names, in [`Self::to_array`] order.
-    pub const NAMES: [&'static str; 27] = [
+    pub const NAMES: [&'static str; 28] = [
         "histogram_score",
         "histogram_peak_ms",
         "clock_resolution_ms",
@@ -137,10 +145,11 @@ impl WindowFeatures {
         "virtual_device",
         "key_dependence_chi2",
         "key_dependence_presses",
+        "key_recurrence_share",
     ];
 
     /// The vector in [`Self::NAMES`] order.
-    pub fn to_array(&self) -> [f64; 27] {
+    pub fn to_array(&self) -> [f64; 28] {
         [
             self.histogram_score,
             self.histogram_peak_ms,
@@ -169,6 +178,7 @@ impl WindowFeatures {
             self.virtual_device,
             self.key_dependence_chi2,
             self.key_dependence_presses,
+            self.key_recurrence_share,
         ]
     }
 }
@@ -249,6 +259,7 @@ pub fn extract(presses: &[Press], cfg: &FeatureConfig, scratch: &mut Scratch) ->
     let (distinct, top) = key_counts(presses, &mut scratch.key_counts);
     f.distinct_keys = distinct as f64;
     f.top_key_share = ratio(top, presses.len());
+    f.key_recurrence_share = ratio(recurring_presses(presses), presses.len() - 1);
 
     let tolerance_us = ((cfg.period_tolerance_ms * US_PER_MS) as i64).max(clock_us);
     let (period, key_share, timing_share) = periodicity(presses, &mut scratch.keys, cfg.max_period, tolerance_us);
@@ -323,6 +334,13 @@ fn key_counts(presses: &[Press], table: &mut Vec<(u32, u32)>) -> (usize, usize) 
         }
     }
     (distinct, top as usize)
+}
+
+/// Presses after the first whose key is among the [`RECURRENCE_SPAN`] presses before them.
+fn recurring_presses(presses: &[Press]) -> usize {
+    (1..presses.len())
+        .filter(|&i| presses[i.saturating_sub(RECURRENCE_SPAN)..i].iter().any(|q| q.key == presses[i].key))
+        .count()
 }
 
 fn ratio(part: usize, whole: usize) -> f64 {
@@ -468,6 +486,18 @@ mod tests {
     fn tiny_windows_do_not_panic() {
         assert_eq!(feats(&[]).presses, 0.0);
         assert_eq!(feats(&presses(&[], &[1], &[1])).histogram_score, 0.0);
+    }
+
+    #[test]
+    fn key_recurrence_counts_keys_seen_within_the_span() {
+        let intervals = [120; 40];
+        // Three keys in turn: every press from the fourth on recurs.
+        assert_eq!(feats(&presses(&intervals, &[30], &[1, 2, 3])).key_recurrence_share, 38.0 / 40.0);
+        // A loop longer than the span, or a fresh label for every press: nothing recurs.
+        let loop_keys: Vec<u32> = (1..=RECURRENCE_SPAN as u32 + 1).collect();
+        assert_eq!(feats(&presses(&intervals, &[30], &loop_keys)).key_recurrence_share, 0.0);
+        let fresh: Vec<u32> = (100..141).collect();
+        assert_eq!(feats(&presses(&intervals, &[30], &fresh)).key_recurrence_share, 0.0);
     }
 
     #[test]

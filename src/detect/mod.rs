@@ -1253,11 +1253,12 @@ mod tests {
     }
 
     fn human_like(presses: usize) -> Vec<KeyEvent> {
-        // Irregular intervals and holds over many keys: no timing rule fires.
+        // Irregular intervals and holds over many keys, a space every fourth press (people
+        // come back to keys within a few presses): no timing rule fires.
         let mut t = 0;
         let mut events = Vec::new();
         for i in 0..presses as i64 {
-            let key = 16 + ((i * 7) % 26) as u32;
+            let key = if i % 4 == 3 { 57 } else { 16 + ((i * 7) % 26) as u32 };
             let hold = 60_000 + (i * 7_919) % 50_000;
             events.push(KeyEvent::new(t, key, KeyAction::Down));
             events.push(KeyEvent::new(t + hold, key, KeyAction::Up));

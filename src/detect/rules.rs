@@ -35,6 +35,11 @@ pub struct RuleConfig {
     /// `keyless_timing` fires when the key-dependence chi-squared (eight degrees of freedom)
     /// stays below this on both horizons: 26, its 99.9 % point under the null of a sampler.
     pub key_dependence_chi2: f64,
+    /// `keys_never_recur` fires when at most this share of a window's presses have their key
+    /// among the 16 presses before them (`key_recurrence_share`). A typist's keys recur, and
+    /// so do the agent's labels, which a key keeps for 16 presses; an agent changed to draw a
+    /// fresh label for every press shows none (docs/agent.md, "Threat model").
+    pub key_recurrence_floor: f64,
     /// Keys from a virtual device (uinput) make a window suspicious on their own. Off by default:
     /// key remappers (keyd, kmonad), remote desktops and on-screen keyboards type through uinput
     /// too, so by default `virtual_device` only explains an alert other evidence raised.
@@ -57,6 +62,7 @@ impl Default for RuleConfig {
             hold_rules_max_clock_ms: 4.0,
             replay_recurrences: 3,
             key_dependence_chi2: 26.0,
+            key_recurrence_floor: 0.1,
             virtual_device_alerts: false,
         }
     }
@@ -94,11 +100,14 @@ pub enum Rule {
     /// The per-press model's evidence (a CUSUM over its log-odds, `lstm::stream`) crossed its
     /// threshold: raised at that press, with no window to confirm it.
     PressLstm,
+    /// Hardly any key recurred within 16 presses: the keys say nothing of the keyboard, as
+    /// from an agent changed to send a fresh label for every press.
+    KeysNeverRecur,
 }
 
 impl Rule {
     /// Every reason, in bit order.
-    pub const ALL: [Rule; 12] = [
+    pub const ALL: [Rule; 13] = [
         Rule::IntervalHistogram,
         Rule::IntervalRegular,
         Rule::HoldConstant,
@@ -111,6 +120,7 @@ impl Rule {
         Rule::Fleet,
         Rule::KeylessTiming,
         Rule::PressLstm,
+        Rule::KeysNeverRecur,
     ];
 
     /// The scorer behind this reason: `histogram` for the timing rules over the
@@ -140,6 +150,7 @@ impl Rule {
             Rule::Fleet => &[],
             Rule::KeylessTiming => &["key_dependence_chi2", "key_dependence_presses"],
             Rule::PressLstm => &[],
+            Rule::KeysNeverRecur => &["key_recurrence_share"],
         }
     }
 
@@ -158,6 +169,7 @@ impl Rule {
             Rule::Fleet => "fleet",
             Rule::KeylessTiming => "keyless_timing",
             Rule::PressLstm => "press_lstm",
+            Rule::KeysNeverRecur => "keys_never_recur",
         }
     }
 
@@ -266,6 +278,11 @@ pub fn evaluate(f: &WindowFeatures, cfg: &RuleConfig) -> TimingScore {
         let keyless = 1.0 - 0.5 * f.key_dependence_chi2 / cfg.key_dependence_chi2.max(f64::MIN_POSITIVE);
         consider(Rule::KeylessTiming, keyless.clamp(0.0, 1.0));
     }
+    if f.key_recurrence_share <= cfg.key_recurrence_floor {
+        // 0.5 at the floor, 1 at no recurrence at all.
+        let floor = cfg.key_recurrence_floor.max(f64::MIN_POSITIVE);
+        consider(Rule::KeysNeverRecur, ramp_below(f.key_recurrence_share, floor, floor / 2.0));
+    }
     out
 }
 
@@ -306,6 +323,7 @@ mod tests {
             hold_mode_share: 0.1,
             tiny_hold_share: 0.0,
             key_period_share: 0.2,
+            key_recurrence_share: 0.6,
             top_key_share: 0.15,
             timing_period_share: 0.1,
             clock_resolution_ms: 1.0,
@@ -335,7 +353,7 @@ mod tests {
     fn each_rule_fires_on_its_own_feature() {
         let cfg = RuleConfig::default();
         type Tweak = fn(&mut WindowFeatures);
-        let cases: [(Rule, Tweak); 5] = [
+        let cases: [(Rule, Tweak); 6] = [
             (Rule::IntervalHistogram, |f| f.histogram_score = 0.9),
             (Rule::IntervalRegular, |f| f.interval_cv = 0.02),
             (Rule::HoldConstant, |f| f.hold_mode_share = 1.0),
@@ -344,6 +362,7 @@ mod tests {
                 f.key_period_share = 1.0;
                 f.timing_period_share = 1.0;
             }),
+            (Rule::KeysNeverRecur, |f| f.key_recurrence_share = 0.0),
         ];
         for (rule, tweak) in cases {
             let mut f = human_like();
