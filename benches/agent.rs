@@ -10,7 +10,7 @@
 //!   it once "acknowledged" (the agent's whole per-event work short of the network).
 //!
 //! And per record of 50 events (group `signatures`): `encode` against `sign_encode` (the agent
-//! signing with HMAC-SHA256, `stream::signing`), `decode` against `decode_check` (the processor
+//! signing with HMAC-SHA256, `metronome_core::signing`), `decode` against `decode_check` (the processor
 //! decoding and validating a record, then also checking its signature).
 
 use std::hint::black_box;
@@ -19,13 +19,13 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use metronome::agent::labels::{KeyLabeler, SHORT_LIFETIME};
 use metronome::agent::ship::frame;
 use metronome::agent::spool::Spool;
-use metronome::cutting::{CutRecord, RecordCutter, RecordShape};
-use metronome::event::KeyEvent;
-use metronome::humanmodel::Typist;
-use metronome::stream::records::{
+use metronome_core::cutting::{CutRecord, RecordCutter, RecordShape};
+use metronome_core::event::KeyEvent;
+use metronome_core::humanmodel::Typist;
+use metronome_core::signing::{DeviceKeys, SigningKey};
+use metronome_core::wire::{
     batch_message, decode_record, decode_signed_record, encode_batch, InputRecord, RecordTime, Signatures,
 };
-use metronome::stream::signing::{DeviceKeys, SigningKey};
 use prost::Message;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;

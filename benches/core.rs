@@ -23,10 +23,10 @@ use std::collections::VecDeque;
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use metronome::detect::histogram::naive_bin_share;
-use metronome::detect::{Detector, DetectorConfig, ScoringBatch, UserState};
-use metronome::event::{KeyAction, KeyEvent};
-use metronome::macrogen::{self, MacroFamily, MacroSpec, RecordedPress};
+use metronome_core::detect::histogram::naive_bin_share;
+use metronome_core::detect::{Detector, DetectorConfig, ScoringBatch, UserState};
+use metronome_core::event::{KeyAction, KeyEvent};
+use metronome_core::macrogen::{self, MacroFamily, MacroSpec, RecordedPress};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, LogNormal};

@@ -6,11 +6,11 @@
 //! ```
 //! - `lstm/window/{1,128}`: whole 50-step windows from a zero state (the shipped design), one
 //!   `score` call per batch; throughput in windows. The model always runs chunks of
-//!   `lstm::BATCH_WINDOWS` (128) windows, so `1` is a lone window padded to a full chunk (the
+//!   `metronome_model::BATCH_WINDOWS` (128) windows, so `1` is a lone window padded to a full chunk (the
 //!   worst case: an idle user closed alone) and `128` is one full chunk (a busy stream).
 //! - `lstm/carried/64`: the same weights fed only the hop's 10 new steps from a carried hidden
 //!   state (the alternative design); throughput in windows (each window = 10 events).
-//! - `lstm/press/{1,64}`: the per-press model (`lstm::stream`) stepping 1 or 64 users by one
+//! - `lstm/press/{1,64}`: the per-press model (`metronome_model::stream`) stepping 1 or 64 users by one
 //!   press from their carried states; throughput in presses.
 //! - `score/{timing,timing_lstm,timing_lstm_press}`: `score_records` over a 1,000,000-event keylog file (real
 //!   human typing from ../shared/data, repeated as needed); throughput in events. The
@@ -25,12 +25,12 @@ use std::path::PathBuf;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use metronome::dataset::{self};
-use metronome::detect::sequence::STEP_WIDTH;
-use metronome::detect::{Detector, DetectorConfig, SequenceScorer};
-use metronome::keylog::KeylogReader;
-use metronome::lstm::stream::StreamModel;
-use metronome::lstm::{LstmModel, BATCH_WINDOWS};
 use metronome::score::{self, BadRows, OutputSelection};
+use metronome_core::detect::sequence::STEP_WIDTH;
+use metronome_core::detect::{Detector, DetectorConfig, SequenceScorer};
+use metronome_core::keylog::KeylogReader;
+use metronome_model::stream::StreamModel;
+use metronome_model::{LstmModel, BATCH_WINDOWS};
 
 const EVENTS: usize = 1_000_000;
 
@@ -43,7 +43,7 @@ fn shared_data(name: &str) -> PathBuf {
 /// Real encoded windows: every window of the first users of subset A.
 fn real_windows(count: usize) -> Vec<f32> {
     let reader = KeylogReader::open(&shared_data("aalto-a-train.csv.gz")).unwrap();
-    let users = metronome::keylog::group_by_user(reader, |_| true, Some(60)).unwrap();
+    let users = metronome_core::keylog::group_by_user(reader, |_| true, Some(60)).unwrap();
     let mut detector = Detector::new(DetectorConfig::default()).unwrap();
     let mut out = Vec::new();
     for (_, events) in users.iter().cycle() {

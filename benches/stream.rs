@@ -19,11 +19,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use metronome::detect::{Detector, DetectorConfig};
-use metronome::keylog::KeylogReader;
-use metronome::lstm::{LstmModel, ReloadingModel};
 use metronome::stream::publish::RecordShape;
 use metronome::stream::{Processor, Shutdown, StreamConfig};
+use metronome_core::detect::{Detector, DetectorConfig};
+use metronome_core::keylog::KeylogReader;
+use metronome_model::{LstmModel, ReloadingModel};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 

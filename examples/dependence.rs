@@ -18,11 +18,11 @@ use std::path::PathBuf;
 
 use metronome::agent::labels::KeyLabeler;
 use metronome::dataset::{self, Split};
-use metronome::detect::dependence::{DependenceConfig, DependenceZ, KeyDependence, STATISTICS};
-use metronome::detect::dependence::{KeyGrouping, KeySums};
-use metronome::detect::window::Press;
-use metronome::event::KeyAction;
-use metronome::macrogen::{self, MacroFamily, MacroSpec, RecordedPress};
+use metronome_core::detect::dependence::{DependenceConfig, DependenceZ, KeyDependence, STATISTICS};
+use metronome_core::detect::dependence::{KeyGrouping, KeySums};
+use metronome_core::detect::window::Press;
+use metronome_core::event::KeyAction;
+use metronome_core::macrogen::{self, MacroFamily, MacroSpec, RecordedPress};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;

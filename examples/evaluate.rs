@@ -26,12 +26,12 @@ use metronome::agent::key_sums::KeySumsReporter;
 use metronome::agent::labels::KeyLabeler;
 use metronome::config::{Config, ModelSource};
 use metronome::dataset::{self, MacroUser, Split};
-use metronome::detect::dependence::KeySums;
-use metronome::detect::histogram::naive_bin_share;
-use metronome::detect::{Detector, Output, RuleSet, SequenceScorer};
-use metronome::event::{KeyAction, KeyEvent};
-use metronome::lstm::LstmModel;
-use metronome::macrogen::MacroFamily;
+use metronome_core::detect::dependence::KeySums;
+use metronome_core::detect::histogram::naive_bin_share;
+use metronome_core::detect::{Detector, Output, RuleSet, SequenceScorer};
+use metronome_core::event::{KeyAction, KeyEvent};
+use metronome_core::macrogen::MacroFamily;
+use metronome_model::LstmModel;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -177,7 +177,7 @@ impl WindowsCsv {
         use std::io::Write;
         let Some(w) = &mut self.0 else { return Ok(()) };
         for (timing, lstm) in &o.scores {
-            let x = lstm.map_or(String::new(), |s| format!("{:.4}", metronome::detect::policy::log_odds(s)));
+            let x = lstm.map_or(String::new(), |s| format!("{:.4}", metronome_core::detect::policy::log_odds(s)));
             writeln!(w, "{group},{user},{timing:.4},{x}")?;
         }
         Ok(())

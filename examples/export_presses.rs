@@ -25,10 +25,10 @@ use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 
 use metronome::dataset::{self, MacroUser, Split};
-use metronome::detect::sequence::{STEP_FEATURES, STEP_WIDTH};
-use metronome::detect::{Detector, DetectorConfig};
-use metronome::event::KeyEvent;
-use metronome::macrogen::MacroFamily;
+use metronome_core::detect::sequence::{STEP_FEATURES, STEP_WIDTH};
+use metronome_core::detect::{Detector, DetectorConfig};
+use metronome_core::event::KeyEvent;
+use metronome_core::macrogen::MacroFamily;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 

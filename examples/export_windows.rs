@@ -23,10 +23,10 @@ use std::path::PathBuf;
 
 use metronome::agent::labels::KeyLabeler;
 use metronome::dataset::{self, EncodedWindow, MacroUser, Split};
-use metronome::detect::sequence::{STEP_FEATURES, STEP_WIDTH};
-use metronome::detect::{Detector, DetectorConfig};
-use metronome::event::KeyEvent;
-use metronome::macrogen::MacroFamily;
+use metronome_core::detect::sequence::{STEP_FEATURES, STEP_WIDTH};
+use metronome_core::detect::{Detector, DetectorConfig};
+use metronome_core::event::KeyEvent;
+use metronome_core::macrogen::MacroFamily;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -107,7 +107,7 @@ impl SplitWriter {
 }
 
 fn parse_family(name: &str) -> Result<MacroFamily, String> {
-    MacroFamily::ALL.into_iter().find(|f| f.name() == name).ok_or_else(|| format!("no macro family `{name}`"))
+    name.parse()
 }
 
 /// At most `k` of `windows`, evenly spread.

@@ -16,10 +16,10 @@ use std::path::PathBuf;
 
 use metronome::config::Config;
 use metronome::dataset::{self, Split};
-use metronome::detect::fleet::{fleets_offline, FingerprintSeen};
-use metronome::detect::{Detector, Output};
-use metronome::event::KeyEvent;
-use metronome::macrogen::{self, FleetScript, MacroFamily, MacroSpec};
+use metronome_core::detect::fleet::{fleets_offline, FingerprintSeen};
+use metronome_core::detect::{Detector, Output};
+use metronome_core::event::KeyEvent;
+use metronome_core::macrogen::{self, FleetScript, MacroFamily, MacroSpec};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 

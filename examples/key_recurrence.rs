@@ -16,9 +16,9 @@ use std::path::PathBuf;
 use metronome::agent::labels::KeyLabeler;
 use metronome::config::Config;
 use metronome::dataset::{self, MacroUser, Split};
-use metronome::detect::{Detector, Output};
-use metronome::event::KeyEvent;
-use metronome::macrogen::MacroFamily;
+use metronome_core::detect::{Detector, Output};
+use metronome_core::event::KeyEvent;
+use metronome_core::macrogen::MacroFamily;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 

@@ -11,7 +11,7 @@ For each (reference, clamp) on a grid it reports the largest statistic any human
 threshold that leaves a margin over it, each family's share of users whose statistic reaches
 that threshold, and theta, the root of E[exp(theta X)] = 1 over the human increments X, which
 bounds the expected windows to a false alarm below by exp(theta H) (for independent windows;
-see src/detect/policy.rs).
+see crates/core/src/detect/policy.rs).
 """
 
 import argparse

@@ -12,10 +12,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::agent::AgentConfig;
 use crate::archive::ArchiveConfig;
-use crate::detect::{DetectorConfig, InvalidConfig};
 use crate::http::HttpConfig;
 use crate::sink::PostgresConfig;
 use crate::stream::config::{normalise_kafka_properties, StreamConfig};
+use metronome_core::detect::{DetectorConfig, InvalidConfig};
 
 /// The embedded defaults (`config/default.toml`).
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");

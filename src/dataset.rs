@@ -17,10 +17,10 @@ use std::path::PathBuf;
 
 use rand::Rng;
 
-use crate::detect::{Detector, Output, ScoringBatch, UserState};
-use crate::event::{KeyAction, KeyEvent};
-use crate::keylog::{KeylogError, KeylogReader};
-use crate::macrogen::{self, HoldModel, MacroFamily, MacroSpec};
+use metronome_core::detect::{Detector, Output, ScoringBatch, UserState};
+use metronome_core::event::{KeyAction, KeyEvent};
+use metronome_core::keylog::{KeylogError, KeylogReader};
+use metronome_core::macrogen::{self, HoldModel, MacroFamily, MacroSpec};
 
 /// Which part of the data a user belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum, serde::Serialize)]
@@ -164,7 +164,7 @@ pub struct EncodedWindow {
     pub end_us: i64,
     /// The timing rules' score.
     pub timing_score: f64,
-    /// `steps * STEP_WIDTH` values from [`crate::detect::sequence::encode_window`].
+    /// `steps * STEP_WIDTH` values from [`metronome_core::detect::sequence::encode_window`].
     pub steps: Vec<f32>,
 }
 
@@ -181,7 +181,7 @@ pub fn encoded_windows(detector: &mut Detector, events: &[KeyEvent], steps: usiz
     let mut out = Vec::new();
     // Without a model the batch decides on timing alone; windows come out in encoding order.
     detector.finish(&mut batch, &mut users, None, &mut out).expect("no model, no model failure");
-    let width = steps * crate::detect::sequence::STEP_WIDTH;
+    let width = steps * metronome_core::detect::sequence::STEP_WIDTH;
     out.into_iter()
         .filter_map(|(_, o)| if let Output::Window(w) = o { Some(w) } else { None })
         .zip(encoded.chunks_exact(width))
@@ -197,7 +197,7 @@ pub fn encoded_windows(detector: &mut Detector, events: &[KeyEvent], steps: usiz
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::detect::DetectorConfig;
+    use metronome_core::detect::DetectorConfig;
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
 
@@ -224,7 +224,7 @@ mod tests {
         // First at 30 presses, then every 10: 30, 40, ..., 200.
         assert_eq!(windows.len(), 18);
         assert!(windows.windows(2).all(|w| w[0].end_us < w[1].end_us));
-        assert!(windows.iter().all(|w| w.steps.len() == 50 * crate::detect::sequence::STEP_WIDTH));
+        assert!(windows.iter().all(|w| w.steps.len() == 50 * metronome_core::detect::sequence::STEP_WIDTH));
         assert_eq!(user.macro_share(windows[0].start_us, windows[0].end_us), 1.0);
     }
 }

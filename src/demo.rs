@@ -24,15 +24,16 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::agent::capture::epoch_us;
 use crate::config::Config;
-use crate::event::KeyEvent;
 use crate::http::{AlertDb, RecentAlerts};
-use crate::macrogen::MacroFamily;
-use crate::proto;
 use crate::service::{run_processor, service_runtime, shutdown_on_signal};
 use crate::simulate::{self, Humans, SimulatedUser, SimulationPlan, Truth};
-use crate::stream::alerts::{alert_json, follow_until};
+use crate::stream::alerts::follow_until;
 use crate::stream::config::{Guarantee, FLEET_CANDIDATES, FLEET_FINGERPRINTS, USER_STATE_STORE};
 use crate::stream::publish::{self, Pace, RecordShape};
+use metronome_core::alert_json::alert_json;
+use metronome_core::event::KeyEvent;
+use metronome_core::macrogen::MacroFamily;
+use metronome_core::proto;
 
 /// Partitions of the embedded cluster's topics.
 const DEMO_PARTITIONS: i32 = 4;

@@ -6,20 +6,21 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use clap::builder::TypedValueParser as _;
 use clap::{Parser, Subcommand};
 use metronome::agent::capture::DeviceChoice;
 use metronome::agent::{self, Source};
 use metronome::archive::{self, format::Day};
 use metronome::config::Config;
-use metronome::detect::{Detector, SequenceScorer};
 use metronome::http::{AlertDb, ApiState, Readiness};
-use metronome::keylog::{self, KeylogReader, KeylogWriter};
-use metronome::macrogen::MacroFamily;
 use metronome::score::{self, BadRows, OutputSelection, ScoreError};
 use metronome::service::{self, service_runtime, shutdown_on_signal, start_http};
 use metronome::simulate::{self, SimulationPlan};
 use metronome::sink::PgTarget;
 use metronome::stream;
+use metronome_core::detect::{Detector, SequenceScorer};
+use metronome_core::keylog::{self, KeylogReader, KeylogWriter};
+use metronome_core::macrogen::MacroFamily;
 
 /// Catches users whose keyboards are driven by macros.
 #[derive(Debug, Parser)]
@@ -245,7 +246,8 @@ enum Command {
         #[arg(long, default_value_t = 0.25)]
         macro_share: f64,
         /// Macro families, comma separated.
-        #[arg(long, value_delimiter = ',', default_values_t = MacroFamily::ALL.to_vec())]
+        #[arg(long, value_delimiter = ',', value_parser = macro_family_parser(),
+              default_values_t = MacroFamily::ALL.to_vec())]
         families: Vec<MacroFamily>,
         /// Macro users type as humans first, then switch the macro on.
         #[arg(long)]
@@ -353,7 +355,7 @@ fn run(cli: Cli) -> Result<(), String> {
             let topic = config.stream.alerts_topic.clone();
             let mut out = io::stdout().lock();
             let (alerts, bad) = stream::alerts::follow(&config.kafka, &topic, Duration::from_secs(idle_exit_s), |a| {
-                let _ = writeln!(out, "{}", stream::alerts::alert_json(a));
+                let _ = writeln!(out, "{}", metronome_core::alert_json::alert_json(a));
                 let _ = out.flush();
             })
             .map_err(|e| format!("reading {topic}: {e}"))?;
@@ -708,7 +710,10 @@ fn run_score(config: Config, input: ScoreInput<'_>, skip_bad_rows: bool, alerts_
 
 /// The recordings `--humans` names: a keylog, `builtin` (none: the parametric model), or by
 /// default `../shared/data/aalto-a-train.csv.gz` when it is there.
-fn load_humans(humans: Option<&str>, users: usize) -> Result<Option<Vec<Vec<metronome::event::KeyEvent>>>, String> {
+fn load_humans(
+    humans: Option<&str>,
+    users: usize,
+) -> Result<Option<Vec<Vec<metronome_core::event::KeyEvent>>>, String> {
     const DEFAULT_HUMANS: &str = "../shared/data/aalto-a-train.csv.gz";
     let path = match humans {
         Some("builtin") => return Ok(None),
@@ -804,4 +809,10 @@ fn publish_simulation(
         describe(plan, users)
     );
     Ok(())
+}
+
+/// `--families`: the macro families by name, listed in `--help`.
+fn macro_family_parser() -> impl clap::builder::TypedValueParser<Value = MacroFamily> {
+    let names = MacroFamily::ALL.map(MacroFamily::name);
+    clap::builder::PossibleValuesParser::new(names).try_map(|name: String| name.parse::<MacroFamily>())
 }

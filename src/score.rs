@@ -16,10 +16,10 @@ use std::io::{self, Write};
 
 use serde::Serialize;
 
-use crate::detect::{
+use metronome_core::detect::{
     AlertReport, Detector, Output, ScoringBatch, SequenceError, SequenceScorer, UserState, WindowFeatures, WindowReport,
 };
-use crate::keylog::{KeylogError, KeylogRecord};
+use metronome_core::keylog::{KeylogError, KeylogRecord};
 
 /// What to do with an invalid row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -10,14 +10,14 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::config::{Config, ModelSource};
-use crate::detect::Detector;
 use crate::http::{AlertDb, ApiState, BrokerProbe, HttpConfig, Readiness, UserApi};
-use crate::lstm::stream::StreamModel;
-use crate::lstm::{LstmModel, ReloadingModel};
 use crate::sink::{PgTarget, PostgresSink};
 use crate::stream::directory::DirectoryReader;
 use crate::stream::stages::FleetStages;
 use crate::stream::{Processor, RunSummary, Shutdown};
+use metronome_core::detect::Detector;
+use metronome_model::stream::StreamModel;
+use metronome_model::{LstmModel, ReloadingModel};
 
 /// The runtime of the long-running commands: one worker (the processor has its own threads).
 pub fn service_runtime() -> Result<tokio::runtime::Runtime, String> {

@@ -18,7 +18,7 @@ use common::broker::{env_vars, free_port, Broker, ProcessorProc};
 use common::postgres::TempDb;
 use common::text_attack::{self, LanguageModel};
 use metronome::agent::labels::{LABEL_MARK, SHORT_LIFETIME};
-use metronome::proto;
+use metronome_core::proto;
 use prost::Message;
 
 /// Key codes no simulated or real data here uses, so any trace of them is a leak.
@@ -92,14 +92,14 @@ fn batches(broker: &Broker) -> Vec<(Vec<u8>, proto::KeyEventBatch)> {
 
 /// The file's raw keys and actions, in order.
 fn file_keys(keylog: &Path) -> Vec<(u32, i32)> {
-    metronome::keylog::KeylogReader::open(keylog)
+    metronome_core::keylog::KeylogReader::open(keylog)
         .unwrap()
         .map(|r| {
             let r = r.unwrap();
             let action = match r.event.action {
-                metronome::event::KeyAction::Down => proto::KeyAction::Down,
-                metronome::event::KeyAction::Up => proto::KeyAction::Up,
-                metronome::event::KeyAction::Repeat => proto::KeyAction::Repeat,
+                metronome_core::event::KeyAction::Down => proto::KeyAction::Down,
+                metronome_core::event::KeyAction::Up => proto::KeyAction::Up,
+                metronome_core::event::KeyAction::Repeat => proto::KeyAction::Repeat,
             };
             (r.event.key, action as i32)
         })
@@ -444,8 +444,8 @@ fn a_frequency_attack_gets_under_a_tenth_of_a_typed_passage_from_short_lived_lab
         let labels: Vec<u32> = text_attack::presses_of(passage)
             .into_iter()
             .map(|(code, _)| {
-                let label = labeler.label(code, metronome::event::KeyAction::Down);
-                labeler.label(code, metronome::event::KeyAction::Up);
+                let label = labeler.label(code, metronome_core::event::KeyAction::Down);
+                labeler.label(code, metronome_core::event::KeyAction::Up);
                 label
             })
             .collect();

@@ -14,9 +14,9 @@ use std::time::Duration;
 use common::broker::{env_vars, Broker, ProcessorProc};
 use common::postgres::TempDb;
 use metronome::archive::format::{sha256_hex, ArchiveReader, Day, Manifest};
-use metronome::event::{KeyAction, KeyEvent};
-use metronome::proto;
-use metronome::stream::records::batches_for_user;
+use metronome_core::event::{KeyAction, KeyEvent};
+use metronome_core::proto;
+use metronome_core::wire::batches_for_user;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use serde_json::Value;
 
@@ -441,7 +441,7 @@ fn an_archived_day_backtests_to_the_alerts_the_live_processor_committed() {
         16,
         &["--macro-share", "0.3", "--mixed", "--seed", "5", "--macro-presses", "150"],
     );
-    let events = metronome::keylog::KeylogReader::open(&keylog).unwrap().map(|r| r.unwrap().event.time_us);
+    let events = metronome_core::keylog::KeylogReader::open(&keylog).unwrap().map(|r| r.unwrap().event.time_us);
     let (first, last) = events.fold((i64::MAX, i64::MIN), |(lo, hi), t| (lo.min(t), hi.max(t)));
     let recorded = Day::containing(first / 1000);
     assert_eq!(Day::containing(last / 1000), recorded, "the simulated traffic fits in one day");

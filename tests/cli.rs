@@ -5,7 +5,7 @@ mod common;
 use std::path::Path;
 
 use assert_cmd::Command;
-use metronome::macrogen;
+use metronome_core::macrogen;
 use predicates::prelude::*;
 use serde_json::Value;
 

@@ -8,11 +8,11 @@ mod common;
 use std::path::Path;
 
 use common::broker::{env_vars, Broker, ProcessorProc};
-use metronome::event::KeyEvent;
-use metronome::keylog::{self, KeylogReader};
-use metronome::macrogen::{self, FleetScript, MacroFamily, MacroSpec};
-use metronome::proto;
-use metronome::stream::records::batches_for_user;
+use metronome_core::event::KeyEvent;
+use metronome_core::keylog::{self, KeylogReader};
+use metronome_core::macrogen::{self, FleetScript, MacroFamily, MacroSpec};
+use metronome_core::proto;
+use metronome_core::wire::batches_for_user;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 

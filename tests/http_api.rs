@@ -13,10 +13,10 @@ use common::broker::{env_vars, Broker, ProcessorProc};
 use common::http_get;
 use common::postgres::TempDb;
 use metronome::http::{routes, AlertDb, ApiState, BrokerProbe, Readiness, ServeLimits};
-use metronome::proto;
 use metronome::sink::store::{write_batch, SinkRecord};
 use metronome::sink::PgTarget;
 use metronome::stream::status::Status;
+use metronome_core::proto;
 use serde_json::Value;
 
 const TOKEN: &str = "t0ken-for-tests";
@@ -368,14 +368,17 @@ fn a_run_seen_through_metrics_the_api_and_the_alert_page() {
     let addr = processor.http_addr();
 
     // Publish: every user's events in records of 40, plus two records that are not key events.
-    let users =
-        metronome::keylog::group_by_user(metronome::keylog::KeylogReader::open(&keylog).unwrap(), |_| true, None)
-            .unwrap();
+    let users = metronome_core::keylog::group_by_user(
+        metronome_core::keylog::KeylogReader::open(&keylog).unwrap(),
+        |_| true,
+        None,
+    )
+    .unwrap();
     let mut records = Vec::new();
     let mut events = 0usize;
     for (user, user_events) in &users {
         events += user_events.len();
-        for payload in metronome::stream::records::batches_for_user(user, "s", user_events, 40) {
+        for payload in metronome_core::wire::batches_for_user(user, "s", user_events, 40) {
             records.push((user.as_bytes().to_vec(), payload));
         }
     }

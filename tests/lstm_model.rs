@@ -3,10 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
-use metronome::detect::sequence::STEP_WIDTH;
-use metronome::detect::SequenceScorer;
-use metronome::lstm::stream::StreamModel;
-use metronome::lstm::{LstmModel, ModelError, Reload, ReloadingModel, SHIPPED_MANIFEST_PATH};
+use metronome_core::detect::sequence::STEP_WIDTH;
+use metronome_core::detect::SequenceScorer;
+use metronome_model::stream::StreamModel;
+use metronome_model::{LstmModel, ModelError, Reload, ReloadingModel, SHIPPED_MANIFEST_PATH};
 use serde::Deserialize;
 
 const HOLDOUT_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/lstm-holdout");
@@ -46,7 +46,7 @@ fn find(dir: &Path, suffix: &str) -> PathBuf {
 fn vectors_for(manifest: &Path) -> Vectors {
     let path = manifest.to_string_lossy().replace(".json", ".vectors.json");
     let mut v: Vectors = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let m: metronome::lstm::Manifest = serde_json::from_str(&std::fs::read_to_string(manifest).unwrap()).unwrap();
+    let m: metronome_model::Manifest = serde_json::from_str(&std::fs::read_to_string(manifest).unwrap()).unwrap();
     v.threshold = m.threshold;
     v
 }
@@ -125,7 +125,7 @@ fn a_window_scores_the_same_bits_whatever_else_shares_its_call() {
     let v = vectors_for(&manifest);
     // More windows than one call holds, so chunking is crossed too.
     let windows: Vec<&[f32]> =
-        v.windows.iter().map(|w| w.steps.as_slice()).cycle().take(metronome::lstm::BATCH_WINDOWS * 2 + 5).collect();
+        v.windows.iter().map(|w| w.steps.as_slice()).cycle().take(metronome_model::BATCH_WINDOWS * 2 + 5).collect();
     let all: Vec<f32> = windows.concat();
     let together = model.probabilities(&all, windows.len()).unwrap();
     for group in [1usize, 2, 3, 7, 40] {
@@ -241,7 +241,7 @@ struct StreamSequence {
 }
 
 fn stream_vectors() -> StreamVectors {
-    let path = metronome::lstm::stream::SHIPPED_STREAM_MANIFEST_PATH.replace(".json", ".vectors.json");
+    let path = metronome_model::stream::SHIPPED_STREAM_MANIFEST_PATH.replace(".json", ".vectors.json");
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
@@ -281,7 +281,7 @@ fn the_streaming_model_agrees_with_pytorch_press_by_press_whoever_shares_the_cal
 #[test]
 fn a_streaming_model_whose_file_was_changed_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let shipped = Path::new(metronome::lstm::stream::SHIPPED_STREAM_MANIFEST_PATH);
+    let shipped = Path::new(metronome_model::stream::SHIPPED_STREAM_MANIFEST_PATH);
     let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(shipped).unwrap()).unwrap();
     let file = manifest["file"].as_str().unwrap();
     let mut onnx = std::fs::read(shipped.parent().unwrap().join(file)).unwrap();

@@ -3,11 +3,11 @@
 mod common;
 
 use metronome::dataset::{MacroUser, Split};
-use metronome::detect::{Detector, DetectorConfig, Output, SequenceScorer};
-use metronome::event::KeyEvent;
-use metronome::keylog::{self, KeylogReader, UserEvents};
-use metronome::lstm::LstmModel;
-use metronome::macrogen::{self, MacroFamily, MacroSpec};
+use metronome_core::detect::{Detector, DetectorConfig, Output, SequenceScorer};
+use metronome_core::event::KeyEvent;
+use metronome_core::keylog::{self, KeylogReader, UserEvents};
+use metronome_core::macrogen::{self, MacroFamily, MacroSpec};
+use metronome_model::LstmModel;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 

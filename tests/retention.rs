@@ -11,8 +11,8 @@ use std::time::SystemTime;
 
 use common::broker::{env_vars, Broker, ProcessorProc};
 use common::wait_until;
-use metronome::event::{KeyAction, KeyEvent};
-use metronome::stream::records::batches_for_user;
+use metronome_core::event::{KeyAction, KeyEvent};
+use metronome_core::wire::batches_for_user;
 use serde_json::Value;
 
 fn http_get(addr: &str, path: &str) -> String {

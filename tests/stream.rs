@@ -9,8 +9,8 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use common::broker::{env_vars, Broker, ProcessorProc};
-use metronome::keylog::{self, KeylogReader};
-use metronome::stream::records::{batches_for_user, dlq_headers, encode_batch};
+use metronome_core::keylog::{self, KeylogReader};
+use metronome_core::wire::{batches_for_user, dlq_headers, encode_batch};
 use prost::Message;
 use serde_json::Value;
 
@@ -35,7 +35,7 @@ struct Scenario {
     app: String,
     env: Vec<(String, String)>,
     /// Users in file order with their events.
-    users: Vec<(String, Vec<metronome::event::KeyEvent>)>,
+    users: Vec<(String, Vec<metronome_core::event::KeyEvent>)>,
     expected: Vec<AlertKey>,
 }
 
@@ -141,7 +141,7 @@ fn score_alerts(keylog: &Path, env: &[(String, String)]) -> Vec<AlertKey> {
     alerts
 }
 
-fn assert_same_alerts(got: &[metronome::proto::Alert], expected: &[AlertKey]) {
+fn assert_same_alerts(got: &[metronome_core::proto::Alert], expected: &[AlertKey]) {
     let ids: Vec<&str> = got.iter().map(|a| a.alert_id.as_str()).collect();
     let unique: BTreeSet<&str> = ids.iter().copied().collect();
     assert_eq!(unique.len(), ids.len(), "an alert was delivered twice");
@@ -190,7 +190,7 @@ fn stream_alerts_equal_the_file_scorer_and_sigterm_exits_cleanly() {
     assert_eq!(task_ready_lines(&log).len(), PARTITIONS as usize, "one task per partition:\n{log}");
     // Every alert is keyed by its user, so security staff can follow one user's partition.
     for r in s.broker.read_all("alerts") {
-        let alert = metronome::proto::Alert::decode(r.payload.as_deref().unwrap()).unwrap();
+        let alert = metronome_core::proto::Alert::decode(r.payload.as_deref().unwrap()).unwrap();
         assert_eq!(r.key.as_deref(), Some(alert.user_id.as_bytes()));
         assert!(alert.detected_at_us > 0);
         // Timing rules name the window features they read; the LSTMs read the presses themselves.
@@ -333,9 +333,9 @@ fn the_death_of_a_partition_leader_loses_and_duplicates_nothing() {
 #[test]
 fn bad_records_go_to_the_dead_letter_topic_and_the_rest_flows() {
     let s = Scenario::new("dlq", 24, 15);
-    let valid = metronome::proto::KeyEventBatch {
+    let valid = metronome_core::proto::KeyEventBatch {
         user_id: "bad-user".into(),
-        events: vec![metronome::proto::KeyEvent { event_time_us: -1, key: 30, action: 1, ..Default::default() }],
+        events: vec![metronome_core::proto::KeyEvent { event_time_us: -1, key: 30, action: 1, ..Default::default() }],
         ..Default::default()
     }
     .encode_to_vec();
@@ -375,9 +375,9 @@ fn one_event_stamped_a_year_ahead_blinds_no_one() {
     let year_ahead = now_us + 365 * 86_400 * 1_000_000;
     let mut records = Vec::new();
     for (user, events) in &s.users {
-        let stray = metronome::proto::KeyEventBatch {
+        let stray = metronome_core::proto::KeyEventBatch {
             user_id: user.clone(),
-            events: vec![metronome::proto::KeyEvent {
+            events: vec![metronome_core::proto::KeyEvent {
                 event_time_us: year_ahead,
                 key: 30,
                 action: 1,
@@ -409,8 +409,8 @@ fn wall_clock_us() -> i64 {
 
 /// A fixed-interval macro of `presses` presses from `from_us`: 100 ms apart, 20 ms holds, over
 /// three keys.
-fn fixed_interval_macro(from_us: i64, presses: usize) -> Vec<metronome::event::KeyEvent> {
-    use metronome::event::{KeyAction, KeyEvent};
+fn fixed_interval_macro(from_us: i64, presses: usize) -> Vec<metronome_core::event::KeyEvent> {
+    use metronome_core::event::{KeyAction, KeyEvent};
     let mut events = Vec::with_capacity(2 * presses);
     for i in 0..presses as i64 {
         let (down, key) = (from_us + i * 100_000, 2 + (i % 3) as u32);
@@ -463,8 +463,8 @@ fn a_macro_user_who_steps_the_clock_a_year_either_way_is_still_caught() {
 
 #[test]
 fn with_signatures_required_only_a_user_s_own_enrolled_key_gets_through_and_rotations_need_no_restart() {
-    use metronome::stream::records::batch_message;
-    use metronome::stream::signing::SigningKey;
+    use metronome_core::signing::SigningKey;
+    use metronome_core::wire::batch_message;
     let broker = Broker::start();
     let dir = tempfile::tempdir().unwrap();
     let secret = |user: &str| format!("{:0<64}", hex_of(user));
@@ -617,8 +617,8 @@ fn a_flood_of_new_user_ids_keeps_memory_bounded_and_alerts_flowing() {
         let user = format!("flood-{i}");
         let t = now_us + (i as i64 * 60_000_000 / FLOOD as i64);
         let press = [
-            metronome::event::KeyEvent::new(t, 30, metronome::event::KeyAction::Down),
-            metronome::event::KeyEvent::new(t + 50_000, 30, metronome::event::KeyAction::Up),
+            metronome_core::event::KeyEvent::new(t, 30, metronome_core::event::KeyAction::Down),
+            metronome_core::event::KeyEvent::new(t + 50_000, 30, metronome_core::event::KeyAction::Up),
         ];
         records.push((user.into_bytes(), encode_batch(&format!("flood-{i}"), "kbd", "s", &press, Some(1))));
     }
@@ -765,12 +765,12 @@ fn a_caught_up_partition_closes_its_idle_users_while_another_is_still_catching_u
     let (quiet, busy) = (on(0), on(1));
     let now_us = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64;
     let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(5);
-    let typist = metronome::humanmodel::Typist::random(&mut rng);
+    let typist = metronome_core::humanmodel::Typist::random(&mut rng);
     // The busy user's backlog: hours of typing, the last of it a minute ago.
     let backlog = typist.type_text(0, 150_000, &mut rng);
     let shift = now_us - 60_000_000 - backlog.last().unwrap().time_us;
     let backlog: Vec<_> =
-        backlog.into_iter().map(|e| metronome::event::KeyEvent { time_us: e.time_us + shift, ..e }).collect();
+        backlog.into_iter().map(|e| metronome_core::event::KeyEvent { time_us: e.time_us + shift, ..e }).collect();
     let quiet_events = typist.type_text(now_us - 30_000_000, 40, &mut rng);
     let mut records: Vec<(Vec<u8>, Vec<u8>)> =
         batches_for_user(&quiet, "s", &quiet_events, 40).into_iter().map(|p| (quiet.as_bytes().to_vec(), p)).collect();

@@ -14,8 +14,8 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::event::KeyAction;
-use crate::keylog::{KeylogReader, MAX_KEY_CODE};
+use metronome_core::event::KeyAction;
+use metronome_core::keylog::{KeylogReader, MAX_KEY_CODE};
 
 /// One key event as captured, before its key is replaced by a label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -12,9 +12,9 @@
 //! human, as it can send labels chosen to. The processor refuses sums no real typing gives
 //! (`KeySums::is_plausible`).
 
-use crate::detect::dependence::{DependenceConfig, KeyGrouping, KeySums};
-use crate::detect::window::{Applied, KeyWindow, WindowConfig};
-use crate::event::KeyEvent;
+use metronome_core::detect::dependence::{DependenceConfig, KeyGrouping, KeySums};
+use metronome_core::detect::window::{Applied, KeyWindow, WindowConfig};
+use metronome_core::event::KeyEvent;
 
 /// Settles raw presses and folds them into key sums, one [`KeySums`] per block.
 #[derive(Debug, Clone)]
@@ -74,7 +74,7 @@ impl KeySumsReporter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::KeyAction;
+    use metronome_core::event::KeyAction;
 
     #[test]
     fn a_block_s_sums_come_once_its_presses_have_settled() {

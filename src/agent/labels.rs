@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha12Rng;
 
-use crate::event::{KeyAction, KeyEvent};
+use metronome_core::event::{KeyAction, KeyEvent};
 
 /// Every label has this bit set, and no evdev key code (at most 0x2ff) has: a label can never be
 /// mistaken for a raw code, and a raw code in a record is a bug a test can see.
@@ -37,7 +37,7 @@ pub const LABEL_MARK: u32 = 0x8000_0000;
 /// recovers hardly more than it would from fresh labels (tests/agent.rs), and the shortest the
 /// agent accepts, since the detector's `keys_never_recur` rule reads recurrences within 16
 /// presses (`detect::features::RECURRENCE_SPAN`).
-pub const SHORT_LIFETIME: u32 = crate::detect::features::RECURRENCE_SPAN as u32;
+pub const SHORT_LIFETIME: u32 = metronome_core::detect::features::RECURRENCE_SPAN as u32;
 
 /// Keys remembered before the expired ones are forgotten (evdev has fewer than 0x300 codes).
 const REMEMBERED_KEYS: usize = 1024;

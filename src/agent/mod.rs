@@ -20,7 +20,7 @@
 //!   labels.
 //! - [`spool`]: the bounded on-disk FIFO.
 //! - [`ship`]: spool to broker, in order, over the [`ship::RecordSink`] seam.
-//! - Cutting into records is [`crate::cutting`], shared with the simulator and `publish`.
+//! - Cutting into records is [`metronome_core::cutting`], shared with the simulator and `publish`.
 
 pub mod capture;
 pub mod key_sums;
@@ -42,12 +42,12 @@ use self::key_sums::KeySumsReporter;
 use self::labels::KeyLabeler;
 use self::ship::{frame, KafkaSink, Shipper};
 use self::spool::{Pushed, Spool, SpoolError};
-use crate::cutting::{CutRecord, RecordCutter, RecordShape};
-use crate::event::KeyEvent;
-use crate::keylog::MAX_ID_LEN;
-use crate::proto;
-use crate::stream::records::{batch_message, key_sums_to_proto};
-use crate::stream::signing::SigningKey;
+use metronome_core::cutting::{CutRecord, RecordCutter, RecordShape};
+use metronome_core::event::KeyEvent;
+use metronome_core::keylog::MAX_ID_LEN;
+use metronome_core::proto;
+use metronome_core::signing::SigningKey;
+use metronome_core::wire::{batch_message, key_sums_to_proto};
 use prost::Message as _;
 
 /// Settings of `metronome agent` (`[agent]`). Every key is documented in `config/default.toml`.
@@ -75,7 +75,7 @@ pub struct AgentConfig {
     pub device_retry_ms: u64,
     /// How often the agent logs its counts, seconds (0: never).
     pub report_interval_s: u64,
-    /// The signing key enrolment handed this agent (`key_id`, `secret_hex`; `stream::signing`);
+    /// The signing key enrolment handed this agent (`key_id`, `secret_hex`; `metronome_core::signing`);
     /// empty: records go unsigned.
     pub signing_key_file: PathBuf,
     /// Presses a key label lives (`agent::labels`; the default, 16, resists frequency analysis);
@@ -165,7 +165,7 @@ pub enum AgentError {
     Source(String),
     /// The signing key cannot be used.
     #[error(transparent)]
-    SigningKey(#[from] crate::stream::signing::KeyFileError),
+    SigningKey(#[from] metronome_core::signing::KeyFileError),
 }
 
 /// Counts of an agent run.
@@ -387,7 +387,7 @@ fn report(summary: &AgentSummary, shipper: &Shipper, spool: &Spool, sink: &Kafka
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::KeyAction;
+    use metronome_core::event::KeyAction;
     use prost::Message;
 
     #[test]
@@ -449,7 +449,7 @@ mod tests {
         let events = (0..5).map(|i| KeyEvent::new(1_700_000_000_000_000 + i, 0x8000_0001, KeyAction::Down)).collect();
         let entry = session.encode(&CutRecord { user_id: "u1".into(), session_id: String::new(), events });
         let (_, payload) = ship::unframe(&entry).unwrap();
-        let mut keys = crate::stream::signing::DeviceKeys::default();
+        let mut keys = metronome_core::signing::DeviceKeys::default();
         keys.insert("u1-kbd", "u1", "kbd-1", secret);
         let mut batch = proto::KeyEventBatch::decode(payload).unwrap();
         assert_eq!(batch.key_id, "u1-kbd");

@@ -10,8 +10,8 @@ use std::rc::Rc;
 
 use super::format::{manifest_path, sha256_hex, ArchiveReader, Day, FormatError, Manifest};
 use super::objects::{Archive, ObjectsError, S3Config};
-use crate::keylog::{KeylogError, KeylogRecord};
-use crate::stream::records::{decode_record, InputRecord};
+use metronome_core::keylog::{KeylogError, KeylogRecord};
+use metronome_core::wire::{decode_record, InputRecord};
 
 /// Why a backtest could not read its day.
 #[derive(Debug, thiserror::Error)]

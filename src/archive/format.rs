@@ -14,7 +14,7 @@ use prost::Message;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::proto;
+use metronome_core::proto;
 
 /// Version of the file format and manifest layout; readers refuse others.
 pub const FORMAT_VERSION: u32 = 1;

@@ -11,7 +11,7 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::locate::{first_position_at, OffsetProbe};
-use crate::proto;
+use metronome_core::proto;
 
 /// How long one broker call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);

@@ -195,7 +195,7 @@ impl RecentAlerts {
         Self { capacity: capacity.max(1), alerts: std::sync::Mutex::new(Default::default()) }
     }
 
-    /// Keeps `alert` (the alert topic's JSON, as [`crate::stream::alerts::alert_json`] makes it);
+    /// Keeps `alert` (the alert topic's JSON, as [`metronome_core::alert_json::alert_json`] makes it);
     /// `false` when its id is already kept.
     pub fn add(&self, alert: serde_json::Value) -> bool {
         let mut alerts = self.alerts.lock().unwrap_or_else(|p| p.into_inner());

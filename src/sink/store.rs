@@ -7,8 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, GenericClient};
 
-use crate::proto;
-use crate::stream::alerts;
+use metronome_core::proto;
 
 /// One record read from the alert topic.
 #[derive(Debug, Clone, PartialEq)]
@@ -168,9 +167,9 @@ pub async fn write_batch(
         }
         match record {
             SinkRecord::Alert { alert, .. } => {
-                let features = alerts::features_json(&alert.features);
-                let histogram = alert.interval_histogram.as_ref().map(alerts::histogram_json);
-                let fleet = alert.fleet.as_ref().map(alerts::fleet_json);
+                let features = metronome_core::alert_json::features_json(&alert.features);
+                let histogram = alert.interval_histogram.as_ref().map(metronome_core::alert_json::histogram_json);
+                let fleet = alert.fleet.as_ref().map(metronome_core::alert_json::fleet_json);
                 let params: [&(dyn ToSql + Sync); 18] = [
                     &alert.alert_id,
                     &alert.user_id,

@@ -36,11 +36,11 @@ pub struct StreamConfig {
     /// Most events one input record may carry; more goes to the dead-letter topic.
     pub max_events_per_record: usize,
     /// Events per second of event time one user may send, sustained; more is dropped and
-    /// counted (`stream::intake`). Typing makes a few dozen, the fastest macros a few hundred.
+    /// counted (`metronome_core::intake`). Typing makes a few dozen, the fastest macros a few hundred.
     pub max_user_events_per_s: u64,
     /// Events one user may send at once above that rate (and what a new user starts with).
     pub max_user_event_burst: u64,
-    /// The enrolled agents' signing keys (TOML, `stream::signing`); empty: signatures are not
+    /// The enrolled agents' signing keys (TOML, `metronome_core::signing`); empty: signatures are not
     /// checked.
     pub device_keys_file: PathBuf,
     /// Refuse unsigned records (to the dead-letter topic, `unsigned`); needs `device_keys_file`.
@@ -50,7 +50,7 @@ pub struct StreamConfig {
     pub max_open_users_per_task: usize,
     /// Most an event's time may lead its record's reference (the broker's append time, else
     /// the processor's clock), seconds: one stray future stamp blinds a user for at most this
-    /// (`stream::timebound`).
+    /// (`metronome_core::timebound`).
     pub max_event_lead_s: u64,
     /// Most an event's time may lag its record's broker append time, seconds; records further
     /// behind are shifted to it, keeping their intervals.
@@ -86,15 +86,15 @@ pub struct StreamConfig {
 }
 
 impl StreamConfig {
-    /// Each user's event budget (`stream::intake`).
-    pub fn rate_limit(&self) -> super::intake::RateLimit {
-        super::intake::RateLimit { events_per_s: self.max_user_events_per_s, burst: self.max_user_event_burst }
+    /// Each user's event budget (`metronome_core::intake`).
+    pub fn rate_limit(&self) -> metronome_core::intake::RateLimit {
+        metronome_core::intake::RateLimit { events_per_s: self.max_user_events_per_s, burst: self.max_user_event_burst }
     }
 
-    /// The bounds on event times (`stream::timebound`).
-    pub fn time_bounds(&self) -> super::timebound::TimeBounds {
+    /// The bounds on event times (`metronome_core::timebound`).
+    pub fn time_bounds(&self) -> metronome_core::timebound::TimeBounds {
         let us = |s: u64| i64::try_from(s).unwrap_or(i64::MAX).saturating_mul(1_000_000);
-        super::timebound::TimeBounds { lead_us: us(self.max_event_lead_s), lag_us: us(self.max_event_lag_s) }
+        metronome_core::timebound::TimeBounds { lead_us: us(self.max_event_lead_s), lag_us: us(self.max_event_lag_s) }
     }
 }
 

@@ -19,9 +19,9 @@ use prost::Message as _;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::records::{self, DeadLetterClass, InputRecord, OutRecord, OutTopic};
 use super::task::{self, Checkpoint, TaskError, TaskProducer};
-use crate::detect::fleet::{FingerprintUsers, FleetConfig, FleetGraph, GraphChange, Link, Member};
+use metronome_core::detect::fleet::{FingerprintUsers, FleetConfig, FleetGraph, GraphChange, Link, Member};
+use metronome_core::wire::{self, DeadLetterClass, InputRecord, OutRecord, OutTopic};
 
 /// Users per fingerprint: `[NS_FINGERPRINT] + fingerprint (8 bytes, big-endian)`.
 const NS_FINGERPRINT: u8 = 0x02;
@@ -86,11 +86,11 @@ pub struct StageTask<S> {
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    records::versioned(VALUE_FORMAT, value)
+    wire::versioned(VALUE_FORMAT, value)
 }
 
 fn decode<T: DeserializeOwned>(bytes: &[u8], what: &'static str) -> Result<T, TaskError> {
-    records::unversioned(VALUE_FORMAT, bytes).ok_or(TaskError::CorruptState(what))
+    wire::unversioned(VALUE_FORMAT, bytes).ok_or(TaskError::CorruptState(what))
 }
 
 fn fingerprint_key(fingerprint: u64) -> Vec<u8> {
@@ -227,7 +227,7 @@ impl<S: Store> StageTask<S> {
         let mut touched: BTreeMap<u64, FingerprintUsers> = BTreeMap::new();
         let start_time = self.stream_time_us;
         for record in records {
-            let (fingerprint, seen) = match records::decode_fingerprint(record) {
+            let (fingerprint, seen) = match wire::decode_fingerprint(record) {
                 Ok(decoded) => decoded,
                 Err(class) => {
                     self.set_aside(ctx, record, class, out, outcome);
@@ -245,7 +245,7 @@ impl<S: Store> StageTask<S> {
                 }
             };
             if let Some(candidate) = users.observe(ctx.cfg, fingerprint, &seen) {
-                out.push(records::candidate_record(&candidate));
+                out.push(wire::candidate_record(&candidate));
                 outcome.candidates += 1;
             }
         }
@@ -268,7 +268,7 @@ impl<S: Store> StageTask<S> {
         outcome: &mut StageOutcome,
     ) {
         outcome.dead_letters.push(class);
-        out.push(records::dead_letter(record, class, ctx.source_topic, self.partition));
+        out.push(wire::dead_letter(record, class, ctx.source_topic, self.partition));
     }
 
     fn decide_fleets(
@@ -280,13 +280,13 @@ impl<S: Store> StageTask<S> {
         outcome: &mut StageOutcome,
     ) -> Result<(), TaskError> {
         for record in records {
-            match records::decode_candidate(record) {
+            match wire::decode_candidate(record) {
                 Ok(candidate) => self.graph.observe(&candidate),
                 Err(class) => self.set_aside(ctx, record, class, out, outcome),
             }
         }
         for report in self.graph.decide(ctx.cfg, ctx.now_us) {
-            let alert = records::fleet_alert_message(&report, ctx.model_version, ctx.now_us);
+            let alert = wire::fleet_alert_message(&report, ctx.model_version, ctx.now_us);
             out.push(OutRecord {
                 topic: OutTopic::Alerts,
                 key: Some(alert.user_id.as_bytes().to_vec()),
@@ -358,9 +358,9 @@ impl<S: Store> StageTask<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::detect::fleet::Candidate;
-    use crate::proto;
     use crate::stream::task::twin::MemoryProducer;
+    use metronome_core::detect::fleet::Candidate;
+    use metronome_core::proto;
     use metronome_state::MemoryStore;
 
     const S: i64 = 1_000_000;
@@ -387,7 +387,7 @@ mod tests {
     }
 
     fn sightings(fingerprint: u64, users: &[&str], at_s: i64) -> Vec<OutRecord> {
-        users.iter().map(|u| records::fingerprint_record(fingerprint, u, at_s * S)).collect()
+        users.iter().map(|u| wire::fingerprint_record(fingerprint, u, at_s * S)).collect()
     }
 
     /// The store a restore from `producer`'s committed changelog gives, with the checkpoint
@@ -428,7 +428,7 @@ mod tests {
         let outcome = t.run_batch(&ctx(&c, 0), &as_input(&input, 0), &mut p).unwrap();
         assert_eq!((outcome.records, outcome.candidates, outcome.dead_letters.len()), (7, 1, 1));
         let candidates = of_topic(&p, OutTopic::FleetCandidates);
-        let candidate = records::decode_candidate(&as_input(&[candidates[0].clone()], 0)[0]).unwrap();
+        let candidate = wire::decode_candidate(&as_input(&[candidates[0].clone()], 0)[0]).unwrap();
         assert_eq!(
             candidate,
             Candidate { fingerprint: 7, users: vec!["a".into(), "b".into(), "c".into()], at_us: 2 * S }
@@ -461,7 +461,7 @@ mod tests {
         groups
             .iter()
             .map(|(f, users, at)| {
-                records::candidate_record(&Candidate {
+                wire::candidate_record(&Candidate {
                     fingerprint: *f,
                     users: users.iter().map(|u| (*u).to_owned()).collect(),
                     at_us: at * S,

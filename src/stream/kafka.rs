@@ -23,9 +23,9 @@ use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::config::{Guarantee, StreamConfig, FLEET_CANDIDATES, FLEET_FINGERPRINTS, USER_STATE_STORE};
-use super::records::{InputRecord, OutRecord, OutTopic, RecordTime};
 use super::task::{self, Checkpoint, ProducerError, TaskError};
 use crate::metrics::events::{ConsumerLagObserved, InternalEvent};
+use metronome_core::wire::{InputRecord, OutRecord, OutTopic, RecordTime};
 
 /// How long a single broker round trip may take before the processor gives up on it.
 pub const BROKER_TIMEOUT: Duration = Duration::from_secs(30);

@@ -13,12 +13,11 @@
 //! ```
 //!
 //! # Layout
+//! The pure parts a task applies to records (`metronome_core::wire`, `timebound`, `intake`,
+//! `signing`) live in the core crate; this module holds what talks to Kafka and the store.
+//!
 //! - [`alerts`]: following the alert topic (committed alerts as JSON).
 //! - [`config`]: `[stream]` settings and the `[kafka]` passthrough.
-//! - [`records`]: pure input validation, dead letters and alert messages.
-//! - [`timebound`]: pure bounds on event times against a clock the player does not own.
-//! - [`intake`]: pure deduplication by the agent's sequence numbers, kept per user.
-//! - [`signing`]: per-device record signatures (HMAC-SHA256): the agent signs, the task checks.
 //! - [`task`]: one partition's state and its exactly-once batch cycle, over the
 //!   [`task::TaskProducer`] seam (an in-memory twin tests it).
 //! - [`kafka`]: rdkafka clients: consumer, transactional producers, topic set-up, restore.
@@ -44,19 +43,15 @@ pub mod alerts;
 pub mod config;
 pub mod directory;
 pub mod fleet;
-pub mod intake;
 pub mod kafka;
 pub mod open_windows;
 pub mod processor;
 pub mod publish;
 pub mod query;
-pub mod records;
 pub mod recovery;
-pub mod signing;
 pub mod stages;
 pub mod status;
 pub mod task;
-pub mod timebound;
 
 pub use config::StreamConfig;
 pub use processor::{ProcessError, Processor, RunSummary, Shutdown};

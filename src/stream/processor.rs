@@ -17,17 +17,17 @@ use super::config::StreamConfig;
 use super::directory::Announcer;
 use super::kafka::{self, Clients, GroupContext, KafkaEdgeError, RebalanceEvent, RebalanceLog, TxProducer};
 use super::query::{self, Lookup, UserQueries, UserView};
-use super::records::{InputRecord, Signatures};
 use super::recovery;
-use super::signing::{KeysReload, ReloadingKeys};
 use super::status::{Status, TaskPhase};
 use super::task::{self, BatchContext, BatchOutcome, BatchSettings, ProducerError, Task, TaskError};
-use crate::detect::{Detector, SequenceScorer};
-use crate::lstm::{Reload, ReloadingModel};
 use crate::metrics::events::{
     AlertCommitted, BatchCommitted, InternalEvent, OpenWindowsCounted, RocksDbSizes, StatePruned, StateRestored,
     TransactionAborted,
 };
+use metronome_core::detect::{Detector, SequenceScorer};
+use metronome_core::signing::{KeysReload, ReloadingKeys};
+use metronome_core::wire::{InputRecord, Signatures};
+use metronome_model::{Reload, ReloadingModel};
 
 /// How often the RocksDB size gauges are refreshed.
 const STORE_SIZES_EVERY: Duration = Duration::from_secs(5);

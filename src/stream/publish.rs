@@ -9,10 +9,10 @@ use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
-use super::records::encode_batch;
-pub use crate::cutting::RecordShape;
-use crate::cutting::{CutRecord, RecordCutter};
-use crate::keylog::{KeylogError, KeylogRecord};
+pub use metronome_core::cutting::RecordShape;
+use metronome_core::cutting::{CutRecord, RecordCutter};
+use metronome_core::keylog::{KeylogError, KeylogRecord};
+use metronome_core::wire::encode_batch;
 
 /// Why publishing stopped.
 #[derive(Debug, thiserror::Error)]

@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::sync::oneshot;
 
-use crate::detect::UserSummary;
+use metronome_core::detect::UserSummary;
 
 /// Latest window scores kept per user with an open window.
 pub const RECENT_WINDOWS: usize = 32;

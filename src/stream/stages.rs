@@ -19,11 +19,11 @@ use super::config::{StreamConfig, FLEET_CANDIDATES, FLEET_FINGERPRINTS};
 use super::fleet::{Stage, StageContext, StageOutcome, StageTask};
 use super::kafka::{self, Clients, GroupContext, KafkaEdgeError, RebalanceEvent, RebalanceLog, TaskTopics, TxProducer};
 use super::processor::{ProcessError, Shutdown};
-use super::records::InputRecord;
 use super::recovery;
 use super::task::{ProducerError, TaskError};
-use crate::detect::FleetConfig;
 use crate::metrics::events::{FleetStageCommitted, InternalEvent};
+use metronome_core::detect::FleetConfig;
+use metronome_core::wire::InputRecord;
 
 /// How often fleets are decided when no candidate arrives.
 pub const DECIDE_EVERY: Duration = Duration::from_secs(1);

@@ -19,16 +19,16 @@ use metronome_state::{keys, Store, StoreError, WriteBatch};
 use prost::Message;
 use serde::{Deserialize, Serialize};
 
-use super::intake::{RateLimit, UserIntake, UserIntakeV5};
 use super::open_windows::OpenWindows;
 use super::query::{RecentScores, ScoreSample};
-use super::records::{self, DeadLetterClass, InputRecord, OutRecord, OutTopic};
-use super::timebound::TimeBounds;
-use crate::detect::{
+use crate::metrics::events::WindowScores;
+use metronome_core::detect::{
     Detector, Output, ScoringBatch, SequenceError, SequenceScorer, UserState, UserStateV1, UserStateV2, UserStateV3,
     UserStateV6,
 };
-use crate::metrics::events::WindowScores;
+use metronome_core::intake::{RateLimit, UserIntake, UserIntakeV5};
+use metronome_core::timebound::TimeBounds;
+use metronome_core::wire::{self, DeadLetterClass, InputRecord, OutRecord, OutTopic};
 
 /// Key namespace of local-only metadata (never in the changelog).
 const NS_META: u8 = 0x00;
@@ -188,7 +188,7 @@ pub struct BatchSettings<'a> {
     /// Each user's event budget.
     pub rate_limit: RateLimit,
     /// What signatures records must carry.
-    pub signatures: records::Signatures<'a>,
+    pub signatures: wire::Signatures<'a>,
     /// Most users with an open window in the task: past it the smallest, then longest quiet, are closed
     /// as if idle, so a flood of new user ids holds a bounded amount of memory.
     pub max_open_users: usize,
@@ -249,7 +249,7 @@ fn user_of_key(key: &[u8]) -> Option<&str> {
 
 /// Serializes a user's state for the store and the changelog.
 pub fn encode_state(state: &UserState, intake: &UserIntake) -> Vec<u8> {
-    records::versioned(STATE_FORMAT, &(state, intake))
+    wire::versioned(STATE_FORMAT, &(state, intake))
 }
 
 /// Reads a stored user's detector state.
@@ -396,7 +396,7 @@ impl<S: Store> Task<S> {
         let mut times = Vec::new();
 
         for record in records {
-            match records::decode_signed_record(record, ctx.settings.max_events_per_record, ctx.settings.signatures) {
+            match wire::decode_signed_record(record, ctx.settings.max_events_per_record, ctx.settings.signatures) {
                 Ok(mut batch) => {
                     let slot = users.slot(&self.store, &batch.user_id)?;
                     let intake = &mut users.intakes[slot];
@@ -434,7 +434,7 @@ impl<S: Store> Task<S> {
                 }
                 Err(class) => {
                     outcome.dead_letters.push(class);
-                    out.push(records::dead_letter(record, class, ctx.settings.input_topic, self.partition));
+                    out.push(wire::dead_letter(record, class, ctx.settings.input_topic, self.partition));
                 }
             }
         }
@@ -488,7 +488,7 @@ impl<S: Store> Task<S> {
                 Output::Alert(alert) => {
                     outcome.alert_times.push((alert.reasons.scorers(), alert.window.window_end_us));
                     let user = &users.slots[*slot].0;
-                    let message = records::alert_message(user, alert, ctx.settings.now_us);
+                    let message = wire::alert_message(user, alert, ctx.settings.now_us);
                     out.push(OutRecord {
                         topic: OutTopic::Alerts,
                         key: Some(user.as_bytes().to_vec()),
@@ -502,7 +502,7 @@ impl<S: Store> Task<S> {
                 // user's, and accounts that forge theirs apart must still meet in the window.
                 Output::Fingerprint { fingerprint, .. } => {
                     let user = &users.slots[*slot].0;
-                    out.push(records::fingerprint_record(*fingerprint, user, ctx.settings.now_us));
+                    out.push(wire::fingerprint_record(*fingerprint, user, ctx.settings.now_us));
                     outcome.fingerprints += 1;
                 }
             }
@@ -584,7 +584,7 @@ impl<S: Store> Task<S> {
             return Ok(outcome);
         };
         let tombstones: Vec<OutRecord> =
-            expired.iter().map(|(key, _)| records::changelog_record(key.clone(), None)).collect();
+            expired.iter().map(|(key, _)| wire::changelog_record(key.clone(), None)).collect();
         let changelog_end = self.transact(producer, &tombstones, Some(position))?;
         let mut writes = WriteBatch::new();
         for (key, _) in &expired {
@@ -620,13 +620,13 @@ impl<S: Store> Task<S> {
 
 /// Puts `value` under `key` in both the store's batch and the changelog records.
 pub fn put_logged(out: &mut Vec<OutRecord>, writes: &mut WriteBatch, key: Vec<u8>, value: Vec<u8>) {
-    out.push(records::changelog_record(key.clone(), Some(value.clone())));
+    out.push(wire::changelog_record(key.clone(), Some(value.clone())));
     writes.put(key, value);
 }
 
 /// Deletes `key` from both the store's batch and the changelog (a tombstone).
 pub fn delete_logged(out: &mut Vec<OutRecord>, writes: &mut WriteBatch, key: Vec<u8>) {
-    out.push(records::changelog_record(key.clone(), None));
+    out.push(wire::changelog_record(key.clone(), None));
     writes.delete(key);
 }
 
@@ -746,25 +746,25 @@ pub(crate) mod twin {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::detect::dependence::KeySums;
-    use crate::detect::window::Press;
-    use crate::detect::DetectorConfig;
-    use crate::event::{KeyAction, KeyEvent};
-    use crate::proto;
+    use metronome_core::detect::dependence::KeySums;
+    use metronome_core::detect::window::Press;
+    use metronome_core::detect::DetectorConfig;
+    use metronome_core::event::{KeyAction, KeyEvent};
+    use metronome_core::proto;
     use metronome_state::MemoryStore;
 
     use super::twin::MemoryProducer;
 
     /// `events` as `user`'s records of 40 events each, from `first_offset` on.
     fn records_of(user: &str, events: &[KeyEvent], first_offset: i64) -> Vec<InputRecord> {
-        records::batches_for_user(user, "s", events, 40)
+        wire::batches_for_user(user, "s", events, 40)
             .into_iter()
             .enumerate()
             .map(|(i, p)| InputRecord {
                 offset: first_offset + i as i64,
                 key: Some(user.as_bytes().to_vec()),
                 payload: Some(p),
-                time: records::RecordTime::Unknown,
+                time: wire::RecordTime::Unknown,
             })
             .collect()
     }
@@ -788,7 +788,7 @@ mod tests {
                 close_idle: true,
                 max_events_per_record: 1000,
                 rate_limit: RateLimit { events_per_s: 1000, burst: 20_000 },
-                signatures: records::Signatures::default(),
+                signatures: wire::Signatures::default(),
                 max_open_users: 100_000,
                 max_batch_users: 4_096,
                 // Unbounded: these tests' records carry no append time, and now_us is 0.
@@ -825,13 +825,13 @@ mod tests {
         let next = input.len() as i64;
         input.extend(script_records("b", 2_650_000_000_000_000, next));
         let outcome = task.run_batch(&mut c, &input, &mut producer).unwrap();
-        let seen: Vec<(u64, crate::detect::fleet::FingerprintSeen)> = producer
+        let seen: Vec<(u64, metronome_core::detect::fleet::FingerprintSeen)> = producer
             .committed
             .iter()
             .filter(|r| r.topic == OutTopic::Fingerprints)
             .map(|r| {
                 let record = InputRecord { key: r.key.clone(), payload: r.value.clone(), ..InputRecord::default() };
-                records::decode_fingerprint(&record).unwrap()
+                wire::decode_fingerprint(&record).unwrap()
             })
             .collect();
         assert_eq!(seen.len() as u64, outcome.fingerprints);
@@ -1022,8 +1022,8 @@ mod tests {
             .map(|(i, chunk)| InputRecord {
                 offset: i as i64,
                 key: Some(user.as_bytes().to_vec()),
-                payload: Some(records::encode_batch(user, "kbd-1", "run-1", chunk, Some(1 + 40 * i as u64))),
-                time: records::RecordTime::Unknown,
+                payload: Some(wire::encode_batch(user, "kbd-1", "run-1", chunk, Some(1 + 40 * i as u64))),
+                time: wire::RecordTime::Unknown,
             })
             .collect()
     }
@@ -1120,8 +1120,8 @@ mod tests {
             batch.push(InputRecord {
                 offset: r as i64,
                 key: Some(b"m1".to_vec()),
-                payload: Some(records::encode_batch("m1", "kbd", &session, &events, Some(1 + r * 3_000))),
-                time: records::RecordTime::Unknown,
+                payload: Some(wire::encode_batch("m1", "kbd", &session, &events, Some(1 + r * 3_000))),
+                time: wire::RecordTime::Unknown,
             });
         }
         let mut detector = Detector::new(DetectorConfig::default()).unwrap();
@@ -1219,12 +1219,12 @@ mod tests {
         let with_sums = |user: &str, sums: KeySums| {
             let mut records = agent_records(user, &macro_events(20));
             let mut batch = proto::KeyEventBatch::decode(records[0].payload.as_deref().unwrap()).unwrap();
-            batch.key_sums = Some(records::key_sums_to_proto(&sums));
+            batch.key_sums = Some(wire::key_sums_to_proto(&sums));
             records[0].payload = Some(batch.encode_to_vec());
             records
         };
-        let mut grouping = crate::detect::dependence::KeyGrouping::default();
-        let cfg = crate::detect::dependence::DependenceConfig::default();
+        let mut grouping = metronome_core::detect::dependence::KeyGrouping::default();
+        let cfg = metronome_core::detect::dependence::DependenceConfig::default();
         let good = macro_events(700)
             .chunks(2)
             .filter_map(|e| {
@@ -1243,21 +1243,21 @@ mod tests {
     #[test]
     fn a_format_6_state_is_read_with_its_key_dependence_sums() {
         let (state, intake) = run_batches(&[agent_records("m1", &macro_events(35))]).1;
-        let v6 = records::versioned(STATE_FORMAT_V6, &(state.to_v6(), &intake));
+        let v6 = wire::versioned(STATE_FORMAT_V6, &(state.to_v6(), &intake));
         assert_eq!(decode_stored(&v6).unwrap(), (state.without_key_groups(), intake));
     }
 
     #[test]
     fn a_format_5_state_is_read_with_a_full_budget() {
         let (state, _) = run_batches(&[agent_records("m1", &macro_events(35))]).1;
-        let v5 = records::versioned(STATE_FORMAT_V5, &(state.to_v6(), UserIntakeV5::default()));
+        let v5 = wire::versioned(STATE_FORMAT_V5, &(state.to_v6(), UserIntakeV5::default()));
         assert_eq!(decode_stored(&v5).unwrap(), (state.without_key_groups(), UserIntake::default()));
     }
 
     #[test]
     fn a_format_4_state_is_read_with_an_empty_intake() {
         let (state, _) = run_batches(&[agent_records("m1", &macro_events(35))]).1;
-        let v4 = records::versioned(STATE_FORMAT_V4, &state.to_v6());
+        let v4 = wire::versioned(STATE_FORMAT_V4, &state.to_v6());
         assert_eq!(decode_stored(&v4).unwrap(), (state.without_key_groups(), UserIntake::default()));
     }
 

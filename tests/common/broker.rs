@@ -473,15 +473,15 @@ impl Broker {
     }
 
     /// Committed alerts on `topic`, decoded.
-    pub fn alerts(&self, topic: &str) -> Vec<metronome::proto::Alert> {
+    pub fn alerts(&self, topic: &str) -> Vec<metronome_core::proto::Alert> {
         self.read_all(topic)
             .into_iter()
-            .map(|r| metronome::proto::Alert::decode(r.payload.as_deref().unwrap()).expect("alerts decode"))
+            .map(|r| metronome_core::proto::Alert::decode(r.payload.as_deref().unwrap()).expect("alerts decode"))
             .collect()
     }
 
     /// Waits until at least `n` alerts are committed on `topic`; returns them all.
-    pub fn wait_for_alerts(&self, topic: &str, n: usize) -> Vec<metronome::proto::Alert> {
+    pub fn wait_for_alerts(&self, topic: &str, n: usize) -> Vec<metronome_core::proto::Alert> {
         let deadline = Instant::now() + PATIENCE;
         loop {
             let alerts = self.alerts(topic);

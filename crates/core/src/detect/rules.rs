@@ -97,7 +97,7 @@ pub enum Rule {
     /// Over hundreds of presses, holds and flights showed none of the dependence on keys and on
     /// the previous press that a person's do (`detect::dependence`): a sampler.
     KeylessTiming,
-    /// The per-press model's evidence (a CUSUM over its log-odds, `lstm::stream`) crossed its
+    /// The per-press model's evidence (a CUSUM over its log-odds, `metronome_model::stream`) crossed its
     /// threshold: raised at that press, with no window to confirm it.
     PressLstm,
     /// Hardly any key recurred within 16 presses: the keys say nothing of the keyboard, as

@@ -25,16 +25,16 @@ use super::{
     check_inputs, manifest_and_onnx, parse_embedded, plan, read_manifest, verify_checksum, InputSpec, ModelError, Plan,
     Scaling,
 };
-use crate::detect::sequence::STEP_WIDTH;
-use crate::detect::{PressPolicy, PressScorer, SequenceError};
+use metronome_core::detect::sequence::STEP_WIDTH;
+use metronome_core::detect::{PressPolicy, PressScorer, SequenceError};
 
 /// The shipped streaming model's manifest, compiled into the binary.
-pub const EMBEDDED_STREAM_MANIFEST: &str = include_str!("../../models/keystroke-stream-0.3.0.json");
+pub const EMBEDDED_STREAM_MANIFEST: &str = include_str!("../../../models/keystroke-stream-0.3.0.json");
 /// The shipped streaming model's ONNX file, compiled into the binary.
-pub const EMBEDDED_STREAM_ONNX: &[u8] = include_bytes!("../../models/keystroke-stream-0.3.0.onnx");
+pub const EMBEDDED_STREAM_ONNX: &[u8] = include_bytes!("../../../models/keystroke-stream-0.3.0.onnx");
 /// Where the shipped streaming manifest lives in the repository.
 pub const SHIPPED_STREAM_MANIFEST_PATH: &str =
-    concat!(env!("CARGO_MANIFEST_DIR"), "/models/keystroke-stream-0.3.0.json");
+    concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/keystroke-stream-0.3.0.json");
 
 /// Users stepped per planned call (the last chunk padded with empty rows).
 pub const STREAM_BATCH: usize = 64;

@@ -172,11 +172,13 @@ impl PressState {
     }
 }
 
-#[cfg(test)]
+/// Old state formats, written back for the upgrade tests here and in the stream's store
+/// (feature `test-support`, which only dev-dependencies enable).
+#[cfg(any(test, feature = "test-support"))]
 impl UserState {
     /// This state as formats 4 to 6 stored it, the key-dependence test without its key groups
     /// (tests of the upgrade).
-    pub(crate) fn to_v6(&self) -> UserStateV6 {
+    pub fn to_v6(&self) -> UserStateV6 {
         let sc = &self.scored;
         UserStateV6 {
             reorder: self.reorder.clone(),
@@ -191,7 +193,7 @@ impl UserState {
 
     /// This state without the key-dependence test's key groups: what [`Self::to_v6`] upgrades
     /// back to.
-    pub(crate) fn without_key_groups(&self) -> UserState {
+    pub fn without_key_groups(&self) -> UserState {
         let mut state = self.clone();
         state.scored.dependence = self.scored.dependence.without_key_groups();
         state

@@ -45,6 +45,7 @@ use prost::Message;
 use serde::Deserialize;
 use sha2::Sha256;
 
+use crate::follow::Followed;
 use crate::proto;
 
 /// Put in front of the signed bytes, so a MAC over a batch is never one over anything else.
@@ -244,16 +245,11 @@ impl DeviceKeys {
     }
 }
 
-/// The processor's keys, following their file: a rotation (a key added, an old one removed) is
-/// picked up at the next check without a restart, as a Kubernetes Secret mounted as a
-/// directory is updated in place.
+/// The processor's keys, following their file ([`crate::follow`]): a rotation (a key added,
+/// an old one removed) is picked up at the next check without a restart, as a Kubernetes Secret
+/// mounted as a directory is updated in place.
 #[derive(Debug)]
-pub struct ReloadingKeys {
-    path: std::path::PathBuf,
-    current: DeviceKeys,
-    /// Contents of the file last loaded.
-    seen: Vec<u8>,
-}
+pub struct ReloadingKeys(Followed<DeviceKeys, KeyFileError>);
 
 /// What a key file check did.
 #[derive(Debug, PartialEq, Eq)]
@@ -267,27 +263,21 @@ pub enum KeysReload {
 impl ReloadingKeys {
     /// Loads the key file at `path`.
     pub fn load(path: &Path) -> Result<Self, KeyFileError> {
-        let seen = read_key_file(path)?;
-        let current = DeviceKeys::from_bytes(path, &seen)?;
-        Ok(Self { path: path.to_owned(), current, seen })
+        Followed::load(path, read_key_file, DeviceKeys::from_bytes).map(Self)
     }
 
     /// The keys checked with now.
     pub fn current(&self) -> &DeviceKeys {
-        &self.current
+        self.0.current()
     }
 
     /// Loads the file again if it changed since the last load. On error the previous keys stay
     /// (a half-written or broken file never empties the key set) and the next check tries again.
     pub fn reload_if_changed(&mut self) -> Result<KeysReload, KeyFileError> {
-        // One read, compared and parsed: no window for the file to change in between.
-        let text = read_key_file(&self.path)?;
-        if text == self.seen {
-            return Ok(KeysReload::Unchanged);
-        }
-        self.current = DeviceKeys::from_bytes(&self.path, &text)?;
-        self.seen = text;
-        Ok(KeysReload::Loaded(self.current.len()))
+        Ok(match self.0.reload_if_changed()? {
+            None => KeysReload::Unchanged,
+            Some(_) => KeysReload::Loaded(self.0.current().len()),
+        })
     }
 }
 
@@ -298,7 +288,7 @@ mod tests {
     const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
 
     fn batch(user: &str) -> proto::KeyEventBatch {
-        crate::stream::records::batch_message(
+        crate::wire::batch_message(
             user,
             "kbd-1",
             "s1",

@@ -230,7 +230,7 @@ impl EventBudget {
 pub struct UserIntake {
     /// Sequence numbers delivered.
     pub ledger: SeqLedger,
-    /// The shift the user's last rebased record got (`super::timebound`), so the next one
+    /// The shift the user's last rebased record got (`crate::timebound`), so the next one
     /// keeps its place after it instead of landing on the same append time.
     pub shift_us: Option<i64>,
     /// The user's event rate limit.

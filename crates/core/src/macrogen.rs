@@ -31,9 +31,8 @@ use serde::{Deserialize, Serialize};
 use crate::event::{KeyAction, KeyEvent};
 
 /// A macro family.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-#[value(rename_all = "snake_case")]
 pub enum MacroFamily {
     /// Constant interval.
     Fixed,
@@ -94,6 +93,18 @@ impl MacroFamily {
             self,
             MacroFamily::HumanReplay | MacroFamily::HumanSampled | MacroFamily::ReplayLoop | MacroFamily::HumanIid
         )
+    }
+}
+
+impl std::str::FromStr for MacroFamily {
+    type Err = String;
+
+    /// A family by its [`MacroFamily::name`].
+    fn from_str(name: &str) -> Result<Self, String> {
+        MacroFamily::ALL.into_iter().find(|f| f.name() == name).ok_or_else(|| {
+            let names: Vec<&str> = MacroFamily::ALL.iter().map(|f| f.name()).collect();
+            format!("no macro family `{name}` (one of {})", names.join(", "))
+        })
     }
 }
 

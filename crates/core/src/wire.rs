@@ -11,9 +11,9 @@ use crate::event::{KeyAction, KeyEvent};
 use crate::keylog::{MAX_EVENT_TIME_US, MAX_ID_LEN};
 use crate::proto;
 
-use super::intake::SessionKey;
-use super::signing::{DeviceKeys, Refusal};
-pub use super::timebound::RecordTime;
+use crate::intake::SessionKey;
+use crate::signing::{DeviceKeys, Refusal};
+pub use crate::timebound::RecordTime;
 
 /// One consumed input record, detached from the client.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -24,7 +24,7 @@ pub struct InputRecord {
     pub key: Option<Vec<u8>>,
     /// The encoded `KeyEventBatch`.
     pub payload: Option<Vec<u8>>,
-    /// Its timestamp, which bounds its event times (`super::timebound`).
+    /// Its timestamp, which bounds its event times (`crate::timebound`).
     pub time: RecordTime,
 }
 
@@ -134,7 +134,7 @@ pub struct UserEvents {
     pub key_sums: Option<KeySums>,
 }
 
-/// What signatures a task checks (`super::signing`).
+/// What signatures a task checks (`crate::signing`).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Signatures<'a> {
     /// The enrolled keys; `None`: signatures are not checked.

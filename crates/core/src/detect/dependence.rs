@@ -766,10 +766,10 @@ impl From<KeyDependenceV6> for KeyDependence {
     }
 }
 
-#[cfg(test)]
+#[cfg(any(test, feature = "test-support"))]
 impl KeyDependence {
     /// This state as format 6 stored it, without its key groups (tests of the upgrade).
-    pub(crate) fn to_v6(&self) -> KeyDependenceV6 {
+    pub fn to_v6(&self) -> KeyDependenceV6 {
         let block = |b: &Block| BlockV6 {
             presses: b.presses,
             flight_drift: b.flight_drift,
@@ -791,7 +791,7 @@ impl KeyDependence {
     }
 
     /// This state without its key groups: what [`Self::to_v6`] upgrades back to.
-    pub(crate) fn without_key_groups(&self) -> KeyDependence {
+    pub fn without_key_groups(&self) -> KeyDependence {
         let block = |b: &Block| Block { keys: KeySums::default(), ..b.clone() };
         KeyDependence {
             previous: block(&self.previous),

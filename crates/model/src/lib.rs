@@ -30,15 +30,16 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tract_onnx::prelude::*;
 
-use crate::detect::sequence::{STEP_FEATURES, STEP_WIDTH};
-use crate::detect::{PressScorer, SequenceError, SequenceScorer};
+use metronome_core::detect::sequence::{STEP_FEATURES, STEP_WIDTH};
+use metronome_core::detect::{PressScorer, SequenceError, SequenceScorer};
+use metronome_core::follow::Followed;
 
 /// The shipped model's manifest, compiled into the binary.
-pub const EMBEDDED_MANIFEST: &str = include_str!("../../models/keystroke-lstm-1.1.0.json");
+pub const EMBEDDED_MANIFEST: &str = include_str!("../../../models/keystroke-lstm-1.1.0.json");
 /// The shipped model's ONNX file, compiled into the binary.
-pub const EMBEDDED_ONNX: &[u8] = include_bytes!("../../models/keystroke-lstm-1.1.0.onnx");
+pub const EMBEDDED_ONNX: &[u8] = include_bytes!("../../../models/keystroke-lstm-1.1.0.onnx");
 /// Where the shipped manifest lives in the repository (for error messages and tests).
-pub const SHIPPED_MANIFEST_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/keystroke-lstm-1.1.0.json");
+pub const SHIPPED_MANIFEST_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/keystroke-lstm-1.1.0.json");
 
 /// Why a model cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -249,7 +250,7 @@ impl LstmModel {
     }
 
     /// This window model with a per-press model beside it: every press then steps the user's
-    /// carried state, and its evidence can raise `press_lstm` alerts (`lstm::stream`).
+    /// carried state, and its evidence can raise `press_lstm` alerts (`metronome_model::stream`).
     pub fn with_press_model(mut self, press: stream::StreamModel) -> Self {
         self.press = Some(press);
         self
@@ -408,16 +409,11 @@ impl SequenceScorer for LstmModel {
     }
 }
 
-/// A model that follows its manifest file: [`ReloadingModel::reload_if_changed`] loads a new
-/// version when the manifest changes, and keeps the old one when the new one fails to load.
+/// A model that follows its manifest file ([`metronome_core::follow`]):
+/// [`ReloadingModel::reload_if_changed`] loads a new version when the manifest changes, and
+/// keeps the old one when the new one fails to load.
 #[derive(Debug)]
-pub struct ReloadingModel {
-    /// The manifest followed; `None` for a model that never changes (the embedded one).
-    path: Option<PathBuf>,
-    current: LstmModel,
-    /// Contents of the manifest last loaded.
-    seen: Vec<u8>,
-}
+pub struct ReloadingModel(Followed<LstmModel, ModelError>);
 
 /// What a reload check did.
 #[derive(Debug, PartialEq, Eq)]
@@ -436,64 +432,55 @@ pub enum Reload {
 impl ReloadingModel {
     /// Loads the manifest at `path`.
     pub fn load(path: &Path) -> Result<Self, ModelError> {
-        let seen = read_manifest(path)?;
-        let current = LstmModel::from_manifest_bytes(path, &seen)?;
-        Ok(Self { path: Some(path.to_owned()), current, seen })
+        Followed::load(path, read_manifest, LstmModel::from_manifest_bytes).map(Self)
     }
 
     /// A model with no file behind it (the embedded one): reload checks never change it.
     pub fn fixed(model: LstmModel) -> Self {
-        Self { path: None, current: model, seen: Vec::new() }
+        Self(Followed::fixed(model))
     }
 
     /// With a per-press model beside whichever version scores (kept across reloads).
     pub fn with_press_model(mut self, press: stream::StreamModel) -> Self {
-        self.current.press = Some(press);
+        self.0.current_mut().press = Some(press);
         self
     }
 
     /// The model scoring now.
     pub fn current(&self) -> &LstmModel {
-        &self.current
+        self.0.current()
     }
 
     /// Loads the manifest again if it changed since the last load. On error the previous model
     /// stays in place and the next check tries again (deploy the ONNX file first, then its
     /// manifest; a manifest that arrives first is refused until its file is there).
     pub fn reload_if_changed(&mut self) -> Result<Reload, ModelError> {
-        let Some(path) = &self.path else { return Ok(Reload::Unchanged) };
-        // One read, compared and loaded: no window for the file to change in between.
-        let text = read_manifest(path)?;
-        if text == self.seen {
-            return Ok(Reload::Unchanged);
-        }
-        let mut next = LstmModel::from_manifest_bytes(path, &text)?;
+        let Some(mut previous) = self.0.reload_if_changed()? else { return Ok(Reload::Unchanged) };
         // The per-press model is not part of the manifest followed: it stays.
-        next.press = self.current.press.take();
-        self.seen = text;
-        let from = std::mem::replace(&mut self.current, next).id;
-        Ok(Reload::Loaded { from, to: self.current.id.clone() })
+        let current = self.0.current_mut();
+        current.press = previous.press.take();
+        Ok(Reload::Loaded { from: previous.id, to: current.id.clone() })
     }
 }
 
 impl SequenceScorer for ReloadingModel {
     fn version(&self) -> &str {
-        self.current.version()
+        self.0.current().version()
     }
 
     fn steps(&self) -> usize {
-        self.current.steps()
+        self.0.current().steps()
     }
 
     fn score(&mut self, inputs: &[f32], windows: usize, out: &mut Vec<f32>) -> Result<(), SequenceError> {
-        self.current.score(inputs, windows, out)
+        self.0.current_mut().score(inputs, windows, out)
     }
 
     fn reads_presses(&self) -> bool {
-        self.current.reads_presses()
+        self.0.current().reads_presses()
     }
 
     fn press_scorer(&mut self) -> Option<&mut dyn PressScorer> {
-        self.current.press_scorer()
+        self.0.current_mut().press_scorer()
     }
 }
