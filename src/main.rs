@@ -16,11 +16,11 @@ use metronome::http::{AlertDb, ApiState, Readiness};
 use metronome::score::{self, BadRows, OutputSelection, ScoreError};
 use metronome::service::{self, service_runtime, shutdown_on_signal, start_http};
 use metronome::simulate::{self, SimulationPlan};
-use metronome::sink::PgTarget;
 use metronome::stream;
 use metronome_core::detect::{Detector, SequenceScorer};
 use metronome_core::keylog::{self, KeylogReader, KeylogWriter};
 use metronome_core::macrogen::MacroFamily;
+use metronome_io::postgres::PgTarget;
 
 /// Catches users whose keyboards are driven by macros.
 #[derive(Debug, Parser)]

@@ -11,11 +11,12 @@ use std::time::Duration;
 
 use crate::config::{Config, ModelSource};
 use crate::http::{AlertDb, ApiState, BrokerProbe, HttpConfig, Readiness, UserApi};
-use crate::sink::{PgTarget, PostgresSink};
+use crate::sink::PostgresSink;
 use crate::stream::directory::DirectoryReader;
 use crate::stream::stages::FleetStages;
 use crate::stream::{Processor, RunSummary, Shutdown};
 use metronome_core::detect::Detector;
+use metronome_io::postgres::PgTarget;
 use metronome_model::stream::StreamModel;
 use metronome_model::{LstmModel, ReloadingModel};
 

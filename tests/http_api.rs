@@ -14,9 +14,9 @@ use common::http_get;
 use common::postgres::TempDb;
 use metronome::http::{routes, AlertDb, ApiState, BrokerProbe, Readiness, ServeLimits};
 use metronome::sink::store::{write_batch, SinkRecord};
-use metronome::sink::PgTarget;
 use metronome::stream::status::Status;
 use metronome_core::proto;
+use metronome_io::postgres::PgTarget;
 use serde_json::Value;
 
 const TOKEN: &str = "t0ken-for-tests";
@@ -49,7 +49,7 @@ fn database_with_alerts(rt: &tokio::runtime::Runtime) -> TempDb {
     rt.block_on(async {
         let target = PgTarget::parse(&url).unwrap();
         let mut client = target.connect().await.unwrap();
-        metronome::sink::connect::migrate(&mut client).await.unwrap();
+        metronome_io::postgres::migrate(&mut client).await.unwrap();
         let records: Vec<SinkRecord> = (0..5)
             .map(|i| SinkRecord::Alert {
                 partition: 0,

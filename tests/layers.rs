@@ -1,5 +1,6 @@
 //! The workspace's layers, as the compiler sees them: the core links no I/O runtime, the model
-//! and the state crates build on the core alone, and nothing below the services links them.
+//! and the state crates build on the core alone, the I/O crate knows none of them, and nothing
+//! below the services links the services.
 //! Read from `cargo tree` (normal dependencies, this lockfile, offline).
 
 use std::collections::BTreeSet;
@@ -23,7 +24,9 @@ const SERVICES: [&str; 1] = ["metronome"];
 #[test]
 fn the_core_links_no_io_runtime_and_no_layer_above_it() {
     let core = linked("metronome-core");
-    for forbidden in IO_RUNTIMES.iter().chain(&SERVICES).chain(&["metronome-model", "metronome-state", "tract-onnx"]) {
+    for forbidden in
+        IO_RUNTIMES.iter().chain(&SERVICES).chain(&["metronome-io", "metronome-model", "metronome-state", "tract-onnx"])
+    {
         assert!(!core.contains(*forbidden), "metronome-core links {forbidden}");
     }
 }
@@ -46,12 +49,39 @@ fn the_model_and_the_state_build_on_the_core_alone() {
 }
 
 #[test]
+fn the_io_crate_knows_no_keystroke_model_or_store() {
+    let io = linked("metronome-io");
+    assert!(io.contains("rdkafka") && io.contains("tokio-postgres") && io.contains("object_store"));
+    for forbidden in SERVICES.iter().chain(&[
+        "metronome-core",
+        "metronome-model",
+        "metronome-state",
+        "tract-onnx",
+        "rocksdb",
+        "warp",
+    ]) {
+        assert!(!io.contains(*forbidden), "metronome-io links {forbidden}");
+    }
+    for (name, deps) in [("metronome-model", linked("metronome-model")), ("metronome-state", linked("metronome-state"))]
+    {
+        assert!(!deps.contains("metronome-io"), "{name} links metronome-io");
+    }
+}
+
+#[test]
 fn the_services_crate_links_every_layer() {
     // The check above would pass on names that never occur: the services crate shows they do.
     let services = linked("metronome");
-    for layer in
-        ["metronome-core", "metronome-model", "metronome-state", "tokio", "rdkafka", "rocksdb", "tokio-postgres"]
-    {
+    for layer in [
+        "metronome-core",
+        "metronome-io",
+        "metronome-model",
+        "metronome-state",
+        "tokio",
+        "rdkafka",
+        "rocksdb",
+        "tokio-postgres",
+    ] {
         assert!(services.contains(layer), "metronome does not link {layer}");
     }
 }

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use rdkafka::config::ClientConfig;
+use metronome_io::kafka::ClientBuilder;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::ClientContext;
@@ -251,12 +251,8 @@ impl KafkaSink {
     /// A producer with the `[kafka]` `properties`, made idempotent and patient: it retries a
     /// record until the broker has it, however long that takes.
     pub fn new(properties: &BTreeMap<String, String>, topic: &str) -> Result<Self, KafkaError> {
-        let mut c = ClientConfig::new();
-        for (k, v) in properties {
-            c.set(k, v);
-        }
-        let producer = c
-            .set("enable.idempotence", "true")
+        let producer = ClientBuilder::new(properties)
+            .idempotent()
             .set("message.timeout.ms", "0")
             .set("linger.ms", "5")
             .set("compression.type", "lz4")

@@ -9,9 +9,9 @@ use std::cell::Cell;
 use std::rc::Rc;
 
 use super::format::{manifest_path, sha256_hex, ArchiveReader, Day, FormatError, Manifest};
-use super::objects::{Archive, ObjectsError, S3Config};
 use metronome_core::keylog::{KeylogError, KeylogRecord};
 use metronome_core::wire::{decode_record, InputRecord};
+use metronome_io::objects::{Objects, ObjectsError, S3Config};
 
 /// Why a backtest could not read its day.
 #[derive(Debug, thiserror::Error)]
@@ -39,7 +39,7 @@ pub enum BacktestError {
 
 /// An archived day, opened.
 pub struct ArchivedDay {
-    archive: Archive,
+    archive: Objects,
     manifest: Manifest,
     runtime: tokio::runtime::Runtime,
 }
@@ -51,7 +51,7 @@ impl ArchivedDay {
             .enable_all()
             .build()
             .map_err(|e| BacktestError::Format(FormatError::Io(e)))?;
-        let archive = Archive::open(location, s3)?;
+        let archive = Objects::open(location, s3)?;
         let bytes = runtime.block_on(archive.get(&manifest_path(topic, day)))?.ok_or_else(|| {
             BacktestError::NotArchived { topic: topic.to_owned(), day, location: location.to_owned() }
         })?;

@@ -21,14 +21,14 @@
 //! - [`mod@format`]: days, object paths, the partition file format and the manifest (pure).
 //! - [`locate`]: where a time falls in a partition, checked against the records (pure).
 //! - [`source`]: reading the topic (rdkafka).
-//! - [`objects`]: the object store (local directory or S3).
+//!
+//! The object store (a directory or S3) and the PostgreSQL connection are `metronome_io`'s.
 //! - [`runs`]: the `archive_runs` table.
 //! - [`backtest`]: re-scoring an archived day.
 
 pub mod backtest;
 pub mod format;
 pub mod locate;
-pub mod objects;
 pub mod runs;
 pub mod source;
 
@@ -40,11 +40,11 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use self::format::{ArchiveReader, ArchiveWriter, Day, FormatError, Manifest, PartitionEntry, FORMAT_VERSION};
-use self::objects::{Archive, ObjectsError, S3Config};
 use self::runs::RunLog;
 use self::source::{PartitionRange, ReadError, SourceError, TopicReader};
 use crate::metrics::events::{ArchiveRunFinished, InternalEvent};
-use crate::sink::connect::{ConnectError, PgTarget};
+use metronome_io::objects::{Objects, ObjectsError, S3Config};
+use metronome_io::postgres::{ConnectError, PgTarget};
 
 /// Test hook: abort the process (a crash, not an error) once this many records are staged.
 pub const ABORT_AFTER_RECORDS_ENV: &str = "METRONOME_FAULT_ARCHIVE_ABORT_AFTER_RECORDS";
@@ -187,7 +187,7 @@ pub async fn archive_day(
     if end_ms > now_ms {
         return Err(ArchiveError::DayNotOver(day));
     }
-    let archive = Archive::open(&cfg.url, &cfg.s3)?;
+    let archive = Objects::open(&cfg.url, &cfg.s3)?;
     let log = match runs {
         Some(target) => Some(RunLog::connect(target).await?),
         None => None,
@@ -223,7 +223,7 @@ pub async fn archive_day(
 async fn archive_staged(
     cfg: &ArchiveConfig,
     kafka: &BTreeMap<String, String>,
-    archive: &Archive,
+    archive: &Objects,
     topic: &str,
     day: Day,
     (start_ms, end_ms): (i64, i64),
@@ -270,7 +270,7 @@ async fn archive_staged(
     let today = Day::containing(now_ms);
     // The day just archived stays even when it is past retention: an operator asked for it
     // (archiving an old day from a topic that still holds it); the next run deletes it.
-    let expired: Vec<Day> = format::expired(&archive.days(topic).await?, today, cfg.retention_days)
+    let expired: Vec<Day> = format::expired(&archived_days(archive, topic).await?, today, cfg.retention_days)
         .into_iter()
         .filter(|d| *d != day)
         .collect();
@@ -340,4 +340,11 @@ fn stage_day(
         out.push(Staged { range, file, entry, read });
     }
     Ok(out)
+}
+
+/// The days archived for `topic` (complete or not), oldest first.
+async fn archived_days(archive: &Objects, topic: &str) -> Result<Vec<Day>, ObjectsError> {
+    let mut days: Vec<Day> = archive.folders(topic).await?.iter().filter_map(|f| format::day_of_segment(f)).collect();
+    days.sort();
+    Ok(days)
 }

@@ -3,7 +3,7 @@
 use tokio_postgres::Client;
 
 use super::format::{Day, Manifest};
-use crate::sink::connect::{migrate, ConnectError, PgTarget};
+use metronome_io::postgres::{migrate, ConnectError, PgTarget};
 
 /// The run log in PostgreSQL.
 pub struct RunLog {

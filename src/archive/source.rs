@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
+use metronome_io::kafka::ClientBuilder;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
@@ -71,16 +71,12 @@ pub struct TopicReader {
 impl TopicReader {
     /// A reader of `topic` with the Kafka `properties` every client gets.
     pub fn new(properties: &BTreeMap<String, String>, topic: &str) -> Result<Self, SourceError> {
-        let mut c = ClientConfig::new();
-        // librdkafka refuses `assign` without a group id; this one is never joined.
-        c.set("group.id", "metronome-archive");
-        c.set("isolation.level", "read_committed");
-        for (k, v) in properties {
-            c.set(k, v);
-        }
-        c.set("enable.auto.commit", "false");
-        c.set("enable.partition.eof", "true");
-        let consumer: BaseConsumer = c.create().map_err(kafka("creating the archive consumer"))?;
+        let consumer: BaseConsumer = ClientBuilder::new(properties)
+            .assigned_reader("metronome-archive")
+            .read_committed()
+            .partition_eof()
+            .create()
+            .map_err(kafka("creating the archive consumer"))?;
         Ok(Self { consumer, topic: topic.to_owned() })
     }
 

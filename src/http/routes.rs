@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use rdkafka::config::ClientConfig;
+use metronome_io::kafka::ClientBuilder;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde_json::json;
 use subtle::ConstantTimeEq;
@@ -16,10 +16,10 @@ use warp::{Filter, Rejection};
 
 use crate::metrics::events::{HttpRequestServed, InternalEvent};
 use crate::sink::store::{query_alerts, AlertQuery};
-use crate::sink::PgTarget;
 use crate::stream::directory::DirectoryReader;
 use crate::stream::query::{Lookup, UserQueries};
 use crate::stream::status::Status;
+use metronome_io::postgres::PgTarget;
 
 /// Most alerts one `GET /api/alerts` returns, and the default.
 pub const ALERTS_MAX_LIMIT: i64 = 1000;
@@ -101,11 +101,8 @@ pub struct BrokerProbe {
 impl BrokerProbe {
     /// A probe with the `[kafka]` properties.
     pub fn new(properties: &std::collections::BTreeMap<String, String>, timeout: Duration) -> Result<Self, String> {
-        let mut c = ClientConfig::new();
-        for (k, v) in properties {
-            c.set(k, v);
-        }
-        let client: BaseConsumer = c.set("client.id", "metronome-readyz").create().map_err(|e| e.to_string())?;
+        let client: BaseConsumer =
+            ClientBuilder::new(properties).client_id("metronome-readyz").create().map_err(|e| e.to_string())?;
         Ok(Self { client: Arc::new(client), timeout, last: tokio::sync::Mutex::new(None), probes: AtomicU64::new(0) })
     }
 

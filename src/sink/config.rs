@@ -45,6 +45,6 @@ impl PostgresConfig {
         if self.retry_min_ms == 0 || self.retry_max_ms < self.retry_min_ms {
             return Err("postgres.retry_min_ms must be at least 1 and at most retry_max_ms".into());
         }
-        super::connect::PgTarget::parse(&self.url).map(|_| ()).map_err(|e| e.to_string())
+        metronome_io::postgres::PgTarget::parse(&self.url).map(|_| ()).map_err(|e| e.to_string())
     }
 }

@@ -12,16 +12,14 @@
 //!
 //! # Layout
 //! - [`config`]: `[postgres]` settings.
-//! - [`connect`]: URL parsing with libpq's `sslmode`, TLS (rustls), migrations (refinery,
-//!   `src/sink/migrations`).
 //! - [`store`]: the SQL: a batch and its offsets in one transaction, offsets, alert queries.
 //! - [`service`]: the loop: consume, batch, write, retry, report lag.
+//!
+//! The connection (URL, `sslmode`, TLS) and the migrations are `metronome_io::postgres`'s.
 
 pub mod config;
-pub mod connect;
 pub mod service;
 pub mod store;
 
 pub use config::PostgresConfig;
-pub use connect::{ConnectError, PgTarget, TlsMode};
 pub use service::{Faults, PostgresSink, SinkError, SinkSummary};

@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use backon::BackoffBuilder;
+use metronome_io::kafka::ClientBuilder;
 use rdkafka::client::ClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
@@ -22,10 +22,10 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio_postgres::Client;
 
 use super::config::PostgresConfig;
-use super::connect::{migrate, ConnectError, PgTarget};
 use super::store::{self, SinkRecord, WriteError, WriteSummary};
 use crate::metrics::events::{InternalEvent, SinkAttemptFailed, SinkBatchWritten, SinkConnected, SinkLagObserved};
 use crate::stream::Shutdown;
+use metronome_io::postgres::{migrate, ConnectError, PgTarget};
 
 /// Why the sink stopped with an error (PostgreSQL being down is not one: it is waited for).
 #[derive(Debug, thiserror::Error)]
@@ -389,18 +389,15 @@ impl PostgresSink {
     }
 
     fn consumer(&self) -> Result<StreamConsumer<SinkContext>, SinkError> {
-        let mut c = ClientConfig::new();
-        for (k, v) in &self.kafka {
-            c.set(k, v);
-        }
-        c.set("group.id", &self.group)
-            .set("client.id", format!("{}-{}", self.group, std::process::id()))
-            .set("isolation.level", "read_committed")
+        ClientBuilder::new(&self.kafka)
+            .set("group.id", &self.group)
+            .client_id(format!("{}-{}", self.group, std::process::id()))
+            .read_committed()
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
-            .set("partition.assignment.strategy", "cooperative-sticky");
-        c.create_with_context(SinkContext::default())
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .create_with_context(SinkContext::default())
             .map_err(|error| SinkError::Kafka { what: "creating the consumer", error })
     }
 }

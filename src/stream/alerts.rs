@@ -4,8 +4,8 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use metronome_io::kafka::ClientBuilder;
 use prost::Message as _;
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
@@ -35,15 +35,10 @@ pub fn follow_until(
     stop: &AtomicBool,
     mut on_alert: impl FnMut(&proto::Alert),
 ) -> Result<(u64, u64), KafkaError> {
-    let mut c = ClientConfig::new();
-    c.set("isolation.level", "read_committed");
-    // librdkafka refuses `assign` without a group id ("Unknown group"); this one is never
-    // joined and nothing is committed under it.
-    c.set("group.id", format!("metronome-alerts-{}", std::process::id()));
-    for (k, v) in properties {
-        c.set(k, v);
-    }
-    let consumer: BaseConsumer = c.set("enable.auto.commit", "false").create()?;
+    let consumer: BaseConsumer = ClientBuilder::new(properties)
+        .read_committed()
+        .assigned_reader(format!("metronome-alerts-{}", std::process::id()))
+        .create()?;
     let mut last = Instant::now();
     let partitions: Vec<i32> = loop {
         let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))?;

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rdkafka::config::ClientConfig;
+use metronome_io::kafka::ClientBuilder;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -52,12 +52,8 @@ impl Announcer {
         instance: &str,
         url: &str,
     ) -> Result<Self, rdkafka::error::KafkaError> {
-        let mut c = ClientConfig::new();
-        for (k, v) in properties {
-            c.set(k, v);
-        }
         let producer =
-            c.set("client.id", format!("{instance}-directory")).set("enable.idempotence", "true").create()?;
+            ClientBuilder::new(properties).client_id(format!("{instance}-directory")).idempotent().create()?;
         Ok(Self { producer, topic: topic.to_owned(), instance: instance.to_owned(), url: url.to_owned() })
     }
 
@@ -97,14 +93,8 @@ pub struct DirectoryReader {
 impl DirectoryReader {
     /// Starts reading `topic` (partition 0, from the beginning) with the `[kafka]` properties.
     pub fn start(properties: &BTreeMap<String, String>, topic: &str) -> Result<Self, rdkafka::error::KafkaError> {
-        let mut c = ClientConfig::new();
-        for (k, v) in properties {
-            c.set(k, v);
-        }
-        // librdkafka wants a group id to assign; this one is never joined or committed.
-        let consumer: BaseConsumer = c
-            .set("group.id", format!("metronome-directory-{}", std::process::id()))
-            .set("enable.auto.commit", "false")
+        let consumer: BaseConsumer = ClientBuilder::new(properties)
+            .assigned_reader(format!("metronome-directory-{}", std::process::id()))
             .create()?;
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(topic, 0, Offset::Beginning)?;

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use backon::BlockingRetryable as _;
+use metronome_io::kafka::ClientBuilder;
 use metronome_state::{Store, WriteBatch};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
@@ -94,13 +95,8 @@ impl Clients {
         &self.instance
     }
 
-    fn base(&self, role: &str) -> ClientConfig {
-        let mut c = ClientConfig::new();
-        for (k, v) in &self.properties {
-            c.set(k, v);
-        }
-        c.set("client.id", format!("{}-{role}", self.instance));
-        c
+    fn base(&self, role: &str) -> ClientBuilder {
+        ClientBuilder::new(&self.properties).client_id(format!("{}-{role}", self.instance))
     }
 
     /// The group consumer of the input topic.
@@ -117,24 +113,21 @@ impl Clients {
         lag_topic: &str,
         log: Arc<RebalanceLog>,
     ) -> Result<BaseConsumer<GroupContext>, KafkaEdgeError> {
-        let mut config = self.base(role);
-        if !self.properties.contains_key("fetch.queue.backoff.ms") {
+        self.base(role)
             // The processor drains its fetch queue a batch at a time. Once the queue had filled,
             // librdkafka's default (1 s) kept it from fetching again while the batch was
             // processed, and the next batch then waited for records the broker had ready.
-            config.set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS);
-        }
-        config
+            .set_default("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS)
             .set("group.id", group)
             .set("partition.assignment.strategy", "cooperative-sticky")
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
-            .set("isolation.level", "read_committed")
+            .read_committed()
             .set("auto.offset.reset", "earliest")
             // End-of-partition events tell the processor it has caught up (idle windows).
-            .set("enable.partition.eof", "true")
+            .partition_eof()
             // Statistics feed the consumer-lag gauge.
-            .set("statistics.interval.ms", self.properties.get("statistics.interval.ms").map_or("5000", String::as_str))
+            .set_default("statistics.interval.ms", "5000")
             .create_with_context(GroupContext { log, input_topic: lag_topic.to_owned() })
             .map_err(|e| KafkaEdgeError::Config(e.to_string()))
     }
@@ -164,17 +157,21 @@ impl Clients {
         consumer: &Arc<BaseConsumer<GroupContext>>,
     ) -> Result<TxProducer, KafkaEdgeError> {
         let TaskTopics { input, partition, changelog, transactional_id } = topics;
-        let mut config = self.base(&format!("task-{partition}"));
-        config.set("enable.idempotence", "true").set("linger.ms", "5").set("queue.buffering.max.messages", "1000000");
+        let mut config = self
+            .base(&format!("task-{partition}"))
+            .idempotent()
+            .set("linger.ms", "5")
+            .set("queue.buffering.max.messages", "1000000");
         let mode = match self.cfg.guarantee {
             Guarantee::ExactlyOnce => {
-                config
+                config = config
                     .set("transactional.id", transactional_id)
                     .set("transaction.timeout.ms", self.cfg.transaction_timeout_ms.to_string());
                 Mode::Transactional
             }
             Guarantee::AtLeastOnce => Mode::AtLeastOnce(Arc::clone(consumer)),
         };
+        let config = config.into_config();
         let producer = create_task_producer(&config, &changelog, &mode)?;
         Ok(TxProducer {
             mode,
@@ -197,10 +194,9 @@ impl Clients {
 
     fn plain_consumer(&self, role: &str) -> Result<BaseConsumer, KafkaEdgeError> {
         self.base(role)
-            .set("group.id", format!("{}-{role}", self.cfg.application_id))
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "true")
-            .set("isolation.level", "read_committed")
+            .assigned_reader(format!("{}-{role}", self.cfg.application_id))
+            .partition_eof()
+            .read_committed()
             .create()
             .map_err(|e| KafkaEdgeError::Config(e.to_string()))
     }

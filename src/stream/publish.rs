@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use rdkafka::config::ClientConfig;
+use metronome_io::kafka::ClientBuilder;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
@@ -41,11 +41,8 @@ pub struct PublishSummary {
 
 /// An idempotent producer with the `[kafka]` `properties`.
 pub fn producer(properties: &BTreeMap<String, String>) -> Result<BaseProducer, KafkaError> {
-    let mut c = ClientConfig::new();
-    for (k, v) in properties {
-        c.set(k, v);
-    }
-    c.set("enable.idempotence", "true")
+    ClientBuilder::new(properties)
+        .idempotent()
         .set("linger.ms", "20")
         .set("queue.buffering.max.messages", "1000000")
         .set("compression.type", "lz4")

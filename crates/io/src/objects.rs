@@ -1,4 +1,5 @@
-//! The archive's object store: a local directory or an S3-compatible bucket (`object_store`).
+//! An object store: a local directory or an S3-compatible bucket (`object_store`), opened from
+//! one location string. The archive keeps its days here.
 //!
 //! Every object is published whole: a local file is written beside its name and renamed over
 //! it, an S3 object is not visible until its upload completes. So a reader never sees half a
@@ -18,12 +19,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
-use super::format::{day_of_segment, Day};
-
 /// Size of the pieces a file is uploaded in.
 const UPLOAD_CHUNK: usize = 8 << 20;
 
-/// S3-compatible settings (used when `archive.url` is `s3://bucket/prefix`).
+/// S3-compatible settings (used when the location is `s3://bucket/prefix`).
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct S3Config {
@@ -66,7 +65,7 @@ impl std::fmt::Debug for S3Config {
 /// Why an object store call failed (paths and store errors; never record contents).
 #[derive(Debug, thiserror::Error)]
 pub enum ObjectsError {
-    /// The archive location does not parse or cannot be opened.
+    /// The location does not parse or cannot be opened.
     #[error("archive location {location}: {reason}")]
     Location {
         /// The location as configured.
@@ -82,16 +81,16 @@ pub enum ObjectsError {
     Staged(#[from] std::io::Error),
 }
 
-/// An opened archive.
+/// An opened store.
 #[derive(Debug, Clone)]
-pub struct Archive {
+pub struct Objects {
     store: Arc<dyn ObjectStore>,
     location: String,
     /// The directory, for a local store.
     local_root: Option<std::path::PathBuf>,
 }
 
-impl Archive {
+impl Objects {
     /// Opens `location`: a directory (created if missing; `file://` optional) or
     /// `s3://bucket[/prefix]`.
     pub fn open(location: &str, s3: &S3Config) -> Result<Self, ObjectsError> {
@@ -207,13 +206,13 @@ impl Archive {
         Ok(out)
     }
 
-    /// The days archived for `topic` (complete or not).
-    pub async fn days(&self, topic: &str) -> Result<Vec<Day>, ObjectsError> {
-        let listing = self.store.list_with_delimiter(Some(&ObjectPath::from(topic))).await?;
-        let mut days: Vec<Day> =
-            listing.common_prefixes.iter().filter_map(|p| p.filename().and_then(day_of_segment)).collect();
-        days.sort();
-        Ok(days)
+    /// The names of the folders directly under `prefix` (the last segment of each), sorted.
+    pub async fn folders(&self, prefix: &str) -> Result<Vec<String>, ObjectsError> {
+        let listing = self.store.list_with_delimiter(Some(&ObjectPath::from(prefix))).await?;
+        let mut names: Vec<String> =
+            listing.common_prefixes.iter().filter_map(|p| p.filename().map(str::to_owned)).collect();
+        names.sort();
+        Ok(names)
     }
 
     /// Deletes `first` (the manifest: the day stops being complete), then everything else under
@@ -235,5 +234,43 @@ impl Archive {
             let _ = std::fs::remove_dir(root.join(prefix));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_local_store_publishes_lists_and_deletes_whole_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let objects = Objects::open(&format!("file://{}", dir.path().display()), &S3Config::default()).unwrap();
+        let mut staged = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut staged, b"partition bytes").unwrap();
+        objects.put_file("t/day=2026-12-01/partition-00000.pb.gz", &mut staged).await.unwrap();
+        objects.put_bytes("t/day=2026-12-01/manifest.json", b"{}".to_vec()).await.unwrap();
+        objects.put_bytes("t/day=2026-12-02/manifest.json", b"{}".to_vec()).await.unwrap();
+
+        assert_eq!(objects.get("t/day=2026-12-01/partition-00000.pb.gz").await.unwrap().unwrap(), b"partition bytes");
+        assert_eq!(objects.get("t/day=2026-12-03/manifest.json").await.unwrap(), None);
+        assert_eq!(objects.folders("t").await.unwrap(), ["day=2026-12-01", "day=2026-12-02"]);
+        assert_eq!(
+            objects.sha256("t/day=2026-12-01/manifest.json").await.unwrap(),
+            "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
+        );
+
+        std::fs::write(dir.path().join("t/day=2026-12-02/partition-00000.pb.gz#7"), b"half").unwrap();
+        assert_eq!(objects.remove_interrupted_uploads("t/day=2026-12-02").unwrap(), 1);
+        objects.delete_prefix("t/day=2026-12-01", "t/day=2026-12-01/manifest.json").await.unwrap();
+        assert_eq!(objects.folders("t").await.unwrap(), ["day=2026-12-02"]);
+        assert_eq!(objects.list("t").await.unwrap(), ["t/day=2026-12-02/manifest.json"]);
+    }
+
+    #[test]
+    fn a_location_without_a_bucket_or_a_directory_is_refused() {
+        for location in ["s3://", "s3:///prefix", ""] {
+            let err = Objects::open(location, &S3Config::default()).unwrap_err();
+            assert!(matches!(err, ObjectsError::Location { .. }), "{location}: {err}");
+        }
     }
 }

@@ -31,7 +31,7 @@ use tokio_postgres::config::SslMode;
 use tokio_postgres::{Client, NoTls};
 
 mod embedded {
-    refinery::embed_migrations!("src/sink/migrations");
+    refinery::embed_migrations!("migrations");
 }
 
 /// Why a connection could not be made. Never holds the URL's password.
@@ -53,7 +53,7 @@ pub enum ConnectError {
 
 /// An error and its causes on one line (tokio-postgres' own text stops at "error performing TLS
 /// handshake"; the cause says which check failed). Causes are I/O and TLS errors, never the URL.
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+fn chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
@@ -365,7 +365,7 @@ impl ServerCertVerifier for ChainOnly {
 /// Key of the advisory lock that keeps two instances from migrating at once.
 const MIGRATION_LOCK: i64 = 0x6d65_7472_6f6e_6f6d;
 
-/// Brings the schema up to date (`src/sink/migrations`, applied in version order, each once).
+/// Brings the schema up to date (`crates/io/migrations`, applied in version order, each once).
 /// Instances starting together take turns on an advisory lock.
 pub async fn migrate(client: &mut Client) -> Result<usize, ConnectError> {
     client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK]).await?;
