@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use backon::BlockingRetryable as _;
 use metronome_io::kafka::ClientBuilder;
-use metronome_state::{Store, WriteBatch};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
@@ -24,7 +23,8 @@ use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::config::{Guarantee, StreamConfig, FLEET_CANDIDATES, FLEET_FINGERPRINTS, USER_STATE_STORE};
-use super::task::{self, Checkpoint, ProducerError, TaskError};
+use super::recovery::{ChangelogRecord, ChangelogSource, RecoveryError};
+use super::task::{self, ProducerError, TaskError};
 use crate::metrics::events::{ConsumerLagObserved, InternalEvent};
 use metronome_core::wire::{InputRecord, OutRecord, OutTopic, RecordTime};
 
@@ -341,59 +341,55 @@ impl Clients {
         }))
     }
 
-    /// Brings `store` up to the changelog's committed end for `partition`, replaying from the
-    /// checkpoint's changelog offset. Replaying records the store already holds is harmless:
-    /// each record is a user's whole state, so the last one wins. Returns the records replayed
-    /// and the new changelog position; `progress` hears `(replayed, approximate total)`.
-    pub fn restore<S: Store>(
-        &self,
-        changelog: &str,
-        partition: i32,
-        store: &mut S,
-        from: i64,
-        mut progress: impl FnMut(u64, u64),
-    ) -> Result<(u64, i64), KafkaEdgeError> {
-        let topic = changelog.to_owned();
-        let consumer = self.plain_consumer("restore")?;
+    /// The changelog partition `partition` of `topic`, read as a restore reads it.
+    pub fn changelog(&self, topic: &str, partition: i32) -> Result<KafkaChangelog, KafkaEdgeError> {
+        Ok(KafkaChangelog { consumer: self.plain_consumer("restore")?, topic: topic.to_owned(), partition })
+    }
+}
+
+/// A changelog partition on the broker (read_committed), the production [`ChangelogSource`].
+pub struct KafkaChangelog {
+    consumer: BaseConsumer,
+    topic: String,
+    partition: i32,
+}
+
+impl ChangelogSource for KafkaChangelog {
+    fn watermarks(&mut self) -> Result<(i64, i64), RecoveryError> {
         // A leader moving (a broker's death) fails the look-up for a moment: asked again every
         // 200 ms for as long as a stall would take.
         let retry_every = Duration::from_millis(200);
         let retries = (BROKER_TIMEOUT.as_millis() / retry_every.as_millis()) as usize;
-        let (low, high) = (|| consumer.fetch_watermarks(&topic, partition, BROKER_TIMEOUT))
+        let partition = self.partition;
+        let watermarks = (|| self.consumer.fetch_watermarks(&self.topic, partition, BROKER_TIMEOUT))
             .retry(backon::ConstantBuilder::default().with_delay(retry_every).with_max_times(retries))
             .sleep(std::thread::sleep)
             .notify(|e, _| tracing::warn!(partition, error = %e, "changelog watermarks unavailable; retrying"))
             .call()
             .map_err(broker("reading changelog watermarks"))?;
-        let start = from.max(low);
-        if start >= high {
-            return Ok((0, from));
+        Ok(watermarks)
+    }
+
+    fn replay(
+        &mut self,
+        from: i64,
+        apply: &mut dyn FnMut(ChangelogRecord<'_>) -> Result<(), RecoveryError>,
+    ) -> Result<i64, RecoveryError> {
+        if from >= self.watermarks()?.1 {
+            return Ok(from);
         }
-        let total = (high - start) as u64;
+        let (topic, partition) = (self.topic.as_str(), self.partition);
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&topic, partition, Offset::Offset(start))
-            .map_err(broker("assigning the changelog"))?;
-        consumer.assign(&tpl).map_err(broker("assigning the changelog"))?;
-        let mut batch = WriteBatch::new();
-        let mut replayed = 0u64;
-        let mut position = start;
+        tpl.add_partition_offset(topic, partition, Offset::Offset(from)).map_err(broker("assigning the changelog"))?;
+        self.consumer.assign(&tpl).map_err(broker("assigning the changelog"))?;
+        let mut position = from;
         let mut last_progress = Instant::now();
         loop {
-            match consumer.poll(BROKER_TIMEOUT) {
+            match self.consumer.poll(BROKER_TIMEOUT) {
                 Some(Ok(m)) => {
                     last_progress = Instant::now();
-                    let key = m.key().ok_or(KafkaEdgeError::Restore {
-                        partition,
-                        source: TaskError::CorruptState("changelog record without a key"),
-                    })?;
-                    task::apply_changelog_record(&mut batch, key, m.payload());
-                    replayed += 1;
+                    apply(ChangelogRecord { key: m.key(), value: m.payload() })?;
                     position = m.offset() + 1;
-                    if batch.len() >= 1_000 {
-                        store.write(&batch).map_err(|e| KafkaEdgeError::Restore { partition, source: e.into() })?;
-                        batch.clear();
-                        progress(replayed, total);
-                    }
                 }
                 Some(Err(KafkaError::PartitionEOF(_))) => break,
                 // librdkafka reports a broker going away, a leader moving and the like and
@@ -402,24 +398,20 @@ impl Clients {
                 Some(Err(e)) if last_progress.elapsed() < BROKER_TIMEOUT => {
                     tracing::warn!(partition, error = %e, "changelog read error; retrying");
                 }
-                Some(Err(e)) => return Err(KafkaEdgeError::Broker { what: "reading the changelog", error: e }),
+                Some(Err(e)) => return Err(broker("reading the changelog")(e).into()),
                 None => {
-                    return Err(KafkaEdgeError::Broker {
-                        what: "reading the changelog",
-                        error: KafkaError::MessageConsumption(RDKafkaErrorCode::OperationTimedOut),
-                    })
+                    let timed_out = KafkaError::MessageConsumption(RDKafkaErrorCode::OperationTimedOut);
+                    return Err(broker("reading the changelog")(timed_out).into());
                 }
             }
         }
         // Past the end of the last record: control records (commit markers) may follow it.
-        if let Ok(positions) = consumer.position() {
-            if let Some(Offset::Offset(o)) = positions.find_partition(&topic, partition).map(|e| e.offset()) {
+        if let Ok(positions) = self.consumer.position() {
+            if let Some(Offset::Offset(o)) = positions.find_partition(topic, partition).map(|e| e.offset()) {
                 position = position.max(o);
             }
         }
-        store.write(&batch).map_err(|e| KafkaEdgeError::Restore { partition, source: e.into() })?;
-        progress(replayed, total);
-        Ok((replayed, position))
+        Ok(position)
     }
 }
 
@@ -442,14 +434,6 @@ pub fn input_record<M: Message>(m: &M) -> InputRecord {
         rdkafka::Timestamp::NotAvailable => RecordTime::Unknown,
     };
     InputRecord { offset: m.offset(), key: m.key().map(<[u8]>::to_vec), payload: m.payload().map(<[u8]>::to_vec), time }
-}
-
-/// Writes the checkpoint a restore ends with.
-pub fn write_checkpoint<S: Store>(store: &mut S, checkpoint: Checkpoint) -> Result<(), TaskError> {
-    let mut batch = WriteBatch::new();
-    task::put_checkpoint(&mut batch, checkpoint);
-    store.write(&batch)?;
-    Ok(())
 }
 
 /// A partition assignment change, as the consumer's callbacks report it.

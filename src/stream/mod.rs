@@ -20,7 +20,8 @@
 //! - [`config`]: `[stream]` settings and the `[kafka]` passthrough.
 //! - [`task`]: one partition's state and its exactly-once batch cycle, over the
 //!   [`task::TaskProducer`] seam (an in-memory twin tests it).
-//! - [`kafka`]: rdkafka clients: consumer, transactional producers, topic set-up, restore.
+//! - [`kafka`]: rdkafka clients: consumer, transactional producers, topic set-up, the changelog
+//!   as a restore reads it.
 //! - [`open_windows`]: pure index of a task's open windows: idle ones, and whom to close first
 //!   over the cap.
 //! - [`processor`]: the loop that ties them together, rebalances and shutdown.
@@ -28,7 +29,9 @@
 //! - [`status`]: task phases for readiness.
 //! - [`query`]: interactive user queries, answered by the loop from the owning task.
 //! - [`directory`]: which instance owns which partition, announced on a compacted topic.
-//! - [`recovery`]: a task's store made consistent with the committed position (restore).
+//! - [`recovery`]: a task's store made consistent with the committed position: the pure plan
+//!   (replay, or rebuild when the store is ahead or its changelog was truncated or recreated)
+//!   and the restore over a store factory and a changelog source.
 //! - [`fleet`]: the fleet stages' tasks (users per fingerprint; links and fleets).
 //! - [`stages`]: the fleet stages' loop, beside the processor in `metronome process`.
 //!
