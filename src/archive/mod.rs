@@ -342,9 +342,7 @@ fn stage_day(
     Ok(out)
 }
 
-/// The days archived for `topic` (complete or not), oldest first.
+/// The days archived for `topic` (complete or not).
 async fn archived_days(archive: &Objects, topic: &str) -> Result<Vec<Day>, ObjectsError> {
-    let mut days: Vec<Day> = archive.folders(topic).await?.iter().filter_map(|f| format::day_of_segment(f)).collect();
-    days.sort();
-    Ok(days)
+    Ok(archive.folders(topic).await?.iter().filter_map(|f| format::day_of_segment(f)).collect())
 }

@@ -13,7 +13,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use metronome_core::proto;
 
-/// Reads committed alerts (read_committed unless `properties` say otherwise) from every
+/// Reads committed alerts (read_committed whatever `properties` say) from every
 /// partition of `topic`, from the beginning, and hands each to `on_alert`, until `idle` passes
 /// without one. Partitions are assigned directly (no consumer group to join, so the idle clock
 /// measures the stream, not a rebalance); a topic that does not exist yet is waited for, within

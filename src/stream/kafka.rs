@@ -373,9 +373,10 @@ impl ChangelogSource for KafkaChangelog {
     fn replay(
         &mut self,
         from: i64,
+        high: i64,
         apply: &mut dyn FnMut(ChangelogRecord<'_>) -> Result<(), RecoveryError>,
     ) -> Result<i64, RecoveryError> {
-        if from >= self.watermarks()?.1 {
+        if from >= high {
             return Ok(from);
         }
         let (topic, partition) = (self.topic.as_str(), self.partition);

@@ -145,11 +145,13 @@ pub trait ChangelogSource {
     /// The offsets the changelog holds, `[low, high)`, high being its committed end.
     fn watermarks(&mut self) -> Result<(i64, i64), RecoveryError>;
 
-    /// Hands every record from `from` to the committed end to `apply`, in order, and returns the
-    /// position past the end (past any commit markers that follow the last record).
+    /// Hands every record from `from` to the committed end `high` (from [`watermarks`](Self::watermarks))
+    /// to `apply`, in order, and returns the position past the end (past any commit markers that
+    /// follow the last record).
     fn replay(
         &mut self,
         from: i64,
+        high: i64,
         apply: &mut dyn FnMut(ChangelogRecord<'_>) -> Result<(), RecoveryError>,
     ) -> Result<i64, RecoveryError>;
 }
@@ -178,8 +180,7 @@ pub fn restore<F: StoreFactory, C: ChangelogSource>(
     let plan = plan(checkpoint, committed, (low, high));
     let from = match plan {
         Plan::Replay { from } => from,
-        Plan::Rebuild { reason, from } => {
-            tracing::warn!(?reason, "the local state cannot be carried on from; rebuilding it from the changelog");
+        Plan::Rebuild { from, .. } => {
             drop(store);
             stores.destroy()?;
             store = stores.open()?;
@@ -189,7 +190,7 @@ pub fn restore<F: StoreFactory, C: ChangelogSource>(
     let total = (high - from).max(0) as u64;
     let mut batch = WriteBatch::new();
     let mut replayed = 0u64;
-    let position = changelog.replay(from, &mut |record| {
+    let position = changelog.replay(from, high, &mut |record| {
         let key = record.key.ok_or(RecoveryError::Corrupt("a record without a key"))?;
         task::apply_changelog_record(&mut batch, key, record.value);
         replayed += 1;
@@ -217,13 +218,22 @@ pub fn recover(
     progress: impl FnMut(u64, u64),
 ) -> Result<Restored<RocksStore>, ProcessError> {
     let mut source = clients.changelog(changelog, partition)?;
-    restore(&RocksDir { dir, resources }, &mut source, committed, progress).map_err(|e| match e {
+    let restored = restore(&RocksDir { dir, resources }, &mut source, committed, progress).map_err(|e| match e {
         RecoveryError::Store(source) => ProcessError::Task { partition, source },
         RecoveryError::Changelog(e) => ProcessError::Kafka(e),
         RecoveryError::Corrupt(what) => {
             ProcessError::Kafka(KafkaEdgeError::Restore { partition, source: TaskError::CorruptState(what) })
         }
-    })
+    })?;
+    if let Plan::Rebuild { reason, .. } = restored.plan {
+        tracing::warn!(
+            partition,
+            changelog,
+            ?reason,
+            "the local state could not be carried on from; rebuilt it from the changelog"
+        );
+    }
+    Ok(restored)
 }
 
 #[cfg(test)]
@@ -299,8 +309,10 @@ mod tests {
         fn replay(
             &mut self,
             from: i64,
+            high: i64,
             apply: &mut dyn FnMut(ChangelogRecord<'_>) -> Result<(), RecoveryError>,
         ) -> Result<i64, RecoveryError> {
+            assert_eq!(high, self.high(), "the end the watermarks gave");
             self.replayed_from = Some(from);
             let skip = (from - self.low).max(0) as usize;
             for (key, value) in self.records.iter().skip(skip) {
