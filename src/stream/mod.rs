@@ -24,7 +24,11 @@
 //!   as a restore reads it.
 //! - [`open_windows`]: pure index of a task's open windows: idle ones, and whom to close first
 //!   over the cap.
-//! - [`processor`]: the loop that ties them together, rebalances and shutdown.
+//! - [`seams`]: what the loop reads and opens ([`seams::Input`], [`seams::TaskFactory`]).
+//! - [`engine`]: the loop over those seams: batch collection, the tasks' batches on threads,
+//!   outcomes (commit counted, or abort and rewind), rebalances, housekeeping; one round at a
+//!   time in the unit tests, over an in-memory broker twin.
+//! - [`processor`]: the Kafka and RocksDB sides of the seams wired to the engine; shutdown.
 //! - [`publish`]: a keylog into the input topic, as agents would send it.
 //! - [`status`]: task phases for readiness.
 //! - [`query`]: interactive user queries, answered by the loop from the owning task.
@@ -45,6 +49,7 @@
 pub mod alerts;
 pub mod config;
 pub mod directory;
+pub mod engine;
 pub mod fleet;
 pub mod kafka;
 pub mod open_windows;
@@ -52,9 +57,12 @@ pub mod processor;
 pub mod publish;
 pub mod query;
 pub mod recovery;
+pub mod seams;
 pub mod stages;
 pub mod status;
 pub mod task;
+#[cfg(test)]
+pub(crate) mod twin;
 
 pub use config::StreamConfig;
 pub use processor::{ProcessError, Processor, RunSummary, Shutdown};

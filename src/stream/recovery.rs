@@ -95,6 +95,19 @@ pub enum RecoveryError {
     Corrupt(&'static str),
 }
 
+impl RecoveryError {
+    /// The processor's error for a failed restore of `partition`.
+    pub fn for_partition(self, partition: i32) -> ProcessError {
+        match self {
+            Self::Store(source) => ProcessError::Task { partition, source },
+            Self::Changelog(e) => ProcessError::Kafka(e),
+            Self::Corrupt(what) => {
+                ProcessError::Kafka(KafkaEdgeError::Restore { partition, source: TaskError::CorruptState(what) })
+            }
+        }
+    }
+}
+
 impl From<StoreError> for RecoveryError {
     fn from(e: StoreError) -> Self {
         Self::Store(e.into())
@@ -218,13 +231,8 @@ pub fn recover(
     progress: impl FnMut(u64, u64),
 ) -> Result<Restored<RocksStore>, ProcessError> {
     let mut source = clients.changelog(changelog, partition)?;
-    let restored = restore(&RocksDir { dir, resources }, &mut source, committed, progress).map_err(|e| match e {
-        RecoveryError::Store(source) => ProcessError::Task { partition, source },
-        RecoveryError::Changelog(e) => ProcessError::Kafka(e),
-        RecoveryError::Corrupt(what) => {
-            ProcessError::Kafka(KafkaEdgeError::Restore { partition, source: TaskError::CorruptState(what) })
-        }
-    })?;
+    let restored = restore(&RocksDir { dir, resources }, &mut source, committed, progress)
+        .map_err(|e| e.for_partition(partition))?;
     if let Plan::Rebuild { reason, .. } = restored.plan {
         tracing::warn!(
             partition,

@@ -696,7 +696,35 @@ fn finish(
 /// The in-memory twin of the Kafka transaction, for the tasks' tests.
 #[cfg(test)]
 pub(crate) mod twin {
+    use metronome_core::event::{KeyAction, KeyEvent};
+    use metronome_core::wire::{self, InputRecord};
+
     use super::{OutRecord, OutTopic, ProducerError, TaskProducer};
+
+    /// `events` as `user`'s records of 40 events each, from `first_offset` on.
+    pub fn records_of(user: &str, events: &[KeyEvent], first_offset: i64) -> Vec<InputRecord> {
+        wire::batches_for_user(user, "s", events, 40)
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| InputRecord {
+                offset: first_offset + i as i64,
+                key: Some(user.as_bytes().to_vec()),
+                payload: Some(p),
+                time: wire::RecordTime::Unknown,
+            })
+            .collect()
+    }
+
+    /// `presses` presses of a fixed-interval macro (100 ms apart) as `user`'s records.
+    pub fn macro_records(user: &str, first_offset: i64, presses: usize) -> Vec<InputRecord> {
+        let mut events = Vec::new();
+        for i in 0..presses as i64 {
+            let t = 1_700_000_000_000_000 + i * 100_000;
+            events.push(KeyEvent::new(t, 30 + (i % 4) as u32, KeyAction::Down));
+            events.push(KeyEvent::new(t + 30_000, 30 + (i % 4) as u32, KeyAction::Up));
+        }
+        records_of(user, &events, first_offset)
+    }
 
     /// The in-memory twin of a transactional producer: keeps committed records, drops aborted.
     #[derive(Default)]
@@ -753,31 +781,7 @@ mod tests {
     use metronome_core::proto;
     use metronome_state::MemoryStore;
 
-    use super::twin::MemoryProducer;
-
-    /// `events` as `user`'s records of 40 events each, from `first_offset` on.
-    fn records_of(user: &str, events: &[KeyEvent], first_offset: i64) -> Vec<InputRecord> {
-        wire::batches_for_user(user, "s", events, 40)
-            .into_iter()
-            .enumerate()
-            .map(|(i, p)| InputRecord {
-                offset: first_offset + i as i64,
-                key: Some(user.as_bytes().to_vec()),
-                payload: Some(p),
-                time: wire::RecordTime::Unknown,
-            })
-            .collect()
-    }
-
-    fn macro_records(user: &str, first_offset: i64, presses: usize) -> Vec<InputRecord> {
-        let mut events = Vec::new();
-        for i in 0..presses as i64 {
-            let t = 1_700_000_000_000_000 + i * 100_000;
-            events.push(KeyEvent::new(t, 30 + (i % 4) as u32, KeyAction::Down));
-            events.push(KeyEvent::new(t + 30_000, 30 + (i % 4) as u32, KeyAction::Up));
-        }
-        records_of(user, &events, first_offset)
-    }
+    use super::twin::{macro_records, records_of, MemoryProducer};
 
     fn ctx<'a>(detector: &'a mut Detector, now: Instant) -> BatchContext<'a> {
         BatchContext {

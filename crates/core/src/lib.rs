@@ -23,6 +23,7 @@
 //! - [`wire`]: what goes in and out of a task as plain data: input validation, dead letters,
 //!   alert, changelog and fleet records.
 //! - [`alert_json`]: alerts as JSON, with the Protobuf message's field names.
+//! - [`clock`]: the clock as a seam (system time, or a manual clock in tests).
 //! - [`signing`]: per-device record signatures (HMAC-SHA256): the agent signs, the task checks.
 //! - [`timebound`]: bounds on event times against a clock the player does not own.
 //! - [`intake`]: deduplication by the agent's sequence numbers and the per-user event budget.
@@ -34,6 +35,7 @@
 //! - [`humanmodel`]: a parametric model of human typing, when no recording is at hand.
 
 pub mod alert_json;
+pub mod clock;
 pub mod cutting;
 pub mod detect;
 pub mod event;
