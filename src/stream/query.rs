@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::sync::oneshot;
 
-use metronome_core::detect::UserSummary;
+use metronome_core::detect::{UserSummary, WindowReport};
 
 /// Latest window scores kept per user with an open window.
 pub const RECENT_WINDOWS: usize = 32;
@@ -31,6 +31,19 @@ pub struct ScoreSample {
     pub histogram_score: f32,
     /// The sequence model's score, when a model ran.
     pub lstm_score: Option<f32>,
+}
+
+impl ScoreSample {
+    /// The scores of a scored window, narrowed for memory.
+    pub fn of(window: &WindowReport) -> Self {
+        Self {
+            window_end_us: window.window_end_us,
+            score: window.score as f32,
+            timing_score: window.timing_score as f32,
+            histogram_score: window.histogram_score as f32,
+            lstm_score: window.lstm_score.map(|s| s as f32),
+        }
+    }
 }
 
 /// The latest scores of one user, oldest first, at most [`RECENT_WINDOWS`].

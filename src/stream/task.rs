@@ -387,135 +387,119 @@ impl<S: Store> Task<S> {
         records: &[InputRecord],
         producer: &mut P,
     ) -> Result<BatchOutcome, TaskError> {
-        let mut outcome = BatchOutcome { records: records.len() as u64, ..BatchOutcome::default() };
-        let mut users = Users::default();
-        let mut out: Vec<OutRecord> = Vec::new();
-        let mut scoring = ScoringBatch::for_model(ctx.model.as_deref());
-        let mut outputs: Vec<(usize, Output)> = Vec::new();
-        let mut samples: Vec<(usize, ScoreSample)> = Vec::new();
-        let mut times = Vec::new();
-
+        let mut work = BatchWork::new(records.len(), ctx);
         for record in records {
-            match wire::decode_signed_record(record, ctx.settings.max_events_per_record, ctx.settings.signatures) {
-                Ok(mut batch) => {
-                    let slot = users.slot(&self.store, &batch.user_id)?;
-                    let intake = &mut users.intakes[slot];
-                    let admitted = intake.ledger.admit(batch.session, &batch.seqs, &mut batch.events);
-                    outcome.duplicate_events += u64::from(admitted.duplicates);
-                    outcome.seq_gap_events += admitted.gap_events;
-                    outcome.late_fill_events += u64::from(admitted.late_fills);
-                    let fix = ctx.settings.time_bounds.apply(
-                        &mut batch.events,
-                        record.time,
-                        ctx.settings.now_us,
-                        &mut intake.shift_us,
-                        &mut times,
-                    );
-                    outcome.rebased_records += u64::from(fix.rebased);
-                    outcome.out_of_bounds_events += u64::from(fix.dropped);
-                    let limited = intake.budget.spend(ctx.settings.rate_limit, &mut batch.events);
-                    outcome.rate_limited_events += u64::from(limited);
-                    if batch.events.is_empty() {
-                        continue; // a copy, or strays only: nothing of the user changes
-                    }
-                    users.fed[slot] = true;
-                    users.slots[slot].1.set_virtual_source(batch.virtual_device);
-                    if let Some(sums) = &batch.key_sums {
-                        outcome.key_sums_refused +=
-                            u64::from(!ctx.detector.report_key_sums(&mut users.slots[slot].1, sums));
-                    }
-                    for event in batch.events {
-                        ctx.detector.on_event(slot, &mut users.slots[slot].1, event, &mut scoring);
-                        outcome.events += 1;
-                    }
-                    if scoring.windows() >= MODEL_BATCH_WINDOWS {
-                        finish(ctx, &mut scoring, &mut users.slots, &mut outputs, &mut outcome);
-                    }
-                }
-                Err(class) => {
-                    outcome.dead_letters.push(class);
-                    out.push(wire::dead_letter(record, class, ctx.settings.input_topic, self.partition));
-                }
-            }
+            self.feed_record(ctx, record, &mut work)?;
         }
         // Users fed events in this batch are not idle; a copy or a record of strays alone does
         // not count as typing.
-        let fed: Vec<usize> = (0..users.slots.len()).filter(|&i| users.fed[i]).collect();
-        let mut idle: Vec<String> = if ctx.settings.close_idle {
+        let fed: Vec<usize> = (0..work.users.slots.len()).filter(|&i| work.users.fed[i]).collect();
+        let closing = self.users_to_close(ctx, &mut work, &fed);
+        if records.is_empty() && closing.is_empty() {
+            return Ok(work.outcome);
+        }
+        for user in &closing {
+            let slot = work.users.slot(&self.store, user)?;
+            ctx.detector.close_window(slot, &mut work.users.slots[slot].1, &mut work.scoring);
+        }
+        work.outcome.idle_closed = closing.len() as u64 - work.outcome.evicted_users;
+        work.finish_scoring(ctx);
+        let samples = work.emit_outputs(ctx.settings.now_us);
+        let next_offset = records.last().map(|r| r.offset + 1).or(self.checkpoint.input_offset);
+        self.commit_batch(producer, &mut work, next_offset)?;
+        self.remember_committed(ctx.settings.now, &work.users, &fed, samples, &closing);
+        work.outcome.committed = true;
+        Ok(work.outcome)
+    }
+
+    /// One record into the batch: decoded and checked (a bad one becomes a dead letter), its
+    /// events admitted by the user's intake and time bounds, then fed to the detector.
+    fn feed_record(
+        &self,
+        ctx: &mut BatchContext<'_>,
+        record: &InputRecord,
+        work: &mut BatchWork,
+    ) -> Result<(), TaskError> {
+        let settings = ctx.settings;
+        let mut batch = match wire::decode_signed_record(record, settings.max_events_per_record, settings.signatures) {
+            Ok(batch) => batch,
+            Err(class) => {
+                work.outcome.dead_letters.push(class);
+                work.out.push(wire::dead_letter(record, class, settings.input_topic, self.partition));
+                return Ok(());
+            }
+        };
+        let outcome = &mut work.outcome;
+        let slot = work.users.slot(&self.store, &batch.user_id)?;
+        let intake = &mut work.users.intakes[slot];
+        let admitted = intake.ledger.admit(batch.session, &batch.seqs, &mut batch.events);
+        outcome.duplicate_events += u64::from(admitted.duplicates);
+        outcome.seq_gap_events += admitted.gap_events;
+        outcome.late_fill_events += u64::from(admitted.late_fills);
+        let fix = settings.time_bounds.apply(
+            &mut batch.events,
+            record.time,
+            settings.now_us,
+            &mut intake.shift_us,
+            &mut work.times,
+        );
+        outcome.rebased_records += u64::from(fix.rebased);
+        outcome.out_of_bounds_events += u64::from(fix.dropped);
+        outcome.rate_limited_events += u64::from(intake.budget.spend(settings.rate_limit, &mut batch.events));
+        if batch.events.is_empty() {
+            return Ok(()); // a copy, or strays only: nothing of the user changes
+        }
+        work.users.fed[slot] = true;
+        let state = &mut work.users.slots[slot].1;
+        state.set_virtual_source(batch.virtual_device);
+        if let Some(sums) = &batch.key_sums {
+            outcome.key_sums_refused += u64::from(!ctx.detector.report_key_sums(state, sums));
+        }
+        for event in batch.events {
+            ctx.detector.on_event(slot, state, event, &mut work.scoring);
+            outcome.events += 1;
+        }
+        if work.scoring.windows() >= MODEL_BATCH_WINDOWS {
+            work.finish_scoring(ctx);
+        }
+        Ok(())
+    }
+
+    /// The users whose windows this batch closes: the idle ones (when the processor says so,
+    /// at most a batch's bound of them, the batch's own users excepted), then those over the
+    /// cap of open windows.
+    fn users_to_close(&self, ctx: &BatchContext<'_>, work: &mut BatchWork, fed: &[usize]) -> Vec<String> {
+        let settings = ctx.settings;
+        let users = &work.users;
+        let mut closing: Vec<String> = if settings.close_idle {
             self.open_users
-                .idle(ctx.settings.now, ctx.settings.idle_timeout)
+                .idle(settings.now, settings.idle_timeout)
                 .filter(|u| !users.index.get(*u).is_some_and(|&i| users.fed[i]))
-                .take(ctx.settings.max_batch_users)
+                .take(settings.max_batch_users)
                 .map(str::to_owned)
                 .collect()
         } else {
             Vec::new()
         };
-        let evicted = self.over_the_cap(&users, &fed, &idle, ctx.settings.max_open_users);
-        outcome.evicted_users = evicted.len() as u64;
-        idle.extend(evicted);
-        if records.is_empty() && idle.is_empty() {
-            return Ok(outcome);
-        }
-        for user in &idle {
-            let slot = users.slot(&self.store, user)?;
-            ctx.detector.close_window(slot, &mut users.slots[slot].1, &mut scoring);
-        }
-        outcome.idle_closed = idle.len() as u64 - outcome.evicted_users;
-        finish(ctx, &mut scoring, &mut users.slots, &mut outputs, &mut outcome);
+        let evicted = self.over_the_cap(users, fed, &closing, settings.max_open_users);
+        work.outcome.evicted_users = evicted.len() as u64;
+        closing.extend(evicted);
+        closing
+    }
 
-        for (slot, output) in &outputs {
-            match output {
-                Output::Window(w) => {
-                    outcome.windows += 1;
-                    samples.push((
-                        *slot,
-                        ScoreSample {
-                            window_end_us: w.window_end_us,
-                            score: w.score as f32,
-                            timing_score: w.timing_score as f32,
-                            histogram_score: w.histogram_score as f32,
-                            lstm_score: w.lstm_score.map(|s| s as f32),
-                        },
-                    ));
-                    outcome.window_scores.push(WindowScores {
-                        combined: w.score,
-                        timing: w.timing_score,
-                        histogram: w.histogram_score,
-                        lstm: w.lstm_score,
-                    });
-                }
-                Output::Alert(alert) => {
-                    outcome.alert_times.push((alert.reasons.scorers(), alert.window.window_end_us));
-                    let user = &users.slots[*slot].0;
-                    let message = wire::alert_message(user, alert, ctx.settings.now_us);
-                    out.push(OutRecord {
-                        topic: OutTopic::Alerts,
-                        key: Some(user.as_bytes().to_vec()),
-                        value: Some(message.encode_to_vec()),
-                        headers: Vec::new(),
-                    });
-                    outcome.alerts += 1;
-                }
-                Output::IncidentClosed { .. } => {}
-                // Stamped with the processor's clock, not the event's: the agent's clock is the
-                // user's, and accounts that forge theirs apart must still meet in the window.
-                Output::Fingerprint { fingerprint, .. } => {
-                    let user = &users.slots[*slot].0;
-                    out.push(wire::fingerprint_record(*fingerprint, user, ctx.settings.now_us));
-                    outcome.fingerprints += 1;
-                }
-            }
-        }
+    /// The batch's records and every user it touched in one transaction with the input
+    /// position, then the store (states and checkpoint) in one write.
+    fn commit_batch<P: TaskProducer>(
+        &mut self,
+        producer: &mut P,
+        work: &mut BatchWork,
+        next_offset: Option<i64>,
+    ) -> Result<(), TaskError> {
         let mut writes = WriteBatch::new();
-        for ((user, state), intake) in users.slots.iter().zip(&users.intakes) {
-            let key = user_key(user)?;
-            let value = encode_state(state, intake);
-            put_logged(&mut out, &mut writes, key, value);
+        for ((user, state), intake) in work.users.slots.iter().zip(&work.users.intakes) {
+            put_logged(&mut work.out, &mut writes, user_key(user)?, encode_state(state, intake));
         }
-
-        let next_offset = records.last().map(|r| r.offset + 1).or(self.checkpoint.input_offset);
-        let changelog_end = self.transact(producer, &out, next_offset)?;
+        let changelog_end = self.transact(producer, &work.out, next_offset)?;
         let checkpoint = Checkpoint {
             input_offset: next_offset,
             changelog_offset: changelog_end.unwrap_or(self.checkpoint.changelog_offset),
@@ -523,9 +507,22 @@ impl<S: Store> Task<S> {
         put_checkpoint(&mut writes, checkpoint);
         self.store.write(&writes)?;
         self.checkpoint = checkpoint;
-        for slot in fed {
+        Ok(())
+    }
+
+    /// The task's memory after a commit: who is open and since when, the recent scores, and
+    /// the closed users forgotten.
+    fn remember_committed(
+        &mut self,
+        now: Instant,
+        users: &Users,
+        fed: &[usize],
+        samples: Vec<(usize, ScoreSample)>,
+        closed: &[String],
+    ) {
+        for &slot in fed {
             let (user, state) = &users.slots[slot];
-            self.open_users.touch(user, ctx.settings.now, state.window_presses());
+            self.open_users.touch(user, now, state.window_presses());
         }
         for (slot, sample) in samples {
             let user = &users.slots[slot].0;
@@ -535,12 +532,10 @@ impl<S: Store> Task<S> {
                 None => self.recent.entry(user.clone()).or_default().push(sample),
             }
         }
-        for user in &idle {
+        for user in closed {
             self.open_users.remove(user);
             self.recent.remove(user);
         }
-        outcome.committed = true;
-        Ok(outcome)
     }
 
     /// The users to close so that at most `cap` windows stay open after the batch: those
@@ -680,16 +675,77 @@ impl Users {
     }
 }
 
-fn finish(
-    ctx: &mut BatchContext<'_>,
-    scoring: &mut ScoringBatch,
-    slots: &mut [(String, UserState)],
-    outputs: &mut Vec<(usize, Output)>,
-    outcome: &mut BatchOutcome,
-) {
-    let model = ctx.model.as_mut().map(|m| &mut **m as &mut dyn SequenceScorer);
-    if let Err(e) = ctx.detector.finish(scoring, slots, model, outputs) {
-        outcome.model_error = Some(e);
+/// What one batch builds before it commits.
+struct BatchWork {
+    outcome: BatchOutcome,
+    users: Users,
+    /// The transaction's records so far.
+    out: Vec<OutRecord>,
+    scoring: ScoringBatch,
+    /// The detector's outputs, by user slot.
+    outputs: Vec<(usize, Output)>,
+    /// Scratch space of the time bounds.
+    times: Vec<i64>,
+}
+
+impl BatchWork {
+    fn new(records: usize, ctx: &BatchContext<'_>) -> Self {
+        Self {
+            outcome: BatchOutcome { records: records as u64, ..BatchOutcome::default() },
+            users: Users::default(),
+            out: Vec::new(),
+            scoring: ScoringBatch::for_model(ctx.model.as_deref()),
+            outputs: Vec::new(),
+            times: Vec::new(),
+        }
+    }
+
+    /// Scores the windows waiting for the sequence model (timing alone if it fails).
+    fn finish_scoring(&mut self, ctx: &mut BatchContext<'_>) {
+        let model = ctx.model.as_mut().map(|m| &mut **m as &mut dyn SequenceScorer);
+        if let Err(e) = ctx.detector.finish(&mut self.scoring, &mut self.users.slots, model, &mut self.outputs) {
+            self.outcome.model_error = Some(e);
+        }
+    }
+
+    /// The detector's outputs as the transaction's alert and fingerprint records and the
+    /// outcome's counts; returns each scored window's sample for the user's recent scores.
+    fn emit_outputs(&mut self, now_us: i64) -> Vec<(usize, ScoreSample)> {
+        let mut samples = Vec::new();
+        for (slot, output) in &self.outputs {
+            let user = &self.users.slots[*slot].0;
+            match output {
+                Output::Window(w) => {
+                    self.outcome.windows += 1;
+                    samples.push((*slot, ScoreSample::of(w)));
+                    self.outcome.window_scores.push(WindowScores {
+                        combined: w.score,
+                        timing: w.timing_score,
+                        histogram: w.histogram_score,
+                        lstm: w.lstm_score,
+                    });
+                }
+                Output::Alert(alert) => {
+                    self.outcome.alert_times.push((alert.reasons.scorers(), alert.window.window_end_us));
+                    let message = wire::alert_message(user, alert, now_us);
+                    self.out.push(OutRecord {
+                        topic: OutTopic::Alerts,
+                        key: Some(user.as_bytes().to_vec()),
+                        value: Some(message.encode_to_vec()),
+                        headers: Vec::new(),
+                    });
+                    self.outcome.alerts += 1;
+                }
+                Output::IncidentClosed { .. } => {}
+                // Stamped with the processor's clock, not the event's: the agent's clock is the
+                // user's, and accounts that forge theirs apart must still meet in the window.
+                Output::Fingerprint { fingerprint, .. } => {
+                    self.out.push(wire::fingerprint_record(*fingerprint, user, now_us));
+                    self.outcome.fingerprints += 1;
+                }
+            }
+        }
+        samples
     }
 }
 
