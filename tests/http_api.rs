@@ -57,7 +57,7 @@ fn database_with_alerts(rt: &tokio::runtime::Runtime) -> TempDb {
                 alert: Box::new(alert(i, if i % 2 == 0 { "u1" } else { "u2" })),
             })
             .collect();
-        write_batch(&mut client, "test", "alerts", &records, &mut || Ok(())).await.unwrap();
+        write_batch(&mut client, "test", "alerts", &records).await.unwrap();
     });
     db
 }

@@ -1,6 +1,8 @@
 //! The PostgreSQL sink against Apache Kafka and real PostgreSQL (a temporary
 //! database, or a private cluster the test stops and starts): every alert once, through a crash
 //! between insert and commit, a crash after the commit, PostgreSQL going away, and TLS modes.
+//! The crashes are a wrapping store ([`Crashing`]) over the production one; the loop's own
+//! retries, pauses and restarts are unit-tested on in-memory twins (`sink::service`).
 
 mod common;
 
@@ -9,7 +11,10 @@ use std::collections::BTreeMap;
 use common::broker::Broker;
 use common::postgres::{PrivateCluster, TempDb};
 use common::wait_until;
-use metronome::sink::{Faults, PostgresConfig, PostgresSink, SinkError, SinkSummary};
+use metronome::sink::store::{stage_batch, SinkRecord, WriteSummary};
+use metronome::sink::{
+    AlertStore, Offsets, PgAlertStore, PostgresConfig, PostgresSink, SinkError, SinkSummary, StoreFailure,
+};
 use metronome::stream::Shutdown;
 use metronome_core::proto;
 use metronome_io::postgres::PgTarget;
@@ -137,6 +142,70 @@ fn sink(url: &str, broker: &Broker, batch: usize) -> PostgresSink {
     PostgresSink::new(config(url, batch), kafka(broker), TOPIC, APP).unwrap()
 }
 
+/// Where a wrapped store stands for a crash.
+#[derive(Clone, Copy)]
+enum CrashAt {
+    /// In this write (0-based) after its rows are in, before PostgreSQL's commit.
+    BeforeCommit(u64),
+    /// After this write (0-based) committed, before the sink hears of it.
+    AfterCommit(u64),
+}
+
+/// The production store with a crash at one write: the sink stops there with a store error.
+struct Crashing {
+    inner: PgAlertStore,
+    at: CrashAt,
+    writes: u64,
+}
+
+impl Crashing {
+    fn wrap(at: CrashAt) -> impl FnOnce(PgAlertStore) -> Self {
+        move |inner| Self { inner, at, writes: 0 }
+    }
+
+    /// The batch's rows written in a transaction of its own that is then dropped, uncommitted,
+    /// as a process dying there would leave it.
+    async fn die_before_commit(&self, consumer: &str, topic: &str, records: &[SinkRecord]) -> StoreFailure {
+        let mut client = self.inner.target().connect().await.expect("the test's own connection");
+        let tx = client.transaction().await.expect("a transaction");
+        let (staged, _) = stage_batch(&tx, consumer, topic, records).await.expect("the rows staged");
+        assert!(staged.written > 0, "the crash comes after rows are in");
+        drop(tx);
+        StoreFailure::Fatal("crash before commit".into())
+    }
+}
+
+impl AlertStore for Crashing {
+    async fn load_offsets(&mut self, consumer: &str, topic: &str) -> Result<Offsets, StoreFailure> {
+        self.inner.load_offsets(consumer, topic).await
+    }
+
+    async fn write_batch(
+        &mut self,
+        consumer: &str,
+        topic: &str,
+        records: &[SinkRecord],
+    ) -> Result<(WriteSummary, Offsets), StoreFailure> {
+        let n = self.writes;
+        self.writes += 1;
+        if matches!(self.at, CrashAt::BeforeCommit(at) if at == n) {
+            return Err(self.die_before_commit(consumer, topic, records).await);
+        }
+        let written = self.inner.write_batch(consumer, topic, records).await?;
+        if matches!(self.at, CrashAt::AfterCommit(at) if at == n) {
+            return Err(StoreFailure::Fatal("crash after commit".into()));
+        }
+        Ok(written)
+    }
+}
+
+fn crashed_with(result: Result<SinkSummary, SinkError>, what: &str) {
+    match result {
+        Err(SinkError::Store(e)) => assert_eq!(e.to_string(), what),
+        other => panic!("expected the store's {what}, got {other:?}"),
+    }
+}
+
 /// Runs `sink` until `done` holds, then stops it and returns its summary.
 fn run_until(rt: &tokio::runtime::Runtime, sink: PostgresSink, what: &str, done: impl FnMut() -> bool) -> SinkSummary {
     let shutdown = Shutdown::new();
@@ -155,12 +224,8 @@ fn a_crash_between_insert_and_commit_loses_and_repeats_nothing() {
     let rt = runtime();
 
     // First run: the second transaction dies after its inserts, before its commit.
-    let faults = Faults {
-        before_commit: Some(Box::new(|batch| if batch == 1 { Err("crash before commit".into()) } else { Ok(()) })),
-        ..Faults::default()
-    };
-    let crashed = rt.block_on(sink(&url, &broker, 10).with_faults(faults).run(Shutdown::new()));
-    assert!(matches!(crashed, Err(SinkError::Injected(_))), "{crashed:?}");
+    let crashing = sink(&url, &broker, 10).map_store(Crashing::wrap(CrashAt::BeforeCommit(1)));
+    crashed_with(rt.block_on(crashing.run(Shutdown::new())), "crash before commit");
     let after_crash = count(&db, "alerts");
     assert!((1..=10).contains(&after_crash), "only the first transaction's rows survive: {after_crash}");
     let stored: i64 = db.sql("SELECT coalesce(sum(next_offset), 0) FROM sink_offsets").parse().unwrap();
@@ -196,12 +261,8 @@ fn a_crash_after_the_commit_is_not_written_twice() {
     let url = db.url("sslmode=disable");
     let rt = runtime();
     // Dies after PostgreSQL committed the second transaction, before Kafka heard of it.
-    let faults = Faults {
-        after_commit: Some(Box::new(|batches| if batches == 2 { Err("crash after commit".into()) } else { Ok(()) })),
-        ..Faults::default()
-    };
-    let crashed = rt.block_on(sink(&url, &broker, 8).with_faults(faults).run(Shutdown::new()));
-    assert!(matches!(crashed, Err(SinkError::Injected(_))), "{crashed:?}");
+    let crashing = sink(&url, &broker, 8).map_store(Crashing::wrap(CrashAt::AfterCommit(1)));
+    crashed_with(rt.block_on(crashing.run(Shutdown::new())), "crash after commit");
     let survived = count(&db, "alerts");
     assert!(survived > 0);
 

@@ -12,14 +12,26 @@
 //!
 //! # Layout
 //! - [`config`]: `[postgres]` settings.
+//! - [`service`]: the loop ([`Sink`]): collect a batch, write it, retry, hand the offsets on.
+//! - [`seams`]: what the loop writes to ([`AlertStore`]) and reads from ([`AlertSource`]).
+//! - [`postgres`]: [`PgAlertStore`], the store in PostgreSQL (connect, migrate, reconnect).
+//! - [`kafka`]: [`KafkaAlertSource`], the alert topic's consumer group and the lag gauge.
 //! - [`store`]: the SQL: a batch and its offsets in one transaction, offsets, alert queries.
-//! - [`service`]: the loop: consume, batch, write, retry, report lag.
+//! - `twin` (tests only): in-memory twins of both seams.
 //!
 //! The connection (URL, `sslmode`, TLS) and the migrations are `metronome_io::postgres`'s.
 
 pub mod config;
+pub mod kafka;
+pub mod postgres;
+pub mod seams;
 pub mod service;
 pub mod store;
+#[cfg(test)]
+mod twin;
 
 pub use config::PostgresConfig;
-pub use service::{Faults, PostgresSink, SinkError, SinkSummary};
+pub use kafka::KafkaAlertSource;
+pub use postgres::PgAlertStore;
+pub use seams::{AlertSource, AlertStore, Offsets, StoreFailure};
+pub use service::{PostgresSink, Sink, SinkError, SinkSummary};

@@ -1,36 +1,34 @@
-//! The sink loop: alert topic (read_committed, a consumer group) -> PostgreSQL, a batch at a time,
-//! each batch and the offsets after it in one database transaction.
+//! The sink loop: alert source -> alert store, a batch at a time, each batch and the offsets
+//! after it in one store transaction.
 //!
-//! PostgreSQL's `sink_offsets` is the source of truth: on every assignment the consumer starts
-//! each partition where PostgreSQL says, whatever the group committed in Kafka (that commit
-//! follows the database's, for lag tools only). When PostgreSQL is unreachable the batch in hand
-//! is kept, the assigned partitions are paused (the consumer keeps polling, so it stays in the
-//! group), and the write is retried with exponential backoff until it lands or the sink is told
-//! to stop; the lag gauge keeps being updated meanwhile.
+//! The store's offsets are the source of truth: the source's assignments start where the store
+//! says, whatever the group committed in Kafka. When the store is unreachable the batch in hand
+//! is kept, fetching is paused (the consumer keeps polling, so it stays in the group), and the
+//! write is retried with exponential backoff until it lands or the sink is told to stop.
+//!
+//! The loop reads time from a [`Clock`] and does its I/O through the [`AlertStore`] and
+//! [`AlertSource`] seams; [`PostgresSink`] is the production assembly (PostgreSQL and Kafka).
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use backon::BackoffBuilder;
-use metronome_io::kafka::ClientBuilder;
-use rdkafka::client::ClientContext;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use metronome_core::clock::{Clock, SystemClock};
 use rdkafka::error::KafkaError;
-use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
-use tokio_postgres::Client;
 
 use super::config::PostgresConfig;
-use super::store::{self, SinkRecord, WriteError, WriteSummary};
-use crate::metrics::events::{InternalEvent, SinkAttemptFailed, SinkBatchWritten, SinkConnected, SinkLagObserved};
+use super::kafka::KafkaAlertSource;
+use super::postgres::PgAlertStore;
+use super::seams::{AlertSource, AlertStore, BoxError, Offsets, StoreFailure};
+use super::store::{SinkRecord, WriteSummary};
+use crate::metrics::events::{InternalEvent, SinkAttemptFailed, SinkBatchWritten};
 use crate::stream::Shutdown;
-use metronome_io::postgres::{migrate, ConnectError, PgTarget};
+use metronome_io::postgres::{ConnectError, PgTarget};
 
-/// Why the sink stopped with an error (PostgreSQL being down is not one: it is waited for).
+/// Why the sink stopped with an error (the store being down is not one: it is waited for).
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
-    /// The URL or TLS settings are unusable.
+    /// The URL is unusable.
     #[error(transparent)]
     Connect(#[from] ConnectError),
     /// The Kafka consumer could not be created or subscribed.
@@ -41,32 +39,9 @@ pub enum SinkError {
         /// The client's error.
         error: KafkaError,
     },
-    /// A test's injected failure.
-    #[error("injected failure: {0}")]
-    Injected(String),
-}
-
-/// A hook given the number of transactions committed so far; an error stands for a crash.
-pub type FaultHook = Box<dyn FnMut(u64) -> Result<(), String> + Send + Sync>;
-
-/// Failures a test can inject, to stand for a crash at the worst moments.
-#[derive(Default)]
-pub struct Faults {
-    /// Called inside each write after the rows are in and before the commit; an error stops
-    /// the sink there (the transaction rolls back with the connection).
-    pub before_commit: Option<FaultHook>,
-    /// Called after each commit to PostgreSQL and before the Kafka commit; an error stops the
-    /// sink there.
-    pub after_commit: Option<FaultHook>,
-}
-
-impl std::fmt::Debug for Faults {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Faults")
-            .field("before_commit", &self.before_commit.is_some())
-            .field("after_commit", &self.after_commit.is_some())
-            .finish()
-    }
+    /// The store failed in a way no retry fixes.
+    #[error("alert store: {0}")]
+    Store(BoxError),
 }
 
 /// Totals of one run.
@@ -80,261 +55,78 @@ pub struct SinkSummary {
     pub retries: u64,
 }
 
-/// The PostgreSQL sink of the alert topic.
-pub struct PostgresSink {
-    target: PgTarget,
+/// The sink of an alert source into an alert store.
+pub struct Sink<St, Src> {
     cfg: PostgresConfig,
-    kafka: BTreeMap<String, String>,
     topic: String,
     group: String,
-    faults: Faults,
+    store: St,
+    source: Src,
+    clock: Arc<dyn Clock>,
 }
 
-/// Where assigned partitions start: PostgreSQL's offsets, loaded before the group is joined and
-/// advanced by every commit, so they are never ahead of the database.
-#[derive(Default)]
-struct SinkContext {
-    starts: Mutex<BTreeMap<i32, i64>>,
-    assigned: Mutex<BTreeSet<i32>>,
-}
-
-impl ClientContext for SinkContext {}
-
-impl ConsumerContext for SinkContext {
-    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Assign(tpl) => {
-                let starts = self.starts.lock().unwrap_or_else(|p| p.into_inner());
-                let mut assigned = self.assigned.lock().unwrap_or_else(|p| p.into_inner());
-                for mut e in tpl.elements() {
-                    // No row yet: nothing was written, so from the beginning, even if the group
-                    // committed further in Kafka.
-                    let start = starts.get(&e.partition()).map_or(Offset::Beginning, |&o| Offset::Offset(o));
-                    if let Err(error) = e.set_offset(start) {
-                        tracing::error!(%error, partition = e.partition(), "cannot set the start offset");
-                    }
-                    assigned.insert(e.partition());
-                }
-            }
-            Rebalance::Revoke(tpl) => {
-                let mut assigned = self.assigned.lock().unwrap_or_else(|p| p.into_inner());
-                for e in tpl.elements() {
-                    assigned.remove(&e.partition());
-                    SinkLagObserved { partition: e.partition(), lag: None }.emit();
-                }
-            }
-            Rebalance::Error(e) => tracing::warn!(error = %e, "postgres sink: rebalance failed"),
-        }
-    }
-}
-
-impl SinkContext {
-    fn advance(&self, next: &BTreeMap<i32, i64>) {
-        let mut starts = self.starts.lock().unwrap_or_else(|p| p.into_inner());
-        for (&p, &o) in next {
-            let e = starts.entry(p).or_insert(o);
-            *e = (*e).max(o);
-        }
-    }
-
-    fn assigned(&self) -> Vec<i32> {
-        self.assigned.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().collect()
-    }
-}
+/// The production sink: the alert topic in Kafka into PostgreSQL.
+pub type PostgresSink = Sink<PgAlertStore, KafkaAlertSource>;
 
 impl PostgresSink {
     /// A sink of `topic` into the database `cfg.url` names, with the `[kafka]` properties. Its
     /// consumer group is `<group_prefix>-sink-postgres`.
     pub fn new(
         cfg: PostgresConfig,
-        kafka: BTreeMap<String, String>,
+        kafka: std::collections::BTreeMap<String, String>,
         topic: &str,
         group_prefix: &str,
     ) -> Result<Self, SinkError> {
-        let target = PgTarget::parse(&cfg.url)?;
-        Ok(Self {
-            target,
-            cfg,
-            kafka,
-            topic: topic.to_owned(),
-            group: format!("{group_prefix}-sink-postgres"),
-            faults: Faults::default(),
-        })
+        let store = PgAlertStore::new(PgTarget::parse(&cfg.url)?);
+        let group = format!("{group_prefix}-sink-postgres");
+        let lag_every = Duration::from_millis(cfg.lag_interval_ms.max(100));
+        let source = KafkaAlertSource::new(&kafka, topic, &group, lag_every);
+        Ok(Sink::assemble(cfg, topic, &group, store, source))
+    }
+}
+
+impl<St: AlertStore, Src: AlertSource> Sink<St, Src> {
+    /// A sink of `source` (the alert topic `topic`, read by consumer group `group`) into
+    /// `store`, on the system clock.
+    pub fn assemble(cfg: PostgresConfig, topic: &str, group: &str, store: St, source: Src) -> Self {
+        Self { cfg, topic: topic.to_owned(), group: group.to_owned(), store, source, clock: Arc::new(SystemClock) }
     }
 
-    /// Injects failures (tests).
-    pub fn with_faults(mut self, faults: Faults) -> Self {
-        self.faults = faults;
+    /// The same sink reading time from `clock`.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
         self
     }
 
-    /// The consumer group, also the `consumer` column of `sink_offsets`.
+    /// The same sink writing through what `wrap` makes of its store (a test's faults, say).
+    pub fn map_store<T: AlertStore>(self, wrap: impl FnOnce(St) -> T) -> Sink<T, Src> {
+        let Self { cfg, topic, group, store, source, clock } = self;
+        Sink { cfg, topic, group, store: wrap(store), source, clock }
+    }
+
+    /// The consumer group, also the `consumer` of the stored offsets.
     pub fn group(&self) -> &str {
         &self.group
     }
 
-    fn backoff(&self) -> impl Iterator<Item = Duration> {
-        backon::ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(self.cfg.retry_min_ms.max(1)))
-            .with_max_delay(Duration::from_millis(self.cfg.retry_max_ms.max(self.cfg.retry_min_ms).max(1)))
-            .with_jitter()
-            .without_max_times()
-            .build()
-    }
-
-    /// Runs until `shutdown` is raised (then the batch in hand is written if PostgreSQL is up).
+    /// Runs until `shutdown` is raised (then the batch in hand is written if the store is up).
     pub async fn run(mut self, shutdown: Shutdown) -> Result<SinkSummary, SinkError> {
         let mut summary = SinkSummary::default();
-        tracing::info!(target = %self.target, topic = %self.topic, group = %self.group, "postgres sink starting");
-        let Some(mut client) = self.connect_until_up(&shutdown, &mut summary).await? else {
+        tracing::info!(topic = %self.topic, group = %self.group, "postgres sink starting");
+        let Some(starts) = self.offsets_when_up(&shutdown, &mut summary).await? else {
             return Ok(summary);
         };
-        let starts = loop {
-            match store::load_offsets(&client, &self.group, &self.topic).await {
-                Ok(s) => break s,
-                Err(e) => {
-                    self.note_failure(
-                        "connect",
-                        &e.to_string(),
-                        Duration::from_millis(self.cfg.retry_min_ms),
-                        &mut summary,
-                    );
-                    match self.connect_until_up(&shutdown, &mut summary).await? {
-                        Some(c) => client = c,
-                        None => return Ok(summary),
-                    }
-                }
-            }
-        };
-        let consumer = Arc::new(self.consumer()?);
-        consumer.context().advance(&starts);
-        // The processor creates the alert topic; subscribing before it exists only logs errors.
-        if !wait_for_topic(&consumer, &self.topic, &shutdown).await {
+        if !self.source.join(&starts, &shutdown).await? {
             return Ok(summary);
         }
-        consumer
-            .subscribe(&[&self.topic])
-            .map_err(|error| SinkError::Kafka { what: "subscribing to the alert topic", error })?;
-
-        let linger = Duration::from_millis(self.cfg.batch_linger_ms);
-        let lag_every = Duration::from_millis(self.cfg.lag_interval_ms.max(100));
-        // The lag gauge is refreshed beside the loop: its broker round trips must not hold up
-        // writes.
-        let lag_stop = StopOnDrop(Shutdown::new());
-        let lag_task = tokio::spawn(report_lag_every(
-            Arc::clone(&consumer),
-            self.topic.clone(),
-            lag_every,
-            [shutdown.clone(), lag_stop.0.clone()],
-        ));
-        let mut carried: Vec<SinkRecord> = Vec::new();
-        let mut client = Some(client);
+        let mut carried = Vec::new();
         while !shutdown.is_triggered() {
-            let mut batch = std::mem::take(&mut carried);
-            // Linger counts from the first record in hand, so a quiet topic does not cut
-            // batches of one.
-            let mut first_at = (!batch.is_empty()).then(Instant::now);
-            while batch.len() < self.cfg.batch_max_records && !shutdown.is_triggered() {
-                let wait = match first_at {
-                    None => Duration::from_millis(100),
-                    Some(t) => {
-                        let left = linger.saturating_sub(t.elapsed());
-                        if left.is_zero() {
-                            break;
-                        }
-                        left
-                    }
-                };
-                if let Some(record) = receive(&consumer, wait).await {
-                    batch.push(record);
-                    first_at.get_or_insert_with(Instant::now);
-                }
-            }
-            if batch.is_empty() {
-                continue;
-            }
-            // Write, retrying until it lands; meanwhile stay in the group with fetching paused.
-            let mut backoff = self.backoff();
-            let mut paused = false;
-            loop {
-                let attempt = match client.as_mut() {
-                    Some(c) => {
-                        let batch_no = summary.batches;
-                        let fault = &mut self.faults.before_commit;
-                        let mut before_commit = move || match fault.as_mut() {
-                            Some(f) => f(batch_no),
-                            None => Ok(()),
-                        };
-                        let t = Instant::now();
-                        match store::write_batch(c, &self.group, &self.topic, &batch, &mut before_commit).await {
-                            Ok(r) => Ok((r, t.elapsed())),
-                            Err(WriteError::Injected(reason)) => return Err(SinkError::Injected(reason)),
-                            Err(WriteError::Postgres(e)) => Err(("write", e.to_string())),
-                        }
-                    }
-                    None => match self.connect_once().await {
-                        Ok(c) => {
-                            client = Some(c);
-                            continue;
-                        }
-                        Err(e @ (ConnectError::Tls(_) | ConnectError::Url(_))) => return Err(e.into()),
-                        Err(e @ ConnectError::Migration(_)) => Err(("migrate", e.to_string())),
-                        Err(e) => Err(("connect", e.to_string())),
-                    },
-                };
-                match attempt {
-                    Ok(((written, next), took)) => {
-                        summary.batches += 1;
-                        add(&mut summary.writes, written);
-                        SinkBatchWritten {
-                            written: written.written,
-                            duplicates: written.duplicates,
-                            dead_letters: written.dead_letters,
-                            seconds: took.as_secs_f64(),
-                        }
-                        .emit();
-                        consumer.context().advance(&next);
-                        if let Some(f) = self.faults.after_commit.as_mut() {
-                            f(summary.batches).map_err(SinkError::Injected)?;
-                        }
-                        commit_to_kafka(&consumer, &self.topic, &next);
-                        if paused {
-                            set_paused(&consumer, false);
-                        }
-                        break;
-                    }
-                    Err((stage, text)) => {
-                        client = None;
-                        if !paused {
-                            set_paused(&consumer, true);
-                            paused = true;
-                        }
-                        let delay = backoff.next().unwrap_or(Duration::from_secs(1));
-                        self.note_failure(stage, &text, delay, &mut summary);
-                        // Wait out the backoff polling the consumer (rebalances, group
-                        // membership); records that still arrive join the next batch.
-                        let until = Instant::now() + delay;
-                        while Instant::now() < until && !shutdown.is_triggered() {
-                            if let Some(r) = receive(&consumer, until.saturating_duration_since(Instant::now())).await {
-                                carried.push(r);
-                            }
-                            // Partitions assigned meanwhile start paused too.
-                            set_paused(&consumer, true);
-                        }
-                        if shutdown.is_triggered() {
-                            tracing::warn!(
-                                records = batch.len(),
-                                "postgres sink stopping with an unwritten batch; it will be read again"
-                            );
-                            break;
-                        }
-                    }
-                }
+            let batch = self.collect_batch(std::mem::take(&mut carried), &shutdown).await;
+            if !batch.is_empty() {
+                self.write_until_landed(&batch, &mut carried, &shutdown, &mut summary).await?;
             }
         }
-        drop(lag_stop);
-        let _ = lag_task.await;
-        consumer.unsubscribe();
+        self.source.leave().await;
         tracing::info!(
             batches = summary.batches,
             written = summary.writes.written,
@@ -345,64 +137,143 @@ impl PostgresSink {
         Ok(summary)
     }
 
-    fn note_failure(&self, stage: &'static str, error: &str, delay: Duration, summary: &mut SinkSummary) {
-        summary.retries += 1;
-        SinkAttemptFailed { stage, error, retry_in_ms: delay.as_millis() as u64 }.emit();
-    }
-
-    async fn connect_once(&self) -> Result<Client, ConnectError> {
-        let mut client = self.target.connect().await?;
-        migrate(&mut client).await?;
-        SinkConnected.emit();
-        Ok(client)
-    }
-
-    /// Connects and migrates, retrying with backoff; `None` if told to stop first. Errors that
-    /// no retry can fix (TLS roots) end the sink.
-    async fn connect_until_up(
-        &self,
+    /// The stored offsets, retried with backoff while the store is down; `None` if told to stop
+    /// first.
+    async fn offsets_when_up(
+        &mut self,
         shutdown: &Shutdown,
         summary: &mut SinkSummary,
-    ) -> Result<Option<Client>, SinkError> {
+    ) -> Result<Option<Offsets>, SinkError> {
         let mut backoff = self.backoff();
         loop {
-            match self.connect_once().await {
-                Ok(c) => return Ok(Some(c)),
-                Err(e @ (ConnectError::Tls(_) | ConnectError::Url(_))) => return Err(e.into()),
-                Err(e) => {
-                    let stage = if matches!(e, ConnectError::Migration(_)) { "migrate" } else { "connect" };
+            match self.store.load_offsets(&self.group, &self.topic).await {
+                Ok(offsets) => return Ok(Some(offsets)),
+                Err(StoreFailure::Fatal(error)) => return Err(SinkError::Store(error)),
+                Err(StoreFailure::Retry { stage, error }) => {
                     let delay = backoff.next().unwrap_or(Duration::from_secs(1));
-                    self.note_failure(stage, &e.to_string(), delay, summary);
-                    let until = Instant::now() + delay;
-                    while Instant::now() < until {
+                    note_failure(stage, &error, delay, summary);
+                    let until = self.clock.now() + delay;
+                    while self.clock.now() < until {
                         if shutdown.is_triggered() {
                             return Ok(None);
                         }
-                        tokio::time::sleep(
-                            until.saturating_duration_since(Instant::now()).min(Duration::from_millis(100)),
-                        )
-                        .await;
+                        let left = until.saturating_duration_since(self.clock.now());
+                        self.source.idle(left.min(Duration::from_millis(100))).await;
                     }
                 }
             }
         }
     }
 
-    fn consumer(&self) -> Result<StreamConsumer<SinkContext>, SinkError> {
-        ClientBuilder::new(&self.kafka)
-            .set("group.id", &self.group)
-            .client_id(format!("{}-{}", self.group, std::process::id()))
-            .read_committed()
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("partition.assignment.strategy", "cooperative-sticky")
-            .create_with_context(SinkContext::default())
-            .map_err(|error| SinkError::Kafka { what: "creating the consumer", error })
+    /// `carried` and what arrives until the batch is full, the linger since its first record
+    /// has passed, or the sink is told to stop. Linger counts from the first record in hand, so
+    /// a quiet topic does not cut batches of one.
+    async fn collect_batch(&mut self, carried: Vec<SinkRecord>, shutdown: &Shutdown) -> Vec<SinkRecord> {
+        let linger = Duration::from_millis(self.cfg.batch_linger_ms);
+        let mut batch = carried;
+        let mut first_at = (!batch.is_empty()).then(|| self.clock.now());
+        while batch.len() < self.cfg.batch_max_records && !shutdown.is_triggered() {
+            let wait = match first_at {
+                None => Duration::from_millis(100),
+                Some(t) => {
+                    let left = linger.saturating_sub(self.clock.now().saturating_duration_since(t));
+                    if left.is_zero() {
+                        break;
+                    }
+                    left
+                }
+            };
+            if let Some(record) = self.source.recv(wait).await {
+                batch.push(record);
+                first_at.get_or_insert_with(|| self.clock.now());
+            }
+        }
+        batch
+    }
+
+    /// Writes `batch`, retrying until it lands or the sink is told to stop; meanwhile the group
+    /// is kept with fetching paused, and records that still arrive go to `carried`.
+    async fn write_until_landed(
+        &mut self,
+        batch: &[SinkRecord],
+        carried: &mut Vec<SinkRecord>,
+        shutdown: &Shutdown,
+        summary: &mut SinkSummary,
+    ) -> Result<(), SinkError> {
+        let mut backoff = self.backoff();
+        let mut paused = false;
+        loop {
+            let started = self.clock.now();
+            match self.store.write_batch(&self.group, &self.topic, batch).await {
+                Ok((written, next)) => {
+                    let took = self.clock.now().saturating_duration_since(started);
+                    self.landed(written, &next, took, summary);
+                    if paused {
+                        self.source.set_paused(false);
+                    }
+                    return Ok(());
+                }
+                Err(StoreFailure::Fatal(error)) => return Err(SinkError::Store(error)),
+                Err(StoreFailure::Retry { stage, error }) => {
+                    if !paused {
+                        self.source.set_paused(true);
+                        paused = true;
+                    }
+                    let delay = backoff.next().unwrap_or(Duration::from_secs(1));
+                    note_failure(stage, &error, delay, summary);
+                    self.wait_paused(delay, carried, shutdown).await;
+                    if shutdown.is_triggered() {
+                        tracing::warn!(
+                            records = batch.len(),
+                            "postgres sink stopping with an unwritten batch; it will be read again"
+                        );
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits out a backoff polling the source (rebalances, group membership); records that
+    /// still arrive join the next batch, and partitions assigned meanwhile are paused too.
+    async fn wait_paused(&mut self, delay: Duration, carried: &mut Vec<SinkRecord>, shutdown: &Shutdown) {
+        let until = self.clock.now() + delay;
+        while self.clock.now() < until && !shutdown.is_triggered() {
+            if let Some(record) = self.source.recv(until.saturating_duration_since(self.clock.now())).await {
+                carried.push(record);
+            }
+            self.source.set_paused(true);
+        }
+    }
+
+    /// A batch is in the store: counted, reported, and its offsets handed to the source.
+    fn landed(&mut self, written: WriteSummary, next: &Offsets, took: Duration, summary: &mut SinkSummary) {
+        summary.batches += 1;
+        add(&mut summary.writes, written);
+        SinkBatchWritten {
+            written: written.written,
+            duplicates: written.duplicates,
+            dead_letters: written.dead_letters,
+            seconds: took.as_secs_f64(),
+        }
+        .emit();
+        self.source.written(next);
+    }
+
+    fn backoff(&self) -> impl Iterator<Item = Duration> {
+        backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(self.cfg.retry_min_ms.max(1)))
+            .with_max_delay(Duration::from_millis(self.cfg.retry_max_ms.max(self.cfg.retry_min_ms).max(1)))
+            .with_jitter()
+            .without_max_times()
+            .build()
     }
 }
 
-type SinkConsumer = StreamConsumer<SinkContext>;
+fn note_failure(stage: &'static str, error: &str, delay: Duration, summary: &mut SinkSummary) {
+    summary.retries += 1;
+    SinkAttemptFailed { stage, error, retry_in_ms: delay.as_millis() as u64 }.emit();
+}
 
 fn add(total: &mut WriteSummary, w: WriteSummary) {
     total.written += w.written;
@@ -411,107 +282,177 @@ fn add(total: &mut WriteSummary, w: WriteSummary) {
     total.already_written += w.already_written;
 }
 
-/// The next record within `wait`, if any (consumer errors are logged and skipped: librdkafka
-/// retries them itself).
-async fn receive(consumer: &SinkConsumer, wait: Duration) -> Option<SinkRecord> {
-    match tokio::time::timeout(wait, consumer.recv()).await {
-        Ok(Ok(m)) => Some(SinkRecord::decode(m.partition(), m.offset(), m.payload())),
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "postgres sink: consumer error");
-            None
-        }
-        Err(_) => None,
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sink::twin::{alert_partitions, Attempt, MemoryAlertSource, MemoryAlertStore};
+    use metronome_core::clock::ManualClock;
 
-fn set_paused(consumer: &SinkConsumer, pause: bool) {
-    let Ok(assignment) = consumer.assignment() else { return };
-    if assignment.count() == 0 {
-        return;
-    }
-    let result = if pause { consumer.pause(&assignment) } else { consumer.resume(&assignment) };
-    if let Err(e) = result {
-        tracing::warn!(error = %e, pause, "postgres sink: pausing or resuming fetches failed");
-    }
-}
+    const TOPIC: &str = "t.alerts";
+    const GROUP: &str = "app-sink-postgres";
 
-/// Commits in Kafka what PostgreSQL committed, for lag tools and autoscalers; the sink itself
-/// starts from PostgreSQL's offsets.
-fn commit_to_kafka(consumer: &SinkConsumer, topic: &str, next: &BTreeMap<i32, i64>) {
-    let mut tpl = TopicPartitionList::new();
-    for (&p, &o) in next {
-        let _ = tpl.add_partition_offset(topic, p, Offset::Offset(o));
-    }
-    if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
-        tracing::debug!(error = %e, "postgres sink: kafka offset commit failed (PostgreSQL holds the truth)");
-    }
-}
-
-/// Waits until `topic` has partitions (`false` if told to stop first).
-async fn wait_for_topic(consumer: &Arc<SinkConsumer>, topic: &str, shutdown: &Shutdown) -> bool {
-    let mut logged = false;
-    while !shutdown.is_triggered() {
-        let (c, t) = (Arc::clone(consumer), topic.to_owned());
-        let exists = tokio::task::spawn_blocking(move || {
-            c.fetch_metadata(Some(&t), Duration::from_secs(5))
-                .map(|m| m.topics().iter().any(|x| x.name() == t && x.error().is_none() && !x.partitions().is_empty()))
-                .unwrap_or(false)
-        })
-        .await
-        .unwrap_or(false);
-        if exists {
-            return true;
-        }
-        if !logged {
-            tracing::info!(topic, "postgres sink: waiting for the alert topic to be created");
-            logged = true;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    false
-}
-
-/// Raises its signal when dropped: a helper task stops however the sink's loop ends.
-struct StopOnDrop(Shutdown);
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        self.0.trigger();
-    }
-}
-
-/// Refreshes the lag gauge every `every` until either signal is raised.
-async fn report_lag_every(consumer: Arc<SinkConsumer>, topic: String, every: Duration, stop: [Shutdown; 2]) {
-    let stopped = || stop.iter().any(Shutdown::is_triggered);
-    while !stopped() {
-        let next = Instant::now() + every;
-        report_lag(&consumer, &topic).await;
-        while Instant::now() < next && !stopped() {
-            tokio::time::sleep(next.saturating_duration_since(Instant::now()).min(Duration::from_millis(100))).await;
+    fn config(batch: usize) -> PostgresConfig {
+        PostgresConfig {
+            batch_max_records: batch,
+            batch_linger_ms: 20,
+            retry_min_ms: 50,
+            retry_max_ms: 400,
+            ..PostgresConfig::default()
         }
     }
-}
 
-/// Updates the lag gauge of every assigned partition: the partition's end minus the next offset
-/// PostgreSQL lacks.
-async fn report_lag(consumer: &Arc<SinkConsumer>, topic: &str) {
-    let consumer = Arc::clone(consumer);
-    let topic = topic.to_owned();
-    let ends = tokio::task::spawn_blocking(move || {
-        let context = consumer.context();
-        let starts = context.starts.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        context
-            .assigned()
-            .into_iter()
-            .filter_map(|p| {
-                let (low, high) = consumer.fetch_watermarks(&topic, p, Duration::from_secs(5)).ok()?;
-                Some((p, high - starts.get(&p).copied().unwrap_or(low).max(low)))
-            })
-            .collect::<Vec<_>>()
-    })
-    .await
-    .unwrap_or_default();
-    for (partition, lag) in ends {
-        SinkLagObserved { partition, lag: Some(lag) }.emit();
+    /// `n` alerts over three partitions, then one record that is not an alert and one without a
+    /// value.
+    fn topic(n: usize, clock: &Arc<ManualClock>) -> MemoryAlertSource {
+        let mut partitions = alert_partitions(n, 3);
+        partitions[1].push(Some(vec![0xff, 0xfe, 0x01]));
+        partitions[2].push(None);
+        MemoryAlertSource::new(partitions, Arc::clone(clock))
+    }
+
+    fn clock() -> Arc<ManualClock> {
+        Arc::new(ManualClock::starting_at(1_800_000_000_000_000))
+    }
+
+    fn run(
+        batch: usize,
+        store: &MemoryAlertStore,
+        source: &MemoryAlertSource,
+        clock: &Arc<ManualClock>,
+    ) -> Result<SinkSummary, SinkError> {
+        let sink = Sink::assemble(config(batch), TOPIC, GROUP, store.clone(), source.clone())
+            .with_clock(Arc::clone(clock) as Arc<dyn Clock>);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(sink.run(Shutdown::new()))
+    }
+
+    fn ids(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("alert-{i:04}")).collect()
+    }
+
+    fn stored_ids(store: &MemoryAlertStore) -> Vec<String> {
+        store.state().alerts.keys().cloned().collect()
+    }
+
+    fn stored_offsets(store: &MemoryAlertStore) -> Offsets {
+        store.state().offsets.get(&(GROUP.to_owned(), TOPIC.to_owned())).cloned().unwrap_or_default()
+    }
+
+    #[test]
+    fn every_record_lands_once_in_batches_no_larger_than_the_limit() {
+        let (clock, store) = (clock(), MemoryAlertStore::default());
+        let source = topic(25, &clock);
+        let summary = run(10, &store, &source, &clock).unwrap();
+        assert_eq!(stored_ids(&store), ids(25));
+        assert_eq!(store.state().dead_letters, [(1, 8), (2, 8)].into_iter().collect());
+        assert_eq!(stored_offsets(&store), source.ends(), "every record accounted for");
+        let committed = source.state().committed.clone();
+        assert_eq!(committed, source.ends(), "the group's offsets follow the store's");
+        let batches = store.state().batches.clone();
+        assert!(batches.iter().all(|&b| (1..=10).contains(&b)), "{batches:?}");
+        assert_eq!(batches.iter().sum::<usize>(), 27);
+        assert_eq!(summary.batches as usize, batches.len());
+        assert_eq!((summary.writes.written, summary.writes.dead_letters, summary.retries), (25, 2, 0));
+        assert_eq!((summary.writes.duplicates, summary.writes.already_written), (0, 0));
+        assert!(source.state().left, "the group was left");
+    }
+
+    #[test]
+    fn a_store_outage_pauses_fetching_keeps_the_batch_and_loses_nothing() {
+        let (clock, store) = (clock(), MemoryAlertStore::default());
+        let source = topic(30, &clock);
+        store.state().writes.extend([Attempt::Pass, Attempt::Down, Attempt::Down, Attempt::Down]);
+        // Two records were fetched before the pause took effect: they join the next batch.
+        source.state().in_flight_after_pause = 2;
+        let start = clock.now();
+        let summary = run(8, &store, &source, &clock).unwrap();
+        assert_eq!(summary.retries, 3);
+        assert_eq!(stored_ids(&store), ids(30));
+        assert_eq!(stored_offsets(&store), source.ends());
+        assert_eq!((summary.writes.duplicates, summary.writes.already_written), (0, 0));
+        assert_eq!(source.state().pause_changes, [true, false], "paused once for the outage, resumed after");
+        let batches = store.state().batches.clone();
+        assert_eq!(&batches[..2], [8, 8], "the batch in hand was written whole once the store was back");
+        assert_eq!(batches[2], 8, "the two in-flight records and six more");
+        // The backoff doubles from 50 ms (jitter adds up to one delay more): at least 50 + 100 + 200.
+        assert!(clock.now() - start >= Duration::from_millis(350), "{:?}", clock.now() - start);
+    }
+
+    #[test]
+    fn the_first_offsets_are_waited_for_and_a_fatal_store_error_ends_the_run() {
+        let (clock, store) = (clock(), MemoryAlertStore::default());
+        let source = topic(5, &clock);
+        store.state().loads.extend([Attempt::Down, Attempt::Down]);
+        let summary = run(10, &store, &source, &clock).unwrap();
+        assert_eq!(summary.retries, 2);
+        assert_eq!(stored_ids(&store), ids(5));
+
+        let (clock, store) = (self::clock(), MemoryAlertStore::default());
+        let source = topic(5, &clock);
+        store.state().loads.push_back(Attempt::Fatal);
+        let failed = run(10, &store, &source, &clock);
+        assert!(
+            matches!(&failed, Err(SinkError::Store(e)) if e.to_string() == "certificate not trusted"),
+            "{failed:?}"
+        );
+        assert!(!source.state().joined, "the group is not joined without the store's offsets");
+    }
+
+    #[test]
+    fn a_crash_before_or_after_the_commit_repeats_nothing_on_restart() {
+        for crash in [Attempt::Fatal, Attempt::FatalAfterCommit] {
+            let (clock, store) = (clock(), MemoryAlertStore::default());
+            let source = topic(40, &clock);
+            store.state().writes.extend([Attempt::Pass, Attempt::Pass, crash]);
+            let crashed = run(8, &store, &source, &clock);
+            assert!(matches!(crashed, Err(SinkError::Store(_))), "{crashed:?}");
+            let survived = store.state().alerts.len();
+            assert_eq!(survived, if crash == Attempt::Fatal { 16 } else { 24 }, "{crash:?}");
+            assert_eq!(source.state().committed.values().sum::<i64>(), 16, "the source heard of two writes only");
+
+            // A new member over the same store and topic (its committed offsets behind the store's).
+            let restarted = MemoryAlertSource::new(source.state().partitions.clone(), Arc::clone(&clock));
+            let summary = run(8, &store, &restarted, &clock).unwrap();
+            assert_eq!(stored_ids(&store), ids(40), "{crash:?}");
+            assert_eq!(summary.writes.written as usize, 40 - survived, "only what was missing: {crash:?}");
+            assert_eq!((summary.writes.duplicates, summary.writes.already_written), (0, 0), "{crash:?}");
+            assert_eq!(stored_offsets(&store), restarted.ends());
+        }
+    }
+
+    #[test]
+    fn a_partition_assigned_again_starts_where_the_store_says() {
+        let (clock, store) = (clock(), MemoryAlertStore::default());
+        let source = topic(30, &clock);
+        // Every partition revoked and assigned again twice, once with a batch in hand (receive
+        // 13: 12 records read, 8 of them written) and once between batches (receive 25).
+        source.state().reassign_at.extend([13, 25]);
+        let summary = run(8, &store, &source, &clock).unwrap();
+        assert_eq!(stored_ids(&store), ids(30));
+        assert_eq!(stored_offsets(&store), source.ends());
+        assert_eq!(summary.writes.duplicates, 0);
+        // The four records in hand at the first reassignment were read again and skipped as
+        // written; nothing written before it was read again.
+        assert_eq!(summary.writes.already_written, 4);
+    }
+
+    #[test]
+    fn stopping_during_an_outage_writes_nothing_and_the_next_run_writes_it_once() {
+        let (clock, store) = (clock(), MemoryAlertStore::default());
+        let source = topic(12, &clock);
+        store.state().writes.push_back(Attempt::Pass);
+        store.state().writes.extend([Attempt::Down; 50]);
+        source.state().stop_at = Some(20);
+        let summary = run(5, &store, &source, &clock).unwrap();
+        assert_eq!((summary.batches, summary.writes.written), (1, 5));
+        assert!(summary.retries >= 1);
+        assert!(source.state().left);
+        assert_eq!(source.state().committed.values().sum::<i64>(), 5);
+
+        store.state().writes.clear();
+        let restarted = MemoryAlertSource::new(source.state().partitions.clone(), Arc::clone(&clock));
+        let summary = run(5, &store, &restarted, &clock).unwrap();
+        assert_eq!(stored_ids(&store), ids(12));
+        assert_eq!((summary.writes.written, summary.writes.already_written), (7, 0));
     }
 }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, GenericClient};
+use tokio_postgres::{Client, GenericClient, Transaction};
 
 use metronome_core::proto;
 
@@ -72,21 +72,6 @@ pub struct WriteSummary {
     pub already_written: u64,
 }
 
-/// A test's chance to fail a write where a crash would hurt most: after the rows are in, before
-/// the commit.
-pub type BeforeCommit<'a> = &'a mut (dyn FnMut() -> Result<(), String> + Send);
-
-/// Why a write failed.
-#[derive(Debug, thiserror::Error)]
-pub enum WriteError {
-    /// PostgreSQL failed; the transaction rolled back.
-    #[error("postgres: {0}")]
-    Postgres(#[from] tokio_postgres::Error),
-    /// The injected failure (tests).
-    #[error("injected failure: {0}")]
-    Injected(String),
-}
-
 fn time_of(us: i64) -> SystemTime {
     if us >= 0 {
         UNIX_EPOCH + Duration::from_micros(us as u64)
@@ -118,18 +103,29 @@ pub async fn load_offsets(
 }
 
 /// Writes `records` (from `topic`) and the offsets after them for `consumer` in one
-/// transaction. Records below the stored offsets, read under a row lock, are skipped, so two
-/// sinks briefly owning one partition, or a sink re-reading after a crash, write nothing twice.
-/// Returns the summary and the new next offsets.
+/// transaction: [`stage_batch`], then the commit. Returns the summary and the new next offsets.
 pub async fn write_batch(
     client: &mut Client,
     consumer: &str,
     topic: &str,
     records: &[SinkRecord],
-    before_commit: BeforeCommit<'_>,
-) -> Result<(WriteSummary, BTreeMap<i32, i64>), WriteError> {
-    let mut summary = WriteSummary::default();
+) -> Result<(WriteSummary, BTreeMap<i32, i64>), tokio_postgres::Error> {
     let tx = client.transaction().await?;
+    let written = stage_batch(&tx, consumer, topic, records).await?;
+    tx.commit().await?;
+    Ok(written)
+}
+
+/// Writes `records` and the offsets after them for `consumer` inside `tx`, uncommitted.
+/// Records below the stored offsets, read under a row lock, are skipped, so two sinks briefly
+/// owning one partition, or a sink re-reading after a crash, write nothing twice.
+pub async fn stage_batch(
+    tx: &Transaction<'_>,
+    consumer: &str,
+    topic: &str,
+    records: &[SinkRecord],
+) -> Result<(WriteSummary, BTreeMap<i32, i64>), tokio_postgres::Error> {
+    let mut summary = WriteSummary::default();
     let partitions: Vec<i32> = {
         let mut p: Vec<i32> = records.iter().map(SinkRecord::partition).collect();
         p.sort_unstable();
@@ -143,7 +139,7 @@ pub async fn write_batch(
             &[&consumer, &topic, &partitions],
         )
         .await?;
-    let mut next: BTreeMap<i32, i64> = rows.iter().map(|r| (r.get::<_, i32>(0), r.get::<_, i64>(1))).collect();
+    let next: BTreeMap<i32, i64> = rows.iter().map(|r| (r.get::<_, i32>(0), r.get::<_, i64>(1))).collect();
     let insert_alert = tx
         .prepare(
             "INSERT INTO alerts (alert_id, user_id, window_start, window_end, detected_at, score, timing_score,
@@ -159,12 +155,10 @@ pub async fn write_batch(
              VALUES ($1, $2, $3, 'undecodable', $4) ON CONFLICT DO NOTHING",
         )
         .await?;
-    for record in records {
+    let plan = plan_batch(records, next);
+    summary.already_written = plan.already_written;
+    for record in plan.records {
         let (partition, offset) = (record.partition(), record.offset());
-        if next.get(&partition).is_some_and(|&n| offset < n) {
-            summary.already_written += 1;
-            continue;
-        }
         match record {
             SinkRecord::Alert { alert, .. } => {
                 let features = metronome_core::alert_json::features_json(&alert.features);
@@ -201,12 +195,8 @@ pub async fn write_batch(
                 summary.dead_letters += 1;
             }
         }
-        next.insert(partition, offset + 1);
     }
-    for record in records {
-        let n = next.entry(record.partition()).or_insert(0);
-        *n = (*n).max(record.offset() + 1);
-    }
+    let next = plan.next;
     for (partition, offset) in &next {
         tx.execute(
             "INSERT INTO sink_offsets (consumer, topic, partition, next_offset) VALUES ($1, $2, $3, $4)
@@ -216,9 +206,35 @@ pub async fn write_batch(
         )
         .await?;
     }
-    before_commit().map_err(WriteError::Injected)?;
-    tx.commit().await?;
     Ok((summary, next))
+}
+
+/// What of a batch is still to be written, given the next offsets stored.
+#[derive(Debug, PartialEq)]
+pub struct BatchPlan<'a> {
+    /// The records at or past the stored offsets, in order; a record read twice within the
+    /// batch (a partition assigned again meanwhile) once.
+    pub records: Vec<&'a SinkRecord>,
+    /// Records below the stored offsets (or read before within the batch): skipped.
+    pub already_written: u64,
+    /// The next offsets once the batch is in.
+    pub next: BTreeMap<i32, i64>,
+}
+
+/// Plans writing `records` over the `stored` next offsets: so two sinks briefly owning one
+/// partition, or a sink re-reading after a crash, write nothing twice.
+pub fn plan_batch(records: &[SinkRecord], stored: BTreeMap<i32, i64>) -> BatchPlan<'_> {
+    let mut plan = BatchPlan { records: Vec::with_capacity(records.len()), already_written: 0, next: stored };
+    for record in records {
+        let next = plan.next.entry(record.partition()).or_insert(0);
+        if record.offset() < *next {
+            plan.already_written += 1;
+        } else {
+            plan.records.push(record);
+            *next = record.offset() + 1;
+        }
+    }
+    plan
 }
 
 /// Which alerts `GET /api/alerts` returns.
@@ -281,6 +297,21 @@ pub async fn query_alerts(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn undecodable(partition: i32, offset: i64) -> SinkRecord {
+        SinkRecord::Undecodable { partition, offset, payload: None }
+    }
+
+    #[test]
+    fn a_plan_skips_what_is_stored_and_what_the_batch_already_holds() {
+        let records = [undecodable(0, 3), undecodable(0, 4), undecodable(1, 0), undecodable(0, 4), undecodable(2, 9)];
+        let plan = plan_batch(&records, BTreeMap::from([(0, 4), (3, 7)]));
+        assert_eq!(plan.records, [&records[1], &records[2], &records[4]]);
+        assert_eq!(plan.already_written, 2, "offset 3 is stored, offset 4 came twice");
+        assert_eq!(plan.next, BTreeMap::from([(0, 5), (1, 1), (2, 10), (3, 7)]));
+        let nothing = plan_batch(&[], BTreeMap::new());
+        assert_eq!((nothing.records.len(), nothing.already_written, nothing.next.len()), (0, 0, 0));
+    }
 
     #[test]
     fn times_round_trip_at_microseconds() {
