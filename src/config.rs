@@ -153,17 +153,62 @@ pub enum ConfigError {
 /// `METRONOME_*` variables that are not configuration keys.
 const NOT_KEYS: &[&str] = &["config", "postgres_url", "fault_archive_abort_after_records", "cache_dir", "postgres_dir"];
 
+/// Values a command line sets, the last and strongest layer, as a figment provider: each
+/// command says which of its flags stand for which keys, and the validation that follows checks
+/// them like any other layer.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Overrides(serde_json::Map<String, serde_json::Value>);
+
+impl Overrides {
+    /// No overrides.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// `[section] key = value` when `value` is given (a flag that was passed).
+    pub fn set(mut self, section: &str, key: &str, value: Option<impl Serialize>) -> Self {
+        let Some(value) = value.and_then(|v| serde_json::to_value(v).ok()) else { return self };
+        // Kafka properties in the environment's spelling (`bootstrap_servers`), so that the flag
+        // replaces the environment's value instead of meeting it in the normalisation.
+        let key = if section == "kafka" { key.replace('.', "_") } else { key.to_owned() };
+        let table = self.0.entry(section.to_owned()).or_insert_with(|| serde_json::Value::Object(Default::default()));
+        if let serde_json::Value::Object(table) = table {
+            table.insert(key, value);
+        }
+        self
+    }
+}
+
+impl figment::Provider for Overrides {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Metadata::named("command line")
+    }
+
+    fn data(&self) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        figment::providers::Serialized::defaults(&self.0).data()
+    }
+}
+
 impl Config {
     /// Loads defaults, then `file` if given, then the process environment.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_with(file, Overrides::new())
+    }
+
+    /// As [`Config::load`], with a command line's `overrides` over every other layer.
+    pub fn load_with(file: Option<&Path>, overrides: Overrides) -> Result<Self, ConfigError> {
         // METRONOME_CONFIG names the file and METRONOME_POSTGRES_URL is `demo --postgres-url`:
         // flags' environment forms, not keys; METRONOME_FAULT_* are the tests' fault hooks;
         // METRONOME_CACHE_DIR and METRONOME_POSTGRES_DIR are the scripts' (scripts/setup).
-        Self::load_with_env(file, Env::prefixed(ENV_PREFIX).split("__").ignore(NOT_KEYS))
+        Self::from_layers(file, Env::prefixed(ENV_PREFIX).split("__").ignore(NOT_KEYS), overrides)
     }
 
     /// As [`Config::load`] with an explicit environment provider (tests pass a fixed one).
     pub fn load_with_env(file: Option<&Path>, env: Env) -> Result<Self, ConfigError> {
+        Self::from_layers(file, env, Overrides::new())
+    }
+
+    fn from_layers(file: Option<&Path>, env: Env, overrides: Overrides) -> Result<Self, ConfigError> {
         let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
         if let Some(path) = file {
             if !path.is_file() {
@@ -171,7 +216,8 @@ impl Config {
             }
             figment = figment.merge(Toml::file(path));
         }
-        let mut config: Config = figment.merge(env).extract().map_err(|e| ConfigError::Parse(one_line(&e)))?;
+        let mut config: Config =
+            figment.merge(env).merge(overrides).extract().map_err(|e| ConfigError::Parse(one_line(&e)))?;
         config.detector.validate()?;
         config.stream.validate().map_err(ConfigError::Parse)?;
         config.postgres.validate().map_err(ConfigError::Parse)?;
@@ -237,6 +283,26 @@ mod tests {
         let cfg = Config::load_with_env(Some(&path), no_env()).unwrap();
         assert_eq!(cfg.detector.window.size, 60);
         assert_eq!(cfg.detector.window.hop, 10);
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API returns its own error type
+    fn the_command_line_overrides_the_environment_and_is_validated_like_it() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("METRONOME_KAFKA__BOOTSTRAP_SERVERS", "env:9092");
+            jail.set_env("METRONOME_STREAM__INSTANCE_ID", "from-env");
+            let flags = Overrides::new()
+                .set("kafka", "bootstrap.servers", Some("flag:9092"))
+                .set("stream", "state_dir", Some(std::path::PathBuf::from("/tmp/s")))
+                .set("stream", "instance_id", None::<String>);
+            let config = Config::load_with(None, flags).unwrap();
+            assert_eq!(config.kafka["bootstrap.servers"], "flag:9092");
+            assert_eq!(config.stream.state_dir, std::path::PathBuf::from("/tmp/s"));
+            assert_eq!(config.stream.instance_id, "from-env", "a flag not given leaves the layer below");
+            let bad = Config::load_with(None, Overrides::new().set("postgres", "url", Some("mysql://x")));
+            assert!(matches!(bad, Err(ConfigError::Parse(_))), "{bad:?}");
+            Ok(())
+        });
     }
 
     #[test]
