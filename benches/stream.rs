@@ -20,12 +20,13 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use metronome::stream::publish::RecordShape;
-use metronome::stream::{Processor, Shutdown, StreamConfig};
+use metronome::stream::{Processor, StreamConfig};
 use metronome_core::detect::{Detector, DetectorConfig};
 use metronome_core::keylog::KeylogReader;
 use metronome_model::{LstmModel, ReloadingModel};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
 
 const PARTITIONS: i32 = 4;
 
@@ -164,7 +165,7 @@ fn processor_seconds(
         Processor::new(cfg, props.clone(), detector, Duration::from_secs(10), model, Duration::from_secs(3600))
             .unwrap();
     let status = processor.status();
-    let shutdown = Shutdown::new();
+    let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
     let handle = std::thread::spawn(move || processor.run(&stop));
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -175,7 +176,7 @@ fn processor_seconds(
     let started = Instant::now();
     broker.wait_fully_committed_every(&group, "events", Duration::from_millis(5));
     let secs = started.elapsed().as_secs_f64();
-    shutdown.trigger();
+    shutdown.cancel();
     let summary = handle.join().unwrap().expect("processor run");
     eprintln!("processor ({name}) summary: {summary:?}");
     secs

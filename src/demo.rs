@@ -18,14 +18,14 @@
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::agent::capture::epoch_us;
 use crate::config::Config;
 use crate::http::{AlertDb, RecentAlerts};
-use crate::service::{run_processor, service_runtime, shutdown_on_signal};
+use crate::service::{service_runtime, shutdown_on_signal, Service};
 use crate::simulate::{self, Humans, SimulatedUser, SimulationPlan, Truth};
 use crate::stream::alerts::follow_until;
 use crate::stream::config::{Guarantee, FLEET_CANDIDATES, FLEET_FINGERPRINTS, USER_STATE_STORE};
@@ -34,6 +34,7 @@ use metronome_core::alert_json::alert_json;
 use metronome_core::event::KeyEvent;
 use metronome_core::macrogen::MacroFamily;
 use metronome_core::proto;
+use tokio_util::sync::CancellationToken;
 
 /// Partitions of the embedded cluster's topics.
 const DEMO_PARTITIONS: i32 = 4;
@@ -253,7 +254,7 @@ pub fn run(mut config: Config, opts: DemoOptions, out: Arc<Mutex<dyn Write + Sen
             let s = shutdown.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(limit).await;
-                s.trigger();
+                s.cancel();
             });
         }
         // The users' agents, all at once: real time, records cut as agents cut them.
@@ -267,23 +268,23 @@ pub fn run(mut config: Config, opts: DemoOptions, out: Arc<Mutex<dyn Write + Sen
                     &users,
                     RecordShape::agent(50),
                     Pace::Speed(1.0),
-                    shutdown.flag(),
+                    &shutdown,
                     |_| {},
                 )
                 .map_err(|e| e.to_string())?;
                 // The last windows close once their users have been idle; then the demo is done.
                 let settle = Instant::now() + idle_close + Duration::from_secs(5);
-                while Instant::now() < settle && !shutdown.is_triggered() {
+                while Instant::now() < settle && !shutdown.is_cancelled() {
                     std::thread::sleep(Duration::from_millis(100)); // waiting out the idle close
                 }
-                shutdown.trigger();
+                shutdown.cancel();
                 Ok(summary.events)
             })
         };
-        let follow_stop = Arc::new(AtomicBool::new(false));
+        let follow_stop = CancellationToken::new();
         let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let follower = {
-            let (out, stop, mut reporter) = (out_for_alerts, Arc::clone(&follow_stop), reporter);
+            let (out, stop, mut reporter) = (out_for_alerts, follow_stop.clone(), reporter);
             let received = Arc::clone(&received);
             std::thread::spawn(move || {
                 let result = follow_until(&kafka, &alerts_topic, Duration::from_secs(u64::MAX / 4), &stop, |alert| {
@@ -300,7 +301,11 @@ pub fn run(mut config: Config, opts: DemoOptions, out: Arc<Mutex<dyn Write + Sen
                 reporter
             })
         };
-        let processed = run_processor(config, shutdown.clone(), alerts_db, |bound| {
+        let service = match alerts_db {
+            Some(alerts) => Service::processor(config).with_alerts(alerts),
+            None => Service::processor(config),
+        };
+        let processed = service.run(shutdown.clone(), |bound| {
             let base = format!("http://{bound}");
             say(&format!("metronome demo: alert page   {base}/"));
             say(&format!("metronome demo: metrics      {base}/metrics"));
@@ -308,16 +313,20 @@ pub fn run(mut config: Config, opts: DemoOptions, out: Arc<Mutex<dyn Write + Sen
             say("metronome demo: alerts as they are committed (Ctrl-C stops):");
         })
         .await;
-        shutdown.trigger();
+        shutdown.cancel();
         let events = publisher.join().map_err(|_| "the traffic thread panicked".to_owned())??;
-        let summary = processed?;
+        let ran = processed?;
+        if let Some(sink) = &ran.sink {
+            eprintln!("metronome: postgres sink wrote {} alerts", sink.writes.written);
+        }
+        let summary = ran.processor.unwrap_or_default();
         // The follower stops once it has read as many alert records as the processor committed
         // (or after 5 s: a record it could not decode is not counted).
         let deadline = Instant::now() + Duration::from_secs(5);
         while received.load(Ordering::Relaxed) < summary.alerts && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50)); // polling a condition
         }
-        follow_stop.store(true, Ordering::Relaxed);
+        follow_stop.cancel();
         let reporter = follower.join().map_err(|_| "the alert follower panicked".to_owned())?;
         let result = reporter.summary(events);
         say(&format!(

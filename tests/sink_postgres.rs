@@ -15,12 +15,12 @@ use metronome::sink::store::{stage_batch, SinkRecord, WriteSummary};
 use metronome::sink::{
     AlertStore, Offsets, PgAlertStore, PostgresConfig, PostgresSink, SinkError, SinkSummary, StoreFailure,
 };
-use metronome::stream::Shutdown;
 use metronome_core::proto;
 use metronome_io::postgres::PgTarget;
 use prost::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
 
 const TOPIC: &str = "t.alerts";
 const PARTITIONS: i32 = 3;
@@ -208,10 +208,10 @@ fn crashed_with(result: Result<SinkSummary, SinkError>, what: &str) {
 
 /// Runs `sink` until `done` holds, then stops it and returns its summary.
 fn run_until(rt: &tokio::runtime::Runtime, sink: PostgresSink, what: &str, done: impl FnMut() -> bool) -> SinkSummary {
-    let shutdown = Shutdown::new();
+    let shutdown = CancellationToken::new();
     let handle = rt.spawn(sink.run(shutdown.clone()));
     wait_until(what, done);
-    shutdown.trigger();
+    shutdown.cancel();
     rt.block_on(handle).unwrap().unwrap()
 }
 
@@ -225,7 +225,7 @@ fn a_crash_between_insert_and_commit_loses_and_repeats_nothing() {
 
     // First run: the second transaction dies after its inserts, before its commit.
     let crashing = sink(&url, &broker, 10).map_store(Crashing::wrap(CrashAt::BeforeCommit(1)));
-    crashed_with(rt.block_on(crashing.run(Shutdown::new())), "crash before commit");
+    crashed_with(rt.block_on(crashing.run(CancellationToken::new())), "crash before commit");
     let after_crash = count(&db, "alerts");
     assert!((1..=10).contains(&after_crash), "only the first transaction's rows survive: {after_crash}");
     let stored: i64 = db.sql("SELECT coalesce(sum(next_offset), 0) FROM sink_offsets").parse().unwrap();
@@ -262,7 +262,7 @@ fn a_crash_after_the_commit_is_not_written_twice() {
     let rt = runtime();
     // Dies after PostgreSQL committed the second transaction, before Kafka heard of it.
     let crashing = sink(&url, &broker, 8).map_store(Crashing::wrap(CrashAt::AfterCommit(1)));
-    crashed_with(rt.block_on(crashing.run(Shutdown::new())), "crash after commit");
+    crashed_with(rt.block_on(crashing.run(CancellationToken::new())), "crash after commit");
     let survived = count(&db, "alerts");
     assert!(survived > 0);
 
@@ -297,7 +297,7 @@ fn postgres_stopped_then_restarted_every_alert_arrives_once() {
     let broker = setup(20);
     let mut cluster = PrivateCluster::start();
     let rt = runtime();
-    let shutdown = Shutdown::new();
+    let shutdown = CancellationToken::new();
     let handle = rt.spawn(sink(&cluster.url(), &broker, 10).run(shutdown.clone()));
     let rows = |c: &PrivateCluster| -> usize { c.count("alerts") };
     wait_until("the first 20 alerts", || rows(&cluster) == 20);
@@ -312,7 +312,7 @@ fn postgres_stopped_then_restarted_every_alert_arrives_once() {
     cluster.resume();
     wait_until("all 45 alerts", || rows(&cluster) == 45);
     wait_until("the lag gauge back at 0", || sink_lag() == 0);
-    shutdown.trigger();
+    shutdown.cancel();
     let summary = rt.block_on(handle).unwrap().unwrap();
     assert!(summary.retries >= 2);
     assert_eq!(summary.writes.duplicates, 0);

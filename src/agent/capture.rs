@@ -9,13 +9,12 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use metronome_core::event::KeyAction;
 use metronome_core::keylog::{KeylogReader, MAX_KEY_CODE};
+use tokio_util::sync::CancellationToken;
 
 /// One key event as captured, before its key is replaced by a label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,9 +184,9 @@ fn open_device(choice: &DeviceChoice) -> io::Result<(evdev::Device, PathBuf)> {
 
 /// Reads a keyboard until `stop`; a device that disappears (or is not there yet) is waited for,
 /// checking every `retry`. Runs on its own thread: reads block in the kernel.
-pub fn run_evdev(choice: DeviceChoice, retry: Duration, tx: Sender<SourceItem>, stop: Arc<AtomicBool>) {
+pub fn run_evdev(choice: DeviceChoice, retry: Duration, tx: Sender<SourceItem>, stop: CancellationToken) {
     let mut reported_lost = false;
-    while !stop.load(Ordering::Relaxed) {
+    while !stop.is_cancelled() {
         let (mut device, node) = match open_device(&choice) {
             Ok(opened) => opened,
             Err(e) => {
@@ -233,7 +232,7 @@ pub fn run_evdev(choice: DeviceChoice, retry: Duration, tx: Sender<SourceItem>, 
                     return;
                 }
             }
-            if stop.load(Ordering::Relaxed) {
+            if stop.is_cancelled() {
                 return;
             }
         }
@@ -243,7 +242,7 @@ pub fn run_evdev(choice: DeviceChoice, retry: Duration, tx: Sender<SourceItem>, 
 /// Replays one user of a keylog file as if typed now: `speed` 1 keeps the recorded pace, 2 is
 /// twice as fast, 0 sends everything at once. Event times are the file's, shifted so the first
 /// event happens when the replay starts (a replay is a new capture, not a copy of old data).
-pub fn run_replay(path: &Path, user: Option<&str>, speed: f64, tx: Sender<SourceItem>, stop: Arc<AtomicBool>) {
+pub fn run_replay(path: &Path, user: Option<&str>, speed: f64, tx: Sender<SourceItem>, stop: CancellationToken) {
     let reader = match KeylogReader::open(path) {
         Ok(r) => r,
         Err(e) => {
@@ -259,7 +258,7 @@ pub fn run_replay(path: &Path, user: Option<&str>, speed: f64, tx: Sender<Source
     let mut replayed_user: Option<String> = user.map(str::to_owned);
     let mut first_us: Option<i64> = None;
     for row in reader {
-        if stop.load(Ordering::Relaxed) {
+        if stop.is_cancelled() {
             return;
         }
         let row = match row {
@@ -375,7 +374,7 @@ mod tests {
         .unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         let before = epoch_us(SystemTime::now());
-        run_replay(&path, None, 0.0, tx, Arc::new(AtomicBool::new(false)));
+        run_replay(&path, None, 0.0, tx, CancellationToken::new());
         let items: Vec<SourceItem> = rx.iter().collect();
         assert_eq!(items[0], SourceItem::DeviceReady { device_id: "replay".into(), info: None });
         assert_eq!(items.last(), Some(&SourceItem::End));
@@ -396,7 +395,7 @@ mod tests {
         let path = dir.path().join("k.csv");
         std::fs::write(&path, "user_id,session_id,event_time_us,key_code,action\na,s,1000,98765,down\n").unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
-        run_replay(&path, Some("a"), 0.0, tx, Arc::new(AtomicBool::new(false)));
+        run_replay(&path, Some("a"), 0.0, tx, CancellationToken::new());
         let last = rx.iter().last().unwrap();
         let SourceItem::Failed(message) = last else { panic!("{last:?}") };
         assert!(message.contains("line 2") && !message.contains("98765"), "{message}");

@@ -30,9 +30,7 @@ pub mod spool;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -49,6 +47,7 @@ use metronome_core::proto;
 use metronome_core::signing::SigningKey;
 use metronome_core::wire::{batch_message, key_sums_to_proto};
 use prost::Message as _;
+use tokio_util::sync::CancellationToken;
 
 /// Settings of `metronome agent` (`[agent]`). Every key is documented in `config/default.toml`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -221,14 +220,14 @@ impl Session {
     }
 }
 
-/// Runs the agent until the source ends (a replay) or `stop` is raised, then keeps sending what
+/// Runs the agent until the source ends (a replay) or `stop` is cancelled, then keeps sending what
 /// the spool holds for up to `drain_timeout_s`.
 pub fn run(
     config: &AgentConfig,
     kafka: &BTreeMap<String, String>,
     topic: &str,
     source: Source,
-    stop: Arc<AtomicBool>,
+    stop: CancellationToken,
 ) -> Result<AgentSummary, AgentError> {
     if config.user_id.is_empty() {
         return Err(AgentError::NoUser);
@@ -258,7 +257,7 @@ pub fn run(
     let mut summary = AgentSummary::default();
 
     let (tx, rx) = mpsc::channel();
-    let source_stop = Arc::new(AtomicBool::new(false));
+    let source_stop = CancellationToken::new();
     let speed = match &source {
         Source::Device(_) => 1.0,
         Source::Replay { speed, .. } => *speed,
@@ -325,11 +324,11 @@ pub fn run(
             report(&summary, &shipper, &spool, &sink);
             next_report = Instant::now() + Duration::from_secs(config.report_interval_s);
         }
-        if stop.load(Ordering::Relaxed) {
+        if stop.is_cancelled() {
             break;
         }
     }
-    source_stop.store(true, Ordering::Relaxed);
+    source_stop.cancel();
     store(cutter.finish(), &mut session, &mut spool, &mut summary)?;
     tracing::info!(events = summary.events, records = summary.records, "capture finished: draining the spool");
 

@@ -2,13 +2,12 @@
 //! the input topic, as the agent on a player's machine.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use metronome::agent::capture::DeviceChoice;
 use metronome::agent::{self, Source};
 use metronome::config::{Config, Overrides};
 use metronome::service;
+use tokio_util::sync::CancellationToken;
 
 use super::values::non_negative;
 use super::AppError;
@@ -70,18 +69,18 @@ impl Args {
     }
 }
 
-/// A flag raised by SIGTERM or Ctrl-C, watched from a thread of its own (the agent's capture
+/// A token cancelled by SIGTERM or Ctrl-C, watched from a thread of its own (the agent's capture
 /// runs without an async runtime).
-fn stop_on_signal() -> Result<Arc<AtomicBool>, AppError> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let on_signal = Arc::clone(&stop);
+fn stop_on_signal() -> Result<CancellationToken, AppError> {
+    let stop = CancellationToken::new();
+    let on_signal = stop.clone();
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 rt.block_on(service::wait_for_termination());
                 tracing::info!("termination requested: stopping capture, sending what is spooled");
-                on_signal.store(true, Ordering::Relaxed);
+                on_signal.cancel();
             }
         })
         .map_err(|e| AppError::Service(format!("cannot watch for signals: {e}")))?;

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use metronome::config::{Config, Overrides};
-use metronome::service::{self, service_runtime, shutdown_on_signal};
+use metronome::service::{service_runtime, shutdown_on_signal, Service};
 
 use super::AppError;
 
@@ -40,8 +40,12 @@ impl Args {
     /// Runs the processor until SIGTERM or Ctrl-C.
     pub fn run(self, config: Config) -> Result<(), AppError> {
         let runtime = service_runtime()?;
-        let summary = runtime
-            .block_on(async move { service::run_processor(config, shutdown_on_signal(), None, |_| {}).await })?;
+        let ran =
+            runtime.block_on(async move { Service::processor(config).run(shutdown_on_signal(), |_| {}).await })?;
+        if let Some(sink) = ran.sink {
+            eprintln!("metronome: postgres sink wrote {} alerts", sink.writes.written);
+        }
+        let summary = ran.processor.unwrap_or_default();
         eprintln!(
             "metronome: processed {} records ({} events): {} alerts, {} dead letters, {} commits, {} aborts",
             summary.records, summary.events, summary.alerts, summary.dead_letters, summary.commits, summary.aborts

@@ -4,7 +4,6 @@
 use std::fs::File;
 use std::io::{self, BufWriter, IsTerminal, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use metronome::config::{Config, Overrides};
@@ -177,7 +176,7 @@ fn publish_simulation(
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
         .progress_chars("=> "),
     );
-    let stop = AtomicBool::new(false);
+    let stop = tokio_util::sync::CancellationToken::new();
     let started = Instant::now();
     let summary = publish::publish_simulation(&producer, topic, users, RecordShape::agent(50), pace, &stop, |sent| {
         bar.set_position(sent)

@@ -2,9 +2,7 @@
 //! `/api/alerts`.
 
 use metronome::config::{Config, Overrides};
-use metronome::http::{AlertDb, ApiState, Readiness};
-use metronome::service::{self, service_runtime, shutdown_on_signal, start_http};
-use metronome_io::postgres::PgTarget;
+use metronome::service::{service_runtime, shutdown_on_signal, Service};
 
 use super::AppError;
 
@@ -27,30 +25,14 @@ impl Args {
 
     /// Runs the sink until SIGTERM or Ctrl-C.
     pub fn run(self, config: Config) -> Result<(), AppError> {
-        let sink = service::postgres_sink(&config)?;
-        let http = config.http.clone();
-        let state = ApiState {
-            token: http.token(),
-            readiness: Readiness::default(),
-            alerts: PgTarget::parse(&config.postgres.url).ok().map(AlertDb::new),
-            users: None,
-        };
         let runtime = service_runtime()?;
-        runtime.block_on(async move {
-            let shutdown = shutdown_on_signal();
-            let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
-            let server = start_http(&http, state, http_stopped).await?;
-            let result = sink.run(shutdown).await;
-            let _ = stop_http.send(());
-            if let Some((server, _)) = server {
-                let _ = server.await;
-            }
-            let summary = result?;
-            eprintln!(
-                "metronome: postgres sink wrote {} alerts in {} transactions ({} duplicates refused, {} dead letters, {} retries)",
-                summary.writes.written, summary.batches, summary.writes.duplicates, summary.writes.dead_letters, summary.retries
-            );
-            Ok(())
-        })
+        let ran =
+            runtime.block_on(async move { Service::sink_alone(config).run(shutdown_on_signal(), |_| {}).await })?;
+        let summary = ran.sink.unwrap_or_default();
+        eprintln!(
+            "metronome: postgres sink wrote {} alerts in {} transactions ({} duplicates refused, {} dead letters, {} retries)",
+            summary.writes.written, summary.batches, summary.writes.duplicates, summary.writes.dead_letters, summary.retries
+        );
+        Ok(())
     }
 }

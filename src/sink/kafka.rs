@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use metronome_io::kafka::ClientBuilder;
 use rdkafka::client::ClientContext;
@@ -15,7 +15,7 @@ use super::seams::{AlertSource, Offsets};
 use super::store::SinkRecord;
 use super::SinkError;
 use crate::metrics::events::{InternalEvent, SinkLagObserved};
-use crate::stream::Shutdown;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 /// Where assigned partitions start: the store's offsets, set before the group is joined and
 /// advanced by every write, so they are never ahead of the store.
@@ -79,8 +79,8 @@ pub struct KafkaAlertSource {
     consumer: Option<Arc<SinkConsumer>>,
     topic: String,
     lag_every: Duration,
-    /// Raised when the source leaves or is dropped: the lag task stops however the loop ends.
-    lag_stop: StopOnDrop,
+    /// Cancels the lag task when the source leaves or is dropped, however the loop ends.
+    lag_stop: Option<DropGuard>,
     lag_task: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -94,7 +94,7 @@ impl KafkaAlertSource {
             consumer: None,
             topic: topic.to_owned(),
             lag_every,
-            lag_stop: StopOnDrop(Shutdown::new()),
+            lag_stop: None,
             lag_task: None,
         }
     }
@@ -126,7 +126,7 @@ impl KafkaAlertSource {
 }
 
 impl AlertSource for KafkaAlertSource {
-    async fn join(&mut self, starts: &Offsets, shutdown: &Shutdown) -> Result<bool, SinkError> {
+    async fn join(&mut self, starts: &Offsets, shutdown: &CancellationToken) -> Result<bool, SinkError> {
         let consumer = Arc::new(self.create_consumer()?);
         consumer.context().advance(starts);
         self.consumer = Some(Arc::clone(&consumer));
@@ -138,12 +138,9 @@ impl AlertSource for KafkaAlertSource {
             .subscribe(&[&self.topic])
             .map_err(|error| SinkError::Kafka { what: "subscribing to the alert topic", error })?;
         // The lag gauge's broker round trips must not hold up writes: they run beside the loop.
-        self.lag_task = Some(tokio::spawn(report_lag_every(
-            consumer,
-            self.topic.clone(),
-            self.lag_every,
-            [shutdown.clone(), self.lag_stop.0.clone()],
-        )));
+        let lag = shutdown.child_token();
+        self.lag_stop = Some(lag.clone().drop_guard());
+        self.lag_task = Some(tokio::spawn(report_lag_every(consumer, self.topic.clone(), self.lag_every, lag)));
         Ok(true)
     }
 
@@ -184,7 +181,7 @@ impl AlertSource for KafkaAlertSource {
     }
 
     async fn leave(&mut self) {
-        self.lag_stop.0.trigger();
+        drop(self.lag_stop.take());
         if let Some(task) = self.lag_task.take() {
             let _ = task.await;
         }
@@ -195,9 +192,9 @@ impl AlertSource for KafkaAlertSource {
 }
 
 /// Waits until `topic` has partitions (`false` if told to stop first).
-async fn wait_for_topic(consumer: &Arc<SinkConsumer>, topic: &str, shutdown: &Shutdown) -> bool {
+async fn wait_for_topic(consumer: &Arc<SinkConsumer>, topic: &str, shutdown: &CancellationToken) -> bool {
     let mut logged = false;
-    while !shutdown.is_triggered() {
+    while !shutdown.is_cancelled() {
         let (c, t) = (Arc::clone(consumer), topic.to_owned());
         let exists = tokio::task::spawn_blocking(move || {
             c.fetch_metadata(Some(&t), Duration::from_secs(5))
@@ -213,28 +210,22 @@ async fn wait_for_topic(consumer: &Arc<SinkConsumer>, topic: &str, shutdown: &Sh
             tracing::info!(topic, "postgres sink: waiting for the alert topic to be created");
             logged = true;
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
     }
     false
 }
 
-/// Raises its signal when dropped.
-struct StopOnDrop(Shutdown);
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        self.0.trigger();
-    }
-}
-
-/// Refreshes the lag gauge every `every` until either signal is raised.
-async fn report_lag_every(consumer: Arc<SinkConsumer>, topic: String, every: Duration, stop: [Shutdown; 2]) {
-    let stopped = || stop.iter().any(Shutdown::is_triggered);
-    while !stopped() {
-        let next = Instant::now() + every;
+/// Refreshes the lag gauge every `every` until `stop` is cancelled.
+async fn report_lag_every(consumer: Arc<SinkConsumer>, topic: String, every: Duration, stop: CancellationToken) {
+    while !stop.is_cancelled() {
+        let next = tokio::time::Instant::now() + every;
         report_lag(&consumer, &topic).await;
-        while Instant::now() < next && !stopped() {
-            tokio::time::sleep(next.saturating_duration_since(Instant::now()).min(Duration::from_millis(100))).await;
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = tokio::time::sleep_until(next) => {}
         }
     }
 }

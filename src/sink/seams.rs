@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::store::{SinkRecord, WriteSummary};
 use super::SinkError;
-use crate::stream::Shutdown;
+use tokio_util::sync::CancellationToken;
 
 /// The next offset to write, by partition of the alert topic.
 pub type Offsets = BTreeMap<i32, i64>;
@@ -59,8 +59,12 @@ pub trait AlertStore: Send {
 pub trait AlertSource: Send {
     /// Waits for the topic, then joins the group; each partition assigned from now on starts at
     /// its offset in `starts` (its beginning where absent, whatever the group committed).
-    /// `Ok(false)`: `shutdown` was raised first.
-    fn join(&mut self, starts: &Offsets, shutdown: &Shutdown) -> impl Future<Output = Result<bool, SinkError>> + Send;
+    /// `Ok(false)`: `shutdown` was cancelled first.
+    fn join(
+        &mut self,
+        starts: &Offsets,
+        shutdown: &CancellationToken,
+    ) -> impl Future<Output = Result<bool, SinkError>> + Send;
 
     /// The next record within `wait`, if any (consumer errors are the source's to log).
     fn recv(&mut self, wait: Duration) -> impl Future<Output = Option<SinkRecord>> + Send;

@@ -22,8 +22,8 @@ use super::postgres::PgAlertStore;
 use super::seams::{AlertSource, AlertStore, BoxError, Offsets, StoreFailure};
 use super::store::{SinkRecord, WriteSummary};
 use crate::metrics::events::{InternalEvent, SinkAttemptFailed, SinkBatchWritten};
-use crate::stream::Shutdown;
 use metronome_io::postgres::{ConnectError, PgTarget};
+use tokio_util::sync::CancellationToken;
 
 /// Why the sink stopped with an error (the store being down is not one: it is waited for).
 #[derive(Debug, thiserror::Error)]
@@ -109,8 +109,8 @@ impl<St: AlertStore, Src: AlertSource> Sink<St, Src> {
         &self.group
     }
 
-    /// Runs until `shutdown` is raised (then the batch in hand is written if the store is up).
-    pub async fn run(mut self, shutdown: Shutdown) -> Result<SinkSummary, SinkError> {
+    /// Runs until `shutdown` is cancelled (then the batch in hand is written if the store is up).
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<SinkSummary, SinkError> {
         let mut summary = SinkSummary::default();
         tracing::info!(topic = %self.topic, group = %self.group, "postgres sink starting");
         let Some(starts) = self.offsets_when_up(&shutdown, &mut summary).await? else {
@@ -120,7 +120,7 @@ impl<St: AlertStore, Src: AlertSource> Sink<St, Src> {
             return Ok(summary);
         }
         let mut carried = Vec::new();
-        while !shutdown.is_triggered() {
+        while !shutdown.is_cancelled() {
             let batch = self.collect_batch(std::mem::take(&mut carried), &shutdown).await;
             if !batch.is_empty() {
                 self.write_until_landed(&batch, &mut carried, &shutdown, &mut summary).await?;
@@ -141,7 +141,7 @@ impl<St: AlertStore, Src: AlertSource> Sink<St, Src> {
     /// first.
     async fn offsets_when_up(
         &mut self,
-        shutdown: &Shutdown,
+        shutdown: &CancellationToken,
         summary: &mut SinkSummary,
     ) -> Result<Option<Offsets>, SinkError> {
         let mut backoff = self.backoff();
@@ -154,7 +154,7 @@ impl<St: AlertStore, Src: AlertSource> Sink<St, Src> {
                     note_failure(stage, &error, delay, summary);
                     let until = self.clock.now() + delay;
                     while self.clock.now() < until {
-                        if shutdown.is_triggered() {
+                        if shutdown.is_cancelled() {
                             return Ok(None);
                         }
                         let left = until.saturating_duration_since(self.clock.now());
@@ -168,11 +168,11 @@ impl<St: AlertStore, Src: AlertSource> Sink<St, Src> {
     /// `carried` and what arrives until the batch is full, the linger since its first record
     /// has passed, or the sink is told to stop. Linger counts from the first record in hand, so
     /// a quiet topic does not cut batches of one.
-    async fn collect_batch(&mut self, carried: Vec<SinkRecord>, shutdown: &Shutdown) -> Vec<SinkRecord> {
+    async fn collect_batch(&mut self, carried: Vec<SinkRecord>, shutdown: &CancellationToken) -> Vec<SinkRecord> {
         let linger = Duration::from_millis(self.cfg.batch_linger_ms);
         let mut batch = carried;
         let mut first_at = (!batch.is_empty()).then(|| self.clock.now());
-        while batch.len() < self.cfg.batch_max_records && !shutdown.is_triggered() {
+        while batch.len() < self.cfg.batch_max_records && !shutdown.is_cancelled() {
             let wait = match first_at {
                 None => Duration::from_millis(100),
                 Some(t) => {
@@ -197,7 +197,7 @@ impl<St: AlertStore, Src: AlertSource> Sink<St, Src> {
         &mut self,
         batch: &[SinkRecord],
         carried: &mut Vec<SinkRecord>,
-        shutdown: &Shutdown,
+        shutdown: &CancellationToken,
         summary: &mut SinkSummary,
     ) -> Result<(), SinkError> {
         let mut backoff = self.backoff();
@@ -222,7 +222,7 @@ impl<St: AlertStore, Src: AlertSource> Sink<St, Src> {
                     let delay = backoff.next().unwrap_or(Duration::from_secs(1));
                     note_failure(stage, &error, delay, summary);
                     self.wait_paused(delay, carried, shutdown).await;
-                    if shutdown.is_triggered() {
+                    if shutdown.is_cancelled() {
                         tracing::warn!(
                             records = batch.len(),
                             "postgres sink stopping with an unwritten batch; it will be read again"
@@ -236,9 +236,9 @@ impl<St: AlertStore, Src: AlertSource> Sink<St, Src> {
 
     /// Waits out a backoff polling the source (rebalances, group membership); records that
     /// still arrive join the next batch, and partitions assigned meanwhile are paused too.
-    async fn wait_paused(&mut self, delay: Duration, carried: &mut Vec<SinkRecord>, shutdown: &Shutdown) {
+    async fn wait_paused(&mut self, delay: Duration, carried: &mut Vec<SinkRecord>, shutdown: &CancellationToken) {
         let until = self.clock.now() + delay;
-        while self.clock.now() < until && !shutdown.is_triggered() {
+        while self.clock.now() < until && !shutdown.is_cancelled() {
             if let Some(record) = self.source.recv(until.saturating_duration_since(self.clock.now())).await {
                 carried.push(record);
             }
@@ -323,7 +323,7 @@ mod tests {
         let sink = Sink::assemble(config(batch), TOPIC, GROUP, store.clone(), source.clone())
             .with_clock(Arc::clone(clock) as Arc<dyn Clock>);
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        rt.block_on(sink.run(Shutdown::new()))
+        rt.block_on(sink.run(CancellationToken::new()))
     }
 
     fn ids(n: usize) -> Vec<String> {

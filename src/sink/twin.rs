@@ -14,7 +14,7 @@ use prost::Message as _;
 use super::seams::{AlertSource, AlertStore, Offsets, StoreFailure};
 use super::store::{plan_batch, SinkRecord, WriteSummary};
 use super::SinkError;
-use crate::stream::Shutdown;
+use tokio_util::sync::CancellationToken;
 
 /// What the store does with one attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,13 +134,13 @@ pub struct SourceState {
     pub reassign_at: BTreeSet<u64>,
     /// Receives so far.
     pub receives: u64,
-    /// Raise `shutdown` at this receive (`None`: once everything is written).
+    /// Cancel `shutdown` at this receive (`None`: once everything is written).
     pub stop_at: Option<u64>,
     /// Whether the group was joined, and left.
     pub joined: bool,
     /// Whether the member left the group.
     pub left: bool,
-    shutdown: Option<Shutdown>,
+    shutdown: Option<CancellationToken>,
 }
 
 /// The alert topic in memory, on a manual clock.
@@ -223,7 +223,7 @@ impl SourceState {
 }
 
 impl AlertSource for MemoryAlertSource {
-    async fn join(&mut self, starts: &Offsets, shutdown: &Shutdown) -> Result<bool, SinkError> {
+    async fn join(&mut self, starts: &Offsets, shutdown: &CancellationToken) -> Result<bool, SinkError> {
         let mut s = self.state();
         s.starts = starts.clone();
         s.assign_all();
@@ -244,12 +244,12 @@ impl AlertSource for MemoryAlertSource {
             None => n >= GIVE_UP_AFTER,
         };
         if stop {
-            s.shutdown.as_ref().expect("joined").trigger();
+            s.shutdown.as_ref().expect("joined").cancel();
         }
         let record = s.next_record();
         if record.is_none() {
             if s.stop_at.is_none() && s.all_written() {
-                s.shutdown.as_ref().expect("joined").trigger();
+                s.shutdown.as_ref().expect("joined").cancel();
             }
             self.clock.advance(wait);
         }

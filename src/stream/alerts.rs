@@ -1,7 +1,6 @@
 //! Following the alert topic as security staff would: committed alerts only, as JSON lines.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use metronome_io::kafka::ClientBuilder;
@@ -12,6 +11,7 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
 use metronome_core::proto;
+use tokio_util::sync::CancellationToken;
 
 /// Reads committed alerts (read_committed whatever `properties` say) from every
 /// partition of `topic`, from the beginning, and hands each to `on_alert`, until `idle` passes
@@ -24,15 +24,15 @@ pub fn follow(
     idle: Duration,
     on_alert: impl FnMut(&proto::Alert),
 ) -> Result<(u64, u64), KafkaError> {
-    follow_until(properties, topic, idle, &AtomicBool::new(false), on_alert)
+    follow_until(properties, topic, idle, &CancellationToken::new(), on_alert)
 }
 
-/// [`follow`], stopping early when `stop` is raised.
+/// [`follow`], stopping early when `stop` is cancelled.
 pub fn follow_until(
     properties: &BTreeMap<String, String>,
     topic: &str,
     idle: Duration,
-    stop: &AtomicBool,
+    stop: &CancellationToken,
     mut on_alert: impl FnMut(&proto::Alert),
 ) -> Result<(u64, u64), KafkaError> {
     let consumer: BaseConsumer = ClientBuilder::new(properties)
@@ -47,7 +47,7 @@ pub fn follow_until(
         if !ids.is_empty() {
             break ids;
         }
-        if last.elapsed() >= idle || stop.load(Ordering::Relaxed) {
+        if last.elapsed() >= idle || stop.is_cancelled() {
             return Ok((0, 0));
         }
         std::thread::sleep(Duration::from_millis(200)); // the topic is created by the processor
@@ -59,7 +59,7 @@ pub fn follow_until(
     consumer.assign(&assignment)?;
     let (mut alerts, mut bad) = (0, 0);
     last = Instant::now();
-    while last.elapsed() < idle && !stop.load(Ordering::Relaxed) {
+    while last.elapsed() < idle && !stop.is_cancelled() {
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
                 last = Instant::now();

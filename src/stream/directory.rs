@@ -7,7 +7,6 @@
 //! the latest announcement claiming a partition wins.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -17,6 +16,7 @@ use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
 /// One instance's claim.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,7 +86,7 @@ impl Announcer {
 /// Reads every instance's announcements on a background thread.
 pub struct DirectoryReader {
     announcements: Arc<RwLock<BTreeMap<String, Announcement>>>,
-    stop: Arc<AtomicBool>,
+    stop: CancellationToken,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -100,12 +100,12 @@ impl DirectoryReader {
         tpl.add_partition_offset(topic, 0, Offset::Beginning)?;
         consumer.assign(&tpl)?;
         let announcements = Arc::new(RwLock::new(BTreeMap::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (map, stopping) = (Arc::clone(&announcements), Arc::clone(&stop));
+        let stop = CancellationToken::new();
+        let (map, stopping) = (Arc::clone(&announcements), stop.clone());
         let thread = std::thread::Builder::new()
             .name("directory".into())
             .spawn(move || {
-                while !stopping.load(Ordering::SeqCst) {
+                while !stopping.is_cancelled() {
                     let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) else { continue };
                     let Some(key) = m.key().and_then(|k| std::str::from_utf8(k).ok()) else { continue };
                     let mut map = map.write().unwrap_or_else(|p| p.into_inner());
@@ -132,7 +132,7 @@ impl DirectoryReader {
 
 impl Drop for DirectoryReader {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
+        self.stop.cancel();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

@@ -20,7 +20,7 @@ use metronome_state::Store;
 
 use super::config::{PruneSchedule, StreamConfig};
 use super::kafka::RebalanceEvent;
-use super::processor::{ProcessError, RunSummary, Shutdown};
+use super::processor::{ProcessError, RunSummary};
 use super::query::{self, Lookup, UserQueries, UserView};
 use super::seams::{Input, Polled, TaskFactory};
 use super::status::{Status, TaskPhase};
@@ -28,6 +28,7 @@ use super::task::{self, BatchContext, BatchOutcome, BatchSettings, ProducerError
 use crate::metrics::events::{
     AlertCommitted, BatchCommitted, InternalEvent, OpenWindowsCounted, StatePruned, StateRestored, TransactionAborted,
 };
+use tokio_util::sync::CancellationToken;
 
 /// How often the RocksDB size gauges are refreshed.
 const STORE_SIZES_EVERY: Duration = Duration::from_secs(5);
@@ -155,10 +156,10 @@ impl<I: Input, F: TaskFactory> Engine<I, F> {
         })
     }
 
-    /// Rounds until `shutdown` is raised, then the batch in hand is finished and the group left.
-    pub fn run(mut self, shutdown: &Shutdown) -> Result<RunSummary, ProcessError> {
+    /// Rounds until `shutdown` is cancelled, then the batch in hand is finished and the group left.
+    pub fn run(mut self, shutdown: &CancellationToken) -> Result<RunSummary, ProcessError> {
         let outcome = loop {
-            if shutdown.is_triggered() {
+            if shutdown.is_cancelled() {
                 break Ok(());
             }
             if let Err(e) = self.round(shutdown) {
@@ -170,7 +171,7 @@ impl<I: Input, F: TaskFactory> Engine<I, F> {
 
     /// One batch: records collected, the tasks' batches run and their outcomes handled, then
     /// the housekeeping.
-    pub fn round(&mut self, shutdown: &Shutdown) -> Result<(), ProcessError> {
+    pub fn round(&mut self, shutdown: &CancellationToken) -> Result<(), ProcessError> {
         self.collect_batch(shutdown)?;
         let check_idle = self.idle_check_due();
         self.run_batches(check_idle)?;
@@ -203,11 +204,11 @@ impl<I: Input, F: TaskFactory> Engine<I, F> {
 
     /// Polls until the batch is full or the commit interval has passed, applying assignment
     /// changes as they come.
-    fn collect_batch(&mut self, shutdown: &Shutdown) -> Result<(), ProcessError> {
+    fn collect_batch(&mut self, shutdown: &CancellationToken) -> Result<(), ProcessError> {
         let started = self.wiring.clock.now();
         let interval = Duration::from_millis(self.cfg.commit_interval_ms);
         let (mut records, mut bytes) = (0usize, 0usize);
-        while records < self.cfg.max_batch_records && bytes < self.cfg.max_batch_bytes && !shutdown.is_triggered() {
+        while records < self.cfg.max_batch_records && bytes < self.cfg.max_batch_bytes && !shutdown.is_cancelled() {
             let left = interval.saturating_sub(self.wiring.clock.now().saturating_duration_since(started));
             if left.is_zero() {
                 break;
@@ -665,7 +666,7 @@ mod tests {
 
     /// Rounds until `done` holds of the broker; fails the test past 100 rounds.
     fn rounds_until(engine: &mut TwinEngine, broker: &MemoryBroker, done: impl Fn(&BrokerState) -> bool) -> usize {
-        let shutdown = Shutdown::new();
+        let shutdown = CancellationToken::new();
         for round in 1..=100 {
             engine.round(&shutdown).unwrap();
             if done(&broker.state()) {
@@ -760,7 +761,7 @@ mod tests {
         broker.at_poll(1, assigned(&[1]));
         broker.state().fatal_commits.insert(1);
         let mut engine = engine(&broker, settings(1, 50_000));
-        let err = engine.round(&Shutdown::new()).unwrap_err();
+        let err = engine.round(&CancellationToken::new()).unwrap_err();
         assert!(matches!(
             err,
             ProcessError::Task { partition: 1, source: TaskError::Producer(ProducerError::Fatal(_)) }
@@ -782,7 +783,7 @@ mod tests {
         broker.produce(0, backlog);
         broker.at_poll(1, assigned(&[0]));
         let mut engine = engine(&broker, settings(1, 1));
-        let shutdown = Shutdown::new();
+        let shutdown = CancellationToken::new();
         let mut rounds_at_end = 0;
         while rounds_at_end < 2 {
             // Each round, more than the idle timeout passes: m1 is quiet long enough.
@@ -813,7 +814,7 @@ mod tests {
         broker.at_poll(4, revoked(&[0]));
         broker.at_poll(7, assigned(&[0]));
         let mut engine = engine(&broker, settings(1, 2));
-        let shutdown = Shutdown::new();
+        let shutdown = CancellationToken::new();
         engine.round(&shutdown).unwrap();
         assert_eq!(broker.state().commits, [(0, 2)]);
         engine.round(&shutdown).unwrap();

@@ -65,4 +65,4 @@ pub mod task;
 pub(crate) mod twin;
 
 pub use config::StreamConfig;
-pub use processor::{ProcessError, Processor, RunSummary, Shutdown};
+pub use processor::{ProcessError, Processor, RunSummary};

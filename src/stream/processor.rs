@@ -3,7 +3,6 @@
 //! and run summary.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +15,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::Offset;
+use tokio_util::sync::CancellationToken;
 
 use super::config::{StreamConfig, USER_STATE_STORE};
 use super::directory::Announcer;
@@ -45,32 +45,6 @@ pub enum ProcessError {
     /// The configuration is unusable.
     #[error("configuration: {0}")]
     Config(String),
-}
-
-/// Asks a running processor to stop after its current batch. Cheap to clone.
-#[derive(Debug, Clone, Default)]
-pub struct Shutdown(Arc<AtomicBool>);
-
-impl Shutdown {
-    /// A signal nobody has raised yet.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Raises it.
-    pub fn trigger(&self) {
-        self.0.store(true, Ordering::SeqCst);
-    }
-
-    /// The flag itself, for loops that watch an `AtomicBool`.
-    pub fn flag(&self) -> &AtomicBool {
-        &self.0
-    }
-
-    /// Whether it was raised.
-    pub fn is_triggered(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
-    }
 }
 
 /// Totals of one run, for the exit summary.
@@ -148,9 +122,9 @@ impl Processor {
         Arc::clone(&self.status)
     }
 
-    /// Consumes until `shutdown` is raised, then finishes the batch in hand, commits it and
+    /// Consumes until `shutdown` is cancelled, then finishes the batch in hand, commits it and
     /// leaves the group.
-    pub fn run(self, shutdown: &Shutdown) -> Result<RunSummary, ProcessError> {
+    pub fn run(self, shutdown: &CancellationToken) -> Result<RunSummary, ProcessError> {
         let cfg = self.clients.stream().clone();
         let partitions = self.clients.ensure_topics()?;
         tracing::info!(topic = %cfg.input_topic, partitions, group = %cfg.application_id, "processor starting");

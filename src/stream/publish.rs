@@ -181,10 +181,9 @@ pub fn publish_simulation(
     users: &[crate::simulate::SimulatedUser],
     shape: RecordShape,
     pace: Pace,
-    stop: &std::sync::atomic::AtomicBool,
+    stop: &tokio_util::sync::CancellationToken,
     mut progress: impl FnMut(u64),
 ) -> Result<PublishSummary, PublishError> {
-    use std::sync::atomic::Ordering;
     use std::time::Instant;
     let mut summary = PublishSummary { users: users.len() as u64, ..PublishSummary::default() };
     let mut cutter = RecordCutter::new(shape);
@@ -205,14 +204,14 @@ pub fn publish_simulation(
     let started = Instant::now();
     let first_us = users.iter().filter_map(|u| u.events.first()).map(|e| e.time_us).min().unwrap_or(0);
     for (u, event) in crate::simulate::merged(users) {
-        if stop.load(Ordering::Relaxed) {
+        if stop.is_cancelled() {
             break;
         }
         if let Pace::Speed(speed) = pace {
             let due = Duration::from_secs_f64((event.time_us - first_us).max(0) as f64 / 1e6 / speed);
             // Wait in short slices: quiet users' records leave on time meanwhile.
             while let Some(left) = due.checked_sub(started.elapsed()).filter(|l| !l.is_zero()) {
-                if stop.load(Ordering::Relaxed) {
+                if stop.is_cancelled() {
                     break;
                 }
                 let now_us = first_us + (started.elapsed().as_secs_f64() * speed * 1e6) as i64;

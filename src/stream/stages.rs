@@ -18,12 +18,13 @@ use rdkafka::Offset;
 use super::config::{StreamConfig, FLEET_CANDIDATES, FLEET_FINGERPRINTS};
 use super::fleet::{Stage, StageContext, StageOutcome, StageTask};
 use super::kafka::{self, Clients, GroupContext, KafkaEdgeError, RebalanceEvent, RebalanceLog, TaskTopics, TxProducer};
-use super::processor::{ProcessError, Shutdown};
+use super::processor::ProcessError;
 use super::recovery;
 use super::task::{ProducerError, TaskError};
 use crate::metrics::events::{FleetStageCommitted, InternalEvent};
 use metronome_core::detect::FleetConfig;
 use metronome_core::wire::InputRecord;
+use tokio_util::sync::CancellationToken;
 
 /// How often fleets are decided when no candidate arrives.
 pub const DECIDE_EVERY: Duration = Duration::from_secs(1);
@@ -92,8 +93,8 @@ impl FleetStages {
         [Stage::Fingerprints, Stage::Fleets].into_iter().find(|s| self.topic_of(*s) == topic)
     }
 
-    /// Consumes until `shutdown` is raised, then commits the batch in hand and leaves the group.
-    pub fn run(self, shutdown: &Shutdown) -> Result<StagesSummary, ProcessError> {
+    /// Consumes until `shutdown` is cancelled, then commits the batch in hand and leaves the group.
+    pub fn run(self, shutdown: &CancellationToken) -> Result<StagesSummary, ProcessError> {
         let cfg = self.clients.stream().clone();
         // The processor creates them too; whichever thread comes first does.
         self.clients.ensure_topics()?;
@@ -114,7 +115,7 @@ impl FleetStages {
         let (mut last_decide, mut last_expire) = (Instant::now(), Instant::now());
         let commit_interval = Duration::from_millis(cfg.commit_interval_ms);
         let result = loop {
-            if shutdown.is_triggered() {
+            if shutdown.is_cancelled() {
                 break Ok(());
             }
             if let Err(e) = self.collect(&consumer, &log, &mut tasks, commit_interval, shutdown) {
@@ -158,12 +159,12 @@ impl FleetStages {
         log: &RebalanceLog,
         tasks: &mut BTreeMap<(Stage, i32), Assigned>,
         commit_interval: Duration,
-        shutdown: &Shutdown,
+        shutdown: &CancellationToken,
     ) -> Result<(), ProcessError> {
         let cfg = self.clients.stream();
         let started = Instant::now();
         let mut collected = 0usize;
-        while collected < cfg.max_batch_records && !shutdown.is_triggered() {
+        while collected < cfg.max_batch_records && !shutdown.is_cancelled() {
             let left = commit_interval.saturating_sub(started.elapsed());
             if left.is_zero() {
                 break;
