@@ -11,21 +11,21 @@
 //! down is waited out with exponential backoff, fetching paused, the lag gauge growing.
 //!
 //! # Layout
-//! - [`config`]: `[postgres]` settings.
-//! - [`service`]: the loop ([`Sink`]): collect a batch, write it, retry, hand the offsets on.
-//! - [`seams`]: what the loop writes to ([`AlertStore`]) and reads from ([`AlertSource`]).
-//! - [`postgres`]: [`PgAlertStore`], the store in PostgreSQL (connect, migrate, reconnect).
-//! - [`kafka`]: [`KafkaAlertSource`], the alert topic's consumer group and the lag gauge.
+//! - `config`: `[postgres]` settings.
+//! - `service`: the loop ([`Sink`]): collect a batch, write it, retry, hand the offsets on.
+//! - `seams`: what the loop writes to ([`AlertStore`]) and reads from ([`AlertSource`]).
+//! - `postgres`: [`PgAlertStore`], the store in PostgreSQL (connect, migrate, reconnect).
+//! - `kafka`: [`KafkaAlertSource`], the alert topic's consumer group and the lag gauge.
 //! - [`store`]: the SQL: a batch and its offsets in one transaction, offsets, alert queries.
 //! - `twin` (tests only): in-memory twins of both seams.
 //!
 //! The connection (URL, `sslmode`, TLS) and the migrations are `metronome_io::postgres`'s.
 
-pub mod config;
-pub mod kafka;
-pub mod postgres;
-pub mod seams;
-pub mod service;
+pub(crate) mod config;
+pub(crate) mod kafka;
+pub(crate) mod postgres;
+pub(crate) mod seams;
+pub(crate) mod service;
 pub mod store;
 #[cfg(test)]
 mod twin;

@@ -155,11 +155,6 @@ impl<S: Store> StageTask<S> {
         Ok(())
     }
 
-    /// The stage.
-    pub fn stage(&self) -> Stage {
-        self.stage
-    }
-
     /// What the store reflects.
     pub fn checkpoint(&self) -> Checkpoint {
         self.checkpoint
@@ -170,7 +165,8 @@ impl<S: Store> StageTask<S> {
         &self.store
     }
 
-    /// Links the fleet graph holds (the [`Stage::Fleets`] task's), for tests and metrics.
+    /// Links the fleet graph holds (the [`Stage::Fleets`] task's).
+    #[cfg(test)]
     pub fn links(&self) -> usize {
         self.graph.links()
     }

@@ -48,17 +48,17 @@
 
 pub mod alerts;
 pub mod config;
-pub mod directory;
-pub mod engine;
-pub mod fleet;
+pub(crate) mod directory;
+pub(crate) mod engine;
+pub(crate) mod fleet;
 pub mod kafka;
-pub mod open_windows;
+pub(crate) mod open_windows;
 pub mod processor;
 pub mod publish;
 pub mod query;
-pub mod recovery;
-pub mod seams;
-pub mod stages;
+pub(crate) mod recovery;
+pub(crate) mod seams;
+pub(crate) mod stages;
 pub mod status;
 pub mod task;
 #[cfg(test)]

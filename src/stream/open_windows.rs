@@ -44,11 +44,6 @@ impl OpenWindows {
         self.by_user.len()
     }
 
-    /// Whether no user has an open window.
-    pub fn is_empty(&self) -> bool {
-        self.by_user.is_empty()
-    }
-
     /// Whether `user` has an open window.
     pub fn contains(&self, user: &str) -> bool {
         self.by_user.contains_key(user)
@@ -192,6 +187,6 @@ mod tests {
         }
         assert_eq!(open.first_to_close(2, &[], |_| false), vec!["a", "b"]);
         open.clear();
-        assert!(open.is_empty() && !open.idle_due(at(t0, 100), Duration::ZERO));
+        assert!(open.len() == 0 && !open.idle_due(at(t0, 100), Duration::ZERO));
     }
 }
